@@ -1,1 +1,64 @@
-"""lowbit.kernels"""
+"""Kernels: fast paths for quantized ops, each with a plain ``*_ref`` twin.
+
+``KERNELS[op] = {"reference": fn_ref, "fast": fn}`` is the registry the tests loop over; ``resolve``
+is the one visible place where a kernel is chosen for ``kernel="auto"``, and it logs its choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from lowbit.errors import ConfigError
+from lowbit.kernels import int8_dynamic, weight_only
+
+log = logging.getLogger(__name__)
+
+KERNELS: dict[str, dict[str, Callable]] = {
+    "int8_dynamic_linear": {
+        "reference": int8_dynamic.int8_dynamic_linear_ref,
+        "fast": int8_dynamic.int8_dynamic_linear,
+    },
+    "quantize_per_token": {
+        "reference": int8_dynamic.quantize_per_token_ref,
+        "fast": int8_dynamic.quantize_per_token,
+    },
+    "int8_weight_only_linear": {
+        "reference": weight_only.int8_weight_only_linear_ref,
+        "fast": weight_only.int8_weight_only_linear,
+    },
+    "int4_weight_only_linear": {
+        "reference": weight_only.int4_weight_only_linear_ref,
+        "fast": weight_only.int4_weight_only_linear,
+    },
+}
+
+_logged: set[tuple[str, str, str]] = set()
+
+
+def resolve(op: str, requested: str = "auto", *, supported: bool = True, why_not: str = "") -> str:
+    """Pick ``"fast"`` or ``"reference"`` for ``op``.
+
+    ``auto`` takes the fast kernel when ``supported`` (the caller checks shapes/dtypes and says
+    ``why_not`` otherwise); ``fast`` insists and fails loudly when unsupported; ``reference`` is
+    always available.
+    """
+    if op not in KERNELS:
+        raise ConfigError(f"unknown op {op!r}; known: {', '.join(KERNELS)}")
+    requested = getattr(requested, "value", requested)
+    if requested == "reference":
+        choice = "reference"
+    elif requested == "fast":
+        if not supported:
+            raise ConfigError(f"kernel 'fast' requested for {op} but unsupported here: {why_not}")
+        choice = "fast"
+    elif requested == "auto":
+        choice = "fast" if supported else "reference"
+    else:
+        raise ConfigError(f"unknown kernel {requested!r}; valid: auto, fast, reference")
+    key = (op, requested, choice)
+    if key not in _logged:
+        _logged.add(key)
+        reason = f" ({why_not})" if choice == "reference" and why_not else ""
+        log.info("kernel for %s: %s -> %s%s", op, requested, choice, reason)
+    return choice

@@ -1,1 +1,8 @@
-"""lowbit.nn"""
+"""lowbit.nn: quantized modules (see :mod:`lowbit.nn.base` for what each provides)."""
+
+from lowbit.nn.base import QMODULES, module_from_spec, register_qmodule
+from lowbit.nn.qembedding import QEmbedding
+from lowbit.nn.qlinear import DynamicQLinear, WeightOnlyQLinear, weight_format
+
+__all__ = ["QMODULES", "module_from_spec", "register_qmodule", "DynamicQLinear", "WeightOnlyQLinear",
+           "QEmbedding", "weight_format"]

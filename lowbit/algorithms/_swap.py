@@ -1,0 +1,55 @@
+"""Shared plumbing for handlers that swap float modules for quantized ones, one layer at a time."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from rich.progress import Progress
+from torch import nn
+
+from lowbit.api import QuantizeReport, select_modules, set_submodule
+
+log = logging.getLogger(__name__)
+
+# Layers that usually hold weights but that these handlers leave in float, with the reason.
+FLOAT_ONLY = {
+    nn.Conv1d: "Conv1d: no quantized kernel for this scheme",
+    nn.Conv2d: "Conv2d: no quantized kernel for this scheme (static PTQ handles convs)",
+    nn.LayerNorm: "LayerNorm kept in float (normalisation is range-sensitive)",
+}
+
+
+class Skip(Exception):
+    """Raised by a converter to leave a layer in float; the message is the reason, reported per layer."""
+
+
+def swap_modules(model: nn.Module, config, types: tuple[type, ...], convert: Callable[[str, nn.Module], nn.Module],
+                 report: QuantizeReport | None = None, progress: bool = True) -> QuantizeReport:
+    """Replace each selected module of ``types`` by ``convert(name, module)``, logging each layer.
+
+    A converter that raises :class:`Skip` leaves that layer in float; the reason goes in the report.
+    """
+    report = report or QuantizeReport()
+    targets = list(select_modules(model, types, config.include, config.exclude))
+    show = progress and len(targets) > 20
+    with Progress(transient=True, disable=not show) as bar:
+        task = bar.add_task(f"{config.scheme}", total=len(targets))
+        for name, module in targets:
+            try:
+                new = convert(name, module)
+            except Skip as why:
+                report.skipped[name] = str(why)
+                bar.advance(task)
+                continue
+            set_submodule(model, name, new)
+            report.layers[name] = new.spec()
+            log.debug("%s: %s -> %s", name, type(module).__name__, new.extra_repr())
+            bar.advance(task)
+    log.info("%s: quantized %d of %d selected layers", config.scheme,
+             sum(1 for n, _ in targets if n in report.layers), len(targets))
+    for name, module in model.named_modules():
+        for t, why in FLOAT_ONLY.items():
+            if type(module) is t and name not in report.skipped:
+                report.skipped[name] = why
+    return report

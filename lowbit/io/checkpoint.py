@@ -1,0 +1,162 @@
+"""Save and load quantized models: safetensors weights + ``metadata.json``, written atomically.
+
+``save(model, folder)`` records every quantized layer's spec; ``load(folder)`` rebuilds the base
+architecture from ``lowbit.models``, swaps in empty quantized modules from those specs, verifies
+each weight file's sha256 and loads the tensors strictly. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from lowbit import __version__
+from lowbit.api import set_submodule
+from lowbit.config import config_from_json, config_to_json
+from lowbit.errors import ConfigError, LoadError, LowbitError
+from lowbit.io.atomic import atomic_dir, atomic_write_text
+from lowbit.io.metadata import METADATA_FILE, WEIGHTS_FILE, ModelMetadata, read_metadata
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Exact bytes of the unique storages behind every parameter and buffer."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _config_summary(cfg: Any) -> tuple[float | None, str | None]:
+    bits = getattr(cfg, "bits", None)
+    if bits is None and cfg is not None:
+        bits = 8 if "8" in getattr(cfg, "scheme", "") else None
+    gs = getattr(cfg, "group_size", None)
+    gran = None if gs is None else (f"per_group({gs})" if gs else "per_channel")
+    if gran is None and cfg is not None and getattr(cfg, "kind", "") == "w8a8-dynamic":
+        gran = "weights per_channel, activations per_token"
+    return bits, gran
+
+
+def build_metadata(model: nn.Module, model_id: str, fidelity: dict | None = None,
+                   calibration: dict | None = None) -> ModelMetadata:
+    cfg = getattr(model, "lowbit_config", None)
+    report = getattr(model, "lowbit_report", None)
+    bits, gran = _config_summary(cfg)
+    size = storage_bytes(model)
+    fp32_numel = getattr(model, "lowbit_fp32_numel", None) or sum(p.numel() for p in model.parameters())
+    return ModelMetadata(
+        id=model_id,
+        model=getattr(model, "model_name", type(model).__name__),
+        source=getattr(model, "source", ""),
+        architecture=getattr(model, "architecture", type(model).__name__),
+        task=getattr(model, "task", ""),
+        is_quantized=report is not None,
+        scheme=getattr(model, "lowbit_scheme", None),
+        config=config_to_json(cfg) if cfg is not None else None,
+        bits=bits,
+        granularity=gran,
+        layers=report.layers if report else {},
+        skipped=report.skipped if report else {},
+        calibration=calibration or getattr(model, "lowbit_calibration", None),
+        sizes={"size_bytes": size, "fp32_bytes": 4 * fp32_numel, "bits_per_weight": 8 * size / fp32_numel},
+        fidelity=fidelity or {},
+        library_version=__version__,
+    )
+
+
+def save(model: nn.Module, folder: str | Path, *, fidelity: dict | None = None, calibration: dict | None = None,
+         overwrite: bool = False, model_id: str | None = None) -> ModelMetadata:
+    """Write ``folder/model.safetensors`` and ``folder/metadata.json`` atomically; returns the metadata."""
+    folder = Path(folder)
+    meta = build_metadata(model, model_id or folder.name, fidelity, calibration)
+    try:
+        with atomic_dir(folder, overwrite=overwrite) as tmp:
+            save_model(model, str(tmp / WEIGHTS_FILE))  # de-duplicates tied tensors
+            meta.files = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
+            atomic_write_text(tmp / METADATA_FILE, meta.model_dump_json(indent=2))
+    except FileExistsError as exc:
+        raise ConfigError(str(exc)) from None
+    log.info("saved %s (%s, %.1f MB)", folder, meta.scheme or "fp32", meta.sizes["size_bytes"] / 1e6)
+    return meta
+
+
+def load(folder: str | Path, verify: bool = True) -> nn.Module:
+    """Rebuild a saved model. Every failure is a :class:`LoadError` that names the file."""
+    from lowbit.models import load_model
+    from lowbit.nn import module_from_spec
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LoadError(f"{folder}: not a folder")
+    meta = read_metadata(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise LoadError(f"{weights}: missing")
+    if verify:
+        want = meta.files.get(WEIGHTS_FILE)
+        if want and sha256_file(weights) != want:
+            raise LoadError(f"{weights}: checksum mismatch (file truncated or edited after saving)")
+    try:
+        model = load_model(meta.model)
+    except LowbitError as exc:
+        raise LoadError(f"{folder / METADATA_FILE}: {exc}") from None
+    for name, spec in meta.layers.items():
+        try:
+            set_submodule(model, name, module_from_spec(spec))
+        except AttributeError:
+            raise LoadError(f"{folder / METADATA_FILE}: layer {name!r} does not exist in {meta.model}") from None
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoadError(f"{weights}: unreadable safetensors ({exc})") from None
+    _load_state(model, state, weights)
+    if meta.is_quantized:
+        from lowbit.api import QuantizeReport
+
+        model.lowbit_config = config_from_json(meta.config) if meta.config else None
+        model.lowbit_scheme = meta.scheme
+        model.lowbit_report = QuantizeReport(layers=dict(meta.layers), skipped=dict(meta.skipped))
+    model.lowbit_fp32_numel = int(meta.sizes.get("fp32_bytes", 0) // 4) or None
+    model.lowbit_metadata = meta
+    model.eval()
+    return model
+
+
+def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
+    """Strict load that tolerates only tied duplicates (saved once by ``save_model``)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        raise LoadError(f"{weights}: unexpected tensors {unexpected[:5]} (saved from a different architecture?)")
+    # Tied parameters (e.g. a shared embedding / LM head) are stored once; they share storage here too.
+    ptrs = {}
+    for k, t in own.items():
+        ptrs.setdefault(t.untyped_storage().data_ptr(), []).append(k)
+    really_missing = [k for k in missing if not any(o in state for o in ptrs[own[k].untyped_storage().data_ptr()])]
+    if really_missing:
+        raise LoadError(f"{weights}: missing tensors {really_missing[:5]} (file truncated or from another model)")
+    for k, t in state.items():
+        if own[k].shape != t.shape or own[k].dtype != t.dtype:
+            raise LoadError(f"{weights}: tensor {k} is {tuple(t.shape)} {t.dtype}, "
+                            f"expected {tuple(own[k].shape)} {own[k].dtype}")
+    model.load_state_dict(state, strict=False)
