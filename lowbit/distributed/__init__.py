@@ -1,1 +1,47 @@
-"""lowbit.distributed"""
+"""lowbit.distributed: gradient compression for data-parallel training (MISSION item 24).
+
+Compressors (plain objects, usable without DDP): ``encode(g, key) -> Payload`` with exact ``nbytes``,
+``decode(payload) -> Tensor``, error-feedback memory per key where the method calls for it.
+
+- :class:`OneBit`   1-bit SGD with error feedback (Seide et al. 2014)       ``onebit.py``
+- :class:`TernGrad` stochastic ternary, max-norm scale (Wen et al. 2017)     ``terngrad.py``
+- :class:`QSGD`     stochastic ``s``-level rounding (Alistarh et al. 2017)   ``qsgd.py``
+- :class:`TopK`, :class:`RandomK` sparsification with memory (Stich et al. 2018)  ``topk.py``, ``randk.py``
+
+DDP hooks (``hooks.py``): :func:`register_compression_hook` / :func:`compression_hook` all-gather the
+packed payloads over gloo, decode every rank's and average; :class:`CompressionState` counts bytes.
+"""
+
+from lowbit.distributed.hooks import (
+    CompressionState,
+    allreduce_bytes,
+    compression_hook,
+    register_compression_hook,
+)
+from lowbit.distributed.onebit import OneBit, onebit_ref
+from lowbit.distributed.payload import Compressor, Payload
+from lowbit.distributed.qsgd import QSGD, qsgd_ref
+from lowbit.distributed.randk import RandomK, randomk_ref
+from lowbit.distributed.terngrad import TernGrad, terngrad_ref
+from lowbit.distributed.topk import TopK, topk_ref
+
+COMPRESSORS = {"onebit": OneBit, "terngrad": TernGrad, "qsgd": QSGD, "topk": TopK, "randomk": RandomK}
+
+
+def make_compressor(name: str, **kwargs) -> Compressor:
+    """Build a compressor by name (``onebit``, ``terngrad``, ``qsgd``, ``topk``, ``randomk``)."""
+    from lowbit.errors import ConfigError
+
+    try:
+        cls = COMPRESSORS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown gradient compressor {name!r}; valid: {', '.join(COMPRESSORS)}") from None
+    return cls(**kwargs)
+
+
+__all__ = [
+    "Payload", "Compressor", "COMPRESSORS", "make_compressor",
+    "OneBit", "TernGrad", "QSGD", "TopK", "RandomK",
+    "onebit_ref", "terngrad_ref", "qsgd_ref", "topk_ref", "randomk_ref",
+    "CompressionState", "compression_hook", "register_compression_hook", "allreduce_bytes",
+]
