@@ -6,7 +6,8 @@ For activations ``x`` (M, K) and weights ``W`` (N, K):
     acc    = q_x @ q_W^T                                                         (int32, exact)
     y      = acc * s_x[:, None] * s_W[None, :] + bias
 
-The fast path runs the product through ``torch._int_mm`` (VNNI on this CPU); the reference
+An optional per-input-channel ``smooth_inv`` (SmoothQuant, ``1 / s``) multiplies ``x`` first; the
+weights were multiplied by ``s`` when quantized. The fast path runs the product through ``torch._int_mm`` (VNNI on this CPU); the reference
 computes the same integer product in int64 with a plain matmul. Codes and accumulators agree
 bit-exactly; the float epilogue uses identical ops so outputs agree too.
 """
@@ -19,28 +20,29 @@ import torch
 ACT_SCALE_EPS = torch.finfo(torch.float32).eps
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, smooth_inv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float -> (int8 codes (M, K), fp32 scales (M, 1)), symmetric absmax per row."""
-    x = x.float()
+    x = x.float() if smooth_inv is None else x.float() * smooth_inv
     scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(ACT_SCALE_EPS)
     q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
-def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token_ref(x: torch.Tensor, smooth_inv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: the core library's symmetric int8 per-channel quantizer applied to rows."""
     from lowbit.core import choose_qparams, per_channel, quantize
 
+    x = x.float() if smooth_inv is None else x.float() * smooth_inv
     qp = choose_qparams(x.float(), "int8", symmetric=True, granularity=per_channel(0))
     return quantize(x.float(), qp), qp.scale.reshape(-1, 1)
 
 
 def int8_dynamic_linear(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor,
-                        bias: torch.Tensor | None) -> torch.Tensor:
+                        bias: torch.Tensor | None, smooth_inv: torch.Tensor | None = None) -> torch.Tensor:
     """Fast path. ``qweight_t`` is the int8 weight transposed to (K, N); ``w_scale`` is (N,)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (M, K)
-    q, s_x = quantize_per_token(x2)
+    q, s_x = quantize_per_token(x2, smooth_inv)
     acc = torch._int_mm(q, qweight_t)  # (M, N) int32
     y = acc.float() * (s_x * w_scale)
     if bias is not None:
@@ -49,11 +51,11 @@ def int8_dynamic_linear(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch
 
 
 def int8_dynamic_linear_ref(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor,
-                            bias: torch.Tensor | None) -> torch.Tensor:
+                        bias: torch.Tensor | None, smooth_inv: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: same math with the integer product done in int64 by a plain matmul."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (M, K)
-    q, s_x = quantize_per_token_ref(x2)
+    q, s_x = quantize_per_token_ref(x2, smooth_inv)
     acc = (q.long() @ qweight_t.long()).to(torch.int32)  # (M, N), exact
     y = acc.float() * (s_x * w_scale)
     if bias is not None:

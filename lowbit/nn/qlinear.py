@@ -32,46 +32,57 @@ from lowbit.nn.base import register_qmodule
 
 @register_qmodule
 class DynamicQLinear(nn.Module):
-    """``y = (Q(x) @ Q(W)^T) * s_x * s_W + b`` with per-token ``s_x`` and per-channel ``s_W``."""
+    """``y = (Q(x / s) @ Q(W * s)^T) * s_x * s_W + b`` with per-token ``s_x``, per-channel ``s_W`` and
+    optional SmoothQuant factors ``s`` (stored as ``smooth_inv = 1 / s``)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto",
+                 smooth: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
         self.register_buffer("qweight_t", torch.zeros(in_features, out_features, dtype=torch.int8))  # (K, N)
         self.register_buffer("w_scale", torch.ones(out_features))  # (N,)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("smooth_inv", torch.ones(in_features) if smooth else None)  # (K,)
         self._fn = None
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, kernel: str = "auto") -> "DynamicQLinear":
+    def from_float(cls, linear: nn.Linear, kernel: str = "auto", smooth: torch.Tensor | None = None) -> "DynamicQLinear":
+        """Quantize ``linear``; with SmoothQuant factors ``smooth`` (K,) the weight becomes ``W * s``."""
         w = linear.weight.detach().float()
+        if smooth is not None:
+            w = w * smooth.float()
         qp = choose_qparams(w, "int8", symmetric=True, granularity=per_channel(0))
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, kernel)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, kernel, smooth is not None)
         m.qweight_t.copy_(quantize(w, qp).t())
         m.w_scale.copy_(qp.scale)
+        if smooth is not None:
+            m.smooth_inv.copy_(1.0 / smooth.float())
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().float())
         return m
 
     def spec(self) -> dict:
         return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, "kernel": self.kernel}
+                "bias": self.bias is not None, "kernel": self.kernel, "smooth": self.smooth_inv is not None}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "DynamicQLinear":
         return cls(**spec)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.qweight_t.t().float() * self.w_scale[:, None]
+        """The effective float weight (N, K), smoothing undone."""
+        w = self.qweight_t.t().float() * self.w_scale[:, None]
+        return w if self.smooth_inv is None else w * self.smooth_inv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fn is None:
             choice = kernels.resolve("int8_dynamic_linear", self.kernel)
             self._fn = kernels.KERNELS["int8_dynamic_linear"][choice]
-        return self._fn(x, self.qweight_t, self.w_scale, self.bias)
+        return self._fn(x, self.qweight_t, self.w_scale, self.bias, self.smooth_inv)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, w8a8-dynamic, kernel={self.kernel}"
+        smooth = ", smoothed" if self.smooth_inv is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, w8a8-dynamic{smooth}, kernel={self.kernel}"
 
 
 def weight_format(bits: int, symmetric: bool, fmt: str | None = None) -> str:

@@ -1,0 +1,123 @@
+"""Calibration plumbing shared by every method that looks at activations.
+
+- :func:`default_calibration` gives the built-in calibration set of a real model (disjoint from its
+  evaluation data: see ``lowbit.data``);
+- :func:`run_batches` feeds any iterable of batches through a model (sentence lists for encoders,
+  token-id tensors for causal LMs, image tensors for classifiers, dicts of tensors for any model);
+- :func:`calibration_info` hashes what was used, for ``metadata.json``;
+- :func:`capture_inputs` is a context manager that attaches forward hooks and removes them on exit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from lowbit.errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+ENCODER_CALIB_SENTENCES = 128  # enough for stable per-channel absmax; more changes cos by < 1e-4
+LM_CALIB_TOKENS = 4096  # 8 windows of 512 tokens
+LM_CALIB_WINDOW = 512
+CLASSIFIER_CALIB_IMAGES = 256
+
+
+def default_calibration(model: nn.Module) -> list:
+    """The built-in calibration batches for a model loaded by ``lowbit.models``."""
+    task = getattr(model, "task", None)
+    if task == "encoder":
+        from lowbit.data import calib_sentences
+
+        s = calib_sentences(ENCODER_CALIB_SENTENCES)
+        return [s[i:i + 32] for i in range(0, len(s), 32)]
+    if task == "causal-lm":
+        from lowbit.data import lm_calib_text
+
+        ids = model.tokenizer(lm_calib_text(), return_tensors="pt").input_ids[0][:LM_CALIB_TOKENS]
+        n = ids.numel() // LM_CALIB_WINDOW
+        return list(ids[: n * LM_CALIB_WINDOW].reshape(n, 1, LM_CALIB_WINDOW))  # n batches of (1, T)
+    if task == "classifier":
+        from lowbit.models.digits import digits_data
+
+        x_train = digits_data()[0][:CLASSIFIER_CALIB_IMAGES]
+        return list(x_train.split(64))
+    raise CalibrationError(f"{type(model).__name__} has no built-in calibration data; pass calibration_data")
+
+
+def run_batch(model: nn.Module, batch) -> None:
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], str):
+        model.encode(list(batch), batch_size=len(batch))
+    elif isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, torch.Tensor):
+        model(batch)
+    else:
+        raise CalibrationError(f"unsupported calibration batch of type {type(batch).__name__}: "
+                               "use lists of sentences, tensors or dicts of tensors")
+
+
+def run_batches(model: nn.Module, batches: Iterable, desc: str = "calibrating") -> int:
+    """Run every batch through ``model`` without gradients; returns the number of batches."""
+    n = 0
+    batches = list(batches)
+    if not batches:
+        raise CalibrationError("calibration data is empty: give at least one batch")
+    with torch.inference_mode(), Progress(transient=True, disable=len(batches) < 4) as bar:
+        task = bar.add_task(desc, total=len(batches))
+        for batch in batches:
+            run_batch(model, batch)
+            n += 1
+            bar.advance(task)
+    return n
+
+
+def calibration_info(batches: list, source: str) -> dict:
+    """Size and sha256 of calibration data, as recorded in metadata.json."""
+    h = hashlib.sha256()
+    n_samples = 0
+    n_tokens = 0
+    for b in batches:
+        if isinstance(b, (list, tuple)) and b and isinstance(b[0], str):
+            for s in b:
+                h.update(s.encode("utf-8") + b"\0")
+            n_samples += len(b)
+        elif isinstance(b, torch.Tensor):
+            h.update(b.detach().cpu().contiguous().numpy().tobytes())
+            n_samples += b.shape[0]
+            n_tokens += b.numel() if not b.is_floating_point() else 0
+        elif isinstance(b, dict):
+            for k in sorted(b):
+                h.update(k.encode() + b.get(k).detach().cpu().contiguous().numpy().tobytes())
+            n_samples += next(iter(b.values())).shape[0]
+    return {"source": source, "n_samples": n_samples, "n_tokens": n_tokens or None, "sha256": h.hexdigest()}
+
+
+@contextmanager
+def capture_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn(name, input)`` on each forward of the given modules; hooks are removed on exit.
+
+    Non-finite inputs raise a :class:`CalibrationError` naming the layer.
+    """
+
+    def make(name):
+        def hook(mod, inputs, output):
+            x = inputs[0].detach()
+            if not torch.isfinite(x).all():
+                raise CalibrationError(f"non-finite (NaN/inf) activation entering layer {name!r} during calibration")
+            fn(name, x)
+
+        return hook
+
+    handles = [m.register_forward_hook(make(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
