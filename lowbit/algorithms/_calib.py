@@ -29,24 +29,32 @@ LM_CALIB_WINDOW = 512
 CLASSIFIER_CALIB_IMAGES = 256
 
 
-def default_calibration(model: nn.Module) -> list:
-    """The built-in calibration batches for a model loaded by ``lowbit.models``."""
+def default_calibration(model: nn.Module, n: int | None = None) -> list:
+    """The built-in calibration batches for a model loaded by ``lowbit.models``.
+
+    ``n`` counts samples: sentences (encoders), 512-token windows (causal LMs), images (classifiers).
+    """
     task = getattr(model, "task", None)
+    if n is not None and n < 1:
+        raise CalibrationError(f"calibration size must be at least 1, got {n}")
     if task == "encoder":
         from lowbit.data import calib_sentences
 
-        s = calib_sentences(ENCODER_CALIB_SENTENCES)
+        s = calib_sentences(n or ENCODER_CALIB_SENTENCES)
         return [s[i:i + 32] for i in range(0, len(s), 32)]
     if task == "causal-lm":
         from lowbit.data import lm_calib_text
 
-        ids = model.tokenizer(lm_calib_text(), return_tensors="pt").input_ids[0][:LM_CALIB_TOKENS]
-        n = ids.numel() // LM_CALIB_WINDOW
-        return list(ids[: n * LM_CALIB_WINDOW].reshape(n, 1, LM_CALIB_WINDOW))  # n batches of (1, T)
+        want = (n or LM_CALIB_TOKENS // LM_CALIB_WINDOW) * LM_CALIB_WINDOW
+        ids = model.tokenizer(lm_calib_text(), return_tensors="pt").input_ids[0][:want]
+        k = ids.numel() // LM_CALIB_WINDOW
+        if n is not None and k < n:
+            raise CalibrationError(f"the built-in LM calibration text has only {k} windows of {LM_CALIB_WINDOW} tokens")
+        return list(ids[: k * LM_CALIB_WINDOW].reshape(k, 1, LM_CALIB_WINDOW))  # k batches of (1, T)
     if task == "classifier":
         from lowbit.models.digits import digits_data
 
-        x_train = digits_data()[0][:CLASSIFIER_CALIB_IMAGES]
+        x_train = digits_data()[0][: n or CLASSIFIER_CALIB_IMAGES]
         return list(x_train.split(64))
     raise CalibrationError(f"{type(model).__name__} has no built-in calibration data; pass calibration_data")
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from lowbit import __version__
+from lowbit.analysis.footprint import model_size_bytes
 from lowbit.api import set_submodule
 from lowbit.config import config_from_json, config_to_json
 from lowbit.errors import ConfigError, LoadError, LowbitError
@@ -32,17 +33,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def storage_bytes(model: nn.Module) -> int:
-    """Exact bytes of the unique storages behind every parameter and buffer."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
 
 
 def _config_summary(cfg: Any) -> tuple[float | None, str | None]:
@@ -61,7 +51,7 @@ def build_metadata(model: nn.Module, model_id: str, fidelity: dict | None = None
     cfg = getattr(model, "lowbit_config", None)
     report = getattr(model, "lowbit_report", None)
     bits, gran = _config_summary(cfg)
-    size = storage_bytes(model)
+    size = model_size_bytes(model)
     fp32_numel = getattr(model, "lowbit_fp32_numel", None) or sum(p.numel() for p in model.parameters())
     return ModelMetadata(
         id=model_id,

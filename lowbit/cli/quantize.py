@@ -1,0 +1,131 @@
+"""``lowbit quantize``: quantize a real model with a named scheme, measure it against fp32, save it.
+
+Every flag of every scheme is declared here once; each scheme says which it accepts (see
+``lowbit.config.register_scheme``) and refuses the others with a clear message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowbit.cli._common import clean_errors
+
+
+def _print_schemes() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lowbit.config import list_schemes
+
+    t = Table(title="lowbit schemes")
+    t.add_column("scheme")
+    t.add_column("options")
+    t.add_column("what it does")
+    for s in list_schemes():
+        t.add_row(s.name, " ".join("--" + o.replace("_", "-") for o in s.options), s.help)
+    Console().print(t)
+
+
+def _fmt(v, digits=4):
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return "" if v is None else str(v)
+
+
+def print_comparison(rows: list[dict]) -> None:
+    """A rich table of evaluate() results, one row per model variant, with ratios to the first row."""
+    from rich.console import Console
+    from rich.table import Table
+
+    base = rows[0]
+    keys = [k for k in ("cos_mean", "cos_min", "top10_agreement", "ppl", "kl", "accuracy") if k in base or k in rows[-1]]
+    speed = [k for k in ("sps_b1", "sps_b32", "prefill_tps", "decode_tps", "sps") if k in base]
+    t = Table(title=f"{base.get('model')}: measured on this machine")
+    for col in ["scheme", "size MB", "bits/weight", *keys, *speed, *[f"{k} ×fp32" for k in speed[-1:]]]:
+        t.add_column(col, justify="right")
+    for r in rows:
+        ratio = [(_fmt(r[speed[-1]] / base[speed[-1]], 2) + "×") if speed else ""]
+        t.add_row(r.get("scheme", ""), _fmt(r["size_bytes"] / 1e6, 2), _fmt(r["bits_per_weight"], 2),
+                  *[_fmt(r.get(k), 5) for k in keys], *[_fmt(r.get(k), 1) for k in speed], *ratio[: len(speed[-1:])])
+    Console().print(t)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @clean_errors
+    def quantize(
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="minilm | smollm2 | digits"),
+        scheme: Optional[str] = typer.Option(None, "--scheme", "-s", help="a scheme name (see --list-schemes)"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder to write (safetensors + metadata.json)"),
+        force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
+        list_schemes: bool = typer.Option(False, "--list-schemes", help="list schemes and exit"),
+        bits: Optional[int] = typer.Option(None, "--bits", help="weight bits (rtn/gptq/awq): 2, 3, 4 or 8"),
+        group_size: Optional[int] = typer.Option(None, "--group-size", help="group size along the input dim; 0 = per channel"),
+        symmetric: Optional[bool] = typer.Option(None, "--symmetric/--affine", help="symmetric (absmax) or affine (min/max + zero-point)"),
+        observer: Optional[str] = typer.Option(None, "--observer", help="static PTQ range observer: minmax|ema|percentile|mse|kl|output"),
+        granularity: Optional[str] = typer.Option(None, "--granularity", help="per_tensor | per_channel"),
+        calib: Optional[int] = typer.Option(None, "--calib", help="calibration samples (sentences / 512-token windows / images)"),
+        alpha: Optional[str] = typer.Option(None, "--alpha", help="SmoothQuant migration strength in [0, 1] or 'none'"),
+        kernel: Optional[str] = typer.Option(None, "--kernel", help="auto | fast | reference"),
+        budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="mixed precision: size budget in MB"),
+        max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="mixed precision: latency budget"),
+        kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache quantization for generation: int8 | int4"),
+        no_eval: bool = typer.Option(False, "--no-eval", help="skip the fp32-vs-quantized measurement"),
+        quick: bool = typer.Option(False, "--quick", help="measure on fewer samples (faster, noisier)"),
+        as_json: bool = typer.Option(False, "--json", help="print the measured rows as JSON"),
+    ) -> None:
+        """Quantize MODEL with SCHEME, print size / speed / fidelity against fp32, save to --out."""
+        import copy
+        import json as _json
+        import logging
+
+        from lowbit.errors import ConfigError
+
+        if list_schemes:
+            _print_schemes()
+            return
+        if model is None or scheme is None:
+            raise ConfigError("--model and --scheme are required (see --list-schemes)")
+        from lowbit.models import MODELS
+
+        if model not in MODELS:
+            raise ConfigError(f"unknown model {model!r}; valid models: {', '.join(sorted(MODELS))}")
+        from lowbit.config import build_config
+
+        options = dict(bits=bits, group_size=group_size, symmetric=symmetric, observer=observer,
+                       granularity=granularity, alpha=alpha, kernel=kernel, budget_mb=budget_mb,
+                       max_latency_ms=max_latency_ms, kv_cache=kv_cache)
+        config = build_config(scheme, options)  # --calib sizes the calibration set for any scheme
+        if out is not None and out.exists() and not force:
+            raise ConfigError(f"{out} exists; pass --force to replace it")
+
+        import lowbit
+        from lowbit.algorithms._calib import default_calibration
+        from lowbit.models import load_model
+
+        log = logging.getLogger("lowbit.cli")
+        fp32 = load_model(model)
+        qmodel = copy.deepcopy(fp32)
+        calibration = default_calibration(qmodel, calib) if calib else None
+        lowbit.quantize(qmodel, config, calibration)
+        rows = []
+        fidelity = {}
+        if not no_eval:
+            from lowbit.analysis.evaluate import evaluate
+
+            log.info("measuring fp32 and %s (use --no-eval to skip)", config.scheme)
+            rows.append(evaluate(fp32, fp32, quick=quick))
+            rows.append(evaluate(qmodel, fp32, quick=quick))
+            fidelity = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float, str))}
+        if out is not None:
+            lowbit.save(qmodel, out, fidelity=fidelity, overwrite=force)
+        if rows:
+            if as_json:
+                typer.echo(_json.dumps(rows, indent=2))
+            else:
+                print_comparison(rows)
+        if out is not None:
+            typer.echo(f"saved {out}")
