@@ -1,0 +1,211 @@
+"""The evaluation harness: one call measures fidelity, size and speed of a model against fp32.
+
+``evaluate(model, reference=None, quick=False)`` dispatches on ``model.task``:
+
+- ``encoder``: cosine of sentence embeddings vs the fp32 reference (mean, min) over the fixed
+  evaluation corpus, top-10 retrieval-neighbour agreement, sentences/s at batch 1 and 32
+  (tokenization included);
+- ``causal-lm``: perplexity at context 512 on the licence text (non-overlapping windows), mean
+  KL(p_fp32 || p_model) of next-token distributions on the same tokens, prefill tokens/s;
+- ``classifier``: top-1 accuracy (%) on the held-out digits split, samples/s.
+
+Every result also carries ``model``, ``scheme``, ``task``, ``size_bytes`` (exact, see
+footprint.py) and ``bits_per_weight`` (8 * size_bytes / parameters of the fp32 architecture).
+Timings are medians of a few repeats after a warm-up, on the current torch thread count.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowbit.analysis.footprint import fp32_numel, model_size_bytes
+from lowbit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LM_CONTEXT = 512
+ENCODER_SENTENCES = 256  # the fixed evaluation corpus size
+TOPK = 10
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of fn() over `repeats` runs after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _is_fp32(model: nn.Module) -> bool:
+    return getattr(model, "lowbit_scheme", "fp32") == "fp32"
+
+
+# ----------------------------------------------------------------------------------- encoder
+
+@functools.lru_cache(maxsize=4)
+def _fp32_minilm_embeddings(n: int) -> torch.Tensor:
+    from lowbit.data import eval_sentences
+    from lowbit.models.minilm import load_minilm
+
+    return load_minilm().encode(eval_sentences(n), batch_size=32)
+
+
+def topk_agreement(emb: torch.Tensor, ref: torch.Tensor, k: int = TOPK) -> float:
+    """Mean over rows of |kNN(emb) ∩ kNN(ref)| / k, neighbours by cosine within the corpus, self excluded."""
+    def neighbours(e: torch.Tensor) -> torch.Tensor:
+        e = nn.functional.normalize(e.float(), dim=1)
+        sim = e @ e.T  # (N, N)
+        sim.fill_diagonal_(-math.inf)
+        idx = sim.topk(k, dim=1).indices  # (N, k)
+        return torch.zeros_like(sim).scatter_(1, idx, 1.0)  # (N, N) 0/1 masks
+
+    shared = (neighbours(emb) * neighbours(ref)).sum(dim=1)  # (N,)
+    return float((shared / k).mean())
+
+
+def evaluate_encoder(model: nn.Module, reference: nn.Module | None, quick: bool) -> dict:
+    """cos_mean, cos_min, top10_agreement, sps_b1, sps_b32 for a sentence encoder with .encode()."""
+    from lowbit.data import eval_sentences
+
+    if not hasattr(model, "encode"):
+        raise ConfigError("an encoder must have encode(sentences, batch_size) -> (N, D) embeddings")
+    n = 64 if quick else ENCODER_SENTENCES
+    sentences = eval_sentences(n)
+    emb = model.encode(sentences, batch_size=32).float()
+    if reference is not None:
+        ref = reference.encode(sentences, batch_size=32).float()
+    elif _is_fp32(model) and getattr(model, "model_name", None) == "minilm":
+        ref = emb
+    else:
+        ref = _fp32_minilm_embeddings(n)
+    cos = nn.functional.cosine_similarity(emb, ref, dim=1)  # (N,)
+    b1 = sentences[: 8 if quick else 32]
+    repeats = 1 if quick else 3
+    t_b1 = median_seconds(lambda: model.encode(b1, batch_size=1), repeats=repeats)
+    t_b32 = median_seconds(lambda: model.encode(sentences, batch_size=32), repeats=repeats)
+    return {
+        "n_sentences": n,
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+        "top10_agreement": topk_agreement(emb, ref),
+        "sps_b1": len(b1) / t_b1,
+        "sps_b32": len(sentences) / t_b32,
+    }
+
+
+# --------------------------------------------------------------------------------- causal LM
+
+def lm_windows(tokenizer, text: str, context: int = LM_CONTEXT, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping full windows of `context` token ids of `text`: (W, context); the tail is dropped."""
+    ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+    n = len(ids) // context
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ConfigError(f"text has {len(ids)} tokens, fewer than one window of {context}")
+    return ids[: n * context].view(n, context)  # (W, context)
+
+
+@functools.lru_cache(maxsize=1)
+def _fp32_smollm2():
+    from lowbit.models.smollm2 import load_smollm2
+
+    return load_smollm2()
+
+
+def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: bool) -> dict:
+    """ppl at context 512, mean next-token KL(p_ref || p_model) and prefill tokens/s on the licence text."""
+    from lowbit.data import lm_eval_text
+
+    windows = lm_windows(model.tokenizer, lm_eval_text(), LM_CONTEXT, max_windows=2 if quick else None)
+    if reference is None and not (_is_fp32(model) and getattr(model, "model_name", None) == "smollm2"):
+        reference = _fp32_smollm2()
+    nll, kl, count, times = 0.0, 0.0, 0, []
+    with torch.inference_mode():
+        for window in windows:
+            ids = window.unsqueeze(0)  # (1, T)
+            start = time.perf_counter()
+            logits = model(ids)[0, :-1].float()  # (T-1, V): predictions for tokens 1..T-1
+            times.append(time.perf_counter() - start)
+            logp = torch.log_softmax(logits, dim=-1)
+            nll += float(-logp.gather(1, window[1:, None]).sum())
+            if reference is not None:
+                ref_logp = torch.log_softmax(reference(ids)[0, :-1].float(), dim=-1)  # (T-1, V)
+                kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
+            count += len(window) - 1
+    timed = times[1:] if len(times) > 1 else times  # the first window doubles as warm-up
+    return {
+        "n_windows": len(windows),
+        "context": LM_CONTEXT,
+        "ppl": math.exp(nll / count),
+        "kl": kl / count,
+        "prefill_tps": LM_CONTEXT / statistics.median(timed),
+    }
+
+
+# -------------------------------------------------------------------------------- classifier
+
+def evaluate_classifier(model: nn.Module, quick: bool) -> dict:
+    """Top-1 accuracy (%) on the held-out digits split and samples/s on the whole split as one batch."""
+    from lowbit.models.digits import digits_data
+
+    _, _, x_test, y_test = digits_data()
+    with torch.inference_mode():
+        correct = int((model(x_test).argmax(dim=1) == y_test).sum())
+        seconds = median_seconds(lambda: model(x_test), repeats=3 if quick else 5)
+    return {"n_test": len(y_test), "accuracy": 100.0 * correct / len(y_test), "sps": len(y_test) / seconds}
+
+
+# ---------------------------------------------------------------------------------- dispatch
+
+def evaluate(
+    model: nn.Module,
+    reference: nn.Module | None = None,
+    *,
+    quick: bool = False,
+    fp32_params: int | None = None,
+) -> dict:
+    """Measure `model` (fidelity vs `reference` or the fp32 model, size, speed); a flat JSON-ready dict.
+
+    `fp32_params` is the parameter count of the fp32 architecture for bits_per_weight (default:
+    model.lowbit_fp32_numel, else the model's float parameters).
+    """
+    task = getattr(model, "task", None)
+    model.eval()
+    if task == "encoder":
+        metrics = evaluate_encoder(model, reference, quick)
+    elif task == "causal-lm":
+        metrics = evaluate_causal_lm(model, reference, quick)
+    elif task == "classifier":
+        metrics = evaluate_classifier(model, quick)
+    else:
+        raise ConfigError(f"model has task {task!r}; evaluate supports: encoder, causal-lm, classifier")
+    size = model_size_bytes(model)
+    numel = fp32_numel(model, fp32_params)
+    result = {
+        "model": getattr(model, "model_name", type(model).__name__),
+        "scheme": getattr(model, "lowbit_scheme", "fp32"),
+        "task": task,
+        "size_bytes": size,
+        "size_mb": size / 1e6,
+        "fp32_params": numel,
+        "bits_per_weight": 8.0 * size / numel if numel else float("nan"),
+        "quick": quick,
+        "threads": torch.get_num_threads(),
+        **metrics,
+    }
+    log.info("evaluated %s/%s: %s", result["model"], result["scheme"],
+             {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
+    return result

@@ -1,0 +1,64 @@
+"""`lowbit eval DIR_OR_MODEL [--json] [--quick]`: measure a model's fidelity, size and speed vs fp32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from lowbit.cli._common import clean_errors
+
+
+def _load_target(target: str):
+    """A registered model name → its fp32 model; a directory → lowbit.load(directory)."""
+    from lowbit.errors import ConfigError, LoadError
+    from lowbit.models import MODELS, load_model
+
+    if target in MODELS:
+        return load_model(target)
+    path = Path(target)
+    if path.is_dir():
+        try:
+            from lowbit.io.checkpoint import load
+        except ImportError:
+            raise LoadError(f"cannot load {path}: saved-model loading (lowbit.io.checkpoint) is not available "
+                            "in this build") from None
+        return load(path)
+    raise ConfigError(f"{target!r} is neither a model name ({', '.join(sorted(MODELS))}) nor a directory")
+
+
+def _print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lowbit eval: {result['model']} ({result['scheme']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if isinstance(value, float):
+            text = f"{value:.6g}"
+        else:
+            text = str(value)
+        table.add_row(key, text)
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    @clean_errors
+    def eval_command(
+        target: str = typer.Argument(..., metavar="DIR_OR_MODEL",
+                                     help="A saved lowbit model folder, or a model name: minilm, smollm2, digits."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+        quick: bool = typer.Option(False, "--quick", help="Fewer sentences/windows and repeats (for smoke tests)."),
+    ) -> None:
+        """Evaluate a model: fidelity vs fp32 (cosine / perplexity+KL / accuracy), exact size, throughput."""
+        from lowbit.analysis.evaluate import evaluate
+
+        model = _load_target(target)
+        result = evaluate(model, quick=quick)
+        if as_json:
+            typer.echo(json.dumps(result))
+        else:
+            _print_table(result)
