@@ -16,10 +16,12 @@ import torch
 
 
 def mse(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.detach(), y.detach()
     return float(((x.float() - y.float()) ** 2).mean())
 
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.detach(), y.detach()
     signal = float((x.double() ** 2).sum())
     noise = float(((x.double() - y.double()) ** 2).sum())
     if noise == 0.0:
@@ -37,6 +39,7 @@ def cosine(x: torch.Tensor, y: torch.Tensor, dim: int | None = None) -> torch.Te
 
 
 def max_abs(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.detach(), y.detach()
     return float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
 
 

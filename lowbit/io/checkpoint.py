@@ -111,6 +111,7 @@ def load(folder: str | Path, verify: bool = True) -> nn.Module:
         raise LoadError(f"{folder / METADATA_FILE}: {exc}") from None
     for name, spec in meta.layers.items():
         try:
+            model.get_submodule(name)  # the layer must exist in the base architecture
             set_submodule(model, name, module_from_spec(spec))
         except AttributeError:
             raise LoadError(f"{folder / METADATA_FILE}: layer {name!r} does not exist in {meta.model}") from None

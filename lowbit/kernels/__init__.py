@@ -1,7 +1,10 @@
 """Kernels: fast paths for quantized ops, each with a plain ``*_ref`` twin.
 
-``KERNELS[op] = {"reference": fn_ref, "fast": fn}`` is the registry the tests loop over; ``resolve``
-is the one visible place where a kernel is chosen for ``kernel="auto"``, and it logs its choice.
+``KERNELS[op] = {"reference": fn_ref, "fast": fn, "example": make}`` is the registry the tests loop
+over: ``make(seed)`` returns ``{"fast": args, "reference": args, "exact": bool, "tol": float}`` built
+from the same quantized data (the twins may take different layouts of it); exact ops must agree
+with ``torch.equal``, the others to ``tol`` relative error (bf16 activations). ``resolve`` is the one
+visible place where a kernel is chosen for ``kernel="auto"``, and it logs its choice.
 """
 
 from __future__ import annotations
@@ -18,18 +21,22 @@ KERNELS: dict[str, dict[str, Callable]] = {
     "int8_dynamic_linear": {
         "reference": int8_dynamic.int8_dynamic_linear_ref,
         "fast": int8_dynamic.int8_dynamic_linear,
+        "example": int8_dynamic.example_linear,
     },
     "quantize_per_token": {
         "reference": int8_dynamic.quantize_per_token_ref,
         "fast": int8_dynamic.quantize_per_token,
+        "example": int8_dynamic.example_per_token,
     },
     "int8_weight_only_linear": {
         "reference": weight_only.int8_weight_only_linear_ref,
         "fast": weight_only.int8_weight_only_linear,
+        "example": weight_only.example_int8,
     },
     "int4_weight_only_linear": {
         "reference": weight_only.int4_weight_only_linear_ref,
         "fast": weight_only.int4_weight_only_linear,
+        "example": weight_only.example_int4,
     },
 }
 

@@ -61,3 +61,23 @@ def int8_dynamic_linear_ref(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: t
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*shape[:-1], -1)
+
+
+def example_per_token(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(37, 96, generator=g) * torch.linspace(0.1, 20, 96)
+    x[3] = 0.0  # an all-zero token
+    return {"fast": (x,), "reference": (x,), "exact": True, "tol": 0.0}
+
+
+def example_linear(seed: int = 0) -> dict:
+    """Random int8 weights (K, N) with per-channel scales, a smoothing vector and outlier activations."""
+    g = torch.Generator().manual_seed(seed)
+    k, n = 96, 80
+    x = torch.randn(2, 9, k, generator=g) * torch.linspace(0.1, 20, k)
+    qw = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(n, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=g)
+    smooth_inv = torch.rand(k, generator=g) + 0.5
+    args = (x, qw, w_scale, bias, smooth_inv)
+    return {"fast": args, "reference": args, "exact": True, "tol": 0.0}

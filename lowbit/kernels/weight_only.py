@@ -71,3 +71,32 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
 def int4_weight_only_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Reference: ``F.linear`` with the fp32 dequantized weight (N, K)."""
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def _example_weights(seed: int, bits: int, group_size: int):
+    from lowbit.core import choose_qparams, per_channel, per_group, quantize
+
+    g = torch.Generator().manual_seed(seed)
+    n, k = 64, 256
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(5, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    qp = choose_qparams(w, f"int{bits}", True, per_group(group_size) if group_size else per_channel(0))
+    return x, bias, quantize(w, qp), qp
+
+
+def example_int8(seed: int = 0) -> dict:
+    x, bias, q, qp = _example_weights(seed, 8, 0)
+    scale = qp.scale.to(torch.bfloat16)
+    return {"fast": (x, q, scale, bias), "reference": (x, q, scale.float(), bias), "exact": False, "tol": 2e-2}
+
+
+def example_int4(seed: int = 0) -> dict:
+    """Signed int4 codes g32 as the fast layout and as the dequantized fp32 weight (scales in bf16)."""
+    from lowbit.core import dequantize
+
+    x, bias, q, qp = _example_weights(seed, 4, 32)
+    qp.scale = qp.scale.to(torch.bfloat16).float()  # the kernel holds bf16 scales
+    packed, sz = int4_kernel_params(q, qp.scale, None, 32)
+    w = dequantize(q, qp)
+    return {"fast": (x, packed, sz, 32, bias), "reference": (x, w, bias), "exact": False, "tol": 2e-2}
