@@ -1,0 +1,105 @@
+"""What every LLM method shares: finding the decoder layers of a Llama-style model, the linears of a
+layer, the group-size policy, and the calibration batches with their hygiene checks.
+
+Group-size policy: a group of ``g`` input columns needs ``g | in_features``. SmolLM2's hidden size
+is 576 = 4.5 x 128, so "g128" cannot cover the 576-wide q/k/v/o/gate/up inputs; they fall back to
+the largest kernel-friendly divisor not above ``g`` (64), and the 1536-wide down_proj keeps 128.
+Every table that says "g128" for SmolLM2 means this mix (see :func:`effective_group_size`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from lowbit.errors import CalibrationError, ConfigError
+
+log = logging.getLogger(__name__)
+
+GROUP_FALLBACKS = (256, 128, 64, 32, 16, 8)  # tried in order, largest first, when g does not divide K
+OVERLAP_WARN = 0.01  # warn when more than 1% of the calibration 8-grams occur in the evaluation text
+
+# Linears of a Llama decoder layer, by the input they share (one Hessian / one smoothing factor each).
+LLAMA_INPUT_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    """``group_size`` if it divides ``in_features``, else the largest of :data:`GROUP_FALLBACKS` below
+    it that does; 0 (per channel) stays 0."""
+    if group_size <= 0 or in_features % group_size == 0:
+        return max(group_size, 0)
+    for g in GROUP_FALLBACKS:
+        if g < group_size and in_features % g == 0:
+            return g
+    raise ConfigError(f"no group size <= {group_size} divides in_features={in_features}; use --group-size 0")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``ModuleList`` of decoder layers of a Llama-style causal LM (``CausalLM`` or a bare HF model)."""
+    lm = getattr(model, "lm", model)
+    inner = getattr(lm, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ConfigError(f"{type(model).__name__} is not a Llama-style decoder (no .model.layers); "
+                          "the LLM methods (gptq, awq, smoothquant) support causal LMs such as smollm2")
+    return layers
+
+
+def layer_prefix(model: nn.Module) -> str:
+    """Dotted name of the layers list inside ``model`` (e.g. ``lm.model.layers``)."""
+    layers = decoder_layers(model)
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return name
+    raise ConfigError("decoder layers not found among the model's modules")
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The float ``nn.Linear`` modules of one decoder layer, by their name inside the layer."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def lm_calibration(model: nn.Module, calibration_data, n: int | None = None) -> tuple[list[torch.Tensor], str]:
+    """Calibration batches (token ids (1, T) each) and their source; checks overlap with the eval text."""
+    from lowbit.algorithms._calib import default_calibration
+
+    if calibration_data is None:
+        batches = default_calibration(model, n)
+        source = f"lowbit.data.lm_calib_text ({getattr(model, 'model_name', 'model')})"
+    else:
+        batches, source = list(calibration_data), "user"
+    batches = [b if isinstance(b, torch.Tensor) else torch.as_tensor(b) for b in batches]
+    if not batches:
+        raise CalibrationError("calibration data is empty: give at least one batch of token ids")
+    for b in batches:
+        if b.is_floating_point() or b.dim() not in (1, 2):
+            raise CalibrationError(f"LM calibration batches must be token ids (B, T), got {tuple(b.shape)} {b.dtype}")
+    batches = [b[None] if b.dim() == 1 else b for b in batches]
+    warn_if_overlaps_eval(model, batches)
+    return batches, source
+
+
+def warn_if_overlaps_eval(model: nn.Module, batches: list[torch.Tensor]) -> float | None:
+    """Fraction of calibration word 8-grams found in the LM evaluation text; a warning above 1%."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return None
+    from lowbit.data import lm_eval_text, overlap
+
+    text = [tok.decode(b.reshape(-1).tolist()) for b in batches]
+    frac = overlap(text, lm_eval_text())
+    if frac > OVERLAP_WARN:
+        log.warning("calibration text overlaps the evaluation text: %.1f%% of its 8-grams appear in "
+                    "lm_eval_text(); perplexity will look better than it is", 100 * frac)
+    return frac
+
+
+def n_tokens(batches: list[torch.Tensor]) -> int:
+    return int(sum(b.numel() for b in batches))

@@ -1,0 +1,298 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"): weight-only quantization that corrects each rounding error with the columns still
+to be quantized, using second-order information of the layer's inputs.
+
+For a linear with weight ``W`` (N, K) and calibration inputs ``X`` (M, K), the layer loss
+``||X W^T - X Q^T||^2`` has Hessian ``H = 2 X^T X`` (K, K), the same for every output row.
+Quantizing column ``j`` to ``q_j`` and updating the remaining columns optimally (OBS) gives
+
+    err_j  = (w_j - q_j) / [H^-1]_jj
+    W[:, j+1:] -= err_j  [H^-1]_{j, j+1:}
+
+with ``H^-1`` of the not-yet-quantized columns. All those inverses are rows of the upper Cholesky
+factor ``U`` of ``H^-1`` (sec. 4, step 3), so one factorisation serves the whole pass. Updates are
+applied lazily per block of ``block_size`` columns (step 2); columns are visited by decreasing
+``diag(H)`` ("act order", the permutation is undone on the codes); ``percdamp * mean(diag(H))``
+is added to the diagonal for stability. Group scales (``group_size`` contiguous input columns,
+so the stored layout is the one of RTN and the int4 kernels apply) are computed from the current,
+error-updated weights when the first column of the group is reached.
+
+Interface: ``g = GPTQ(K); g.add_batch(x)`` per calibration batch, then
+``codes, qparams, loss = g.solve(W, fmt, symmetric, group_size)``; ``WeightOnlyQLinear.from_quantized``
+wraps the result. The handler runs decoder layers sequentially (``sequential.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.algorithms._calib import calibration_info, capture_inputs
+from lowbit.algorithms._llm import (
+    LLAMA_INPUT_GROUPS,
+    effective_group_size,
+    layer_linears,
+    layer_prefix,
+    lm_calibration,
+    n_tokens,
+)
+from lowbit.algorithms.sequential import process_layerwise
+from lowbit.api import QuantizeReport, register_handler
+from lowbit.config import BaseConfig, register_config, register_scheme
+from lowbit.core import Kind, QParams, choose_qparams, get_format, per_channel, per_group
+from lowbit.errors import CalibrationError, ConfigError
+from lowbit.nn import WeightOnlyQLinear, weight_format
+from lowbit.nn.double_quant import DoubleQuantQLinear, double_quant_roundtrip
+
+log = logging.getLogger(__name__)
+
+VALID_BITS = (2, 3, 4, 8)
+DEFAULT_PERCDAMP = 0.01  # the paper's 1% of the mean diagonal
+DEFAULT_BLOCK = 128  # lazy-batch width (sec. 4, step 2)
+
+
+class GPTQ:
+    """Accumulates ``H = 2/M sum x x^T`` over calibration inputs of one linear, then solves."""
+
+    def __init__(self, in_features: int):
+        self.in_features = in_features
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Fold inputs ``x`` (..., K) into the running mean of ``2 x x^T``."""
+        x = x.reshape(-1, self.in_features).to(self.H.dtype)  # (M, K)
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H += x.T @ x
+
+    def solve(self, weight: torch.Tensor, fmt: str = "int4", symmetric: bool = True, group_size: int = 128,
+              block_size: int = DEFAULT_BLOCK, percdamp: float = DEFAULT_PERCDAMP, act_order: bool = True,
+              scale_dtype: torch.dtype | None = torch.float16, double_quant: bool = False,
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, QParams, float]:
+        """Codes (N, K), their qparams (per group, or per channel if ``group_size == 0``) and the
+        layer loss ``sum((W - Q)^2 / diag(H^-1)) / 2`` summed over columns (the paper's Losses)."""
+        if self.n == 0:
+            raise CalibrationError("GPTQ.solve called before any add_batch: no calibration inputs")
+        f = get_format(fmt)
+        if f.kind not in (Kind.UNIFORM, Kind.CODEBOOK):
+            raise ConfigError(f"GPTQ quantizes to integer or codebook formats, not {f.name}")
+        W = weight.detach().to(dtype).clone()  # (N, K)
+        N, K = W.shape
+        H = self.H.to(dtype).clone()
+        dead = torch.diag(H) == 0  # inputs that were always 0: weight irrelevant
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
+        invperm = torch.argsort(perm)
+        W, H = W[:, perm], H[perm][:, perm]
+        H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+        try:
+            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        except torch.linalg.LinAlgError:
+            raise CalibrationError("GPTQ: the damped Hessian is not positive definite; raise percdamp or give "
+                                   "more calibration tokens") from None
+
+        g = group_size or K
+        n_groups = K // g
+        scale = torch.zeros(N, n_groups, dtype=torch.float32)
+        zp = None if symmetric or f.kind is not Kind.UNIFORM else torch.zeros(N, n_groups, dtype=torch.int32)
+        ready = torch.zeros(n_groups, dtype=torch.bool)
+        codes = torch.zeros(N, K, dtype=torch.int8 if (f.kind is Kind.UNIFORM and f.signed) else torch.uint8)
+        cb = f.codebook_tensor().to(dtype) if f.kind is Kind.CODEBOOK else None
+        qmax = f.qmax if f.kind is Kind.UNIFORM else None
+        qmin = (f.qmin if (not symmetric or f.name == "ternary") else -qmax) if qmax is not None else None
+        loss = 0.0
+
+        def group_params(grp: int, W1: torch.Tensor, i1: int, i2: int) -> None:
+            cols = torch.arange(grp * g, (grp + 1) * g)
+            pos = invperm[cols]  # where the group's columns sit in the permuted order
+            vals = W[:, pos].clone()  # (N, g)
+            inblock = (pos >= i1) & (pos < i2)
+            vals[:, inblock] = W1[:, pos[inblock] - i1]  # current-block columns hold the updated values
+            qp = choose_qparams(vals.float(), f, symmetric, per_channel(0))
+            s = qp.scale
+            if double_quant:
+                s = double_quant_roundtrip(s)
+            elif scale_dtype is not None:
+                s = s.to(scale_dtype).float()
+            scale[:, grp] = s
+            if zp is not None:
+                zp[:, grp] = qp.zero_point
+            ready[grp] = True
+
+        for i1 in range(0, K, block_size):
+            i2 = min(i1 + block_size, K)
+            W1 = W[:, i1:i2].clone()  # (N, B)
+            E1 = torch.zeros_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = int(perm[i1 + i])
+                grp = col // g
+                if not ready[grp]:
+                    group_params(grp, W1, i1, i2)
+                w = W1[:, i]
+                s = scale[:, grp].to(dtype)
+                if cb is not None:
+                    q = torch.bucketize(w / s, (cb[1:] + cb[:-1]) / 2)
+                    dq = cb[q] * s
+                else:
+                    z = 0 if zp is None else zp[:, grp].to(dtype)
+                    q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+                    dq = (q - z) * s
+                codes[:, col] = q.to(codes.dtype)
+                d = U1[i, i]
+                err = (w - dq) / d
+                loss += float((err * err).sum()) / 2
+                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+                E1[:, i] = err
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+        gran = per_group(g) if group_size else per_channel(0)
+        scale_out = scale if group_size else scale[:, 0]
+        zp_out = None if zp is None else (zp if group_size else zp[:, 0])
+        qp = QParams(f, gran, scale_out, zp_out, qmin, qmax, codebook=f.codebook_tensor() if cb is not None else None)
+        return codes, qp, loss
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+@register_config("gptq")
+@dataclass(frozen=True)
+class GPTQConfig(BaseConfig):
+    bits: int = 4
+    group_size: int = 128  # 0 = per channel; falls back to a divisor of in_features (see _llm.py)
+    symmetric: bool = True
+    fmt: str | None = None  # a codebook instead of int{bits}, e.g. "nf4"
+    double_quant: bool = False  # QLoRA-style 8-bit storage of the group scales (lowbit.nn.double_quant)
+    act_order: bool = True
+    percdamp: float = DEFAULT_PERCDAMP
+    block_size: int = DEFAULT_BLOCK
+    n_calib: int | None = None  # 512-token windows of the built-in set (None = its default, 8)
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        if self.fmt is None and self.bits not in VALID_BITS:
+            raise ConfigError(f"bits must be one of {VALID_BITS}, got {self.bits}")
+        if self.group_size < 0:
+            raise ConfigError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+        if not 0 < self.percdamp < 1:
+            raise ConfigError(f"percdamp must be in (0, 1), got {self.percdamp}")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if self.double_quant and not self.group_size:
+            raise ConfigError("double_quant quantizes group scales: it needs group_size > 0")
+
+    @property
+    def format_name(self) -> str:
+        return weight_format(self.bits, self.symmetric, self.fmt)
+
+    @property
+    def scheme(self) -> str:
+        gran = f"g{self.group_size}" if self.group_size else "pc"
+        body = self.fmt if self.fmt else f"w{self.bits}"
+        sym = "" if self.fmt else ("-sym" if self.symmetric else "-asym")
+        return f"gptq-{body}-{gran}{sym}{'-dq' if self.double_quant else ''}"
+
+
+def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, kernel: str,
+                   double_quant: bool) -> WeightOnlyQLinear:
+    """A ``WeightOnlyQLinear`` (or its double-quantized-scales variant) holding codes from any method."""
+    cls = DoubleQuantQLinear if double_quant else WeightOnlyQLinear
+    return cls.from_quantized(linear, codes, qp, group_size, kernel)
+
+
+def check_enough_tokens(batches: list[torch.Tensor], in_features: int, window: int) -> None:
+    """A Hessian of K inputs needs at least K tokens to have full rank."""
+    have = n_tokens(batches)
+    if have < in_features:
+        need = -(-in_features // window)
+        raise CalibrationError(f"GPTQ needs at least {in_features} calibration tokens (the widest layer has "
+                               f"{in_features} inputs, so its Hessian needs that many samples for full rank); "
+                               f"got {have}. Use at least {need} windows of {window} tokens (--calib {need})")
+
+
+@register_handler(GPTQConfig)
+def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) -> QuantizeReport:
+    batches, source = lm_calibration(model, calibration_data, config.n_calib)
+    prefix = layer_prefix(model)
+    from lowbit.algorithms._llm import decoder_layers
+
+    widest = max(m.in_features for layer in decoder_layers(model) for m in layer_linears(layer).values())
+    check_enough_tokens(batches, widest, batches[0].shape[-1])
+    report = QuantizeReport()
+    stats: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    process = make_gptq_process(config, prefix, report, stats)
+    process_layerwise(model, batches, process, desc=config.scheme)
+    report.extra["gptq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats}
+    model.lowbit_calibration = calibration_info(batches, source)
+    return report
+
+
+def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, stats: dict):
+    """The per-layer step of sequential GPTQ: Hessians from one float pass, solve, swap modules."""
+    from lowbit.algorithms.sequential import run_layer
+
+    def selected(full: str) -> bool:
+        import fnmatch
+
+        return (any(fnmatch.fnmatchcase(full, p) for p in config.include)
+                and not any(fnmatch.fnmatchcase(full, p) for p in config.exclude))
+
+    def process(i: int, layer: nn.Module, inputs: list, kwargs: dict) -> None:
+        linears = {n: m for n, m in layer_linears(layer).items() if selected(f"{prefix}.{i}.{n}")}
+        if not linears:
+            return
+        # One Hessian per distinct input (q/k/v share one, gate/up share one).
+        owner = {}
+        for group in LLAMA_INPUT_GROUPS:
+            present = [n for n in group if n in linears]
+            for n in present:
+                owner[n] = present[0]
+        for n in linears:
+            owner.setdefault(n, n)
+        hess = {n: GPTQ(linears[n].in_features) for n in set(owner.values())}
+        full = {f"{prefix}.{i}.{n}": n for n in hess}  # hooks name the full layer on NaN
+        with capture_inputs({f: linears[n] for f, n in full.items()}, lambda f, x: hess[full[f]].add_batch(x)):
+            run_layer(layer, inputs, kwargs, i)
+        for n, m in linears.items():
+            t = time.perf_counter()
+            g = effective_group_size(m.in_features, config.group_size)
+            codes, qp, loss = hess[owner[n]].solve(
+                m.weight, config.format_name, config.symmetric, g, config.block_size, config.percdamp,
+                config.act_order, double_quant=config.double_quant)
+            new = wrap_quantized(m, codes, qp, g, config.kernel, config.double_quant)
+            layer.set_submodule(n, new)
+            name = f"{prefix}.{i}.{n}"
+            report.layers[name] = new.spec()
+            stats[name] = {"loss": loss, "seconds": time.perf_counter() - t, "group_size": g}
+            log.debug("gptq %s: loss %.4g", name, loss)
+
+    return process
+
+
+def _bool(v) -> bool:
+    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+
+
+@register_scheme("gptq", "GPTQ weight-only (Hessian error compensation, act-order, lazy blocks), decoder layers "
+                 "one at a time: --bits {2,3,4,8} --group-size N --symmetric/--affine; causal LMs only",
+                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+def _gptq_scheme(options: dict) -> GPTQConfig:
+    return GPTQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
+                      symmetric=_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+
+
+@register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",
+                 options=("group_size", "kernel"), models=("smollm2",))
+def _gptq_nf4_scheme(options: dict) -> GPTQConfig:
+    return GPTQConfig(bits=4, fmt="nf4", group_size=int(options.get("group_size", 64)), double_quant=True,
+                      kernel=options.get("kernel", "auto"))

@@ -1,0 +1,206 @@
+"""Layer-by-layer (sequential) processing of a decoder LM, as in GPTQ (Frantar et al. 2022, sec. 4).
+
+The calibration batches are run up to the first decoder layer once; their hidden states (and the
+keyword arguments the layers receive: rotary embeddings, mask, positions) are kept. Then for each
+layer ``i``: ``process(i, layer, inputs, kwargs)`` collects what it needs from the layer's float
+forward and swaps in quantized modules, and the *quantized* layer is run on the inputs to give the
+inputs of layer ``i + 1``. So layer ``i`` is calibrated on what the already-quantized layers ``< i``
+really produce, and only one layer's activations are alive at a time.
+
+:func:`quantize_from_safetensors` goes further for models bigger than RAM: the model skeleton lives
+on the ``meta`` device, and each layer is materialised from the safetensors file just before it is
+processed (tensors read with ``pread``, no mmap, so untouched layers cost nothing), quantized, and
+its float weights dropped. Peak memory is then ~ float embeddings + quantized layers so far + one
+float layer + calibration activations, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from lowbit.algorithms._llm import decoder_layers
+from lowbit.errors import CalibrationError, LoadError
+
+log = logging.getLogger(__name__)
+
+Process = Callable[[int, nn.Module, list, dict], None]
+
+
+class _ReachedLayer(Exception):
+    """Raised by the pre-hook on layer 0 to stop the forward once its inputs are captured."""
+
+
+def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering decoder layer 0 for each batch ((B, T, C) each), and the shared kwargs.
+
+    The kwargs (rotary ``position_embeddings``, ``attention_mask``, ``position_ids``) depend only on
+    the sequence length, so batches must all have the same length.
+    """
+    layers = decoder_layers(model)
+    inputs: list[torch.Tensor] = []
+    shared: dict = {}
+    lengths = {b.shape[-1] for b in batches}
+    if len(lengths) != 1:
+        raise CalibrationError(f"sequential calibration needs batches of one length, got lengths {sorted(lengths)}")
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if not torch.isfinite(hidden).all():
+            raise CalibrationError("non-finite (NaN/inf) activation entering decoder layer 0 during calibration")
+        inputs.append(hidden.detach())
+        if not shared:
+            shared.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            shared["use_cache"] = False
+            shared["past_key_values"] = None
+        raise _ReachedLayer
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                try:
+                    model(b)
+                except _ReachedLayer:
+                    pass
+    finally:
+        handle.remove()
+    return inputs, shared
+
+
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, index: int | None = None) -> list[torch.Tensor]:
+    """Outputs of one decoder layer for each input; a non-finite output names the layer."""
+    outs = []
+    with torch.inference_mode():
+        for h in inputs:
+            y = layer(h, **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            if not torch.isfinite(y).all():
+                raise CalibrationError(f"non-finite (NaN/inf) output from decoder layer {index} during calibration")
+            outs.append(y)
+    return outs
+
+
+def process_layerwise(model: nn.Module, batches: list[torch.Tensor], process: Process,
+                      materialize: Callable[[int, nn.Module], None] | None = None,
+                      desc: str = "layers") -> int:
+    """Run ``process`` on each decoder layer in order, feeding it the outputs of the processed layers.
+
+    ``materialize(i, layer)``, when given, loads layer ``i``'s weights just before it is processed.
+    Returns the number of layers processed.
+    """
+    layers = decoder_layers(model)
+    hidden, kwargs = capture_layer_inputs(model, batches)
+    with Progress(transient=True, disable=len(layers) < 4) as bar:
+        task = bar.add_task(desc, total=len(layers))
+        for i, layer in enumerate(layers):
+            if materialize is not None:
+                materialize(i, layer)
+            process(i, layer, hidden, kwargs)
+            hidden = run_layer(layer, hidden, kwargs, i)
+            bar.advance(task)
+    return len(layers)
+
+
+# ------------------------------------------------------------------------------ safetensors
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsReader:
+    """Reads single tensors of a ``.safetensors`` file with ``os.pread`` (no mmap, no full load)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            self.header = json.loads(os.pread(self.fd, n, 8))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LoadError(f"{self.path}: not a readable safetensors file ({exc})") from None
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.header.get(name)
+        if info is None:
+            raise LoadError(f"{self.path}: no tensor {name!r}")
+        start, end = info["data_offsets"]
+        buf = bytearray(os.pread(self.fd, end - start, self.base + start))
+        dtype = _DTYPES[info["dtype"]]
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else torch.empty(info["shape"], dtype=dtype)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_module_from(reader: SafetensorsReader, module: nn.Module, prefix: str) -> None:
+    """Materialise ``module`` (possibly on ``meta``) on CPU with the tensors ``prefix.*`` of the file."""
+    module.to_empty(device="cpu", recurse=True)
+    state = {}
+    for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
+        key = f"{prefix}.{name}"
+        if key in reader.header:
+            state[name] = reader.get(key)
+    missing, _ = module.load_state_dict(state, strict=False)
+    persistent_missing = [m for m in missing if not m.endswith("inv_freq")]
+    if persistent_missing:
+        raise LoadError(f"{reader.path}: tensors missing for {prefix}: {persistent_missing[:4]}")
+
+
+def smollm2_skeleton(folder: Path):
+    """A ``CausalLM`` whose weights live on ``meta`` (no memory), with its tokenizer and config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.models.smollm2 import CausalLM
+
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return CausalLM(lm.eval(), tokenizer).eval()
+
+
+def quantize_from_safetensors(folder: str | Path, process: Process, batches: list[torch.Tensor]) -> nn.Module:
+    """Build a causal LM from ``folder`` (HF layout, one ``model.safetensors``) a layer at a time.
+
+    Only the embeddings, final norm and rotary tables are materialised up front; each decoder layer
+    is read from disk, processed (quantized) by ``process``, and its float weights released.
+    """
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    folder = Path(folder)
+    model = smollm2_skeleton(folder)
+    inner = model.lm.model
+    with SafetensorsReader(folder / "model.safetensors") as reader:
+        load_module_from(reader, inner.embed_tokens, "model.embed_tokens")
+        load_module_from(reader, inner.norm, "model.norm")
+        inner.rotary_emb = LlamaRotaryEmbedding(config=model.lm.config)
+        if "lm_head.weight" in reader.header and not model.lm.config.tie_word_embeddings:
+            load_module_from(reader, model.lm.lm_head, "lm_head")
+        else:
+            model.lm.lm_head.weight = inner.embed_tokens.weight  # tied (SmolLM2)
+
+        def materialize(i: int, layer: nn.Module) -> None:
+            load_module_from(reader, layer, f"model.layers.{i}")
+
+        process_layerwise(model, batches, process, materialize, desc="sequential (from disk)")
+    return model
