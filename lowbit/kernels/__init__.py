@@ -13,6 +13,7 @@ import logging
 from typing import Callable
 
 from lowbit.errors import ConfigError
+from lowbit.kernels import xnor
 from lowbit.kernels import int8_dynamic, weight_only
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,16 @@ KERNELS: dict[str, dict[str, Callable]] = {
         "reference": weight_only.int4_weight_only_linear_ref,
         "fast": weight_only.int4_weight_only_linear,
         "example": weight_only.example_int4,
+    },
+    "xnor_gemm": {
+        "reference": xnor.xnor_gemm_ref,
+        "fast": xnor.xnor_gemm,
+        "example": xnor.example_xnor_gemm,
+    },
+    "pack_signs": {
+        "reference": xnor.pack_signs_ref,
+        "fast": xnor.pack_signs,
+        "example": xnor.example_pack_signs,
     },
 }
 
