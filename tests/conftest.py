@@ -40,3 +40,11 @@ def digits_data():
     from lowbit.models.digits import digits_data as load
 
     return load()
+
+
+@pytest.fixture(scope="session")
+def smollm2_quick_eval(smollm2):
+    """evaluate(smollm2, quick=True) computed once: two 512-token windows of the licence text."""
+    from lowbit.analysis.evaluate import evaluate
+
+    return evaluate(smollm2, quick=True)
