@@ -1,0 +1,59 @@
+"""``lowbit serve --store DIR``: the HTTP model service (FastAPI + uvicorn) over a model store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowbit.cli._common import clean_errors
+
+API_KEY_ENV = "LOWBIT_API_KEY"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @clean_errors
+    def serve(
+        store: Path = typer.Option(..., "--store", help="model store folder (created; the bundled MiniLM is "
+                                                        "registered when it is empty)"),
+        host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on"),
+        port: int = typer.Option(8000, "--port", help="TCP port"),
+        api_key: Optional[str] = typer.Option(None, "--api-key", help=f"Bearer key for mutating endpoints "
+                                              f"(default: ${API_KEY_ENV}, else a generated one, logged once)"),
+        max_batch: int = typer.Option(64, "--max-batch", help="inputs per embedding request"),
+        max_input_chars: int = typer.Option(16384, "--max-input-chars", help="characters per input"),
+        max_body_bytes: int = typer.Option(2 << 20, "--max-body-bytes", help="request body size limit"),
+        max_inflight: int = typer.Option(64, "--max-inflight", help="embedding requests admitted; more get 429"),
+        online_calibration: bool = typer.Option(False, "--online-calibration/--no-online-calibration",
+                                                help="buffer traffic and recalibrate the active model in the "
+                                                     "background (validated, swapped only if not worse)"),
+        calib_every: int = typer.Option(1024, "--calib-every", help="new inputs between recalibrations (0: on demand)"),
+        calib_cpu_share: float = typer.Option(0.25, "--calib-cpu-share", help="compute share for recalibration"),
+    ) -> None:
+        """Serve sentence embeddings and manage the models of STORE over HTTP (OpenAPI at /docs)."""
+        import logging
+        import secrets
+
+        from lowbit.service.app import create_app
+        from lowbit.service.limits import Limits
+        from lowbit.service.online_calibration import OnlineCalibrationConfig
+        from lowbit.service.server import serve as run
+        from lowbit.service.state import ModelService
+
+        log = logging.getLogger("lowbit.serve")
+        key = api_key or os.environ.get(API_KEY_ENV)
+        if not key:
+            key = secrets.token_urlsafe(24)
+            log.warning("no --api-key or $%s: generated API key for this run: %s", API_KEY_ENV, key)
+        limits = Limits(max_body_bytes=max_body_bytes, max_batch=max_batch, max_input_chars=max_input_chars,
+                        max_inflight=max_inflight)
+        online = OnlineCalibrationConfig(enabled=online_calibration, every=calib_every, cpu_share=calib_cpu_share)
+        service = ModelService(store, key, limits=limits, online=online)
+        log.info("serving store %s on http://%s:%d (docs at /docs)", service.store.root, host, port)
+        try:
+            run(create_app(service), host=host, port=port)
+        finally:
+            service.shutdown()

@@ -1,0 +1,91 @@
+"""Which model serves, and the hot swap.
+
+Requests take one :class:`Serving` snapshot (``ActiveModel.current()``, a single attribute read)
+and use that model to the end, so a swap never changes the model under a request in flight. A
+swap loads and warms up the new model fully *before* replacing the reference under a lock; if
+anything fails the reference is untouched and the error says why (Triton's model-control
+semantics: load, then switch).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from torch import nn
+
+from lowbit.io.metadata import ModelMetadata
+from lowbit.service.errors import ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+WARMUP_SENTENCE = "lowbit warm-up: load, run once, then switch."
+
+
+@dataclass(frozen=True)
+class Serving:
+    """An immutable snapshot of the serving model; ``revision`` grows with every swap."""
+
+    model_id: str
+    model: nn.Module
+    metadata: ModelMetadata
+    revision: int
+    activated_at: float
+    recalibration: dict[str, Any] | None = field(default=None)  # set when online calibration swapped params
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(self.metadata.is_quantized)
+
+    def describe(self) -> dict[str, Any]:
+        m = self.metadata
+        return {"id": self.model_id, "is_quantized": m.is_quantized, "scheme": m.scheme, "bits": m.bits,
+                "granularity": m.granularity, "model": m.model, "task": m.task, "revision": self.revision,
+                "activated_at": self.activated_at, "sizes": m.sizes, "fidelity": m.fidelity,
+                "recalibration": self.recalibration}
+
+
+class ActiveModel:
+    """Holds the current :class:`Serving`; swaps are serialized, reads are lock-free."""
+
+    def __init__(self):
+        self._current: Serving | None = None
+        self._swap_lock = threading.Lock()  # guards _current and _revision
+        self._load_lock = threading.Lock()  # one activation loads at a time (bounds memory)
+        self._revision = 0
+
+    def current(self) -> Serving | None:
+        return self._current
+
+    def activate(self, model_id: str, load: Callable[[str], nn.Module],
+                 warmup: Callable[[nn.Module], Any]) -> Serving:
+        """Load ``model_id`` with ``load``, run ``warmup`` on it, then make it the serving model."""
+        with self._load_lock:
+            model = load(model_id)
+            if getattr(model, "task", None) != "encoder":
+                raise ModelUnavailable(f"model {model_id!r} is a {getattr(model, 'task', '?')} model; only "
+                                       "encoder models (sentence embeddings) can be activated")
+            try:
+                warmup(model)
+            except Exception as exc:  # a model that cannot run is not swapped in
+                raise ModelUnavailable(f"model {model_id!r} failed its warm-up forward: "
+                                       f"{type(exc).__name__}: {exc}") from None
+            with self._swap_lock:
+                self._revision += 1
+                new = Serving(model_id, model, model.lowbit_metadata, self._revision, time.time())
+                old, self._current = self._current, new
+            log.info("active model: %s (revision %d, %s)%s", model_id, new.revision,
+                     new.metadata.scheme or "fp32", f", was {old.model_id}" if old else "")
+            return new
+
+    def replace_model(self, expected: Serving, model: nn.Module, recalibration: dict) -> Serving | None:
+        """Swap in new parameters for the same model id if ``expected`` is still serving; else None."""
+        with self._swap_lock:
+            if self._current is not expected:
+                return None
+            self._revision += 1
+            self._current = replace(expected, model=model, revision=self._revision, recalibration=recalibration)
+            return self._current

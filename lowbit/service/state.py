@@ -1,0 +1,207 @@
+"""The service's state and operations, independent of HTTP: store, serving model, jobs, online
+calibration, limits, metrics. ``app.py`` is a thin layer of routes over a :class:`ModelService`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from lowbit.config import build_config
+from lowbit.errors import ConfigError, LowbitError
+from lowbit.io.atomic import atomic_write_text
+from lowbit.service.active import WARMUP_SENTENCE, ActiveModel, Serving
+from lowbit.service.embed import embed
+from lowbit.service.errors import Conflict, ModelUnavailable, NoActiveModel
+from lowbit.service.jobs import Job, JobRunner
+from lowbit.service.limits import Gate, Limits
+from lowbit.service.metrics import ServiceMetrics, _labels
+from lowbit.service.online_calibration import OnlineCalibrationConfig, OnlineCalibrator
+from lowbit.service.quantize_job import quantize_task
+from lowbit.service.store import DEFAULT_MODEL_ID, ModelStore, StoreEntry, validate_id
+
+log = logging.getLogger(__name__)
+
+ACTIVE_FILE = ".active.json"  # hidden: not a model folder; remembers the active id across restarts
+
+
+def entry_summary(entry: StoreEntry, active_id: str | None) -> dict[str, Any]:
+    m = entry.metadata
+    out: dict[str, Any] = {"id": entry.id, "available": entry.available, "reason": entry.reason,
+                           "active": entry.id == active_id}
+    if m is not None:
+        out.update(is_quantized=m.is_quantized, model=m.model, task=m.task, scheme=m.scheme, bits=m.bits,
+                   granularity=m.granularity, sizes=m.sizes, fidelity=m.fidelity, created_at=m.created_at)
+    return out
+
+
+class ModelService:
+    def __init__(self, store_dir: str | Path, api_key: str, limits: Limits | None = None,
+                 online: OnlineCalibrationConfig | None = None, register_default: bool = True,
+                 activate: bool = True):
+        if not api_key:
+            raise ConfigError("an API key is required (pass one, set LOWBIT_API_KEY, or let `lowbit serve` generate one)")
+        self.api_key = api_key
+        self.limits = limits or Limits()
+        self.metrics = ServiceMetrics()
+        self.store = ModelStore(store_dir)
+        if register_default:
+            self.store.ensure_default()
+        self.gate = Gate(self.limits)
+        self.active = ActiveModel()
+        self.jobs = JobRunner(self.limits.max_queued_jobs,
+                              on_finish=lambda job: self.metrics.jobs.inc(kind=job.kind, status=job.status))
+        self.calibrator = OnlineCalibrator(online or OnlineCalibrationConfig(), self.active, self.gate.run_blocking,
+                                           on_outcome=self._on_calibration)
+        self._submit_lock = threading.Lock()
+        self._register_gauges()
+        if activate:
+            self._activate_initial()
+
+    def _on_calibration(self, outcome: str) -> None:
+        self.metrics.calib_runs.inc(outcome=outcome)
+        if outcome == "accepted":
+            self.metrics.swaps.inc(kind="recalibrate")
+
+    # ---- activation ----------------------------------------------------------------------------
+    def _activate_initial(self) -> None:
+        wanted = []
+        try:
+            wanted.append(json.loads((self.store.root / ACTIVE_FILE).read_text())["id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        wanted += [DEFAULT_MODEL_ID] + [e.id for e in self.store.entries() if e.available]
+        for model_id in dict.fromkeys(wanted):
+            try:
+                self.activate(model_id, persist=False)
+                return
+            except LowbitError as exc:
+                log.warning("not serving %r at start: %s", model_id, exc)
+        log.error("no loadable encoder model in %s: /embed answers 503 until one is activated", self.store.root)
+
+    def activate(self, model_id: str, persist: bool = True) -> Serving:
+        """Load ``model_id`` fully, warm it up, then switch to it; on failure nothing changes."""
+        validate_id(model_id)
+        try:
+            serving = self.active.activate(model_id, self.store.load, lambda m: embed(m, [WARMUP_SENTENCE]))
+        except ModelUnavailable:
+            self.metrics.activation_failures.inc()
+            raise
+        self.metrics.swaps.inc(kind="activate")
+        if persist:
+            atomic_write_text(self.store.root / ACTIVE_FILE, json.dumps({"id": model_id}))
+        return serving
+
+    def serving(self) -> Serving:
+        s = self.active.current()
+        if s is None:
+            raise NoActiveModel("no model is active; activate one with POST /models/{id}/activate")
+        return s
+
+    # ---- store ---------------------------------------------------------------------------------
+    def list_models(self) -> list[dict[str, Any]]:
+        cur = self.active.current()
+        return [entry_summary(e, cur.model_id if cur else None) for e in self.store.entries()]
+
+    def model_info(self, model_id: str) -> dict[str, Any]:
+        entry = self.store.entry(model_id)
+        cur = self.active.current()
+        out = entry_summary(entry, cur.model_id if cur else None)
+        if entry.metadata is not None:
+            out["metadata"] = json.loads(entry.metadata.model_dump_json())
+        return out
+
+    # ---- jobs ----------------------------------------------------------------------------------
+    def submit_quantize(self, source_id: str, scheme: str, options: dict | None, target_id: str | None,
+                        calib: int | None, calibration: str, overwrite: bool) -> Job:
+        """Validate everything that can be validated now (4xx at once), then queue the job."""
+        entry = self.store.entry(source_id)
+        if not entry.available:
+            raise ModelUnavailable(f"model {source_id!r} is unavailable: {entry.reason}")
+        if entry.metadata.is_quantized:
+            raise ConfigError(f"model {source_id!r} is already quantized ({entry.metadata.scheme}); "
+                              "quantize an fp32 model")
+        config = build_config(scheme, options or {})
+        if target_id is None:
+            target_id = re.sub(r"[^A-Za-z0-9._-]", "-", f"{source_id}-{scheme}")[:64]
+        validate_id(target_id)
+        if target_id == source_id:
+            raise Conflict(f"target id {target_id!r} is the source; choose another target_id")
+        if calib is not None and calib < 1:
+            raise ConfigError(f"calib must be at least 1 sample, got {calib}")
+        data = None
+        if calibration == "traffic":
+            data = self.calibrator.buffered_batches()
+            if not data:
+                raise ConfigError("calibration='traffic' but the traffic buffer is empty (start the service with "
+                                  "online calibration enabled and send some /embed requests first)")
+        elif calibration != "builtin":
+            raise ConfigError(f"calibration must be 'builtin' or 'traffic', got {calibration!r}")
+        with self._submit_lock:
+            cur = self.active.current()
+            if cur is not None and cur.model_id == target_id:
+                raise Conflict(f"model {target_id!r} is active; activate another model before replacing it")
+            if target_id in self.store and not overwrite:
+                raise Conflict(f"model {target_id!r} already exists; pass overwrite=true to replace it")
+            for job in self.jobs.list():
+                if job.status in ("queued", "running") and job.params.get("target_id") == target_id:
+                    raise Conflict(f"job {job.id} is already writing {target_id!r}")
+            params = {"source_id": source_id, "target_id": target_id, "scheme": scheme, "options": options or {},
+                      "calib": calib, "calibration": calibration, "overwrite": overwrite}
+            return self.jobs.submit("quantize", params, lambda progress: quantize_task(
+                self.store, source_id, target_id, config, calib=calib, calibration_data=data,
+                overwrite=overwrite, progress=progress))
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def _register_gauges(self) -> None:
+        r = self.metrics.registry
+
+        def active_info():
+            s = self.active.current()
+            if s is None:
+                return {}
+            return {_labels({"id": s.model_id, "is_quantized": str(s.is_quantized).lower(),
+                             "scheme": s.metadata.scheme or "fp32"}): 1.0}
+
+        def store_counts():
+            entries = self.store.entries()
+            ok = sum(e.available for e in entries)
+            return {_labels({"state": "available"}): ok, _labels({"state": "unavailable"}): len(entries) - ok}
+
+        def calib_buffer():
+            st = self.calibrator.status()["buffer"]
+            return {_labels({"buffer": k}): v for k, v in st.items()}
+
+        def calib_last():
+            h = list(self.calibrator.history)
+            if not h:
+                return {}
+            last = h[-1]
+            return {_labels({"outcome": last["outcome"], "reason": last["reason"][:200]}): last["started_at"]}
+
+        def calib_cos():
+            h = [x for x in self.calibrator.history if "cos_mean_after" in x]
+            if not h:
+                return {}
+            return {_labels({"model": "before"}): h[-1]["cos_mean_before"],
+                    _labels({"model": "candidate"}): h[-1]["cos_mean_after"]}
+
+        r.gauge("lowbit_active_model_info", "the serving model (value 1), with its id and quantization", active_info)
+        r.gauge("lowbit_active_model_revision", "increments on every swap of the serving model",
+                lambda: {(): float(self.active.current().revision)} if self.active.current() else {})
+        r.gauge("lowbit_inflight_requests", "embedding requests admitted and not finished",
+                lambda: {(): float(self.gate.inflight)})
+        r.gauge("lowbit_store_models", "model folders in the store by state", store_counts)
+        r.gauge("lowbit_online_calibration_buffer_inputs", "inputs held for online calibration", calib_buffer)
+        r.gauge("lowbit_online_calibration_last_timestamp_seconds",
+                "when the last online recalibration attempt started, labelled with its outcome and reason", calib_last)
+        r.gauge("lowbit_online_calibration_cos_mean", "held-out cosine vs fp32 of the last validated attempt",
+                calib_cos)
+
+    def shutdown(self) -> None:
+        self.calibrator.shutdown()
+        self.jobs.shutdown()
+        self.gate.shutdown()
