@@ -166,7 +166,9 @@ class ModelStore:
         for model_id in self.ids():
             try:
                 out.append(self.entry(model_id))
-            except (ModelNotFound, InvalidModelId):  # removed or replaced by a symlink while listing
+            except InvalidModelId as exc:  # a symlink out of the store: listed, never served
+                out.append(StoreEntry(model_id, self.root / model_id, None, str(exc)))
+            except ModelNotFound:  # removed while listing
                 continue
         return out
 
