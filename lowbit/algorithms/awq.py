@@ -1,0 +1,268 @@
+"""AWQ (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration"): protect the weights that meet large activations by scaling, not by keeping them
+in float.
+
+For linears that read the same input ``x`` (K channels), with per-channel activation magnitude
+``a_j = mean_tokens |x_j|``, AWQ scales input channel ``j`` of the weights up and the activation down:
+
+    y = (x / s) Q(W * s)^T,      s_j = a_j^alpha / sqrt(max(a^alpha) * min(a^alpha))
+
+and picks ``alpha`` on a grid in [0, 1) to minimise ``||block(x) - block_q(x)||^2`` where the block
+is what follows (sec. 3.2: the attention for q/k/v, the MLP for gate/up, the linear itself for
+down_proj). ``1 / s`` is folded into the op that produces ``x``: the RMSNorm weight before q/k/v and
+before gate/up (exact with pre-norm), the rows of up_proj before down_proj (exact: the SiLU gate
+multiplies up's output elementwise). o_proj has no foldable predecessor under grouped-query attention
+(v_proj has fewer rows than o_proj has inputs), so it gets only the clipping search.
+Then a clipping search per linear and group: ``max|W|`` is shrunk by a ratio in [0.5, 1] chosen to
+minimise the group's output error on a token sample (q/k are skipped, as in the paper: their
+errors are squashed by the softmax). The result is stored by RTN in ``WeightOnlyQLinear`` (or with
+double-quantized scales), so the int4 kernels and save/load apply.
+
+Decoder layers are processed sequentially (``sequential.py``): each layer's statistics come from the
+outputs of the already-quantized layers before it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.algorithms._calib import calibration_info, capture_inputs
+from lowbit.algorithms._llm import effective_group_size, layer_linears, layer_prefix, lm_calibration, n_tokens
+from lowbit.algorithms.sequential import process_layerwise, run_layer
+from lowbit.api import QuantizeReport, register_handler
+from lowbit.config import BaseConfig, register_config, register_scheme
+from lowbit.core import choose_qparams, dequantize, per_channel, per_group, quantize
+from lowbit.errors import ConfigError
+from lowbit.nn import WeightOnlyQLinear, weight_format
+from lowbit.nn.double_quant import DoubleQuantQLinear, double_quant_roundtrip
+
+log = logging.getLogger(__name__)
+
+VALID_BITS = (2, 3, 4, 8)
+CLIP_RATIOS = 20  # shrink ratios 1.0, 0.975, ..., 0.525 (the paper's grid: 0.5..1 in 20 steps)
+CLIP_MIN_RATIO = 0.5
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+@register_config("awq")
+@dataclass(frozen=True)
+class AWQConfig(BaseConfig):
+    bits: int = 4
+    group_size: int = 128  # 0 = per channel; falls back to a divisor of in_features (see _llm.py)
+    symmetric: bool = True
+    fmt: str | None = None  # a codebook instead of int{bits}, e.g. "nf4"
+    double_quant: bool = False
+    n_grid: int = 20  # alpha in {0, 1/n, ..., (n-1)/n}
+    clip: bool = True
+    search_tokens: int = 2048  # calibration tokens used by the scale search (whole windows)
+    clip_tokens: int = 512  # tokens sampled for the clipping search
+    n_calib: int | None = None
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        if self.fmt is None and self.bits not in VALID_BITS:
+            raise ConfigError(f"bits must be one of {VALID_BITS}, got {self.bits}")
+        if self.group_size < 0:
+            raise ConfigError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+        if self.n_grid < 1:
+            raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
+        if self.double_quant and not self.group_size:
+            raise ConfigError("double_quant quantizes group scales: it needs group_size > 0")
+
+    @property
+    def format_name(self) -> str:
+        return weight_format(self.bits, self.symmetric, self.fmt)
+
+    @property
+    def scheme(self) -> str:
+        gran = f"g{self.group_size}" if self.group_size else "pc"
+        body = self.fmt if self.fmt else f"w{self.bits}"
+        sym = "" if self.fmt else ("-sym" if self.symmetric else "-asym")
+        return f"awq-{body}-{gran}{sym}{'-dq' if self.double_quant else ''}"
+
+
+# ------------------------------------------------------------------------------- the math
+
+
+def fake_quant_weight(w: torch.Tensor, config: AWQConfig, group_size: int) -> torch.Tensor:
+    """RTN ``dequantize(quantize(w))`` (N, K) with the stored scale precision (fp16 or double-quant)."""
+    gran = per_group(group_size) if group_size else per_channel(0)
+    qp = choose_qparams(w, config.format_name, config.symmetric, gran)
+    qp.scale = double_quant_roundtrip(qp.scale) if config.double_quant else qp.scale.to(torch.float16).float()
+    return dequantize(quantize(w, qp), qp)
+
+
+def awq_scales(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s = a^alpha / sqrt(max * min)`` (K,), normalised so the scales straddle 1."""
+    s = act_mean.clamp_min(1e-4).pow(alpha)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def search_scale(x_mean: torch.Tensor, linears: list[nn.Linear], block, ref: torch.Tensor, config: AWQConfig,
+                 groups: list[int]) -> tuple[torch.Tensor, float, float]:
+    """Grid search of alpha: the (K,) scales minimising the block's output MSE, the alpha and its loss."""
+    originals = [m.weight.detach().clone() for m in linears]
+    best = (None, float("inf"), 0.0)
+    try:
+        for k in range(config.n_grid):
+            alpha = k / config.n_grid
+            s = awq_scales(x_mean, alpha)
+            for m, w, g in zip(linears, originals, groups):
+                m.weight.data = fake_quant_weight(w * s, config, g) / s
+            loss = float(((block() - ref) ** 2).mean())
+            if loss < best[1]:
+                best = (s, loss, alpha)
+    finally:
+        for m, w in zip(linears, originals):
+            m.weight.data = w
+    return best[0], best[2], best[1]
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, config: AWQConfig, group_size: int) -> torch.Tensor:
+    """Per (row, group) clipping of ``max|w|`` minimising that group's output error on tokens ``x`` (S, K)."""
+    n, k = w.shape
+    g = group_size or k
+    wg = w.reshape(n, k // g, g)  # (N, G, g)
+    xg = x.reshape(-1, k // g, g)  # (S, G, g)
+    ref = torch.einsum("sgk,ngk->ngs", xg, wg)  # (N, G, S): each group's contribution to each output
+    absmax = wg.abs().amax(dim=-1, keepdim=True)  # (N, G, 1)
+    best_err = torch.full((n, k // g), float("inf"))
+    best_max = absmax.clone()
+    for i in range(CLIP_RATIOS):
+        cur = absmax * (1 - i * (1 - CLIP_MIN_RATIO) / CLIP_RATIOS)
+        clipped = torch.maximum(torch.minimum(wg, cur), -cur).reshape(n, k)
+        q = fake_quant_weight(clipped, config, group_size).reshape(n, k // g, g)
+        err = ((torch.einsum("sgk,ngk->ngs", xg, q) - ref) ** 2).mean(dim=-1)  # (N, G)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better[..., None], cur, best_max)
+    return torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(n, k)
+
+
+# ------------------------------------------------------------------------------- the handler
+
+
+def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, stats: dict):
+    def selected(name: str) -> bool:
+        return (any(fnmatch.fnmatchcase(name, p) for p in config.include)
+                and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
+
+    def process(i: int, layer: nn.Module, inputs: list, kwargs: dict) -> None:
+        t0 = time.perf_counter()
+        linears = {n: m for n, m in layer_linears(layer).items() if selected(f"{prefix}.{i}.{n}")}
+        if not linears:
+            return
+        attn, mlp = layer.self_attn, layer.mlp
+        # Whole windows for the search (attention needs full sequences), up to search_tokens.
+        n_win = max(1, min(len(inputs), config.search_tokens // max(1, inputs[0].shape[-2] * inputs[0].shape[0])))
+        watch = {"self_attn.q_proj": attn.q_proj, "self_attn.o_proj": attn.o_proj,
+                 "mlp.gate_proj": mlp.gate_proj, "mlp.down_proj": mlp.down_proj}
+        seen: dict[str, list] = {n: [] for n in watch}
+        with capture_inputs({f"{prefix}.{i}.{n}": m for n, m in watch.items()},
+                            lambda f, x: seen[f[len(f"{prefix}.{i}."):]].append(x)):
+            run_layer(layer, inputs[:n_win], kwargs, i)
+        x_attn = seen["self_attn.q_proj"]  # normed inputs (B, T, C) per window
+        x_mlp = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen["mlp.gate_proj"]])  # (M, C)
+        x_down = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen["mlp.down_proj"]])  # (M, I)
+        x_o = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen["self_attn.o_proj"]])  # (M, C)
+        mean_abs = lambda x: torch.cat([t.reshape(-1, t.shape[-1]) for t in x]).abs().mean(dim=0) \
+            if isinstance(x, list) else x.abs().mean(dim=0)  # noqa: E731
+        g = lambda m: effective_group_size(m.in_features, config.group_size)  # noqa: E731
+        info: dict = {}
+        s_qkv = torch.ones(x_mlp.shape[-1])  # what q/k/v's input is divided by once folded
+        s_gu = torch.ones(x_mlp.shape[-1])
+
+        with torch.no_grad():
+            # 1. input_layernorm -> q, k, v, judged on the attention output.
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+            if all(n in linears for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
+                def attn_block():
+                    return torch.cat([attn(hidden_states=x, **_attn_kwargs(kwargs))[0] for x in x_attn])
+                ref = attn_block()
+                s, alpha, loss = search_scale(mean_abs(x_attn), qkv, attn_block, ref, config, [g(m) for m in qkv])
+                _fold(layer.input_layernorm.weight, qkv, s)
+                s_qkv = s
+                info["qkv_alpha"] = alpha
+            # 2. post_attention_layernorm -> gate, up, judged on the MLP output.
+            gu = [mlp.gate_proj, mlp.up_proj]
+            if all(n in linears for n in ("mlp.gate_proj", "mlp.up_proj")):
+                ref = mlp(x_mlp)
+                s, alpha, loss = search_scale(mean_abs(x_mlp), gu, lambda: mlp(x_mlp), ref, config, [g(m) for m in gu])
+                _fold(layer.post_attention_layernorm.weight, gu, s)
+                s_gu = s
+                info["gate_up_alpha"] = alpha
+            # 3. up -> down, judged on down_proj's output (the input seen by down is act(gate) * up / s).
+            if "mlp.down_proj" in linears and "mlp.up_proj" in linears:
+                dn = mlp.down_proj
+                ref = dn(x_down)
+                s, alpha, loss = search_scale(mean_abs(x_down), [dn], lambda: dn(x_down), ref, config, [g(dn)])
+                mlp.up_proj.weight.data /= s[:, None]  # rows of up = channels of down's input
+                dn.weight.data *= s[None, :]
+                x_down = x_down / s
+                info["down_alpha"] = alpha
+            # 4. clipping search, then RTN storage.
+            x_qkv = torch.cat([t.reshape(-1, t.shape[-1]) for t in x_attn]) / s_qkv  # (M, C)
+            xs = {"self_attn.v_proj": x_qkv, "self_attn.o_proj": x_o, "mlp.gate_proj": x_mlp / s_gu,
+                  "mlp.up_proj": x_mlp / s_gu, "mlp.down_proj": x_down}
+            gen = torch.Generator().manual_seed(i)
+            for n, m in linears.items():
+                w = m.weight.detach().float()
+                if config.clip and n not in NO_CLIP:
+                    x = xs[n]
+                    idx = torch.randperm(x.shape[0], generator=gen)[: config.clip_tokens]
+                    w = search_clip(w, x[idx].float(), config, g(m))
+                m.weight.data = w
+                layer.set_submodule(n, _store(m, config, g(m)))
+                report.layers[f"{prefix}.{i}.{n}"] = layer.get_submodule(n).spec()
+        info["seconds"] = time.perf_counter() - t0
+        stats[f"{prefix}.{i}"] = info
+
+    return process
+
+
+def _attn_kwargs(kwargs: dict) -> dict:
+    return {k: kwargs[k] for k in ("position_embeddings", "attention_mask", "position_ids") if k in kwargs}
+
+
+def _fold(norm_weight: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """``norm.weight /= s`` and ``W[:, j] *= s_j`` for every consumer: the product is unchanged."""
+    norm_weight.data /= s
+    for m in linears:
+        m.weight.data *= s[None, :]
+
+
+def _store(m: nn.Linear, config: AWQConfig, group_size: int) -> nn.Module:
+    if config.double_quant:
+        return DoubleQuantQLinear.from_float(m, config.bits, group_size, config.symmetric, config.fmt, config.kernel)
+    return WeightOnlyQLinear.from_float(m, config.bits, group_size, config.symmetric, config.fmt, config.kernel)
+
+
+@register_handler(AWQConfig)
+def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) -> QuantizeReport:
+    batches, source = lm_calibration(model, calibration_data, config.n_calib)
+    prefix = layer_prefix(model)
+    report = QuantizeReport()
+    stats: dict = {}
+    t0 = time.perf_counter()
+    process_layerwise(model, batches, make_awq_process(config, prefix, report, stats), desc=config.scheme)
+    report.extra["awq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats}
+    model.lowbit_calibration = calibration_info(batches, source)
+    return report
+
+
+def _bool(v) -> bool:
+    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+
+
+@register_scheme("awq", "AWQ weight-only: activation-aware channel scales folded into the norms + clipping "
+                 "search, decoder layers one at a time: --bits --group-size --symmetric/--affine; causal LMs only",
+                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+def _awq_scheme(options: dict) -> AWQConfig:
+    return AWQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
+                     symmetric=_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
