@@ -52,11 +52,16 @@ def register(app: typer.Typer) -> None:
                                      help="A saved lowbit model folder, or a model name: minilm, smollm2, digits."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
         quick: bool = typer.Option(False, "--quick", help="Fewer sentences/windows and repeats (for smoke tests)."),
+        kv_cache: str = typer.Option(None, "--kv-cache", help="causal LMs: run through an int8 | int4 KV cache"),
     ) -> None:
         """Evaluate a model: fidelity vs fp32 (cosine / perplexity+KL / accuracy), exact size, throughput."""
         from lowbit.analysis.evaluate import evaluate
 
         model = _load_target(target)
+        if kv_cache is not None:
+            from lowbit.nn.kv_cache import KVCacheLM
+
+            model = KVCacheLM(model, kv_cache)  # chunked forward through the quantized cache
         result = evaluate(model, quick=quick)
         if as_json:
             typer.echo(json.dumps(result))
