@@ -274,3 +274,41 @@ def test_metrics_docs_health(fp32_active):
     assert "/models/active" in schema["paths"] and "/v1/embeddings" in schema["paths"]
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["active"] == FP32_ID
+
+
+# ---- schemathesis: fuzz every operation of the service's own OpenAPI schema ------------------------
+
+FUZZ_EXAMPLES = 8  # per operation and mode: ~14 operations x 2 modes x 8 = ~220 requests, bounded time
+
+
+def test_schemathesis_no_server_errors(fp32_active):
+    """Positive and negative cases for every operation in /openapi.json, with the API key: no 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    service, client = fp32_active
+    schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
+    base_url = str(client.base_url).rstrip("/")
+    failures, calls, statuses = [], 0, set()
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def run(case):
+                nonlocal calls
+                calls += 1
+                r = case.call(base_url=base_url, headers=AUTH, timeout=120)
+                statuses.add(r.status_code)
+                if r.status_code >= 500:
+                    failures.append((op.label, mode.value, r.status_code, r.text[:300]))
+
+            try:
+                run()
+            except Unsatisfiable:  # no invalid input exists (an operation without parameters)
+                assert mode is schemathesis.GenerationMode.NEGATIVE, op.label
+    assert failures == [], failures[:5]
+    assert calls >= 14 and {200, 404, 422} <= statuses, statuses  # it reached handlers and validation
+    assert service.metrics.unexpected.value(type="RuntimeError") <= 1  # only the simulated one above
