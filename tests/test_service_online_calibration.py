@@ -131,3 +131,18 @@ def test_recalibrator_keeps_weights_and_changes_only_smoothing(server, minilm):
     assert not torch.equal(old_l.smooth_inv, new_l.smooth_inv)
     assert torch.allclose(old_l.dequantized_weight(), new_l.dequantized_weight(), atol=0.05)  # same W (+ rounding)
     assert torch.equal(old_l.smooth_inv, kept)  # the serving model is untouched
+
+
+def test_generic_requantize_recalibrator(server, minilm):
+    """The generic path (used for static W8A8): a fresh quantization of fp32 with the model's own config."""
+    from lowbit.nn import DynamicQLinear
+
+    service, _ = server
+    model = service.store.load(W8_ID)
+    new = oc.requantize(model, minilm, [eval_sentences(16)], lambda f, *a: f(*a))
+    assert new is not minilm and not any(isinstance(m, DynamicQLinear) for m in minilm.modules())
+    assert isinstance(new.get_submodule("bert.encoder.layer.0.attention.self.query"), DynamicQLinear)
+    s = eval_sentences(8)
+    cos = torch.nn.functional.cosine_similarity(new.encode(s), minilm.encode(s), dim=1)
+    assert float(cos.min()) > 0.99  # W8A8-dynamic floor on MiniLM (measured min ~0.997)
+    assert "w8a8-static" in oc.RECALIBRATORS

@@ -107,18 +107,26 @@ def recalibrate_w8a8_dynamic(model: nn.Module, reference: nn.Module, batches: li
     return new
 
 
-def _register_static() -> None:
-    """Static W8A8 (``lowbit.algorithms.static``), if present: recalibrate its activation observers."""
-    try:
-        from lowbit.algorithms import static  # noqa: F401
-    except ImportError:
-        return
-    fn = getattr(static, "recalibrate", None)
-    if fn is not None and "w8a8-static" not in RECALIBRATORS:
-        RECALIBRATORS["w8a8-static"] = lambda model, reference, batches, run: run(fn, model, batches)
+def requantize(model: nn.Module, reference: nn.Module, batches: list, run: Run) -> nn.Module:
+    """Generic recalibration: quantize a fresh copy of the fp32 reference with the serving model's own
+    config, calibrated on ``batches``. Right for any scheme whose calibration-dependent parameters come
+    from ``lowbit.quantize`` (static W8A8's activation ranges, SmoothQuant factors). It runs on the
+    calibration thread, beside the serving threads (the reference is private to it), so ``cpu_share``
+    bounds only its validation passes; per-scheme recalibrators that touch only the activation
+    parameters are cheaper (see :func:`recalibrate_w8a8_dynamic`)."""
+    import lowbit
+
+    config = getattr(model, "lowbit_config", None)
+    if config is None:
+        raise NothingToRecalibrate("the serving model has no lowbit config to requantize with")
+    fresh = copy.deepcopy(reference)
+    lowbit.quantize(fresh, config, batches)
+    return fresh
 
 
-_register_static()
+# Static W8A8 (``lowbit.algorithms.static``, config kind "w8a8-static"): its calibrated parameters are the
+# per-tensor activation ranges (and SmoothQuant factors); they are recomputed by requantizing from fp32.
+RECALIBRATORS["w8a8-static"] = requantize
 
 
 @dataclass
