@@ -32,6 +32,18 @@ from lowbit.observers import make_observer
 MODES = ("observe", "quantize", "float")
 
 
+@register_qmodule
+class FoldedBatchNorm(nn.Identity):
+    """Identity left where a BatchNorm was folded into the preceding layer (so ``lowbit.load`` rebuilds it)."""
+
+    def spec(self) -> dict:
+        return {"class": type(self).__name__}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "FoldedBatchNorm":
+        return cls()
+
+
 def act_qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     """Code range of an activation: ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` symmetric, ``[-2^(b-1), 2^(b-1) - 1]`` affine."""
     f = int_format(bits)
@@ -371,5 +383,5 @@ class StaticQConv2d(_StaticQBase):
                 f"a{self.act_bits} {'sym' if self.act_symmetric else 'affine'} static, kernel={self.kernel}")
 
 
-__all__ = ["ActQuantizer", "FakeQuantLinear", "FakeQuantConv2d", "StaticQLinear", "StaticQConv2d",
+__all__ = ["FoldedBatchNorm", "ActQuantizer", "FakeQuantLinear", "FakeQuantConv2d", "StaticQLinear", "StaticQConv2d",
            "quantize_activation", "im2col_int8", "act_qrange"]

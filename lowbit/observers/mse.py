@@ -18,11 +18,14 @@ SUBDIVIDE = 4  # evaluation points per histogram bin
 
 
 def fake_quantize_with_range(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt, symmetric: bool) -> torch.Tensor:
-    """``dequantize(quantize(v))`` for per-channel ranges lo, hi (C,) applied to v (C, n)."""
+    """``dequantize(quantize(v))`` for ranges lo, hi of shape (..., C) applied to v (C, n): (..., C, n)."""
     qp = qparams_from_range(lo, hi, fmt, symmetric)
-    scale = qp.scale[:, None]
-    zp = qp.zero_point[:, None].float() if qp.zero_point is not None else 0.0
+    scale = qp.scale[..., None]
+    zp = qp.zero_point[..., None].float() if qp.zero_point is not None else 0.0
     return (torch.round(v / scale) + zp).clamp(qp.qmin, qp.qmax).sub(zp).mul(scale)
+
+
+CHUNK_ELEMENTS = 1 << 22  # candidates evaluated together: bounded memory, few large ops
 
 
 class MSEObserver(HistogramObserver):
@@ -38,12 +41,14 @@ class MSEObserver(HistogramObserver):
         sub = SUBDIVIDE if self.hist.shape[0] == 1 else 1
         v = self.bin_centers(sub)  # (C, B * s)
         w = self.hist.repeat_interleave(sub, dim=1) / sub  # (C, B * s)
+        step = max(1, CHUNK_ELEMENTS // v.numel())
         out = []
-        for r in self.ratios:
-            lo, hi = self.ratio_range(float(r))
-            fq = fake_quantize_with_range(v, lo, hi, self.fmt, self.symmetric)
-            out.append(((v - fq) ** 2 * w).sum(dim=1))  # (C,)
-        return torch.stack(out)  # (R, C)
+        for i in range(0, len(self.ratios), step):
+            r = self.ratios[i:i + step, None]  # (r, 1)
+            lo, hi = self.ratio_range(r)  # (r, C)
+            fq = fake_quantize_with_range(v, lo, hi, self.fmt, self.symmetric)  # (r, C, B * s)
+            out.append(((v - fq) ** 2 * w).sum(dim=-1))  # (r, C)
+        return torch.cat(out)  # (R, C)
 
     def best_ratio(self) -> torch.Tensor:
         return self.ratios[self.errors().argmin(dim=0)]
