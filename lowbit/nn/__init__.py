@@ -4,6 +4,7 @@ from lowbit.nn.base import QMODULES, module_from_spec, register_qmodule
 from lowbit.nn.qembedding import QEmbedding
 from lowbit.nn.qlinear import DynamicQLinear, WeightOnlyQLinear, weight_format
 from lowbit.nn.double_quant import DoubleQuantQLinear  # noqa: E402  (registers for lowbit.load)
+from lowbit.nn.static import FoldedBatchNorm, StaticQConv2d, StaticQLinear  # noqa: E402  (registers for lowbit.load)
 
 __all__ = ["QMODULES", "module_from_spec", "register_qmodule", "DynamicQLinear", "WeightOnlyQLinear",
            "QEmbedding", "weight_format", "DoubleQuantQLinear"]
