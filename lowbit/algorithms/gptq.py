@@ -237,8 +237,11 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
     return report
 
 
-def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, stats: dict):
-    """The per-layer step of sequential GPTQ: Hessians from one float pass, solve, swap modules."""
+def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, stats: dict, wrap=None):
+    """The per-layer step of sequential GPTQ: Hessians from one float pass, solve, swap modules.
+
+    ``wrap(name, linear, codes, qparams, group_size) -> module`` builds the quantized module
+    (default: ``WeightOnlyQLinear``; the W/A presets pass one that builds ``WAQLinear``)."""
     from lowbit.algorithms.sequential import run_layer
 
     def selected(full: str) -> bool:
@@ -269,7 +272,10 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
             codes, qp, loss = hess[owner[n]].solve(
                 m.weight, config.format_name, config.symmetric, g, config.block_size, config.percdamp,
                 config.act_order, double_quant=config.double_quant)
-            new = wrap_quantized(m, codes, qp, g, config.kernel, config.double_quant)
+            if wrap is None:
+                new = wrap_quantized(m, codes, qp, g, config.kernel, config.double_quant)
+            else:
+                new = wrap(n, m, codes, qp, g)
             layer.set_submodule(n, new)
             name = f"{prefix}.{i}.{n}"
             report.layers[name] = new.spec()

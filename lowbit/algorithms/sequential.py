@@ -175,7 +175,10 @@ def smollm2_skeleton(folder: Path):
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError):  # a folder without tokenizer files (tests): calibration ids are given
+        tokenizer = None
     return CausalLM(lm.eval(), tokenizer).eval()
 
 

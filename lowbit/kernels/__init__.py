@@ -14,7 +14,7 @@ from typing import Callable
 
 from lowbit.errors import ConfigError
 from lowbit.kernels import xnor
-from lowbit.kernels import int8_dynamic, int8_mm, weight_only
+from lowbit.kernels import int8_dynamic, int8_mm, wa_int, weight_only
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ KERNELS: dict[str, dict[str, Callable]] = {
         "reference": weight_only.int4_weight_only_linear_ref,
         "fast": weight_only.int4_weight_only_linear,
         "example": weight_only.example_int4,
+    },
+    "wa_linear": {  # W{b}A{a} group-wise integer product (lowbit.nn.wa_linear)
+        "reference": wa_int.wa_linear_ref,
+        "fast": wa_int.wa_linear,
+        "example": wa_int.example_wa_linear,
     },
     "int8_mm": {
         "reference": int8_mm.int8_mm_ref,

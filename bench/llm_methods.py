@@ -1,0 +1,131 @@
+"""RTN vs GPTQ vs AWQ (and NF4 with / without double quantization) on SmolLM2-135M.
+
+    .venv/bin/python bench/llm_methods.py                 # every row (long on a shared 2-core box)
+    .venv/bin/python bench/llm_methods.py --only w4 --quick
+
+SmolLM2's weights were dequantized from Q4_1 (4-bit, blocks of 32, asymmetric), so 4-bit g32
+asymmetric RTN reproduces them almost exactly; methods are judged at **g128 symmetric**, 3-bit and
+2-bit. "g128" means 128 where the input width allows it (down_proj, 1536 inputs) and 64 for the
+576-wide q/k/v/o/gate/up inputs (576 is not a multiple of 128): the same for every method.
+Only decoder-layer linears are quantized (embeddings / tied LM head stay fp32, 28% of the weights).
+Calibration: 8 windows x 512 tokens of lowbit.data.lm_calib_text (disjoint from the eval text).
+Metrics: perplexity at context 512 on lm_eval_text, KL(fp32 || model) per token, exact size,
+quantization time (wall and CPU seconds: the machine is shared, CPU time is the steadier figure),
+and for GPTQ/AWQ the share of RTN's perplexity increase they remove.
+
+Writes bench/results/llm_methods.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._llm_common import CachedReference, Timer, machine, quiet, rtn_decoder, write_results  # noqa: E402
+
+# (row name, family, kwargs); family "rtn" | "gptq" | "awq"
+ROWS = [
+    ("RTN W4 g128 sym", "rtn", dict(bits=4, group_size=128, symmetric=True)),
+    ("GPTQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True)),
+    ("AWQ W4 g128 sym", "awq", dict(bits=4, group_size=128, symmetric=True)),
+    ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
+    ("GPTQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True)),
+    ("AWQ W3 g128 sym", "awq", dict(bits=3, group_size=128, symmetric=True)),
+    ("RTN W2 g64 asym", "rtn", dict(bits=2, group_size=64, symmetric=False)),
+    ("GPTQ W2 g64 asym", "gptq", dict(bits=2, group_size=64, symmetric=False)),
+    ("AWQ W2 g64 asym", "awq", dict(bits=2, group_size=64, symmetric=False)),
+    ("RTN NF4 g64", "rtn", dict(bits=4, group_size=64, fmt="nf4")),
+    ("RTN NF4 g64 + double quant", "rtn", dict(bits=4, group_size=64, fmt="nf4", double_quant=True)),
+    ("GPTQ NF4 g64 + double quant", "gptq", dict(bits=4, group_size=64, fmt="nf4", double_quant=True)),
+]
+
+
+def quantize_row(fp, family: str, kw: dict, n_calib: int):
+    import lowbit
+    from lowbit.algorithms.awq import AWQConfig
+    from lowbit.algorithms.gptq import GPTQConfig
+
+    model = copy.deepcopy(fp)
+    with Timer() as t:
+        if family == "rtn":
+            rtn_decoder(model, **kw)
+        elif family == "gptq":
+            lowbit.quantize(model, GPTQConfig(n_calib=n_calib, **kw))
+        else:
+            lowbit.quantize(model, AWQConfig(n_calib=n_calib, **kw))
+    return model, t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="substring filter on row names, e.g. 'W4'")
+    ap.add_argument("--quick", action="store_true", help="2 eval windows instead of all")
+    ap.add_argument("--calib", type=int, default=8, help="calibration windows of 512 tokens")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded box)")
+    args = ap.parse_args()
+    quiet()
+    torch.set_num_threads(args.threads)
+    from lowbit.analysis.evaluate import evaluate
+    from lowbit.models import load_model
+
+    fp = load_model("smollm2")
+    ref = CachedReference(fp)
+    base = evaluate(fp, ref, quick=args.quick)
+    rows = [{"name": "fp32", **base, "quant_wall_s": 0.0, "quant_cpu_s": 0.0}]
+    meta = {"machine": machine(), "calib_windows": args.calib, "quick": args.quick}
+    for name, family, kw in ROWS:
+        if args.only and args.only.lower() not in name.lower():
+            continue
+        print(f"... {name}", flush=True)
+        model, t = quantize_row(fp, family, kw, args.calib)
+        r = evaluate(model, ref, quick=args.quick)
+        rows.append({"name": name, "family": family, **kw, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu})
+        print(f"    ppl {r['ppl']:.3f}  kl {r['kl']:.4f}  {r['size_mb']:.1f} MB  {t.wall:.0f} s wall / "
+              f"{t.cpu:.0f} s CPU", flush=True)
+        del model
+        write_results("llm_methods", rows, render(rows, meta), meta)  # partial results survive a cut-off
+    meta["machine_end"] = machine()
+    md = render(rows, meta)
+    write_results("llm_methods", rows, md, meta)
+    print(md)
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    fp = rows[0]
+    rtn_by_setting = {}
+    for r in rows:
+        if r.get("family") == "rtn":
+            rtn_by_setting[r["name"].replace("RTN ", "").replace(" + double quant", "")] = r
+    out = ["# SmolLM2-135M: RTN vs GPTQ vs AWQ (weight-only, decoder linears)", "",
+           "Judged at **g128 symmetric / 3-bit / 2-bit** because SmolLM2 came from a Q4_1 (4-bit g32 asym) grid. "
+           "g128 = 128 on down_proj, 64 on the 576-wide inputs (576 % 128 != 0), identical for all methods. "
+           "Embeddings / tied LM head fp32. Calibration: "
+           f"{meta['calib_windows']} x 512 tokens of lm_calib_text; eval: ppl @512 on lm_eval_text"
+           f"{' (quick: 2 windows)' if meta.get('quick') else ''}.", "",
+           "| method | ppl | Δppl vs fp32 | share of RTN's Δppl removed | KL | MB | bits/w | quantize wall s | CPU s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dppl = r["ppl"] / fp["ppl"] - 1
+        share = ""
+        if r.get("family") in ("gptq", "awq"):
+            key = r["name"].split(" ", 1)[1].replace(" + double quant", "")
+            rtn = rtn_by_setting.get(key)
+            if rtn is not None and rtn["ppl"] > fp["ppl"]:
+                share = f"{100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - fp['ppl']):.0f}%"
+        out.append(f"| {r['name']} | {r['ppl']:.3f} | {100 * dppl:+.2f}% | {share} | {r.get('kl', 0):.4f} | "
+                   f"{r['size_mb']:.1f} | {r['bits_per_weight']:.2f} | {r['quant_wall_s']:.0f} | {r['quant_cpu_s']:.0f} |")
+    m = meta["machine"]
+    out += ["", f"Machine: {m['cores']} cores, torch threads {m['torch_threads']}, load average at start "
+            f"{m['loadavg_1_5_15']}{', at end ' + str(meta['machine_end']['loadavg_1_5_15']) if 'machine_end' in meta else ''}"
+            " (shared with other engineers' jobs: wall times are inflated; CPU s is the steadier figure).", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The seed notes' weight/activation presets (MISSION F.19) as named schemes.
+
+| preset | weights | activations | meant as |
+|---|---|---|---|
+| ``w8a8`` | int8 per channel | int8 per token | conservative |
+| ``w4a8`` | int4 g128 symmetric (GPTQ on causal LMs) | int8 per token | moderate |
+| ``w4a4`` | int4 g128 symmetric (GPTQ on causal LMs) | int4 per token | aggressive |
+| ``w2a8`` | int2 g64 affine (GPTQ on causal LMs) | int8 per token | ultra |
+
+Every preset applies SmoothQuant first (alpha 0.5, folded into the norms on Llama) and leaves
+embeddings and the LM head in float. ``bench/presets.py`` prints the trade-off table.
+"""
+
+from __future__ import annotations
+
+from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, WAConfig
+from lowbit.config import register_scheme
+
+PRESETS = {
+    "w8a8": dict(weight_bits=8, act_bits=8, group_size=0, symmetric=True),
+    "w4a8": dict(weight_bits=4, act_bits=8, group_size=128, symmetric=True),
+    "w4a4": dict(weight_bits=4, act_bits=4, group_size=128, symmetric=True),
+    "w2a8": dict(weight_bits=2, act_bits=8, group_size=64, symmetric=False),
+}
+
+
+def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method: str = "auto",
+                  kernel: str = "auto") -> WAConfig:
+    return WAConfig(**PRESETS[name], alpha=alpha, weight_method=weight_method, kernel=kernel, name=name)
+
+
+def _register(name: str, help: str) -> None:
+    @register_scheme(name, help, options=("alpha", "kernel"))
+    def build(options: dict) -> WAConfig:
+        alpha = options.get("alpha", DEFAULT_ALPHA)
+        return preset_config(name, None if alpha in (None, "none") else float(alpha),
+                             kernel=options.get("kernel", "auto"))
+
+
+_register("w8a8", "preset W8A8 (conservative): SmoothQuant + int8 weights per channel x int8 activations per token")
+_register("w4a8", "preset W4A8 (moderate): SmoothQuant + int4 g128 weights (GPTQ on LLMs) x int8 activations")
+_register("w4a4", "preset W4A4 (aggressive): SmoothQuant + int4 g128 weights (GPTQ on LLMs) x int4 activations")
+_register("w2a8", "preset W2A8 (ultra): SmoothQuant + int2 g64 affine weights (GPTQ on LLMs) x int8 activations")

@@ -1,0 +1,197 @@
+"""SmoothQuant for LLMs (Xiao et al. 2023) and the weight/activation presets built on it.
+
+Activations of LLMs have a few outlier channels that ruin per-token int8; SmoothQuant divides
+channel ``j`` of the activation by ``s_j = a_j^alpha / w_j^(1-alpha)`` (``smoothing.py``) and
+multiplies the weights' input column ``j`` by it. On a Llama decoder (pre-norm) the division is
+folded away exactly, so smoothing costs nothing at run time:
+
+- q/k/v read ``RMSNorm(x) = g * x_hat``: ``g /= s`` (one ``s`` for the three, from their stacked weights);
+- gate/up read the post-attention RMSNorm: same fold;
+- down_proj reads ``silu(gate) * up``: the rows of up_proj are divided by ``s`` (elementwise product);
+- o_proj reads the attention output; with grouped-query attention v_proj has fewer rows than o_proj
+  has inputs, so its ``1 / s`` stays in the module (``smooth_inv``, one multiply per input).
+
+The residual stream itself is never rescaled. Then every decoder linear gets integer weights and
+per-token integer activations: ``DynamicQLinear`` for W8A8 (the ``smoothquant`` scheme), otherwise
+``WAQLinear`` with b-bit group-wise weights from RTN or GPTQ (the presets in ``presets.py``).
+Non-Llama models (MiniLM) get the same recipe with every smoothing factor kept in the module.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.algorithms._calib import calibration_info, default_calibration
+from lowbit.algorithms._llm import decoder_layers, effective_group_size, layer_prefix, lm_calibration
+from lowbit.algorithms._swap import Skip, swap_modules
+from lowbit.algorithms.smoothing import input_absmax, smoothing_factors
+from lowbit.api import QuantizeReport, register_handler, select_modules
+from lowbit.config import BaseConfig, register_config, register_scheme
+from lowbit.errors import ConfigError
+from lowbit.nn import DynamicQLinear
+from lowbit.nn.wa_linear import ACT_BITS, WEIGHT_BITS, WAQLinear
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHA = 0.5  # the paper's default migration strength for most LLMs
+WEIGHT_METHODS = ("rtn", "gptq", "auto")  # auto = GPTQ on causal LMs, RTN elsewhere
+
+
+@register_config("wa")
+@dataclass(frozen=True)
+class WAConfig(BaseConfig):
+    """Weights ``weight_bits`` (per group / channel) x activations ``act_bits`` per token, SmoothQuant first."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    group_size: int = 0  # 0 = per output channel
+    symmetric: bool = True
+    alpha: float | None = DEFAULT_ALPHA  # None = no smoothing
+    weight_method: str = "rtn"
+    n_calib: int | None = None
+    name: str | None = None  # the preset's name, for tables and metadata
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        if self.weight_bits not in WEIGHT_BITS or self.act_bits not in ACT_BITS:
+            raise ConfigError(f"weight bits must be in {WEIGHT_BITS} and activation bits in {ACT_BITS}, "
+                              f"got W{self.weight_bits}A{self.act_bits}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise ConfigError(f"alpha must be in [0, 1] or None, got {self.alpha}")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ConfigError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
+        if self.group_size < 0:
+            raise ConfigError(f"group_size must be >= 0, got {self.group_size}")
+
+    @property
+    def scheme(self) -> str:
+        if self.name:
+            return self.name
+        gran = f"g{self.group_size}" if self.group_size else "pc"
+        return f"w{self.weight_bits}a{self.act_bits}-{gran}{'-sq' if self.alpha is not None else ''}"
+
+
+def _is_w8a8(config: WAConfig, g: int) -> bool:
+    return config.weight_bits == 8 and config.act_bits == 8 and g == 0 and config.symmetric
+
+
+# ------------------------------------------------------------------------------- Llama path
+
+
+def fold_llama_smoothing(model: nn.Module, batches: list, alpha: float) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant factors into RMSNorms / up_proj; returns the o_proj factors to keep in modules."""
+    prefix = layer_prefix(model)
+    layers = decoder_layers(model)
+    watch = {}
+    for i, layer in enumerate(layers):
+        watch[f"{prefix}.{i}.self_attn.q_proj"] = layer.self_attn.q_proj
+        watch[f"{prefix}.{i}.self_attn.o_proj"] = layer.self_attn.o_proj
+        watch[f"{prefix}.{i}.mlp.gate_proj"] = layer.mlp.gate_proj
+        watch[f"{prefix}.{i}.mlp.down_proj"] = layer.mlp.down_proj
+    stats = input_absmax(model, watch, batches)
+    keep = {}
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            a, mlp = layer.self_attn, layer.mlp
+            qkv = [a.q_proj, a.k_proj, a.v_proj]
+            s = smoothing_factors(stats[f"{prefix}.{i}.self_attn.q_proj"], torch.cat([m.weight for m in qkv]), alpha)
+            layer.input_layernorm.weight /= s
+            for m in qkv:
+                m.weight *= s
+            gu = [mlp.gate_proj, mlp.up_proj]
+            s = smoothing_factors(stats[f"{prefix}.{i}.mlp.gate_proj"], torch.cat([m.weight for m in gu]), alpha)
+            layer.post_attention_layernorm.weight /= s
+            for m in gu:
+                m.weight *= s
+            s = smoothing_factors(stats[f"{prefix}.{i}.mlp.down_proj"], mlp.down_proj.weight, alpha)
+            mlp.up_proj.weight /= s[:, None]
+            mlp.down_proj.weight *= s
+            keep[f"{prefix}.{i}.self_attn.o_proj"] = smoothing_factors(
+                stats[f"{prefix}.{i}.self_attn.o_proj"], a.o_proj.weight, alpha)
+    return keep
+
+
+def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> QuantizeReport:
+    batches, source = lm_calibration(model, calibration_data, config.n_calib)
+    keep = fold_llama_smoothing(model, batches, config.alpha) if config.alpha is not None else {}
+    method = "gptq" if config.weight_method in ("gptq", "auto") else "rtn"
+    report = QuantizeReport()
+    t0 = time.perf_counter()
+    if method == "gptq" and not (config.weight_bits == 8 and config.group_size == 0):
+        from lowbit.algorithms.gptq import GPTQConfig, check_enough_tokens, make_gptq_process
+        from lowbit.algorithms.sequential import process_layerwise
+
+        widest = max(m.in_features for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm.lm_head)
+        check_enough_tokens(batches, widest, batches[0].shape[-1])
+        gcfg = GPTQConfig(bits=config.weight_bits, group_size=config.group_size, symmetric=config.symmetric,
+                          include=config.include, exclude=config.exclude)
+
+        def wrap(name, linear, codes, qp, g):  # o_proj: GPTQ saw unsmoothed inputs, so no smoothing there
+            return WAQLinear.from_quantized(linear, codes, qp, g, config.act_bits, None, config.kernel)
+
+        stats: dict = {}
+        process_layerwise(model, batches, make_gptq_process(gcfg, layer_prefix(model), report, stats, wrap),
+                          desc=config.scheme)
+        report.extra["gptq"] = {"layers": stats}
+    else:
+        prefix = layer_prefix(model) + "."
+
+        def convert(name: str, m: nn.Linear):
+            if not name.startswith(prefix):
+                raise Skip("outside the decoder layers (LM head kept in float)")
+            g = effective_group_size(m.in_features, config.group_size)
+            if _is_w8a8(config, g):
+                return DynamicQLinear.from_float(m, config.kernel, keep.get(name))
+            return WAQLinear.from_float(m, config.weight_bits, g, config.symmetric, config.act_bits,
+                                        keep.get(name), config.kernel)
+
+        swap_modules(model, config, (nn.Linear,), convert, report)
+    report.extra["wa"] = {"seconds": time.perf_counter() - t0, "weight_method": method, "alpha": config.alpha}
+    model.lowbit_calibration = calibration_info(batches, source)
+    return report
+
+
+# ----------------------------------------------------------------------------- generic path
+
+
+def _quantize_generic(model: nn.Module, config: WAConfig, calibration_data) -> QuantizeReport:
+    smooth = {}
+    if config.alpha is not None:
+        batches = list(calibration_data) if calibration_data is not None else default_calibration(model)
+        source = "user" if calibration_data is not None else f"lowbit.data default for {model.model_name}"
+        layers = dict(select_modules(model, (nn.Linear,), config.include, config.exclude))
+        stats = input_absmax(model, layers, batches)
+        smooth = {n: smoothing_factors(stats[n], layers[n].weight, config.alpha) for n in layers if n in stats}
+        model.lowbit_calibration = calibration_info(batches, source)
+
+    def convert(name: str, m: nn.Linear):
+        g = effective_group_size(m.in_features, config.group_size)
+        if _is_w8a8(config, g):
+            return DynamicQLinear.from_float(m, config.kernel, smooth.get(name))
+        return WAQLinear.from_float(m, config.weight_bits, g, config.symmetric, config.act_bits, smooth.get(name),
+                                    config.kernel)
+
+    return swap_modules(model, config, (nn.Linear,), convert)
+
+
+@register_handler(WAConfig)
+def _quantize_wa(model: nn.Module, config: WAConfig, calibration_data=None) -> QuantizeReport:
+    try:
+        decoder_layers(model)
+    except ConfigError:
+        return _quantize_generic(model, config, calibration_data)
+    return _quantize_llama(model, config, calibration_data)
+
+
+@register_scheme("smoothquant", "SmoothQuant W8A8: outlier channels migrated into the weights (folded into the "
+                 "RMSNorms on Llama) then int8 weights per channel x int8 activations per token: --alpha",
+                 options=("alpha", "kernel"))
+def _smoothquant_scheme(options: dict) -> WAConfig:
+    alpha = options.get("alpha", DEFAULT_ALPHA)
+    return WAConfig(alpha=None if alpha in (None, "none") else float(alpha), kernel=options.get("kernel", "auto"),
+                    name="smoothquant-w8a8")
