@@ -93,11 +93,21 @@ def test_quantize_front_door_include_exclude_and_report():
     assert "3" in model.lowbit_report.skipped  # the conv stays float, with its reason
 
 
-def test_indivisible_layer_left_in_float_with_reason():
-    model = nn.Sequential(nn.Linear(128, 16), nn.Linear(16, 8))
-    lowbit.quantize(model, WeightOnlyConfig(bits=4, group_size=128))
-    assert isinstance(model[0], WeightOnlyQLinear) and isinstance(model[1], nn.Linear)
-    assert "divisible" in model.lowbit_report.skipped["1"]
+@pytest.mark.parametrize("sym", [True, False])
+def test_ragged_last_group_equals_zero_padding(sym):
+    """K = 576 at g128 (SmolLM2): the last group has 64 columns; same codes as padding W with zeros."""
+    torch.manual_seed(0)
+    lin = nn.Linear(576, 32)
+    m = WeightOnlyQLinear.from_float(lin, 4, 128, sym)
+    assert m.scale.shape == (32, 5)
+    wp = torch.nn.functional.pad(lin.weight.detach(), (0, 64))
+    qp = choose_qparams(wp, m.qparams().fmt, sym, per_group(128))
+    qp.scale = qp.scale.half().float()
+    assert torch.equal(m.codes(), quantize(wp, qp)[:, :576])
+    x = torch.randn(5, 576)
+    assert m._fast_support()[0] == "int4_weight_only_linear"
+    assert sqnr_db(_reference(m)(x), m(x)) > FAST_VS_REF_SQNR_DB
+    assert sqnr_db(lin(x), m(x)) > 15
 
 
 def test_no_matching_layer_is_an_error():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lowbit.algorithms._swap import Skip, swap_modules
+from lowbit.algorithms._swap import swap_modules
 from lowbit.api import register_handler
 from lowbit.config import BaseConfig, register_config, register_scheme
 from lowbit.core import get_format
@@ -52,8 +52,6 @@ class WeightOnlyConfig(BaseConfig):
 @register_handler(WeightOnlyConfig)
 def _quantize_weight_only(model: nn.Module, config: WeightOnlyConfig, calibration_data=None):
     def convert(name: str, m: nn.Linear):
-        if config.group_size and m.in_features % config.group_size:
-            raise Skip(f"in_features {m.in_features} not divisible by group_size {config.group_size}")
         return WeightOnlyQLinear.from_float(m, config.bits, config.group_size, config.symmetric, config.fmt,
                                             config.kernel)
 

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,9 +100,12 @@ def weight_format(bits: int, symmetric: bool, fmt: str | None = None) -> str:
 class WeightOnlyQLinear(nn.Module):
     """``y = x @ dequant(W)^T + b`` with ``W`` stored packed at its format's bit width.
 
-    ``group_size = 0`` means per output channel. Persistent buffers: ``qweight`` (packed uint8),
-    ``scale`` (fp16, (N,) or (N, K/g)), ``zero_point`` (int8/uint8, affine only). Fast kernels use
-    a derived layout built on first use and never saved.
+    ``group_size = 0`` means per output channel. When ``K`` is not a multiple of ``group_size`` the
+    last group is shorter (SmolLM2's K = 576 at g128: four groups of 128 and one of 64); this is
+    computed exactly as zero-padding ``W`` to a multiple of g, since a zero never changes a group's
+    absmax nor its [min(x, 0), max(x, 0)] range. Persistent buffers: ``qweight`` (packed uint8 codes
+    of the (N, K) weight), ``scale`` (fp16, (N,) or (N, ceil(K/g))), ``zero_point`` (int8/uint8,
+    affine only). Fast kernels use a derived layout built on first use and never saved.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "int4",
@@ -109,7 +114,7 @@ class WeightOnlyQLinear(nn.Module):
         f = get_format(fmt)
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size, self.symmetric, self.kernel = f.name, group_size, symmetric, kernel
-        n_groups = in_features // group_size if group_size else None
+        n_groups = -(-in_features // group_size) if group_size else None  # ceil: a ragged last group
         pshape = (out_features,) if not group_size else (out_features, n_groups)
         self.register_buffer("qweight", torch.zeros(packed_nbytes(in_features * out_features, f.storage_bits),
                                                     dtype=torch.uint8))
@@ -126,6 +131,12 @@ class WeightOnlyQLinear(nn.Module):
     def granularity(self):
         return per_group(self.group_size) if self.group_size else per_channel(0)
 
+    @property
+    def padded_in_features(self) -> int:
+        """K rounded up to a whole number of groups (the shape the group math runs on)."""
+        g = self.group_size
+        return -(-self.in_features // g) * g if g else self.in_features
+
     def qparams(self) -> QParams:
         f = get_format(self.fmt)
         scale = self.scale.float()
@@ -140,7 +151,10 @@ class WeightOnlyQLinear(nn.Module):
     @classmethod
     def from_quantized(cls, linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int,
                        kernel: str = "auto") -> "WeightOnlyQLinear":
-        """Wrap codes (N, K) and qparams computed by any method (RTN, GPTQ, AWQ)."""
+        """Wrap codes (N, K) and qparams computed by any method (RTN, GPTQ, AWQ).
+
+        ``qp.scale`` (and ``qp.zero_point``) have shape (N,) per channel or (N, ceil(K / group_size)).
+        """
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, qp.fmt.name, group_size,
                 qp.zero_point is None, kernel)
         f = qp.fmt
@@ -158,10 +172,12 @@ class WeightOnlyQLinear(nn.Module):
         """Round-to-nearest. Scales are stored in fp16, so they are rounded to fp16 before the codes."""
         name = weight_format(bits, symmetric, fmt)
         w = linear.weight.detach().float()
+        k = w.shape[1]
         gran = per_group(group_size) if group_size else per_channel(0)
-        qp = choose_qparams(w, name, symmetric, gran)
+        wp = F.pad(w, (0, (-k) % group_size)) if group_size else w  # (N, ceil(K/g) * g), zeros appended
+        qp = choose_qparams(wp, name, symmetric, gran)
         qp.scale = qp.scale.to(torch.float16).float()
-        return cls.from_quantized(linear, quantize(w, qp), qp, group_size, kernel)
+        return cls.from_quantized(linear, quantize(wp, qp)[:, :k], qp, group_size, kernel)
 
     def spec(self) -> dict:
         return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
@@ -179,7 +195,17 @@ class WeightOnlyQLinear(nn.Module):
         return unpack(self.qweight, f.storage_bits, (self.out_features, self.in_features), signed=signed)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.codes(), self.qparams())
+        """The float weight (N, K) the codes represent (padded to whole groups, then cut back to K)."""
+        codes = self.codes()
+        pad = self.padded_in_features - self.in_features
+        if pad:
+            codes = F.pad(codes, (0, pad))  # (N, ceil(K/g) * g); the pad columns are discarded below
+        return dequantize(codes, self.qparams())[:, : self.in_features]
+
+    def _kernel_group(self) -> int:
+        """The int4 kernel's group: the largest supported size dividing both K and our group size."""
+        span = math.gcd(self.group_size, self.in_features) if self.group_size else self.in_features
+        return next((g for g in reversed(weight_only.INT4_GROUP_SIZES) if span % g == 0), 0)
 
     def _fast_support(self) -> tuple[str | None, str]:
         """Which fast kernel applies to this layer, or why none does."""
@@ -190,10 +216,8 @@ class WeightOnlyQLinear(nn.Module):
             if self.symmetric and not self.group_size:
                 return "int8_weight_only_linear", ""
             return None, "int8 fast kernel needs symmetric per-channel weights"
-        g = self.group_size or next((g for g in reversed(weight_only.INT4_GROUP_SIZES)
-                                     if self.in_features % g == 0), 0)
-        if g not in weight_only.INT4_GROUP_SIZES or self.in_features % g:
-            return None, f"int4 kernel needs group size in {weight_only.INT4_GROUP_SIZES}"
+        if not self._kernel_group():
+            return None, f"int4 kernel needs K and the group size divisible by one of {weight_only.INT4_GROUP_SIZES}"
         return "int4_weight_only_linear", ""
 
     def _prepare(self) -> None:
@@ -208,12 +232,16 @@ class WeightOnlyQLinear(nn.Module):
         if op == "int8_weight_only_linear":
             self._fast = (codes.contiguous(), self.scale.to(torch.bfloat16))
             return
-        g = self.group_size or next(g for g in reversed(weight_only.INT4_GROUP_SIZES) if self.in_features % g == 0)
+        g = self._kernel_group()
+        n_kernel_groups = self.in_features // g
         scale, zp = self.scale.float(), self.zero_point
-        if not self.group_size:  # per channel: repeat the channel's scale over every kernel group
-            reps = self.in_features // g
-            scale = scale[:, None].expand(-1, reps)
-            zp = None if zp is None else zp[:, None].expand(-1, reps)
+        if not self.group_size:  # per channel: one scale for every kernel group of the row
+            scale = scale[:, None]
+            zp = None if zp is None else zp[:, None]
+        # Each of our groups spans group_size / g kernel groups; the ragged tail is cut off.
+        reps = (self.group_size // g) if self.group_size else n_kernel_groups
+        scale = scale.repeat_interleave(reps, dim=1)[:, :n_kernel_groups]  # (N, K / g)
+        zp = None if zp is None else zp.repeat_interleave(reps, dim=1)[:, :n_kernel_groups]
         self._fast = (*weight_only.int4_kernel_params(codes, scale, zp, g), g)
 
     def _load_from_state_dict(self, *args, **kwargs):
