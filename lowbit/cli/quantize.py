@@ -75,6 +75,9 @@ def register(app: typer.Typer) -> None:
         kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache quantization for generation: int8 | int4"),
         no_eval: bool = typer.Option(False, "--no-eval", help="skip the fp32-vs-quantized measurement"),
         quick: bool = typer.Option(False, "--quick", help="measure on fewer samples (faster, noisier)"),
+        compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                                help="measure the quantized model under torch.compile "
+                                                     "(default: on for encoders)"),
         as_json: bool = typer.Option(False, "--json", help="print the measured rows as JSON"),
     ) -> None:
         """Quantize MODEL with SCHEME, print size / speed / fidelity against fp32, save to --out."""
@@ -118,7 +121,15 @@ def register(app: typer.Typer) -> None:
 
             log.info("measuring fp32 and %s (use --no-eval to skip)", config.scheme)
             rows.append(evaluate(fp32, fp32, quick=quick))
-            rows.append(evaluate(qmodel, fp32, quick=quick))
+            use_compile = compile_ if compile_ is not None else getattr(qmodel, "task", "") == "encoder"
+            measured = qmodel
+            if use_compile:
+                from lowbit.kernels.compile import compiled
+
+                log.info("compiling the quantized model for measurement (first batches are slow)")
+                measured = compiled(qmodel)
+            rows.append(evaluate(measured, fp32, quick=quick))
+            rows[-1]["compiled"] = bool(use_compile)
             fidelity = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float, str))}
         if out is not None:
             lowbit.save(qmodel, out, fidelity=fidelity, overwrite=force)
