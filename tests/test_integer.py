@@ -116,3 +116,60 @@ def test_integer_cnn_accuracy_matches_the_fake_quant_model(integer_cnn, digits_d
         acc_int = 100.0 * float((icnn(x).argmax(1) == y).float().mean())
         acc_fake = 100.0 * float((fake(x).argmax(1) == y).float().mean())
     assert abs(acc_int - acc_fake) <= INT_CNN_MAX_GAP_PT, (acc_int, acc_fake)
+
+
+# ----------------------------------------------------------------------------------- I-BERT ops
+
+from lowbit.integer.ibert import i_exp, i_gelu, i_layernorm, i_softmax, i_sqrt, layernorm_constants  # noqa: E402
+
+GELU_MAX_ABS_ERR = 0.03  # I-BERT's 2nd-order erf polynomial: ~0.018 in float, plus input rounding
+EXP_MAX_REL_ERR = 0.01  # the exp polynomial on (-ln2, 0] is within ~0.4%; shifts are exact
+SOFTMAX_MAX_ABS_ERR = 1.5 / 127 + 0.005  # output rounding to 1/127 plus the exp error
+LAYERNORM_MAX_ABS_ERR = 0.01  # 12 fractional bits and 14-bit gamma
+
+
+def test_i_gelu_tracks_float_gelu():
+    s = 0.002
+    x = torch.linspace(-6, 6, 4001)
+    q = torch.round(x / s).to(torch.int64)
+    out, s_out = i_gelu(q, s)
+    assert out.dtype == torch.int64
+    err = (out.double() * s_out - torch.nn.functional.gelu(q.double() * s)).abs().max()
+    assert err <= GELU_MAX_ABS_ERR, float(err)
+
+
+def test_i_exp_and_i_softmax_track_float():
+    s = 0.001
+    q = torch.arange(-20000, 1, 7, dtype=torch.int64)  # x in [-20, 0]
+    e, s_e = i_exp(q, s)
+    ref = torch.exp(q.double() * s)
+    rel = ((e.double() * s_e - ref).abs() / ref.clamp(min=1e-3)).max()
+    assert rel <= EXP_MAX_REL_ERR, float(rel)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 6, 33, generator=g) * 4
+    mask = torch.ones(4, 1, 33, dtype=torch.bool)
+    mask[1, :, 20:] = False
+    qs = torch.round(scores / s).to(torch.int64)
+    p = i_softmax(qs, s, mask)
+    ref = torch.softmax((qs.double() * s).masked_fill(~mask, float("-inf")), dim=-1)
+    assert p.min() >= 0 and p.max() <= 127 and bool((p[1, :, 20:] == 0).all())
+    assert float((p.double() / 127 - ref).abs().max()) <= SOFTMAX_MAX_ABS_ERR
+
+
+def test_i_sqrt_is_exact_floor_sqrt():
+    n = torch.cat([torch.arange(0, 5000), torch.randint(0, 2**52, (5000,), generator=torch.Generator().manual_seed(1))])
+    r = i_sqrt(n)
+    assert bool(((r * r <= n) & ((r + 1) * (r + 1) > n)).all())
+
+
+def test_i_layernorm_tracks_float_layernorm():
+    g = torch.Generator().manual_seed(2)
+    c = 384
+    x = torch.randn(5, 7, c, generator=g) * 3 + torch.linspace(-2, 2, c)
+    x[..., 7] *= 20  # an outlier channel, as in BERT hidden states
+    gamma, beta = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g) * 0.1
+    s = float(x.abs().max()) / 2**20
+    k = layernorm_constants(gamma, beta, s, eps=1e-12)
+    out = i_layernorm(torch.round(x / s).to(torch.int64), **k)
+    ref = torch.nn.functional.layer_norm(x, (c,), gamma, beta, eps=1e-12)
+    assert float((out.double() * k["scale"] - ref).abs().max()) <= LAYERNORM_MAX_ABS_ERR
