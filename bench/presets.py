@@ -38,7 +38,7 @@ def configs(model_name: str):
     return rows
 
 
-def run(model_name: str, full: bool, calib: int) -> list[dict]:
+def run(model_name: str, full: bool, calib: int, save=lambda rows: None) -> list[dict]:
     import lowbit
     from lowbit.algorithms._calib import default_calibration
     from lowbit.analysis.evaluate import evaluate
@@ -57,6 +57,7 @@ def run(model_name: str, full: bool, calib: int) -> list[dict]:
         rows.append({"model": model_name, "name": name, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu})
         print({k: r.get(k) for k in ("ppl", "kl", "cos_mean", "cos_min", "size_mb")}, flush=True)
         del m
+        save(rows)  # partial results survive a cut-off
     return rows
 
 
@@ -100,8 +101,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     meta = {"machine": machine(), "full": args.full}
     rows = []
+    if args.model != "both":  # keep the other model's rows from an earlier run
+        import json
+
+        from bench._llm_common import RESULTS
+
+        old = RESULTS / "presets.json"
+        if old.is_file():
+            rows = [r for r in json.loads(old.read_text())["rows"] if r["model"] != args.model]
     for model in (("minilm", "smollm2") if args.model == "both" else (args.model,)):
-        rows += run(model, args.full, args.calib)
+        done = list(rows)
+        rows += run(model, args.full, args.calib, lambda rs: write_results("presets", done + rs, render(done + rs, meta), meta))
         write_results("presets", rows, render(rows, meta), meta)
     md = render(rows, meta)
     write_results("presets", rows, md, meta)
