@@ -154,7 +154,7 @@ def _train(rank: int, world: int, method: str, seed: int, data, make_model, reci
     wall, wire = time.perf_counter() - t0, _wchar() - w0
     model.eval()
     with torch.no_grad():
-        acc = float((model(x_test).argmax(1) == y_test).float().mean())
+        acc = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)  # exact fraction, no float32 mean
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return {"rank": rank, "steps": steps, "wall_s": wall, "wire_bytes": wire, "accuracy": acc,
@@ -218,7 +218,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "ratio": fp32 / bytes_per_step if counted is not None else (base_wire / wire if base_wire else None),
                 "wire_ratio": base_wire / wire if base_wire else None,
                 "accuracy": statistics.mean(accs), "accuracy_per_seed": accs,
-                "accuracy_delta_pt": 100 * (statistics.mean(accs) - base_acc) if base_acc is not None else None,
+                "accuracy_delta_pt": round(100 * (statistics.mean(accs) - base_acc), 3) + 0.0 if base_acc is not None else None,
                 "ranks_identical": all(r["ranks_identical"] for r in rs),
                 "wall_s": statistics.mean(r["wall_s"] for r in rs), "steps": rs[0]["steps"],
                 "n_params": rs[0]["n_params"], "seeds": [r["seed"] for r in rs],
@@ -284,6 +284,7 @@ def main() -> None:
     ap.add_argument("--seeds-above-2", type=int, nargs="+", default=[0],
                     help="seeds at more than 2 ranks (oversubscribed on small machines, so fewer by default)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
     runs = []
     for world in args.world:
@@ -294,9 +295,9 @@ def main() -> None:
                 runs.append(run)
     rows = summarize(runs)
     md = table(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "grad_compression.json").write_text(json.dumps(rows, indent=1))
-    (RESULTS / "grad_compression.md").write_text(
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "grad_compression.json").write_text(json.dumps(rows, indent=1))
+    (args.results_dir / "grad_compression.md").write_text(
         "# Gradient compression, digits CNN, DDP + gloo on 127.0.0.1\n\n"
         f"Command: `{' '.join(['.venv/bin/python bench/grad_compression.py', *sys.argv[1:]])}`\n\n" + md + "\n"
         + notes(rows))
