@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm_peers as peers  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.algorithms.rtn import WeightOnlyConfig  # noqa: E402
 from lowbit.analysis.footprint import model_size_bytes  # noqa: E402
 from lowbit.config import build_config  # noqa: E402
 from lowbit.data import eval_sentences  # noqa: E402
@@ -51,12 +52,12 @@ def lowbit_encoders(fp32) -> list[tuple[str, object, int, str]]:
     out.append(("lowbit-w8a8-dynamic", w8c.encode, model_size_bytes(w8),
                 "int8 W per-channel + A per-token, SmoothQuant a=0.65, int8 embeddings, torch.compile"))
     out.append(("lowbit-w8a8-dynamic-eager", w8.encode, model_size_bytes(w8), "same model, no torch.compile"))
-    i8 = lowbit.quantize(copy.deepcopy(fp32), build_config("rtn", {"bits": 8, "group_size": 0}))
+    i8 = lowbit.quantize(copy.deepcopy(fp32), WeightOnlyConfig(bits=8, group_size=0, quantize_embeddings=True))
     out.append(("lowbit-int8-weight-only", compiled(i8).encode, model_size_bytes(i8),
-                "int8 per-channel, bf16 activations (_weight_int8pack_mm), torch.compile"))
-    i4 = lowbit.quantize(copy.deepcopy(fp32), build_config("rtn", {"bits": 4, "group_size": 128}))
+                "int8 per-channel + int8 embeddings, bf16 activations (_weight_int8pack_mm), torch.compile"))
+    i4 = lowbit.quantize(copy.deepcopy(fp32), WeightOnlyConfig(bits=4, group_size=128, quantize_embeddings=True))
     out.append(("lowbit-int4-g128", compiled(i4).encode, model_size_bytes(i4),
-                "int4 g128 symmetric, bf16 activations (_weight_int4pack_mm), torch.compile"))
+                "int4 g128 symmetric + int8 embeddings, bf16 activations (_weight_int4pack_mm), torch.compile"))
     return out
 
 
