@@ -278,3 +278,55 @@ def test_build_problem_from_report(toy_report):
     assert np.isnan(p.loss[p.units.index("head"), 0]) is np.False_  # 64 -> 16 fits the int4 kernel
     with pytest.raises(ConfigError, match="hardware profile"):
         solve_ilp(p, "latency", max_loss=1.0)
+
+
+# ------------------------------------------------------------------------------ adaptive precision
+
+def test_dual_linear_paths_equal_fixed_modules():
+    from lowbit.mixed.adaptive import DualQLinear, make_adaptive, set_mode
+    from lowbit.nn import WeightOnlyQLinear
+
+    torch.manual_seed(0)
+    lin, x = nn.Linear(128, 64), torch.randn(5, 128)
+    dual = DualQLinear.from_float(lin)
+    w4, w8 = WeightOnlyQLinear.from_float(lin, 4, 64), WeightOnlyQLinear.from_float(lin, 8, 0)
+    with torch.inference_mode():
+        assert torch.equal(dual(x), w4(x))
+        dual.mode = "accurate"
+        assert torch.equal(dual(x), w8(x))
+    model = make_adaptive(Toy())
+    assert model.lowbit_mode == "fast" and isinstance(model.l1, DualQLinear)
+    set_mode(model, "accurate")
+    assert model.l2.mode == "accurate"
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        set_mode(model, "turbo")
+
+
+def test_router_picks_the_feature_that_ranks_the_error():
+    from lowbit.mixed.adaptive import ComplexityRouter
+
+    rng = np.random.default_rng(0)
+    err = rng.lognormal(size=200)
+    feats = {"noise": rng.normal(size=200), "useful": -np.log(err) + 0.1 * rng.normal(size=200)}
+    r = ComplexityRouter.fit(feats, err, 0.25)
+    assert r.feature == "useful" and r.sign == -1.0 and r.spearman < -0.9
+    assert r.hard(feats).mean() == pytest.approx(0.25, abs=0.01)
+    with pytest.raises(ConfigError, match="fraction"):
+        ComplexityRouter.fit(feats, err, 1.5)
+
+
+def test_adaptive_encode_routes_per_sentence(minilm):
+    from lowbit.mixed.adaptive import ComplexityRouter, adaptive_encode, make_adaptive, set_mode
+
+    model = make_adaptive(copy.deepcopy(minilm))
+    s = ["Short one.", "A considerably longer sentence with many more words in it than the first.", "Mid size here."]
+    router = ComplexityRouter("n_tokens", threshold=8)
+    emb, hard = adaptive_encode(model, s, router)
+    assert hard.tolist() == [False, True, False]
+    set_mode(model, "accurate")
+    acc = model.encode(s)
+    set_mode(model, "fast")
+    fast = model.encode(s)
+    # equal up to the bf16 kernels' dependence on the batch shape (padding differs per sub-batch)
+    assert torch.allclose(emb[1], acc[1], atol=1e-3) and torch.allclose(emb[0], fast[0], atol=1e-3)
+    assert (emb[0] - fast[0]).abs().max() < (emb[0] - acc[0]).abs().max()
