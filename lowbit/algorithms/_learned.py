@@ -27,6 +27,7 @@ probability while reconstructing (QDrop, Wei et al. 2022).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -38,6 +39,8 @@ from lowbit.core.granularity import from_blocks, to_blocks
 from lowbit.errors import CalibrationError, ConfigError
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid
+log = logging.getLogger(__name__)
+
 CLIP_RATIOS = torch.linspace(0.3, 1.0, 36)  # candidate clipping ratios for the MSE scale search
 
 
@@ -257,10 +260,13 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         lo, hi = torch.clamp(lo.float(), max=0), torch.clamp(hi.float(), min=0)
+        if self.learn == "pact" and lo < 0:
+            log.info("PACT clips to [0, alpha] but layer %r sees negative inputs (min %.3g): LSQ for this one",
+                     self.name, float(lo))
+            self.learn = "lsq"
+            self.alpha.requires_grad_(False)
+            self.scale.requires_grad_(True)
         if self.learn == "pact":
-            if lo < 0:
-                raise ConfigError(f"PACT clips to [0, alpha]; layer {self.name!r} sees negative inputs "
-                                  f"(min {float(lo):.3g}): use learn='lsq'")
             self.alpha.fill_(max(float(hi), 1e-4))
             self.zero_point.fill_(self.qmin)
             self.scale.fill_(float(self.alpha) / (self.qmax - self.qmin))

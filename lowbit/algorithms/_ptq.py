@@ -187,7 +187,7 @@ def to_real(q: QuantLayer, kernel: str = "auto") -> nn.Module:
 def convert_layers(model: nn.Module, qlayers: dict[str, QuantLayer], kernel: str, report: QuantizeReport) -> None:
     for name, q in qlayers.items():
         try:
-            real = to_real(q, kernel)
+            real = q.to_real(kernel) if hasattr(q, "to_real") else to_real(q, kernel)
         except Skip as why:
             set_submodule(model, name, q.module)
             report.skipped[name] = str(why)

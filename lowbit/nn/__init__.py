@@ -7,6 +7,7 @@ from lowbit.nn.double_quant import DoubleQuantQLinear  # noqa: E402  (registers 
 from lowbit.nn.static import FoldedBatchNorm, StaticQConv2d, StaticQLinear  # noqa: E402  (registers for lowbit.load)
 from lowbit.nn.wa_linear import WAQLinear  # noqa: E402
 from lowbit.nn.mixed_linear import MixedInt8Linear  # noqa: E402
+from lowbit.nn.binary import TernaryConv2d, TernaryLinear, XnorConv2d, XnorLinear  # noqa: E402  (registers for lowbit.load)
 
 __all__ = ["QMODULES", "module_from_spec", "register_qmodule", "DynamicQLinear", "WeightOnlyQLinear",
            "QEmbedding", "weight_format", "DoubleQuantQLinear", "WAQLinear", "MixedInt8Linear"]
