@@ -75,7 +75,7 @@ def test_xnor_conv_inference_equals_training_form():
     with torch.no_grad():
         y_fake = fake(x)
     torch.testing.assert_close(fast(x), y_fake, rtol=1e-5, atol=1e-5)  # beta's float sum order differs
-    assert torch.equal(fast(x), ref(x))  # both kernels: the same integers, the same epilogue
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-6, atol=1e-6)  # same integers; beta summed in another order
     # the integer XNOR sums themselves are identical
     xs = x - fake.tau.detach().reshape(1, -1, 1, 1)
     acc_fake = nn.functional.conv2d(nn.functional.pad(torch.where(xs >= 0, 1.0, -1.0), (1, 1, 1, 1), value=1.0),

@@ -59,6 +59,11 @@ KERNELS: dict[str, dict[str, Callable]] = {
         "fast": xnor.pack_signs,
         "example": xnor.example_pack_signs,
     },
+    "xnor_linear": {
+        "reference": xnor.xnor_linear_ref,
+        "fast": xnor.xnor_linear,
+        "example": xnor.example_xnor_linear,
+    },
 }
 
 _logged: set[tuple[str, str, str]] = set()

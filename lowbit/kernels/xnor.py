@@ -57,6 +57,46 @@ void lowbit_pack_signs(const float* x, int64_t* out, int64_t M, int64_t K, int64
     }
 }
 
+/* Shift by tau (per column, may be NULL), pack the signs, and beta[m] = mean_k |x[m, k] - tau[k]|. */
+void lowbit_pack_signs_shift(const float* x, const float* tau, int64_t* out, float* beta,
+                             int64_t M, int64_t K, int64_t W, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (M * K >= 65536)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* row = x + m * K;
+        double total = 0.0;
+        for (int64_t w = 0; w < W; ++w) {
+            int64_t base = w * 64, n = K - base < 64 ? K - base : 64;
+            uint64_t word = 0;
+            for (int64_t j = 0; j < n; ++j) {
+                float v = row[base + j] - (tau ? tau[base + j] : 0.0f);
+                word |= (uint64_t)(v >= 0.0f) << j;
+                total += v >= 0.0f ? v : -v;
+            }
+            out[m * W + w] = (int64_t)word;
+        }
+        beta[m] = (float)(total / (double)K);
+    }
+}
+
+/* y[m, n] = (float)(K - 2 popcount(x[m] XOR w[n])) * beta[m] * alpha[n] + bias[n] (bias may be NULL). */
+void lowbit_xnor_linear(const int64_t* x, const int64_t* w, const float* beta, const float* alpha,
+                        const float* bias, float* out, int64_t M, int64_t N, int64_t W, int64_t K, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (M * N * W >= 65536)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint64_t* wr = (const uint64_t*)(w + n * W);
+        float a = alpha[n], b = bias ? bias[n] : 0.0f;
+        for (int64_t m = 0; m < M; ++m) {
+            const uint64_t* xr = (const uint64_t*)(x + m * W);
+            int64_t c = 0;
+            for (int64_t j = 0; j < W; ++j) c += __builtin_popcountll(xr[j] ^ wr[j]);
+            float acc = (float)(K - 2 * c);
+            float y = acc * beta[m];
+            y = y * a;
+            out[m * N + n] = y + b;
+        }
+    }
+}
+
 /* out[m, n] = K - 2 * popcount(x[m] XOR w[n]) summed over the W words of a row. */
 void lowbit_xnor_gemm(const int64_t* x, const int64_t* w, int32_t* out,
                       int64_t M, int64_t N, int64_t W, int64_t K, int nthreads) {
@@ -99,7 +139,8 @@ def _build(path: Path) -> None:
         src = Path(tmp) / "xnor.c"
         src.write_text(_C_SOURCE)
         out = Path(tmp) / "xnor.so"
-        base = [cc, "-O3", "-march=native", "-shared", "-fPIC", str(src), "-o", str(out)]
+        # no FMA contraction: the fused epilogue must round exactly like the torch reference
+        base = [cc, "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", str(src), "-o", str(out)]
         for extra in (["-fopenmp"], []):  # OpenMP if the compiler has it, else one thread
             res = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
             if res.returncode == 0:
@@ -130,6 +171,10 @@ def native_library() -> tuple[ctypes.CDLL | None, str]:
         lib.lowbit_pack_signs.restype = None
         lib.lowbit_xnor_gemm.argtypes = [vp, vp, vp, i64, i64, i64, i64, ctypes.c_int]
         lib.lowbit_xnor_gemm.restype = None
+        lib.lowbit_pack_signs_shift.argtypes = [vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
+        lib.lowbit_pack_signs_shift.restype = None
+        lib.lowbit_xnor_linear.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, ctypes.c_int]
+        lib.lowbit_xnor_linear.restype = None
         _lib = lib
     except (OSError, subprocess.SubprocessError) as exc:
         _lib_error = str(exc)
@@ -184,6 +229,57 @@ def xnor_gemm_ref(xp: torch.Tensor, wp: torch.Tensor, k: int) -> torch.Tensor:
     """(M, W) x (N, W) packed -> (M, N) int32 ``sign(x) @ sign(w)^T``, by unpacking to ±1 and matmul."""
     _check_packed(xp, wp, k)
     return (unpack_signs(xp, k) @ unpack_signs(wp, k).T).round().to(torch.int32)
+
+
+# ----------------------------------------------------------------------------- fused layer ops
+
+def xnor_linear_ref(x: torch.Tensor, tau: torch.Tensor | None, wp: torch.Tensor, alpha: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """XNOR-Net linear on float rows x (M, K): ``(sign(x - tau) (*) sign(W)) * beta * alpha + b``,
+    ``beta = mean|x - tau|`` per row; the packed product is :func:`xnor_gemm_ref`."""
+    xs = x.float() if tau is None else x.float() - tau
+    beta = xs.abs().double().mean(1).float()  # (M,)
+    acc = xnor_gemm_ref(pack_signs_ref(xs), wp, x.shape[1]).float()  # (M, N)
+    y = acc * beta[:, None] * alpha
+    return y if bias is None else y + bias
+
+
+def xnor_linear(x: torch.Tensor, tau: torch.Tensor | None, wp: torch.Tensor, alpha: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """Fast twin of :func:`xnor_linear_ref`: shift + pack + beta in one C pass, GEMM + epilogue in another."""
+    lib, _ = native_library()
+    if lib is None:
+        xs = x.float() if tau is None else x.float() - tau
+        beta = xs.abs().double().mean(1).float()
+        y = xnor_gemm_torch(pack_signs_ref(xs), wp, x.shape[1]).float() * beta[:, None] * alpha
+        return y if bias is None else y + bias
+    x = x.detach().to(torch.float32).contiguous()
+    m, k = x.shape
+    _check_packed(torch.empty(0, n_words(k), dtype=torch.int64), wp, k)
+    nt = torch.get_num_threads()
+    xp = torch.empty(m, n_words(k), dtype=torch.int64)
+    beta = torch.empty(m)
+    tau_c = None if tau is None else tau.detach().float().contiguous()
+    lib.lowbit_pack_signs_shift(x.data_ptr(), None if tau_c is None else tau_c.data_ptr(), xp.data_ptr(),
+                                beta.data_ptr(), m, k, xp.shape[1], nt)
+    out = torch.empty(m, wp.shape[0])
+    alpha_c = alpha.detach().float().contiguous()
+    bias_c = None if bias is None else bias.detach().float().contiguous()
+    lib.lowbit_xnor_linear(xp.data_ptr(), wp.contiguous().data_ptr(), beta.data_ptr(), alpha_c.data_ptr(),
+                           None if bias_c is None else bias_c.data_ptr(), out.data_ptr(), m, wp.shape[0],
+                           xp.shape[1], k, nt)
+    return out
+
+
+def example_xnor_linear(seed: int) -> dict:
+    """Fused layer op: K = 130, with tau and bias. beta sums in a different order -> tolerance, not exact."""
+    g = torch.Generator().manual_seed(seed)
+    k = 130
+    x, tau = torch.randn(9, k, generator=g), torch.randn(k, generator=g) * 0.1
+    wp = pack_signs_ref(torch.randn(20, k, generator=g))
+    alpha, bias = torch.rand(20, generator=g), torch.randn(20, generator=g)
+    args = (x, tau, wp, alpha, bias)
+    return {"fast": args, "reference": args, "exact": False, "tol": 1e-6}
 
 
 _M1, _M2, _M4, _H01 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101

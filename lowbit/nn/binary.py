@@ -40,20 +40,16 @@ class _XnorBase(nn.Module):
         self.register_buffer("bias", torch.zeros(n) if bias else None)
         self._fns = None
 
-    def _kernels(self):
+    def _kernel(self):
         if self._fns is None:
             lib, why = xnor.native_library()
-            choice = kernels.resolve("xnor_gemm", self.kernel, supported=lib is not None, why_not=why)
-            self._fns = (kernels.KERNELS["pack_signs"][choice], kernels.KERNELS["xnor_gemm"][choice])
+            choice = kernels.resolve("xnor_linear", self.kernel, supported=lib is not None, why_not=why)
+            self._fns = kernels.KERNELS["xnor_linear"][choice]
         return self._fns
 
-    def binary_product(self, cols: torch.Tensor) -> torch.Tensor:
-        """cols (M, K) shifted inputs -> (M, N) ``sign(cols) (*) sign(W) * beta * alpha + b``."""
-        pack_fn, gemm = self._kernels()
-        beta = cols.abs().mean(dim=1, keepdim=True)  # (M, 1)
-        acc = gemm(pack_fn(cols), self.qweight, self.k)  # (M, N) int32
-        y = acc.float() * beta * self.alpha
-        return y if self.bias is None else y + self.bias
+    def binary_product(self, rows: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
+        """rows (M, K) -> (M, N) ``sign(rows - tau) (*) sign(W) * beta * alpha + b``, beta = mean|rows - tau|."""
+        return self._kernel()(rows, tau, self.qweight, self.alpha, self.bias)
 
     def _fill(self, weight: torch.Tensor, alpha: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.qweight.copy_(xnor.pack_signs_ref(weight.detach().float().reshape(weight.shape[0], -1)))
@@ -86,8 +82,8 @@ class XnorLinear(_XnorBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        cols = x.reshape(-1, shape[-1]).float() - self.tau  # (M, K)
-        return self.binary_product(cols).to(x.dtype).reshape(*shape[:-1], self.out_features)
+        rows = x.reshape(-1, shape[-1])  # (M, K)
+        return self.binary_product(rows, self.tau).to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, xnor-popcount, kernel={self.kernel}"
@@ -137,7 +133,7 @@ class XnorConv2d(_XnorBase):
         cols = F.unfold(xs, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, C*kh*kw, L)
         ho = (h + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
-        y = self.binary_product(cols.transpose(1, 2).reshape(-1, self.k))  # (B*L, O)
+        y = self.binary_product(cols.transpose(1, 2).reshape(-1, self.k), None)  # (B*L, O)
         return y.reshape(b, ho, wo, self.out_channels).permute(0, 3, 1, 2).to(x.dtype)  # (B, O, Ho, Wo)
 
     def extra_repr(self) -> str:
