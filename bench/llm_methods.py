@@ -68,12 +68,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 eval windows instead of all")
     ap.add_argument("--calib", type=int, default=8, help="calibration windows of 512 tokens")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded box)")
+    ap.add_argument("--part", default="", help="write results/llm_methods_part_<PART>.json (rows run in parallel)")
+    ap.add_argument("--merge", action="store_true", help="merge llm_methods*.json parts into llm_methods.md/.json")
     args = ap.parse_args()
+    if args.merge:
+        return merge()
     quiet()
     torch.set_num_threads(args.threads)
     from lowbit.analysis.evaluate import evaluate
     from lowbit.models import load_model
 
+    out_name = f"llm_methods_part_{args.part}" if args.part else "llm_methods"
     fp = load_model("smollm2")
     ref = CachedReference(fp)
     base = evaluate(fp, ref, quick=args.quick)
@@ -89,8 +94,31 @@ def main() -> None:
         print(f"    ppl {r['ppl']:.3f}  kl {r['kl']:.4f}  {r['size_mb']:.1f} MB  {t.wall:.0f} s wall / "
               f"{t.cpu:.0f} s CPU", flush=True)
         del model
-        write_results("llm_methods", rows, render(rows, meta), meta)  # partial results survive a cut-off
+        write_results(out_name, rows, render(rows, meta), meta)  # partial results survive a cut-off
     meta["machine_end"] = machine()
+    md = render(rows, meta)
+    write_results(out_name, rows, md, meta)
+    print(md)
+
+
+def merge() -> None:
+    """One table from the main results file and any --part files (same fp32 baseline: same eval windows)."""
+    import json
+
+    from bench._llm_common import RESULTS
+
+    files = [RESULTS / "llm_methods.json"] + sorted(RESULTS.glob("llm_methods_part_*.json"))
+    rows, meta = [], None
+    for f in files:
+        if f.is_file():
+            d = json.loads(f.read_text())
+            meta = meta or d["meta"]
+            rows += [r for r in d["rows"] if r["name"] != "fp32" or not rows]
+    order = ["fp32"] + [name for name, _, _ in ROWS]
+    best = {}
+    for r in rows:
+        best[r["name"]] = r
+    rows = [best[n] for n in order if n in best]
     md = render(rows, meta)
     write_results("llm_methods", rows, md, meta)
     print(md)

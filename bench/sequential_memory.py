@@ -78,14 +78,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", default=None)
     ap.add_argument("--calib", type=int, default=4, help="512-token windows (GPTQ needs >= 3 for 1536 inputs)")
+    ap.add_argument("--modes", default="imports,sequential,whole",
+                    help="subset to re-measure; the others are kept from the last results file")
     args = ap.parse_args()
     if args.child:
         child(args.child, args.calib)
         return
     from bench._llm_common import machine, write_results
 
+    old = {}
+    prev = Path(__file__).resolve().parent / "results" / "sequential_memory.json"
+    if prev.is_file():
+        old = {r["mode"]: r for r in json.loads(prev.read_text())["rows"]}
     rows = []
     for mode in ("imports", "sequential", "whole"):
+        if mode not in args.modes.split(","):
+            if mode in old:
+                rows.append(old[mode])
+            continue
         print(f"... {mode}", flush=True)
         p = subprocess.run([sys.executable, __file__, "--child", mode, "--calib", str(args.calib)],
                            capture_output=True, text=True)

@@ -138,9 +138,17 @@ class SafetensorsReader:
         if info is None:
             raise LoadError(f"{self.path}: no tensor {name!r}")
         start, end = info["data_offsets"]
-        buf = bytearray(os.pread(self.fd, end - start, self.base + start))
-        dtype = _DTYPES[info["dtype"]]
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else torch.empty(info["shape"], dtype=dtype)
+        out = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        view = out.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes: read straight into them
+        if view.nbytes != end - start:
+            raise LoadError(f"{self.path}: tensor {name!r} has {end - start} bytes, expected {view.nbytes}")
+        done = 0
+        while done < view.nbytes:  # one copy from the file, no intermediate buffer
+            n = os.preadv(self.fd, [view[done:]], self.base + start + done)
+            if n <= 0:
+                raise LoadError(f"{self.path}: truncated while reading {name!r}")
+            done += n
+        return out
 
     def close(self) -> None:
         os.close(self.fd)
@@ -153,17 +161,18 @@ class SafetensorsReader:
 
 
 def load_module_from(reader: SafetensorsReader, module: nn.Module, prefix: str) -> None:
-    """Materialise ``module`` (possibly on ``meta``) on CPU with the tensors ``prefix.*`` of the file."""
-    module.to_empty(device="cpu", recurse=True)
+    """Materialise ``module`` (possibly on ``meta``) with the tensors ``prefix.*`` of the file.
+
+    The tensors read from disk become the parameters (``assign=True``): one copy in memory, none
+    transient."""
     state = {}
     for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
         key = f"{prefix}.{name}"
         if key in reader.header:
             state[name] = reader.get(key)
-    missing, _ = module.load_state_dict(state, strict=False)
-    persistent_missing = [m for m in missing if not m.endswith("inv_freq")]
-    if persistent_missing:
-        raise LoadError(f"{reader.path}: tensors missing for {prefix}: {persistent_missing[:4]}")
+    missing, _ = module.load_state_dict(state, strict=False, assign=True)
+    if missing:
+        raise LoadError(f"{reader.path}: tensors missing for {prefix}: {missing[:4]}")
 
 
 def smollm2_skeleton(folder: Path):
