@@ -32,6 +32,7 @@ from lowbit.algorithms._calib import calibration_info, capture_inputs, default_c
 from lowbit.algorithms.smoothing import smoothing_factors
 from lowbit.api import QuantizeReport, register_handler, select_modules, set_submodule
 from lowbit.config import BaseConfig, register_config, register_scheme
+from lowbit.core import choose_qparams, fake_quantize, int_format, per_channel, qparams_from_range
 from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.static import FakeQuantConv2d, FakeQuantLinear, StaticQConv2d, StaticQLinear
 from lowbit.observers import OBSERVERS
@@ -40,7 +41,8 @@ from lowbit.observers.output import DEFAULT_RATIOS, search_output_ranges
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("per_channel", "per_tensor")
-DEFAULT_SMOOTH_ALPHA = 0.5
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SAMPLE_ROWS = 256  # calibration tokens kept per batch and layer for the alpha search
 
 # Layers static PTQ leaves in float, with the reason recorded in the report.
 FLOAT_LAYERS = {
@@ -56,13 +58,15 @@ FLOAT_LAYERS = {
 @register_config("w8a8-static")
 @dataclass(frozen=True)
 class StaticConfig(BaseConfig):
-    observer: str = "mse"  # minmax | ema | percentile | mse | kl | output
+    observer: str = "minmax"  # minmax | ema | percentile | mse | kl | output (minmax: best measured on MiniLM)
     granularity: str = "per_channel"  # of the weights; activations are per tensor
     symmetric: bool = True  # activations symmetric (zero_point 0) or affine; weights always symmetric
     weight_bits: int = 8
     act_bits: int = 8
     percentile: float = 99.99  # for observer="percentile"
-    smooth_alpha: float | None = DEFAULT_SMOOTH_ALPHA  # SmoothQuant strength for Linear layers; None = off
+    smooth_alpha: float | str | None = "auto"  # SmoothQuant strength for Linear layers; "auto" = per-layer
+    # search over alpha_grid (least output error of the layer on calibration tokens); None = off
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
     fold_bn: bool = True
     output_ratios: tuple[float, ...] = DEFAULT_RATIOS  # clipping ratios tried per layer by observer="output"
     output_samples: int = 64  # calibration samples per loss evaluation of the output search
@@ -78,8 +82,11 @@ class StaticConfig(BaseConfig):
         for what, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
             if bits not in (2, 3, 4, 8):
                 raise ConfigError(f"{what}={bits} not supported; valid: 2, 3, 4, 8")
-        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ConfigError(f"smooth_alpha must be in [0, 1] or None, got {self.smooth_alpha}")
+        if self.smooth_alpha is not None and self.smooth_alpha != "auto" and not (
+                isinstance(self.smooth_alpha, (int, float)) and 0.0 <= self.smooth_alpha <= 1.0):
+            raise ConfigError(f"smooth_alpha must be in [0, 1], 'auto' or None, got {self.smooth_alpha!r}")
+        if not self.alpha_grid or not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ConfigError(f"alpha_grid must hold SmoothQuant strengths in [0, 1], got {self.alpha_grid}")
         if not self.output_ratios or not all(0.0 < r <= 1.0 for r in self.output_ratios):
             raise ConfigError(f"output_ratios must be clipping ratios in (0, 1], got {self.output_ratios}")
         if self.output_samples < 1:
@@ -182,19 +189,48 @@ def guarded_pass(model: nn.Module, modules: dict[str, nn.Module], batches: list,
         tracker.remove()
 
 
-def smoothing_stats(model: nn.Module, targets: dict[str, nn.Module], batches: list) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of the Linear targets; hooks on every target, so NaN/inf names the first
-    layer it reaches and a bad batch names the layer where it failed."""
+def smoothing_stats(model: nn.Module, targets: dict[str, nn.Module], batches: list,
+                    keep_rows: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-input-channel max |x| of the Linear targets, and up to ``keep_rows`` sampled input rows per
+    batch. Hooks sit on every target, so NaN/inf names the first layer it reaches and a bad batch
+    names the layer where it failed."""
     stats: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[torch.Tensor]] = {}
+    gen = torch.Generator().manual_seed(0)
 
     def record(name: str, x: torch.Tensor) -> None:
         if isinstance(targets[name], nn.Linear):
-            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()  # (K,)
+            x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, K)
+            m = x2.abs().amax(dim=0)  # (K,)
             stats[name] = torch.maximum(stats[name], m) if name in stats else m
+            if keep_rows:
+                idx = torch.randperm(x2.shape[0], generator=gen)[:keep_rows]
+                rows.setdefault(name, []).append(x2[idx].clone())
 
     with capture_inputs(targets, record):
         guarded_pass(model, targets, batches, "smoothing stats")
-    return stats
+    return stats, {n: torch.cat(r) for n, r in rows.items()}
+
+
+def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weight: torch.Tensor, grid, act_bits: int = 8,
+                 weight_bits: int = 8) -> tuple[float, dict]:
+    """The SmoothQuant strength of ``grid`` with the least ``||x W^T - fq(x / s) fq(W s)^T||^2`` on sampled
+    calibration rows ``x`` (T, K); the per-tensor activation scale comes from the full-set ``act_absmax``
+    (Xiao et al. 2023 pick alpha per model by hand; this picks it per layer, cf. AWQ's grid search)."""
+    w = weight.detach().float()
+    ref = x @ w.t()  # (T, N)
+    errors = {}
+    for a in grid:
+        s = smoothing_factors(act_absmax, w, a)  # (K,)
+        xs = x / s
+        amax = (act_absmax / s).max()
+        qx = qparams_from_range(-amax, amax, int_format(act_bits), True)
+        ws = w * s
+        qw = choose_qparams(ws, int_format(weight_bits), True, per_channel(0))
+        out = fake_quantize(xs, qx) @ fake_quantize(ws, qw).t()
+        errors[float(a)] = float(((out - ref) ** 2).mean())
+    best = min(errors, key=errors.get)
+    return best, errors
 
 
 # ---------------------------------------------------------------------------------- handler
@@ -232,8 +268,16 @@ def _quantize_static(model: nn.Module, config: StaticConfig, calibration_data=No
     smooth: dict[str, torch.Tensor] = {}
     linears = {n: m for n, m in targets.items() if isinstance(m, nn.Linear)}
     if config.smooth_alpha is not None and linears:
-        stats = smoothing_stats(model, targets, batches)
-        smooth = {n: smoothing_factors(stats[n], linears[n].weight, config.smooth_alpha) for n in linears if n in stats}
+        auto = config.smooth_alpha == "auto"
+        stats, rows = smoothing_stats(model, targets, batches, SAMPLE_ROWS if auto else 0)
+        alphas = {}
+        for n in linears:
+            if n not in stats:
+                continue
+            alphas[n] = search_alpha(rows[n], stats[n], linears[n].weight, config.alpha_grid, config.act_bits,
+                                     config.weight_bits)[0] if auto else float(config.smooth_alpha)
+            smooth[n] = smoothing_factors(stats[n], linears[n].weight, alphas[n])
+        report.extra["smooth_alpha"] = alphas
 
     opts = {"percentile": config.percentile} if config.observer == "percentile" else {}
     per_channel = config.granularity == "per_channel"
@@ -321,5 +365,5 @@ def _scheme(options: dict) -> StaticConfig:
         kw["kernel"] = options["kernel"]
     if "alpha" in options:
         a = options["alpha"]
-        kw["smooth_alpha"] = None if a in (None, "none") else float(a)
+        kw["smooth_alpha"] = None if a in (None, "none") else ("auto" if a == "auto" else float(a))
     return StaticConfig(**kw)
