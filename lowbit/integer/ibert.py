@@ -109,7 +109,7 @@ def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, s: float, eps: 
     ``gamma_q = round(gamma 2^g)`` with ``g`` chosen so ``|gamma_q| < 2^gamma_bits``,
     ``beta_q = round(beta 2^(frac_bits + g))``, ``eps_q = round(eps / s^2)``; output scale ``2^-(frac_bits + g)``.
     """
-    g = gamma_bits - max(0, math.ceil(math.log2(float(gamma.abs().max()) + 1e-30)))
+    g = gamma_bits - max(0, math.ceil(math.log2(float(gamma.detach().abs().max()) + 1e-30)))
     return {
         "gamma_q": torch.round(gamma.detach().double() * 2.0**g).to(torch.int64),
         "beta_q": torch.round(beta.detach().double() * 2.0 ** (frac_bits + g)).to(torch.int64),
