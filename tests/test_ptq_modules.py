@@ -140,3 +140,12 @@ def test_bad_scheme_and_options_are_clear_errors():
         config_from_json({"version": 1, "kind": "nope"})
     with pytest.raises(ConfigError, match="version"):
         config_from_json({"version": 99, "kind": "weight-only"})
+
+
+def test_int4_layer_with_10_outputs_falls_back_to_reference():
+    """The int4 kernel packs rows in blocks of 16: a 10-class head must still work (reference path)."""
+    lin = nn.Linear(64, 10)
+    m = WeightOnlyQLinear.from_float(lin, 4, 0, True)
+    x = torch.randn(3, 64)
+    assert m(x).shape == (3, 10) and m._op == "reference"
+    assert "divisible by 16" in m._fast_support()[1]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu packs output rows in blocks of 16
 
 
 def int8_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale_bf16: torch.Tensor,

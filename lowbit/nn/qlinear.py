@@ -216,6 +216,8 @@ class WeightOnlyQLinear(nn.Module):
             if self.symmetric and not self.group_size:
                 return "int8_weight_only_linear", ""
             return None, "int8 fast kernel needs symmetric per-channel weights"
+        if self.out_features % weight_only.INT4_N_MULTIPLE:
+            return None, f"int4 kernel needs out_features divisible by {weight_only.INT4_N_MULTIPLE}"
         if not self._kernel_group():
             return None, f"int4 kernel needs K and the group size divisible by one of {weight_only.INT4_GROUP_SIZES}"
         return "int4_weight_only_linear", ""
