@@ -149,3 +149,11 @@ def test_int4_layer_with_10_outputs_falls_back_to_reference():
     x = torch.randn(3, 64)
     assert m(x).shape == (3, 10) and m._op == "reference"
     assert "divisible by 16" in m._fast_support()[1]
+
+
+def test_int8_kernel_needs_k_multiple_of_16():
+    """_weight_int8pack_mm silently returns garbage for K = 24: such layers must take the reference path."""
+    lin = nn.Linear(24, 16)
+    m = WeightOnlyQLinear.from_float(lin, 8, 0, True)
+    x = torch.randn(3, 24)
+    assert sqnr_db(lin(x), m(x)) > 30 and m._op == "reference"

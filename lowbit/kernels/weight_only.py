@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT8_K_MULTIPLE = 16  # _weight_int8pack_mm returns garbage for K = 8, 24, 40 and crashes for K = 100 (measured)
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu packs output rows in blocks of 16
 
 

@@ -213,9 +213,11 @@ class WeightOnlyQLinear(nn.Module):
         if f.kind is not Kind.UNIFORM:
             return None, f"{self.fmt} is a codebook format"
         if f.bits == 8:
-            if self.symmetric and not self.group_size:
-                return "int8_weight_only_linear", ""
-            return None, "int8 fast kernel needs symmetric per-channel weights"
+            if not self.symmetric or self.group_size:
+                return None, "int8 fast kernel needs symmetric per-channel weights"
+            if self.in_features % weight_only.INT8_K_MULTIPLE:
+                return None, f"int8 kernel needs in_features divisible by {weight_only.INT8_K_MULTIPLE}"
+            return "int8_weight_only_linear", ""
         if self.out_features % weight_only.INT4_N_MULTIPLE:
             return None, f"int4 kernel needs out_features divisible by {weight_only.INT4_N_MULTIPLE}"
         if not self._kernel_group():
