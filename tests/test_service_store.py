@@ -232,3 +232,31 @@ def test_seed_store_copies_are_independent(tmp_path, minilm):
     from service_support import seed_store
 
     assert ModelStore(seed_store(minilm)).entry(W8_ID).available
+
+
+def test_dynamic_batching_groups_waiting_requests(minilm):
+    """Requests queued while the compute thread is busy run as one pass; each gets its own rows, equal to
+    embedding it alone; a truncate=False request runs alone; an error reaches only its own request."""
+    from lowbit.service.active import Serving
+    from lowbit.service.batching import Batcher
+    from lowbit.service.embed import embed
+    from lowbit.service.errors import InputTooLarge
+
+    tasks = []
+    snapshot = Serving("m", minilm, None, 1, 0.0)
+    b = Batcher(lambda fn: tasks.append(fn), lambda: snapshot, max_inputs=4)
+    reqs = [["A short one."], ["Two sentences here.", "And a somewhat longer second sentence."], ["Third."],
+            ["Too many for the group: it waits for the next pass."] * 2]
+    futs = [b.embed(r) for r in reqs]
+    long = " ".join(["a"] * 300)
+    strict = b.embed([long], truncate=False)
+    assert len(tasks) == 1  # one drain scheduled while "busy"
+    while tasks:
+        tasks.pop(0)()
+    assert b.passes == 3 and b.batched_requests == 3  # [r0 r1 r2], [r3], [strict]
+    for r, f in zip(reqs, futs):
+        serving, emb, counts = f.result()
+        alone, n = embed(minilm, r)
+        assert serving is snapshot and torch.allclose(emb, alone, atol=1e-5) and sum(counts) == n
+    with pytest.raises(InputTooLarge, match="tokens"):
+        strict.result()

@@ -8,6 +8,7 @@ and ``/docs``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -23,7 +24,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from lowbit import __version__
 from lowbit.errors import ConfigError, LowbitError
 from lowbit.service import schemas as S
-from lowbit.service.embed import embed
 from lowbit.service.errors import (
     BodyTooLarge,
     Conflict,
@@ -214,14 +214,10 @@ def create_app(service: ModelService) -> FastAPI:
         return service.jobs.get(job_id).to_dict()
 
     # ---- embeddings ----------------------------------------------------------------------------
-    def _compute(sentences: list[str], truncate: bool):
-        s = service.serving()
-        emb, n_tokens = embed(s.model, sentences, truncate)
-        return s, emb, n_tokens
-
     async def _embed(sentences: list[str], truncate: bool):
         with service.gate.admit():
-            s, emb, n_tokens = await service.gate.run(_compute, sentences, truncate)
+            s, emb, counts = await asyncio.wrap_future(service.batcher.embed(sentences, truncate))
+        n_tokens = sum(counts)
         service.metrics.inputs.inc(len(sentences))
         service.metrics.tokens.inc(n_tokens)
         service.calibrator.observe(sentences)

@@ -24,8 +24,14 @@ def count_tokens(model: nn.Module, sentences: list[str]) -> list[int]:
 
 def embed(model: nn.Module, sentences: list[str], truncate: bool = True) -> tuple[torch.Tensor, int]:
     """Unit-norm embeddings (N, D) in input order, and the number of tokens the model saw."""
+    emb, counts = embed_counted(model, sentences, truncate)
+    return emb, sum(counts)
+
+
+def embed_counted(model: nn.Module, sentences: list[str], truncate: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Unit-norm embeddings (N, D) in input order, and the tokens the model saw for each input."""
     if not sentences:
-        return torch.empty(0, 0), 0
+        return torch.empty(0, 0), []
     limit = model.max_seq_length
     if not truncate:
         for i, n in enumerate(count_tokens(model, sentences)):
@@ -33,16 +39,17 @@ def embed(model: nn.Module, sentences: list[str], truncate: bool = True) -> tupl
                 raise InputTooLarge(f"input {i} has {n} tokens; the model's limit is {limit} tokens "
                                     "(send truncate=true to cut longer inputs)", "tokens")
     order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
-    chunks, n_tokens = [], 0
+    chunks, counts = [], [0] * len(sentences)
     with torch.inference_mode():
         for start in range(0, len(order), FORWARD_BATCH):
             idx = order[start:start + FORWARD_BATCH]
             feats = model.tokenize([sentences[i] for i in idx])
             emb = model(feats["input_ids"], feats["attention_mask"], feats.get("token_type_ids"))  # (b, D)
-            n_tokens += int(feats["attention_mask"].sum())
+            for i, n in zip(idx, feats["attention_mask"].sum(dim=1).tolist()):  # (b,)
+                counts[i] = int(n)
             chunks.append((idx, emb.float()))
     dim = chunks[0][1].shape[1]
     out = torch.empty(len(sentences), dim)
     for idx, emb in chunks:
         out[idx] = emb
-    return out, n_tokens
+    return out, counts

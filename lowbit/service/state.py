@@ -14,6 +14,7 @@ from lowbit.config import build_config
 from lowbit.errors import ConfigError, LowbitError
 from lowbit.io.atomic import atomic_write_text
 from lowbit.service.active import WARMUP_SENTENCE, ActiveModel, Serving
+from lowbit.service.batching import Batcher
 from lowbit.service.embed import embed
 from lowbit.service.errors import Conflict, ModelUnavailable, NoActiveModel
 from lowbit.service.jobs import Job, JobRunner
@@ -52,6 +53,7 @@ class ModelService:
             self.store.ensure_default()
         self.gate = Gate(self.limits)
         self.active = ActiveModel()
+        self.batcher = Batcher(self.gate.executor.submit, self.serving, max_inputs=self.limits.max_batch)
         self.jobs = JobRunner(self.limits.max_queued_jobs,
                               on_finish=lambda job: self.metrics.jobs.inc(kind=job.kind, status=job.status))
         self.calibrator = OnlineCalibrator(online or OnlineCalibrationConfig(), self.active, self.gate.run_blocking,
@@ -192,6 +194,10 @@ class ModelService:
         r.gauge("lowbit_active_model_info", "the serving model (value 1), with its id and quantization", active_info)
         r.gauge("lowbit_active_model_revision", "increments on every swap of the serving model",
                 lambda: {(): float(self.active.current().revision)} if self.active.current() else {})
+        r.gauge("lowbit_batched_requests", "requests that shared a forward pass with others (dynamic batching)",
+                lambda: {(): float(self.batcher.batched_requests)})
+        r.gauge("lowbit_forward_groups", "forward groups run by the dynamic batcher",
+                lambda: {(): float(self.batcher.passes)})
         r.gauge("lowbit_inflight_requests", "embedding requests admitted and not finished",
                 lambda: {(): float(self.gate.inflight)})
         r.gauge("lowbit_store_models", "model folders in the store by state", store_counts)
