@@ -139,16 +139,11 @@ def prepare_layers(model: nn.Module, config, calibration_data, wrap, edges: str 
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    params = []
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            if isinstance(m, QuantLayer) or p.requires_grad:
-                params.append(p)
-    for name, m in qat_layers(model).items():
+    """Every trainable parameter: the float ones, the fake-quant layers' weights and biases, LSQ step
+    sizes and PACT clips (fixed / absmax weight scales and unused activation parameters are frozen)."""
+    for m in qat_layers(model).values():
         for p in m.parameters():
             p.requires_grad_(True)
-    # scales of fixed / absmax quantizers are not trained
-    for m in qat_layers(model).values():
         wq = getattr(m, "wq", None)
         if wq is not None and getattr(wq, "scale_mode", "lsq") != "lsq":
             wq.scale.requires_grad_(False)
@@ -156,13 +151,7 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
         if aq is not None:
             aq.scale.requires_grad_(aq.learn == "lsq")
             aq.alpha.requires_grad_(aq.learn == "pact")
-    seen, out = set(), []
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    del params
-    return out
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def train_qat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 8, lr: float = 5e-4,
