@@ -148,8 +148,8 @@ class ServiceMetrics:
         self.requests = r.counter("lowbit_requests_total", "HTTP requests by route, method and status code")
         self.latency = r.histogram("lowbit_request_duration_seconds", "HTTP request latency by route")
         self.rejected = r.counter("lowbit_rejected_requests_total",
-                                  "requests refused by a limit: auth, body_size, batch, input_length, overload, "
-                                  "invalid_id")
+                                  "requests refused by a limit: auth, body_size, batch, input_length, tokens, "
+                                  "empty, encoding, dimensions, overload, invalid_id")
         self.inputs = r.counter("lowbit_embedded_inputs_total", "sentences embedded")
         self.tokens = r.counter("lowbit_embedded_tokens_total", "tokens embedded")
         self.swaps = r.counter("lowbit_model_swaps_total", "serving-model swaps by kind: activate, recalibrate")
