@@ -32,6 +32,8 @@ def register(app: typer.Typer) -> None:
                                                      "background (validated, swapped only if not worse)"),
         calib_every: int = typer.Option(1024, "--calib-every", help="new inputs between recalibrations (0: on demand)"),
         calib_cpu_share: float = typer.Option(0.25, "--calib-cpu-share", help="compute share for recalibration"),
+        calib_buffer: int = typer.Option(512, "--calib-buffer", help="recent inputs kept for recalibration "
+                                                                       "(at most 2,000 characters each)"),
     ) -> None:
         """Serve sentence embeddings and manage the models of STORE over HTTP (OpenAPI at /docs)."""
         import logging
@@ -50,7 +52,8 @@ def register(app: typer.Typer) -> None:
             log.warning("no --api-key or $%s: generated API key for this run: %s", API_KEY_ENV, key)
         limits = Limits(max_body_bytes=max_body_bytes, max_batch=max_batch, max_input_chars=max_input_chars,
                         max_inflight=max_inflight)
-        online = OnlineCalibrationConfig(enabled=online_calibration, every=calib_every, cpu_share=calib_cpu_share)
+        online = OnlineCalibrationConfig(enabled=online_calibration, every=calib_every, cpu_share=calib_cpu_share,
+                                         buffer_size=calib_buffer, min_inputs=min(128, calib_buffer))
         service = ModelService(store, key, limits=limits, online=online)
         log.info("serving store %s on http://%s:%d (docs at /docs)", service.store.root, host, port)
         try:
