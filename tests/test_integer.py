@@ -182,14 +182,28 @@ INT_MINILM_COS_MEAN_FLOOR = 0.99  # issue 4 target for the integer-only encoder 
 
 @pytest.fixture(scope="module")
 def integer_minilm(minilm):
+    """Built with one intra-op thread (two OpenMP threads thrash on a shared 2-core box); restored."""
     from lowbit.data import calib_sentences
     from lowbit.integer.minilm import IntegerMiniLM
 
-    return IntegerMiniLM(minilm, calib_sentences(32))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return IntegerMiniLM(minilm, calib_sentences(32))
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.mark.slow
-def test_integer_minilm_cosine_vs_fp32(integer_minilm, minilm):
+def test_integer_minilm_cosine_vs_fp32(integer_minilm, minilm, one_thread):
     from lowbit.data import eval_sentences
 
     sentences = eval_sentences(12)

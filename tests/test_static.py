@@ -136,8 +136,18 @@ def test_cli_quantizes_digits_with_an_observer(tmp_path):
     assert res.exit_code == 2 and "valid observers" in res.output
 
 
+@pytest.fixture
+def one_thread():
+    """MiniLM calibration with one intra-op thread: on a shared 2-core CI box two OpenMP threads spin
+    against each other and the run is ~10x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
-def test_minilm_static_w8a8_cosine(minilm):
+def test_minilm_static_w8a8_cosine(minilm, one_thread):
     from lowbit.data import calib_sentences, eval_sentences
 
     q = lowbit.quantize(copy.deepcopy(minilm), StaticConfig(observer="minmax"), [calib_sentences(32)])
