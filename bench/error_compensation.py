@@ -141,8 +141,10 @@ def render(digits: list[dict], fp32: float, minilm: list[dict], args) -> str:
         lines.append("")
         lines.append("QDrop weight-only = BRECQ (nothing to drop); QAT on MiniLM needs a training objective "
                      "(not done).")
-    lines += ["", f"Command: `python bench/error_compensation.py --iters {args.iters} --qat-epochs {args.qat_epochs}"
-              f"{' --skip-minilm' if args.skip_minilm else ''}`"]
+    flags = (f"--iters {args.iters} --qat-epochs {args.qat_epochs} --minilm-bits {args.minilm_bits} "
+             f"--minilm-group {args.minilm_group} --minilm-iters {args.minilm_iters}"
+             f"{' --skip-minilm' if args.skip_minilm else ''}{' --quick' if args.quick else ''}")
+    lines += ["", f"Command: `python bench/error_compensation.py {flags}`"]
     return "\n".join(lines) + "\n"
 
 
