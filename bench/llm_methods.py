@@ -46,7 +46,7 @@ ROWS = [
 ]
 
 
-def quantize_row(fp, family: str, kw: dict, n_calib: int):
+def quantize_row(fp, family: str, kw: dict, n_calib: int, percdamp: float | None = None):
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
@@ -56,7 +56,8 @@ def quantize_row(fp, family: str, kw: dict, n_calib: int):
         if family == "rtn":
             rtn_decoder(model, **kw)
         elif family == "gptq":
-            lowbit.quantize(model, GPTQConfig(n_calib=n_calib, **kw))
+            extra = {} if percdamp is None else {"percdamp": percdamp}
+            lowbit.quantize(model, GPTQConfig(n_calib=n_calib, **extra, **kw))
         else:
             lowbit.quantize(model, AWQConfig(n_calib=n_calib, **kw))
     return model, t
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 eval windows instead of all")
     ap.add_argument("--calib", type=int, default=8, help="calibration windows of 512 tokens")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded box)")
+    ap.add_argument("--percdamp", type=float, default=None, help="GPTQ damping (default 0.01)")
     ap.add_argument("--part", default="", help="write results/llm_methods_part_<PART>.json (rows run in parallel)")
     ap.add_argument("--merge", action="store_true", help="merge llm_methods*.json parts into llm_methods.md/.json")
     args = ap.parse_args()
@@ -83,12 +85,12 @@ def main() -> None:
     ref = CachedReference(fp)
     base = evaluate(fp, ref, quick=args.quick)
     rows = [{"name": "fp32", **base, "quant_wall_s": 0.0, "quant_cpu_s": 0.0}]
-    meta = {"machine": machine(), "calib_windows": args.calib, "quick": args.quick}
+    meta = {"machine": machine(), "calib_windows": args.calib, "quick": args.quick, "percdamp": args.percdamp}
     for name, family, kw in ROWS:
         if args.only and args.only.lower() not in name.lower():
             continue
         print(f"... {name}", flush=True)
-        model, t = quantize_row(fp, family, kw, args.calib)
+        model, t = quantize_row(fp, family, kw, args.calib, args.percdamp)
         r = evaluate(model, ref, quick=args.quick)
         rows.append({"name": name, "family": family, **kw, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu})
         print(f"    ppl {r['ppl']:.3f}  kl {r['kl']:.4f}  {r['size_mb']:.1f} MB  {t.wall:.0f} s wall / "
