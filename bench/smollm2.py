@@ -26,7 +26,7 @@ import torch
 
 import lowbit
 from lowbit.analysis.evaluate import evaluate
-from lowbit.config import build_config
+from lowbit.algorithms.rtn import WeightOnlyConfig
 from lowbit.io.atomic import atomic_write_text
 from lowbit.models import load_model
 
@@ -34,11 +34,16 @@ log = logging.getLogger("bench.smollm2")
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The licence grants permission to use, copy and modify the software provided that"
 
+# name -> list of configs applied in order (later ones see the layers earlier ones left in float).
 CONFIGS = {
-    "fp32": None,
-    "lowbit-int8-weight-only": ("rtn", {"bits": 8, "group_size": 0}),
-    "lowbit-int4-g128-sym": ("rtn", {"bits": 4, "group_size": 128, "symmetric": True}),
-    "lowbit-int4-g128-affine": ("rtn", {"bits": 4, "group_size": 128, "symmetric": False}),
+    "fp32": [],
+    "lowbit-int8-weight-only": [WeightOnlyConfig(bits=8, group_size=0)],
+    "lowbit-int4-g128-sym": [WeightOnlyConfig(bits=4, group_size=128, symmetric=True)],
+    "lowbit-int4-g128-affine": [WeightOnlyConfig(bits=4, group_size=128, symmetric=False)],
+    # The tied LM head (49152 x 576, a fifth of the weights) is the most sensitive layer at 4 bits.
+    "lowbit-int4-g128-affine+head-int8": [WeightOnlyConfig(bits=4, group_size=128, symmetric=False,
+                                                           exclude=("lm.lm_head",)),
+                                          WeightOnlyConfig(bits=8, group_size=0, include=("lm.lm_head",))],
 }
 
 
@@ -68,8 +73,10 @@ def main(argv=None) -> None:
     log.setLevel(logging.INFO)
     fp32 = load_model("smollm2")
     models = {}
-    for name, spec in CONFIGS.items():
-        m = fp32 if spec is None else lowbit.quantize(copy.deepcopy(fp32), build_config(*spec))
+    for name, configs in CONFIGS.items():
+        m = fp32 if not configs else copy.deepcopy(fp32)
+        for cfg in configs:
+            lowbit.quantize(m, cfg)
         models[name] = m
     rows = {}
     for name, m in models.items():
