@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,9 +32,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lowbit.data import calib_sentences, eval_sentences  # noqa: E402
-from lowbit.mixed.adaptive import (ComplexityRouter, adaptive_encode, fit_router, make_adaptive,  # noqa: E402
+from lowbit.mixed.adaptive import (ComplexityRouter, adaptive_encode, make_adaptive,  # noqa: E402
                                    per_sentence_error, sentence_features, set_mode)
-from lowbit.mixed.profile import time_us, torch_threads  # noqa: E402
+from lowbit.mixed.profile import torch_threads  # noqa: E402
 from lowbit.models import load_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,7 +45,7 @@ log = logging.getLogger("bench.adaptive")
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     fp32 = load_model("minilm")
@@ -64,8 +65,10 @@ def main(argv=None) -> None:
             "fixed 8-bit (mode accurate)": {**fid(err8), "frac_8bit": 1.0}}
     routers = {}
     rng = np.random.default_rng(0)
+    calib_err = per_sentence_error(model, fp32.encode(calib, batch_size=32), calib, "fast")
+    calib_feats = sentence_features(model.tokenizer, calib)
     for p in FRACTIONS:
-        r = fit_router(model, fp32, calib, p)
+        r = ComplexityRouter.fit(calib_feats, calib_err, p)  # = fit_router(model, fp32, calib, p)
         routers[p] = r
         hard = r.hard(feats)
         rows[f"adaptive p={p}"] = {**fid(np.where(hard, err8, err4)), "frac_8bit": float(hard.mean()),
@@ -100,7 +103,9 @@ def main(argv=None) -> None:
             runs[k]()
         for _ in range(args.repeats):
             for k, fn in runs.items():
-                times[k].append(time_us(fn, repeats=3, warmup=0)["median"] / 1e6)
+                start = time.thread_time()
+                fn()
+                times[k].append(time.thread_time() - start)
     for k, ts in times.items():
         rows.setdefault(k, {})
         q1, med, q3 = np.quantile(ts, [0.25, 0.5, 0.75])

@@ -44,16 +44,18 @@ log = logging.getLogger("bench.mixed")
 
 SETTINGS = {
     "minilm": dict(choices=("w2", "w3", "w4", "w8", "w8a8"), group_by="layer", n_calib=64, max_tokens=None,
-                   equal_size=("w3", "w4"), pareto_points=5),
-    "smollm2": dict(choices=("w3", "w4", "w8", "w8a8"), group_by="parent", n_calib=1, max_tokens=256,
-                    equal_size=("w3", "w4"), pareto_points=4),
+                   equal_size=("w3", "w4"), pareto_points=5, eval_windows=None, repeats=7),
+    # SmolLM2: one precision per decoder block (30 units), one 128-token calibration window, 2 eval
+    # windows, fewer timed repeats: the shared machine gave this run ~20% of one core
+    "smollm2": dict(choices=("w3", "w4", "w8", "w8a8"), group_by="block", n_calib=1, max_tokens=128,
+                    equal_size=("w3", "w4"), pareto_points=3, eval_windows=2, repeats=5),
 }
 
 
 class Fidelity:
     """Drift of a model against fp32 on evaluation data (reference outputs computed once)."""
 
-    def __init__(self, fp32, quick: bool):
+    def __init__(self, fp32, quick: bool, windows: int | None = None):
         self.task = fp32.task
         if self.task == "encoder":
             from lowbit.data import eval_sentences
@@ -64,7 +66,7 @@ class Fidelity:
             from lowbit.analysis.evaluate import lm_windows
             from lowbit.data import lm_eval_text
 
-            self.windows = lm_windows(fp32.tokenizer, lm_eval_text(), 512, max_windows=2 if quick else 4)
+            self.windows = lm_windows(fp32.tokenizer, lm_eval_text(), 512, max_windows=2 if quick else (windows or 4))
             with torch.inference_mode():
                 self.ref = [torch.log_softmax(fp32(w[None])[0, :-1].float(), -1) for w in self.windows]
 
@@ -107,6 +109,16 @@ def measure(fp32, problem, alloc, fid, latency: bool = False, repeats: int = 7) 
     return row
 
 
+def save_profile(profile: HardwareProfile, path: Path | None = None) -> None:
+    """Merge into the file on disk first: another bench process may have profiled other models."""
+    path = path or default_profile_path()
+    if path.is_file():
+        disk = HardwareProfile.load(path, check=False)
+        disk.merge(profile)
+        profile.latency_us, profile.switch_us, profile.models = disk.latency_us, disk.switch_us, disk.models
+    profile.save(path)
+
+
 def run_model(name: str, quick: bool, profile: HardwareProfile) -> dict:
     s = SETTINGS[name]
     fp32 = load_model(name)
@@ -117,9 +129,10 @@ def run_model(name: str, quick: bool, profile: HardwareProfile) -> dict:
              len(report.choices), time.time() - t0)
     if name not in profile.models:
         profile_model(fp32, profile, repeats=9 if quick else 15)
-        profile.save(default_profile_path())
+        save_profile(profile)
     problem = build_problem(fp32, report, profile)
-    fid = Fidelity(fp32, quick)
+    fid = Fidelity(fp32, quick, s["eval_windows"])
+    reps = s["repeats"]
     out = {"model": name, "units": len(problem.units), "group_by": s["group_by"], "choices": problem.choices,
            "metric": report.metric, "calibration": report.calibration, "fp32_size_mb": model_size_bytes(fp32) / 1e6,
            "equal_size": [], "pareto": [], "latency": []}
@@ -143,18 +156,18 @@ def run_model(name: str, quick: bool, profile: HardwareProfile) -> dict:
     picks = sorted({int(round(i)) for i in np.linspace(0, len(front) - 2, k)})
     for i in picks:
         front[i].method = f"ilp-front-{front[i].size_mb:.1f}MB"
-        out["pareto"].append(measure(fp32, problem, front[i], fid, latency=True))
+        out["pareto"].append(measure(fp32, problem, front[i], fid, latency=True, repeats=reps))
 
     # 3. latency-constrained: min predicted latency s.t. predicted drift <= uniform w4 / w8 drift
     for c in ("w4", "w8"):
         thr = uniform(problem, c).loss
         a = solve_ilp(problem, "latency", max_loss=thr)
         a.method = f"min-latency s.t. drift <= uniform {c}"
-        row = measure(fp32, problem, a, fid, latency=True)
+        row = measure(fp32, problem, a, fid, latency=True, repeats=reps)
         row["threshold"] = thr
         out["latency"].append(row)
     for c in ("fp32", "w8a8", "w4"):
-        out["latency"].append(measure(fp32, problem, uniform(problem, c), fid, latency=True))
+        out["latency"].append(measure(fp32, problem, uniform(problem, c), fid, latency=True, repeats=reps))
     out["rest_ms"] = profile.models[name]["rest_us"] / 1e3
     out["tokens"] = profile.models[name]["tokens"]
     return out
@@ -252,16 +265,22 @@ def main(argv=None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = default_profile_path()
     profile = HardwareProfile.load(path) if path.is_file() else new_profile()
-    results = []
+    mine = []
+    old = RESULTS / "mixed_precision.json"
     for name in args.models:
         res = run_model(name, args.quick, profile)
-        results.append(res)
+        mine.append(res)
         plot(res, RESULTS / f"pareto_{name}.png")
+        results = []
+        if old.is_file():  # keep other models' results (an earlier run, or a concurrent one)
+            results = [r for r in json.loads(old.read_text()).get("results", []) if r["model"] not in args.models]
+        results = sorted(results + mine, key=lambda r: r["model"])
         (RESULTS / "mixed_precision.json").write_text(json.dumps({"machine": profile.machine, "results": results},
                                                                  indent=1, default=str))
         md = markdown(results, profile.machine)
         (RESULTS / "mixed_precision.md").write_text(md)
-    profile.save(RESULTS / "profile.json")
+    save_profile(profile)
+    save_profile(profile, RESULTS / "profile.json")
     print(md)
 
 
