@@ -38,6 +38,8 @@ def rtn_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool = 
     from lowbit.nn.double_quant import DoubleQuantQLinear
 
     cls = DoubleQuantQLinear if double_quant else WeightOnlyQLinear
+    if not hasattr(model, "lowbit_fp32_numel"):
+        model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())
     for layer in decoder_layers(model):
         for name, m in layer_linears(layer).items():
             g = effective_group_size(m.in_features, group_size)

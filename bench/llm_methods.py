@@ -104,7 +104,7 @@ def main() -> None:
 
 
 def merge() -> None:
-    """One table from the main results file and any --part files (same fp32 baseline: same eval windows)."""
+    """One table (results/llm_methods_merged.md/.json) from the main results file and the --part files."""
     import json
 
     from bench._llm_common import RESULTS
@@ -115,14 +115,21 @@ def merge() -> None:
         if f.is_file():
             d = json.loads(f.read_text())
             meta = meta or d["meta"]
-            rows += [r for r in d["rows"] if r["name"] != "fp32" or not rows]
+            tag = ""
+            if d["meta"].get("percdamp") is not None:
+                tag += f" (percdamp {d['meta']['percdamp']})"
+            if d["meta"].get("calib_windows", 8) != 8:
+                tag += f" ({d['meta']['calib_windows']} calib windows)"
+            for r in d["rows"]:
+                if r["name"] == "fp32" and rows:
+                    continue
+                rows.append({**r, "name": r["name"] + tag} if r["name"] != "fp32" else r)
     order = ["fp32"] + [name for name, _, _ in ROWS]
-    best = {}
-    for r in rows:
-        best[r["name"]] = r
-    rows = [best[n] for n in order if n in best]
+    best = {r["name"]: r for r in rows}
+    extra = [n for n in best if n not in order]
+    rows = [best[n] for n in order if n in best] + [best[n] for n in extra]
     md = render(rows, meta)
-    write_results("llm_methods", rows, md, meta)
+    write_results("llm_methods_merged", rows, md, meta)  # never overwrite the sources
     print(md)
 
 
@@ -138,18 +145,18 @@ def render(rows: list[dict], meta: dict) -> str:
            "Embeddings / tied LM head fp32. Calibration: "
            f"{meta['calib_windows']} x 512 tokens of lm_calib_text; eval: ppl @512 on lm_eval_text"
            f"{' (quick: 2 windows)' if meta.get('quick') else ''}.", "",
-           "| method | ppl | Δppl vs fp32 | share of RTN's Δppl removed | KL | MB | bits/w | quantize wall s | CPU s |",
+           "| method | ppl | Δppl vs fp32 | share of RTN's Δppl removed | KL | MB | bits/w (whole model) | quantize wall s | CPU s |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dppl = r["ppl"] / fp["ppl"] - 1
         share = ""
         if r.get("family") in ("gptq", "awq"):
-            key = r["name"].split(" ", 1)[1].replace(" + double quant", "")
+            key = r["name"].split(" ", 1)[1].replace(" + double quant", "").split(" (")[0]
             rtn = rtn_by_setting.get(key)
             if rtn is not None and rtn["ppl"] > fp["ppl"]:
                 share = f"{100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - fp['ppl']):.0f}%"
         out.append(f"| {r['name']} | {r['ppl']:.3f} | {100 * dppl:+.2f}% | {share} | {r.get('kl', 0):.4f} | "
-                   f"{r['size_mb']:.1f} | {r['bits_per_weight']:.2f} | {r['quant_wall_s']:.0f} | {r['quant_cpu_s']:.0f} |")
+                   f"{r['size_mb']:.1f} | {8 * r['size_bytes'] / fp['fp32_params']:.2f} | {r['quant_wall_s']:.0f} | {r['quant_cpu_s']:.0f} |")
     m = meta["machine"]
     out += ["", f"Machine: {m['cores']} cores, torch threads {m['torch_threads']}, load average at start "
             f"{m['loadavg_1_5_15']}{', at end ' + str(meta['machine_end']['loadavg_1_5_15']) if 'machine_end' in meta else ''}"

@@ -35,6 +35,20 @@ log = logging.getLogger(__name__)
 Process = Callable[[int, nn.Module, list, dict], None]
 
 
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so a layer's freed float weights
+    and temporaries do not stay in the resident set; a no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 class _ReachedLayer(Exception):
     """Raised by the pre-hook on layer 0 to stop the forward once its inputs are captured."""
 
@@ -106,6 +120,8 @@ def process_layerwise(model: nn.Module, batches: list[torch.Tensor], process: Pr
                 materialize(i, layer)
             process(i, layer, hidden, kwargs)
             hidden = run_layer(layer, hidden, kwargs, i)
+            if materialize is not None:
+                release_free_memory()
             bar.advance(task)
     return len(layers)
 
