@@ -10,6 +10,10 @@ import typer
 from lowbit.cli._common import clean_errors
 
 
+def short_name(name: str) -> str:
+    return name.replace("bert.encoder.layer.", "L").replace("lm.model.layers.", "L")
+
+
 def save_chart(report, path: Path, top: int = 40) -> Path:
     """Bar chart of each unit's drift at every choice (log scale), most sensitive first."""
     import matplotlib
@@ -31,7 +35,7 @@ def save_chart(report, path: Path, top: int = 40) -> Path:
     ax.set_ylabel(f"drift when alone quantized: {report.metric}")
     ax.set_title(f"{report.model}: per-{report.group_by} sensitivity (ranked by {rank_choice})")
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
-    ax.set_xticklabels([n.replace("bert.encoder.layer.", "L").replace("lm.model.layers.", "L") for n in names],
+    ax.set_xticklabels([short_name(n) for n in names],
                        rotation=75, ha="right", fontsize=7)
     ax.legend()
     fig.tight_layout()
@@ -59,6 +63,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Quantize each layer alone at each precision; rank layers by the output drift it causes."""
         import json
+        import sys
 
         from rich.console import Console
         from rich.table import Table
@@ -71,7 +76,8 @@ def register(app: typer.Typer) -> None:
         cs = tuple(c.strip() for c in choices.split(",") if c.strip())
         gb = group_by or ("parent" if m.task == "causal-lm" else "layer")
         n = calib or {"causal-lm": 2, "encoder": 64}.get(m.task)
-        report = cached_sensitivity(m, choices=cs, group_by=gb, n_calib=n, max_tokens=max_tokens,
+        report = cached_sensitivity(m, choices=cs, group_by=gb, n_calib=n,
+                                    max_tokens=max_tokens if m.task == "causal-lm" else None,
                                     hessian_samples=hessian)
         rc = rank_by or cs[0]
         t = Table(title=f"{model}: sensitivity per {gb} ({report.metric}; calibration {report.calibration.get('n_samples')} "
@@ -85,10 +91,10 @@ def register(app: typer.Typer) -> None:
 
         for i, (u, e) in enumerate(report.ranked(rc)[:top], 1):
             r = e["choices"][rc]
-            t.add_row(str(i), u, f"{e['params']:,}", f(e.get("hessian_trace")),
+            t.add_row(str(i), short_name(u), f"{e['params']:,}", f(e.get("hessian_trace")),
                       *[f(e["choices"][c].get("drift")) if e["choices"][c].get("allowed") else "n/a" for c in cs],
                       f(r.get("sqnr_db"), ".1f"), f(r.get("loss_delta")), f(r.get("hawq")))
-        Console().print(t)
+        Console(width=None if sys.stdout.isatty() else 200).print(t)
         save_chart(report, png)
         typer.echo(f"chart: {png}")
         if out is not None:
