@@ -38,7 +38,7 @@ class MixedPrecisionConfig(BaseConfig):
     choices: tuple[str, ...] = DEFAULT_CHOICES
     group_by: str = "layer"  # layer | parent | block (see lowbit.mixed.sensitivity)
     assignment: tuple[tuple[str, str], ...] = ()  # explicit (layer, choice) pairs: no solver
-    profile: str | None = None  # hardware profile JSON; None = measure this model now (latency only)
+    profile: str | None = None  # hardware profile JSON; None = this machine's `lowbit profile` output, else measured now
     n_calib: int | None = None  # calibration samples for sensitivity (None = a small default)
     max_tokens: int | None = 256  # LM calibration windows cut to this many tokens
     kernel: str = "auto"
@@ -80,7 +80,7 @@ def _objective(config: MixedPrecisionConfig) -> tuple[str, dict]:
 def plan(model: nn.Module, config: MixedPrecisionConfig, calibration_data=None):
     """Solve the allocation for ``model`` under ``config``: (layer -> choice, Allocation, problem)."""
     from lowbit.mixed.allocate import build_problem, solve_ilp
-    from lowbit.mixed.profile import HardwareProfile, profile_model
+    from lowbit.mixed.profile import HardwareProfile, default_profile_path, profile_model
     from lowbit.mixed.sensitivity import cached_sensitivity, measure_sensitivity
 
     sens_choices = tuple(c for c in config.choices if c != "fp32")
@@ -96,6 +96,8 @@ def plan(model: nn.Module, config: MixedPrecisionConfig, calibration_data=None):
     if objective == "latency" or config.max_latency_ms is not None:
         if config.profile:
             profile = HardwareProfile.load(config.profile)
+        elif default_profile_path().is_file():  # written by `lowbit profile` on this machine
+            profile = HardwareProfile.load(default_profile_path())
         if profile is None or getattr(model, "model_name", None) not in profile.models:
             log.info("measuring a hardware profile for this model (pass profile= to reuse one)")
             profile = profile_model(model, profile)

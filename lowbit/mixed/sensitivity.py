@@ -327,9 +327,16 @@ def cached_sensitivity(model: nn.Module, **kwargs) -> SensitivityReport:
     import lowbit
     from lowbit.models._cache import atomic_write_file, cache_dir, recipe_key
 
+    recipe = {k: v for k, v in kwargs.items() if k != "progress"}
+    if tuple(recipe.get("include", ("*",))) == ("*",) and not tuple(recipe.get("exclude", ())):
+        recipe.pop("include", None)  # defaults do not change the result: keep one cache entry
+        recipe.pop("exclude", None)
+    if getattr(model, "task", None) != "causal-lm" or recipe.get("max_tokens") is None:
+        recipe.pop("max_tokens", None)
+        kwargs.pop("max_tokens", None)
+    recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
     key = recipe_key({"model": getattr(model, "model_name", None), "lowbit": lowbit.__version__,
-                      "torch": torch.__version__, "v": SENSITIVITY_VERSION,
-                      **{k: v for k, v in kwargs.items() if k != "progress"}})
+                      "torch": torch.__version__, "v": SENSITIVITY_VERSION, **recipe})
     path = cache_dir() / f"sensitivity-{getattr(model, 'model_name', 'model')}-{key}.json"
     if path.is_file():
         try:
