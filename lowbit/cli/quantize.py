@@ -6,6 +6,7 @@ Every flag of every scheme is declared here once; each scheme says which it acce
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -50,7 +51,7 @@ def print_comparison(rows: list[dict]) -> None:
         ratio = [(_fmt(r[speed[-1]] / base[speed[-1]], 2) + "×") if speed else ""]
         t.add_row(r.get("scheme", ""), _fmt(r["size_bytes"] / 1e6, 2), _fmt(r["bits_per_weight"], 2),
                   *[_fmt(r.get(k), 5) for k in keys], *[_fmt(r.get(k), 1) for k in speed], *ratio[: len(speed[-1:])])
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 160).print(t)  # no truncated columns in logs
 
 
 def register(app: typer.Typer) -> None:
