@@ -48,7 +48,7 @@ SETTINGS = {
     # SmolLM2: one precision per decoder block (30 units), one 128-token calibration window, 2 eval
     # windows, fewer timed repeats: the shared machine gave this run ~20% of one core
     "smollm2": dict(choices=("w3", "w4", "w8", "w8a8"), group_by="block", n_calib=1, max_tokens=128,
-                    equal_size=("w3", "w4"), pareto_points=3, eval_windows=2, repeats=5),
+                    equal_size=("w4", "w8"), pareto_points=3, eval_windows=2, repeats=5),
 }
 
 
