@@ -373,11 +373,17 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_two_process_ddp_with_each_hook(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for attempt in range(2):  # the probed free port can be taken before gloo binds it: retry once
+        try:
+            mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+            break
+        except mp.ProcessRaisedException:
+            if attempt:
+                raise
     torch.manual_seed(0)
     init = [p.detach() for p in nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).parameters()]
     for name in HOOKS:
-        r0, r1 = (torch.load(tmp_path / f"{name}_{r}.pt") for r in (0, 1))
+        r0, r1 = (torch.load(tmp_path / f"{name}_{r}.pt", weights_only=True) for r in (0, 1))
         for a, b, p0 in zip(r0["params"], r1["params"], init):
             assert torch.equal(a, b), f"{name}: ranks diverged"
             assert torch.isfinite(a).all()
