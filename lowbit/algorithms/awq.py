@@ -34,6 +34,7 @@ from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, capture_inputs
 from lowbit.algorithms._llm import effective_group_size, layer_linears, layer_prefix, lm_calibration, n_tokens
+from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.sequential import process_layerwise, run_layer
 from lowbit.api import QuantizeReport, register_handler
 from lowbit.config import BaseConfig, register_config, register_scheme
@@ -44,7 +45,6 @@ from lowbit.nn.double_quant import DoubleQuantQLinear, double_quant_roundtrip
 
 log = logging.getLogger(__name__)
 
-VALID_BITS = (2, 3, 4, 8)
 CLIP_RATIOS = 20  # shrink ratios 1.0, 0.975, ..., 0.525 (the paper's grid: 0.5..1 in 20 steps)
 CLIP_MIN_RATIO = 0.5
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
@@ -66,14 +66,9 @@ class AWQConfig(BaseConfig):
     kernel: str = "auto"
 
     def __post_init__(self):
-        if self.fmt is None and self.bits not in VALID_BITS:
-            raise ConfigError(f"bits must be one of {VALID_BITS}, got {self.bits}")
-        if self.group_size < 0:
-            raise ConfigError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+        check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
         if self.n_grid < 1:
             raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
-        if self.double_quant and not self.group_size:
-            raise ConfigError("double_quant quantizes group scales: it needs group_size > 0")
 
     @property
     def format_name(self) -> str:
@@ -81,10 +76,7 @@ class AWQConfig(BaseConfig):
 
     @property
     def scheme(self) -> str:
-        gran = f"g{self.group_size}" if self.group_size else "pc"
-        body = self.fmt if self.fmt else f"w{self.bits}"
-        sym = "" if self.fmt else ("-sym" if self.symmetric else "-asym")
-        return f"awq-{body}-{gran}{sym}{'-dq' if self.double_quant else ''}"
+        return weight_scheme_name("awq", self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
 
 
 # ------------------------------------------------------------------------------- the math

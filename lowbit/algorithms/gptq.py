@@ -40,6 +40,7 @@ from lowbit.algorithms._llm import (
     lm_calibration,
     n_tokens,
 )
+from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.sequential import process_layerwise
 from lowbit.api import QuantizeReport, register_handler
 from lowbit.config import BaseConfig, register_config, register_scheme
@@ -50,7 +51,6 @@ from lowbit.nn.double_quant import DoubleQuantQLinear, double_quant_roundtrip
 
 log = logging.getLogger(__name__)
 
-VALID_BITS = (2, 3, 4, 8)
 DEFAULT_PERCDAMP = 0.01  # the paper's 1% of the mean diagonal
 DEFAULT_BLOCK = 128  # lazy-batch width (sec. 4, step 2)
 
@@ -179,16 +179,11 @@ class GPTQConfig(BaseConfig):
     kernel: str = "auto"
 
     def __post_init__(self):
-        if self.fmt is None and self.bits not in VALID_BITS:
-            raise ConfigError(f"bits must be one of {VALID_BITS}, got {self.bits}")
-        if self.group_size < 0:
-            raise ConfigError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+        check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
         if not 0 < self.percdamp < 1:
             raise ConfigError(f"percdamp must be in (0, 1), got {self.percdamp}")
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
-        if self.double_quant and not self.group_size:
-            raise ConfigError("double_quant quantizes group scales: it needs group_size > 0")
 
     @property
     def format_name(self) -> str:
@@ -196,10 +191,7 @@ class GPTQConfig(BaseConfig):
 
     @property
     def scheme(self) -> str:
-        gran = f"g{self.group_size}" if self.group_size else "pc"
-        body = self.fmt if self.fmt else f"w{self.bits}"
-        sym = "" if self.fmt else ("-sym" if self.symmetric else "-asym")
-        return f"gptq-{body}-{gran}{sym}{'-dq' if self.double_quant else ''}"
+        return weight_scheme_name("gptq", self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
 
 
 def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, kernel: str,

@@ -18,7 +18,7 @@ from lowbit.core import get_format
 from lowbit.errors import ConfigError
 from lowbit.nn import QEmbedding, WeightOnlyQLinear
 
-VALID_BITS = (2, 3, 4, 8)
+from lowbit.algorithms._weights import VALID_BITS  # noqa: E402
 
 
 @register_config("weight-only")
