@@ -9,7 +9,8 @@ asymmetric RTN reproduces them almost exactly; methods are judged at **g128 symm
 576-wide q/k/v/o/gate/up inputs (576 is not a multiple of 128): the same for every method.
 Only decoder-layer linears are quantized (embeddings / tied LM head stay fp32, 28% of the weights).
 Calibration: 8 windows x 512 tokens of lowbit.data.lm_calib_text (disjoint from the eval text).
-Metrics: perplexity at context 512 on lm_eval_text, KL(fp32 || model) per token, exact size,
+Metrics: perplexity at context 512 and KL(fp32 || model) per token on two texts (held-out docs:
+the docs topics calibration never uses; the licence: another domain), exact size,
 quantization time (wall and CPU seconds: the machine is shared, CPU time is the steadier figure),
 and for GPTQ/AWQ the share of RTN's perplexity increase they remove.
 
@@ -67,7 +68,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="substring filter on row names, e.g. 'W4'")
     ap.add_argument("--quick", action="store_true", help="2 eval windows instead of all")
-    ap.add_argument("--calib", type=int, default=8, help="calibration windows of 512 tokens")
+    ap.add_argument("--calib", type=int, default=None,
+                    help="calibration windows of 512 tokens (default: each method's own, GPTQ 16, AWQ the 4 its search uses)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded box)")
     ap.add_argument("--percdamp", type=float, default=None, help="GPTQ damping (default 0.01)")
     ap.add_argument("--part", default="", help="write results/llm_methods_part_<PART>.json (rows run in parallel)")
@@ -93,7 +95,7 @@ def main() -> None:
         model, t = quantize_row(fp, family, kw, args.calib, args.percdamp)
         r = evaluate(model, ref, quick=args.quick)
         rows.append({"name": name, "family": family, **kw, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu})
-        print(f"    ppl {r['ppl']:.3f}  kl {r['kl']:.4f}  {r['size_mb']:.1f} MB  {t.wall:.0f} s wall / "
+        print(f"    ppl held-out {r['ppl_heldout']:.3f} (kl {r['kl_heldout']:.4f})  licence {r['ppl']:.3f} (kl {r['kl']:.4f})  {r['size_mb']:.1f} MB  {t.wall:.0f} s wall / "
               f"{t.cpu:.0f} s CPU", flush=True)
         del model
         write_results(out_name, rows, render(rows, meta), meta)  # partial results survive a cut-off
@@ -118,7 +120,7 @@ def merge() -> None:
             tag = ""
             if d["meta"].get("percdamp") is not None:
                 tag += f" (percdamp {d['meta']['percdamp']})"
-            if d["meta"].get("calib_windows", 8) != 8:
+            if d["meta"].get("calib_windows"):
                 tag += f" ({d['meta']['calib_windows']} calib windows)"
             for r in d["rows"]:
                 if r["name"] == "fp32" and rows:
@@ -133,6 +135,24 @@ def merge() -> None:
     print(md)
 
 
+def _share(r: dict, rtn: dict | None, fp: dict, key: str) -> str:
+    """Share of RTN's perplexity increase over fp32 that a method removes, on one text."""
+    if rtn is None or key not in r or rtn[key] <= fp[key]:
+        return ""
+    return f"{100 * (rtn[key] - r[key]) / (rtn[key] - fp[key]):.0f}%"
+
+
+def _calib_text(meta: dict) -> str:
+    if meta.get("calib_windows"):
+        return f"{meta['calib_windows']} x 512 tokens"
+    from lowbit.algorithms.awq import AWQConfig
+    from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, DEFAULT_PERCDAMP
+
+    a = AWQConfig()
+    return (f"each method's defaults: GPTQ {DEFAULT_CALIB_WINDOWS} x 512 tokens, percdamp {DEFAULT_PERCDAMP}; "
+            f"AWQ searches on the first {a.search_tokens} tokens")
+
+
 def render(rows: list[dict], meta: dict) -> str:
     fp = rows[0]
     rtn_by_setting = {}
@@ -143,19 +163,28 @@ def render(rows: list[dict], meta: dict) -> str:
            "Judged at **g128 symmetric / 3-bit / 2-bit** because SmolLM2 came from a Q4_1 (4-bit g32 asym) grid. "
            "g128 = 128 on down_proj, 64 on the 576-wide inputs (576 % 128 != 0), identical for all methods. "
            "Embeddings / tied LM head fp32. Calibration: "
-           f"{meta['calib_windows']} x 512 tokens of lm_calib_text; eval: ppl @512 on lm_eval_text"
-           f"{' (quick: 2 windows)' if meta.get('quick') else ''}.", "",
-           "| method | ppl | Δppl vs fp32 | share of RTN's Δppl removed | KL | MB | bits/w (whole model) | quantize wall s | CPU s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           f"{_calib_text(meta)} of lm_calib_text (the calibration half of the docs topics). "
+           "Two perplexity texts at context 512: **held-out docs** (16 windows of the docs topics calibration "
+           "never sees: same domain) and the **licence** (7 windows of CPython's LICENSE: legal text, another "
+           f"domain){' (quick: 1 and 2 windows)' if meta.get('quick') else ''}. "
+           "'removed' = share of RTN's perplexity increase over fp32 that the method removes (same bits, group, symmetry).",
+           "",
+           "| method | ppl held-out docs | Δ vs fp32 | removed | KL held-out | ppl licence | Δ vs fp32 | removed | "
+           "KL licence | MB | bits/w (whole model) | quantize wall s | CPU s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        dppl = r["ppl"] / fp["ppl"] - 1
-        share = ""
+        rtn = None
         if r.get("family") in ("gptq", "awq"):
             key = r["name"].split(" ", 1)[1].replace(" + double quant", "").split(" (")[0]
             rtn = rtn_by_setting.get(key)
-            if rtn is not None and rtn["ppl"] > fp["ppl"]:
-                share = f"{100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - fp['ppl']):.0f}%"
-        out.append(f"| {r['name']} | {r['ppl']:.3f} | {100 * dppl:+.2f}% | {share} | {r.get('kl', 0):.4f} | "
+        held = ""
+        if "ppl_heldout" in r and "ppl_heldout" in fp:
+            held = (f"{r['ppl_heldout']:.3f} | {100 * (r['ppl_heldout'] / fp['ppl_heldout'] - 1):+.2f}% | "
+                    f"{_share(r, rtn, fp, 'ppl_heldout')} | {r.get('kl_heldout', 0):.4f}")
+        else:
+            held = " | | | "
+        out.append(f"| {r['name']} | {held} | {r['ppl']:.3f} | {100 * (r['ppl'] / fp['ppl'] - 1):+.2f}% | "
+                   f"{_share(r, rtn, fp, 'ppl')} | {r.get('kl', 0):.4f} | "
                    f"{r['size_mb']:.1f} | {8 * r['size_bytes'] / fp['fp32_params']:.2f} | {r['quant_wall_s']:.0f} | {r['quant_cpu_s']:.0f} |")
     m = meta["machine"]
     out += ["", f"Machine: {m['cores']} cores, torch threads {m['torch_threads']}, load average at start "

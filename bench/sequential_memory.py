@@ -68,7 +68,8 @@ def child(mode: str, calib: int) -> None:
             out["fp32_model_mb"] = model_size_bytes(model) / 1e6
             lowbit.quantize(model, cfg, batches)
         else:
-            model = quantize_from_safetensors(folder, make_gptq_process(cfg, "lm.model.layers", rep, {}), batches)
+            model = quantize_from_safetensors(folder, make_gptq_process(cfg, "lm.model.layers", rep, {}), batches,
+                                              skeleton=skel)
         out["quantized_model_mb"] = model_size_bytes(model) / 1e6
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)

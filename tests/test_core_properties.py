@@ -48,6 +48,22 @@ def test_unpack_pack_roundtrip_unsigned(bits, n, data):
     assert torch.equal(unpack(packed, bits, (n,)), q)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_unpack_in_chunks_equals_one_pass(bits, monkeypatch):
+    """unpack() works in chunks of packed rows to bound its temporaries; chunk edges must not show."""
+    import importlib
+
+    pack_mod = importlib.import_module("lowbit.core.pack")  # the module (lowbit.core.pack is the function)
+
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (7, 13), generator=g, dtype=torch.int8)
+    packed = pack(q, bits, signed=True)
+    whole = unpack(packed, bits, q.shape, signed=True)
+    monkeypatch.setattr(pack_mod, "UNPACK_CHUNK", 3)  # 91 codes = 12 packed rows -> 4 chunks
+    assert torch.equal(unpack(packed, bits, q.shape, signed=True), whole)
+    assert torch.equal(whole, q)
+
+
 @pytest.mark.parametrize("fmt", [f for f in FORMATS.values() if f.kind is not Kind.CAST], ids=lambda f: f.name)
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000))

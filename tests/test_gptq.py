@@ -73,7 +73,7 @@ def test_lazy_cholesky_gptq_equals_slow_obs_reference(block_size):
     g.H = (2 * x.T @ x / x.shape[0]).float()
     g.n = x.shape[0]
     codes, qp, _ = g.solve(w.float(), "int4", True, 0, block_size=block_size, act_order=False,
-                           scale_dtype=None, dtype=torch.float64)
+                           scale_dtype=None, dtype=torch.float64, percdamp=0.01)
     ref = _obs_reference(w, g.H.double(), qp.scale.double(), 7, 0.01)
     assert torch.equal(codes.long(), ref)
 
@@ -184,3 +184,18 @@ def test_double_quant_scales_roundtrip_and_storage():
     re.load_state_dict(dq.state_dict())
     x = torch.randn(3, 576)
     assert torch.equal(re(x), dq(x))
+
+
+def test_inverse_factor_is_shared_until_new_inputs_arrive():
+    """q/k/v share one Hessian: the Cholesky factor is computed once, and recomputed after add_batch."""
+    x = _inputs(100, 8).float()
+    g = GPTQ(8)
+    g.add_batch(x)
+    perm, u = g.inverse_factor(0.1, True, torch.float32)
+    assert g.inverse_factor(0.1, True, torch.float32)[1] is u
+    assert g.inverse_factor(0.01, True, torch.float32)[1] is not u  # another damping: another factor
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    a = g.solve(w, "int4", True, 0)[0]
+    assert torch.equal(g.solve(w, "int4", True, 0)[0], a)  # reuse gives the same codes
+    g.add_batch(x[:10] * 3)
+    assert g._factor is None

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.algorithms._calib import calibration_info, capture_inputs
+from lowbit.algorithms._calib import LM_CALIB_WINDOW, calibration_info, capture_inputs
 from lowbit.algorithms._llm import effective_group_size, layer_linears, layer_prefix, lm_calibration, n_tokens
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.sequential import process_layerwise, run_layer
@@ -62,7 +62,7 @@ class AWQConfig(BaseConfig):
     clip: bool = True
     search_tokens: int = 2048  # calibration tokens used by the scale search (whole windows)
     clip_tokens: int = 512  # tokens sampled for the clipping search
-    n_calib: int | None = None
+    n_calib: int | None = None  # None: the windows search_tokens needs
     kernel: str = "auto"
 
     def __post_init__(self):
@@ -237,7 +237,9 @@ def _store(m: nn.Linear, config: AWQConfig, group_size: int) -> nn.Module:
 
 @register_handler(AWQConfig)
 def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) -> QuantizeReport:
-    batches, source = lm_calibration(model, calibration_data, config.n_calib)
+    # By default only the windows the scale search uses: more would be run through every layer for nothing.
+    batches, source = lm_calibration(model, calibration_data,
+                                     config.n_calib or max(1, config.search_tokens // LM_CALIB_WINDOW))
     prefix = layer_prefix(model)
     report = QuantizeReport()
     stats: dict = {}

@@ -35,18 +35,40 @@ log = logging.getLogger(__name__)
 Process = Callable[[int, nn.Module, list, dict], None]
 
 
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so a layer's freed float weights
-    and temporaries do not stay in the resident set; a no-op where glibc is absent."""
+def _libc():
+    """glibc through ctypes, or None where it is absent (then the memory helpers are no-ops)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so a layer's freed float weights
+    and temporaries do not stay in the resident set; a no-op where glibc is absent."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def map_large_allocations() -> None:
+    """Serve every allocation of 1 MiB or more with its own ``mmap``, so it returns to the OS when freed.
+
+    glibc otherwise raises its mmap threshold after the first large free (up to 32 MiB), and later
+    layer-sized buffers come from the heap, where freed pages stay resident until a trim: the peak
+    resident set then holds several layers' worth of dead temporaries. Process-wide, and it turns
+    off glibc's dynamic threshold for the rest of the process; used by the from-disk path only."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 class _ReachedLayer(Exception):
@@ -120,6 +142,9 @@ def process_layerwise(model: nn.Module, batches: list[torch.Tensor], process: Pr
                 materialize(i, layer)
             process(i, layer, hidden, kwargs)
             hidden = run_layer(layer, hidden, kwargs, i)
+            for m in layer.modules():  # kernel-layout copies are rebuilt when the model is used
+                if hasattr(m, "release_kernel_layout"):
+                    m.release_kernel_layout()
             if materialize is not None:
                 release_free_memory()
             bar.advance(task)
@@ -207,16 +232,20 @@ def smollm2_skeleton(folder: Path):
     return CausalLM(lm.eval(), tokenizer).eval()
 
 
-def quantize_from_safetensors(folder: str | Path, process: Process, batches: list[torch.Tensor]) -> nn.Module:
+def quantize_from_safetensors(folder: str | Path, process: Process, batches: list[torch.Tensor],
+                              skeleton: nn.Module | None = None) -> nn.Module:
     """Build a causal LM from ``folder`` (HF layout, one ``model.safetensors``) a layer at a time.
 
     Only the embeddings, final norm and rotary tables are materialised up front; each decoder layer
     is read from disk, processed (quantized) by ``process``, and its float weights released.
+    ``skeleton``: the model from :func:`smollm2_skeleton` if the caller already built one (to
+    tokenize the calibration text), so the tokenizer is not loaded twice; it is filled in place.
     """
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     folder = Path(folder)
-    model = smollm2_skeleton(folder)
+    map_large_allocations()
+    model = skeleton if skeleton is not None else smollm2_skeleton(folder)
     inner = model.lm.model
     with SafetensorsReader(folder / "model.safetensors") as reader:
         load_module_from(reader, inner.embed_tokens, "model.embed_tokens")

@@ -6,7 +6,9 @@
   evaluation corpus, top-10 retrieval-neighbour agreement, sentences/s at batch 1 and 32
   (tokenization included);
 - ``causal-lm``: perplexity at context 512 on the licence text (non-overlapping windows), mean
-  KL(p_fp32 || p_model) of next-token distributions on the same tokens, prefill tokens/s;
+  KL(p_fp32 || p_model) of next-token distributions on the same tokens, the same two on 16 windows
+  of held-out docs text (``ppl_heldout``, ``kl_heldout``: the docs topics LM calibration never
+  uses), prefill tokens/s;
 - ``classifier``: top-1 accuracy (%) on the held-out digits split, samples/s.
 
 Every result also carries ``model``, ``scheme``, ``task``, ``size_bytes`` (exact, see
@@ -32,6 +34,7 @@ from lowbit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 LM_CONTEXT = 512
+LM_HELDOUT_WINDOWS = 16  # 8k tokens of the held-out docs text (quick: 1)
 ENCODER_SENTENCES = 256  # the fixed evaluation corpus size
 TOPK = 10
 
@@ -125,13 +128,9 @@ def _fp32_smollm2():
     return load_smollm2()
 
 
-def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: bool) -> dict:
-    """ppl at context 512, mean next-token KL(p_ref || p_model) and prefill tokens/s on the licence text."""
-    from lowbit.data import lm_eval_text
-
-    windows = lm_windows(model.tokenizer, lm_eval_text(), LM_CONTEXT, max_windows=2 if quick else None)
-    if reference is None and not (_is_fp32(model) and getattr(model, "model_name", None) == "smollm2"):
-        reference = _fp32_smollm2()
+def lm_scores(model: nn.Module, reference: nn.Module | None, windows: torch.Tensor) -> dict:
+    """Perplexity ``exp(mean NLL)`` and mean next-token ``KL(p_ref || p_model)`` over ``windows`` (W, T)
+    of token ids, each window scored on its own; also the median prefill seconds per window."""
     nll, kl, count, times = 0.0, 0.0, 0, []
     with torch.inference_mode():
         for window in windows:
@@ -146,12 +145,30 @@ def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: boo
                 kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
             count += len(window) - 1
     timed = times[1:] if len(times) > 1 else times  # the first window doubles as warm-up
+    return {"ppl": math.exp(nll / count), "kl": kl / count, "n_windows": len(windows),
+            "seconds_per_window": statistics.median(timed)}
+
+
+def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: bool) -> dict:
+    """ppl and mean next-token KL at context 512 on the licence text (``ppl``, ``kl``) and on the
+    held-out docs text (``ppl_heldout``, ``kl_heldout``), and prefill tokens/s."""
+    from lowbit.data import lm_eval_text, lm_heldout_text
+
+    if reference is None and not (_is_fp32(model) and getattr(model, "model_name", None) == "smollm2"):
+        reference = _fp32_smollm2()
+    lic = lm_scores(model, reference, lm_windows(model.tokenizer, lm_eval_text(), LM_CONTEXT,
+                                                 max_windows=2 if quick else None))
+    held = lm_scores(model, reference, lm_windows(model.tokenizer, lm_heldout_text(), LM_CONTEXT,
+                                                  max_windows=1 if quick else LM_HELDOUT_WINDOWS))
     return {
-        "n_windows": len(windows),
+        "n_windows": lic["n_windows"],
         "context": LM_CONTEXT,
-        "ppl": math.exp(nll / count),
-        "kl": kl / count,
-        "prefill_tps": LM_CONTEXT / statistics.median(timed),
+        "ppl": lic["ppl"],
+        "kl": lic["kl"],
+        "n_windows_heldout": held["n_windows"],
+        "ppl_heldout": held["ppl"],
+        "kl_heldout": held["kl"],
+        "prefill_tps": LM_CONTEXT / lic["seconds_per_window"],
     }
 
 

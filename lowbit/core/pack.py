@@ -19,6 +19,8 @@ import torch
 
 from lowbit.errors import ConfigError
 
+UNPACK_CHUNK = 1 << 16  # packed rows (8 codes each) per step of unpack()
+
 
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes that :func:`pack` produces for ``numel`` codes of ``bits`` bits."""
@@ -57,11 +59,14 @@ def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch.Size,
     expected = packed_nbytes(numel, bits)
     if packed.numel() != expected:
         raise ConfigError(f"packed buffer has {packed.numel()} bytes, expected {expected} for {numel} {bits}-bit codes")
-    b = packed.reshape(-1, bits).to(torch.int64)  # (n/8, bits)
+    b = packed.reshape(-1, bits)  # (n/8, bits): each row holds 8 codes
     byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    word = (b << byte_shifts).sum(dim=1)  # (n/8,)
     shifts = torch.arange(8, dtype=torch.int64) * bits
-    codes = ((word[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]  # (n,)
+    codes = torch.empty(b.shape[0] * 8, dtype=torch.uint8)  # (n padded to 8,)
+    for start in range(0, b.shape[0], UNPACK_CHUNK):  # int64 temporaries stay a few MB, whatever n
+        word = (b[start:start + UNPACK_CHUNK].to(torch.int64) << byte_shifts).sum(dim=1)  # (chunk,)
+        codes[start * 8:(start + UNPACK_CHUNK) * 8] = ((word[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+    codes = codes[:numel]
     if signed:
-        return (codes - (1 << (bits - 1))).to(torch.int8).reshape(shape)
-    return codes.to(torch.uint8).reshape(shape)
+        return (codes.to(torch.int16) - (1 << (bits - 1))).to(torch.int8).reshape(shape)
+    return codes.reshape(shape)

@@ -2,7 +2,8 @@
 
 Sentences (encoders) come from the Python documentation topics; evaluation and calibration draw
 from disjoint halves of those topics, so calibration never sees evaluation text. The causal-LM
-perplexity text is the Python licence; the LM calibration text is the calibration half of the docs.
+perplexity text is the Python licence, with the evaluation half of the docs as a second, held-out
+perplexity text; the LM calibration text is the calibration half of the docs.
 Same install → same data on every call; ``overlap`` measures contamination between two sets.
 """
 
@@ -53,6 +54,15 @@ def lm_eval_text() -> str:
 
 
 @functools.cache
+def lm_heldout_text() -> str:
+    """A second perplexity text for causal LMs (~128 kB): the evaluation half of the docs prose.
+
+    Same domain as :func:`lm_calib_text` but disjoint topics, so it measures how a calibrated method
+    generalises within its domain; the licence text measures it across domains."""
+    return "\n\n".join(docs_prose("eval"))
+
+
+@functools.cache
 def lm_calib_text() -> str:
     """Calibration text for causal LMs (~110 kB): the calibration half of the docs prose, paragraphs joined."""
     return "\n\n".join(docs_prose("calib"))
@@ -63,4 +73,4 @@ def max_sentences(half: str = "eval") -> int:
     return len(_pool(half))
 
 
-__all__ = ["eval_sentences", "calib_sentences", "lm_eval_text", "lm_calib_text", "overlap", "max_sentences"]
+__all__ = ["eval_sentences", "calib_sentences", "lm_eval_text", "lm_heldout_text", "lm_calib_text", "overlap", "max_sentences"]

@@ -250,7 +250,12 @@ class WeightOnlyQLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._choice = self._fast = None  # the kernel layout derives from the loaded codes
+        self.release_kernel_layout()  # the kernel layout derives from the loaded codes
+
+    def release_kernel_layout(self) -> None:
+        """Drop the fast kernel's copy of the weights (rebuilt on the next forward). Sequential
+        quantization calls this on each processed layer, so memory holds only the stored form."""
+        self._choice = self._fast = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._choice is None:
