@@ -49,8 +49,8 @@ def test_unpack_pack_roundtrip_unsigned(bits, n, data):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_unpack_in_chunks_equals_one_pass(bits, monkeypatch):
-    """unpack() works in chunks of packed rows to bound its temporaries; chunk edges must not show."""
+def test_pack_and_unpack_in_chunks_equal_one_pass(bits, monkeypatch):
+    """pack() / unpack() work in chunks of runs to bound their temporaries; chunk edges must not show."""
     import importlib
 
     pack_mod = importlib.import_module("lowbit.core.pack")  # the module (lowbit.core.pack is the function)
@@ -59,7 +59,8 @@ def test_unpack_in_chunks_equals_one_pass(bits, monkeypatch):
     q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (7, 13), generator=g, dtype=torch.int8)
     packed = pack(q, bits, signed=True)
     whole = unpack(packed, bits, q.shape, signed=True)
-    monkeypatch.setattr(pack_mod, "UNPACK_CHUNK", 3)  # 91 codes = 12 packed rows -> 4 chunks
+    monkeypatch.setattr(pack_mod, "UNPACK_CHUNK", 3)  # 91 codes = 12 runs -> 4 chunks
+    assert torch.equal(pack(q, bits, signed=True), packed)
     assert torch.equal(unpack(packed, bits, q.shape, signed=True), whole)
     assert torch.equal(whole, q)
 

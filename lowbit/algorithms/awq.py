@@ -158,7 +158,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
         seen: dict[str, list] = {n: [] for n in watch}
         with capture_inputs({f"{prefix}.{i}.{n}": m for n, m in watch.items()},
                             lambda f, x: seen[f[len(f"{prefix}.{i}."):]].append(x)):
-            run_layer(layer, inputs[:n_win], kwargs, i)
+            run_layer(layer, inputs[:n_win], kwargs, i, keep=False)
         x_attn = seen["self_attn.q_proj"]  # normed inputs (B, T, C) per window
         x_mlp = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen["mlp.gate_proj"]])  # (M, C)
         x_down = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen["mlp.down_proj"]])  # (M, I)

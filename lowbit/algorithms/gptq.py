@@ -72,10 +72,9 @@ class GPTQ:
         """Fold inputs ``x`` (..., K) into the running mean of ``2 x x^T``."""
         x = x.reshape(-1, self.in_features).to(self.H.dtype)  # (M, K)
         m = x.shape[0]
-        self.H *= self.n / (self.n + m)
+        # H <- H n/(n+m) + 2/(n+m) x^T x, in place: no (K, K) temporary
+        self.H.addmm_(x.T, x, beta=self.n / (self.n + m), alpha=2.0 / (self.n + m))
         self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.H += x.T @ x
         self._factor = None
 
     def inverse_factor(self, percdamp: float, act_order: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +280,7 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
         hess = {n: GPTQ(linears[n].in_features) for n in set(owner.values())}
         full = {f"{prefix}.{i}.{n}": n for n in hess}  # hooks name the full layer on NaN
         with capture_inputs({f: linears[n] for f, n in full.items()}, lambda f, x: hess[full[f]].add_batch(x)):
-            run_layer(layer, inputs, kwargs, i)
+            run_layer(layer, inputs, kwargs, i, keep=False)
         for n, m in linears.items():
             t = time.perf_counter()
             g = effective_group_size(m.in_features, config.group_size)

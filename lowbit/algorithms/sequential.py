@@ -112,8 +112,12 @@ def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple
     return inputs, shared
 
 
-def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, index: int | None = None) -> list[torch.Tensor]:
-    """Outputs of one decoder layer for each input; a non-finite output names the layer."""
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, index: int | None = None,
+              keep: bool = True) -> list[torch.Tensor]:
+    """Outputs of one decoder layer for each input; a non-finite output names the layer.
+
+    ``keep=False`` runs the layer only for its hooks (statistics passes) and returns ``[]``, so the
+    outputs of all windows are never alive at once."""
     outs = []
     with torch.inference_mode():
         for h in inputs:
@@ -121,7 +125,8 @@ def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, index:
             y = y[0] if isinstance(y, tuple) else y
             if not torch.isfinite(y).all():
                 raise CalibrationError(f"non-finite (NaN/inf) output from decoder layer {index} during calibration")
-            outs.append(y)
+            if keep:
+                outs.append(y)
     return outs
 
 
@@ -141,7 +146,8 @@ def process_layerwise(model: nn.Module, batches: list[torch.Tensor], process: Pr
             if materialize is not None:
                 materialize(i, layer)
             process(i, layer, hidden, kwargs)
-            hidden = run_layer(layer, hidden, kwargs, i)
+            for j in range(len(hidden)):  # outputs replace inputs window by window: one copy alive, not two
+                hidden[j] = run_layer(layer, [hidden[j]], kwargs, i)[0]
             for m in layer.modules():  # kernel-layout copies are rebuilt when the model is used
                 if hasattr(m, "release_kernel_layout"):
                     m.release_kernel_layout()

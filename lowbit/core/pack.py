@@ -19,7 +19,7 @@ import torch
 
 from lowbit.errors import ConfigError
 
-UNPACK_CHUNK = 1 << 16  # packed rows (8 codes each) per step of unpack()
+UNPACK_CHUNK = 1 << 16  # runs of 8 codes per step of pack() / unpack(): bounds their int64 temporaries
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -35,21 +35,23 @@ def _check_bits(bits: int) -> None:
 def pack(q: torch.Tensor, bits: int, signed: bool = False) -> torch.Tensor:
     """Pack integer codes (any shape) into a flat uint8 tensor of ``packed_nbytes(q.numel(), bits)``."""
     _check_bits(bits)
-    v = q.reshape(-1).to(torch.int64)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):  # checked before any narrowing cast
+        raise ConfigError(f"codes out of range for {bits}-bit {'signed' if signed else 'unsigned'} packing [{lo}, {hi}]")
+    v = q.reshape(-1).to(torch.int16)  # wide enough for a signed 8-bit code plus its offset
     if signed:
         v = v + (1 << (bits - 1))
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
-        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-        raise ConfigError(f"codes out of range for {bits}-bit {'signed' if signed else 'unsigned'} packing [{lo}, {hi}]")
     pad = (-v.numel()) % 8
     if pad:
         v = torch.cat([v, v.new_zeros(pad)])
     runs = v.reshape(-1, 8)  # (n/8, 8): eight codes per run
     shifts = torch.arange(8, dtype=torch.int64) * bits
-    word = (runs << shifts).sum(dim=1)  # (n/8,) integers of 8*bits bits
     byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    out = (word[:, None] >> byte_shifts) & 0xFF  # (n/8, bits) little-endian bytes
-    return out.to(torch.uint8).reshape(-1)
+    out = torch.empty(runs.shape[0], bits, dtype=torch.uint8)  # (n/8, bits) little-endian bytes
+    for start in range(0, runs.shape[0], UNPACK_CHUNK):  # int64 temporaries stay a few MB, whatever n
+        word = (runs[start:start + UNPACK_CHUNK].to(torch.int64) << shifts).sum(dim=1)  # (chunk,) 8*bits-bit ints
+        out[start:start + UNPACK_CHUNK] = (word[:, None] >> byte_shifts) & 0xFF
+    return out.reshape(-1)
 
 
 def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch.Size, signed: bool = False) -> torch.Tensor:
