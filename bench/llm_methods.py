@@ -66,7 +66,7 @@ def quantize_row(fp, family: str, kw: dict, n_calib: int, percdamp: float | None
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="", help="substring filter on row names, e.g. 'W4'")
+    ap.add_argument("--only", default="", help="comma-separated substrings of row names, e.g. 'W4 g128,NF4'")
     ap.add_argument("--quick", action="store_true", help="2 eval windows instead of all")
     ap.add_argument("--calib", type=int, default=None,
                     help="calibration windows of 512 tokens (default: each method's own, GPTQ 16, AWQ the 4 its search uses)")
@@ -89,7 +89,7 @@ def main() -> None:
     rows = [{"name": "fp32", **base, "quant_wall_s": 0.0, "quant_cpu_s": 0.0}]
     meta = {"machine": machine(), "calib_windows": args.calib, "quick": args.quick, "percdamp": args.percdamp}
     for name, family, kw in ROWS:
-        if args.only and args.only.lower() not in name.lower():
+        if args.only and not any(f.strip().lower() in name.lower() for f in args.only.split(",")):
             continue
         print(f"... {name}", flush=True)
         model, t = quantize_row(fp, family, kw, args.calib, args.percdamp)

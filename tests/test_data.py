@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lowbit.data import calib_sentences, eval_sentences, lm_calib_text, lm_eval_text, max_sentences, overlap
+from lowbit.data import (calib_sentences, eval_sentences, lm_calib_text, lm_eval_text, lm_heldout_text, max_sentences,
+                         overlap)
 from lowbit.errors import ConfigError
 
 # Stock phrases ("the numeric arguments are first converted to a") recur across the docs'
@@ -42,6 +43,12 @@ def test_lm_texts():
     text = lm_eval_text()
     assert "PYTHON SOFTWARE FOUNDATION LICENSE" in text and len(text) > 10_000
     assert len(lm_calib_text()) > 50_000
+
+
+def test_lm_heldout_text_is_disjoint_from_lm_calibration():
+    held = lm_heldout_text()
+    assert len(held) > 50_000
+    assert overlap([held], lm_calib_text()) < MAX_CALIB_EVAL_NGRAM_OVERLAP  # stock phrases only
 
 
 def test_overlap_semantics():

@@ -38,8 +38,9 @@ def test_evaluate_encoder(minilm):
 
 def test_evaluate_causal_lm(smollm2_quick_eval):
     result = smollm2_quick_eval
-    assert COMMON_FIELDS | {"ppl", "kl", "prefill_tps"} <= result.keys()
+    assert COMMON_FIELDS | {"ppl", "kl", "prefill_tps", "ppl_heldout", "kl_heldout"} <= result.keys()
     assert math.isfinite(result["ppl"]) and result["kl"] == 0.0 and result["prefill_tps"] > 0
+    assert math.isfinite(result["ppl_heldout"]) and result["kl_heldout"] == 0.0 and result["n_windows_heldout"] == 1
     # tied input/output embeddings are one storage: counted once
     assert abs(result["bits_per_weight"] - 32.0) < 0.01
 
