@@ -151,6 +151,30 @@ def test_sequential_from_safetensors_equals_in_memory(tmp_path):
         torch.testing.assert_close(b(ids), a(ids))
 
 
+def test_quantize_from_disk_matches_lowbit_quantize_and_saves(tmp_path):
+    from lowbit.algorithms.awq import AWQConfig
+    from lowbit.algorithms.from_disk import quantize_from_disk
+
+    fp = tiny_llama()
+    fp.lm.save_pretrained(str(tmp_path / "fp"))
+    calib = tiny_batches(4, 64)
+    cfg = GPTQConfig(bits=4, group_size=16)
+    a = lowbit.quantize(copy.deepcopy(fp), cfg, calib)
+    b = quantize_from_disk(tmp_path / "fp", cfg, calib)
+    assert b.lowbit_scheme == a.lowbit_scheme and b.lowbit_report.layers == a.lowbit_report.layers
+    assert b.lowbit_calibration["sha256"] == a.lowbit_calibration["sha256"]
+    for name in a.lowbit_report.layers:
+        assert torch.equal(a.get_submodule(name).qweight, b.get_submodule(name).qweight), name
+    lowbit.save(b, tmp_path / "q")  # the same files as an in-memory run
+    assert (tmp_path / "q" / "metadata.json").is_file()
+    c = quantize_from_disk(tmp_path / "fp", AWQConfig(bits=4, group_size=16), calib)
+    assert len(c.lowbit_report.layers) == 14
+    with pytest.raises(ConfigError, match="supports gptq and awq"):
+        quantize_from_disk(tmp_path / "fp", build_config("w8a8", {}), calib)
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        quantize_from_disk(tmp_path, cfg, calib)
+
+
 def test_calibration_overlap_warns(caplog):
     from lowbit.data import lm_eval_text
 

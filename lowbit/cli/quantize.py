@@ -54,6 +54,22 @@ def print_comparison(rows: list[dict]) -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(t)  # no truncated columns in logs
 
 
+def _quantize_low_memory(model: str, config, calib: int | None, log):
+    """``--low-memory``: GPTQ/AWQ a decoder layer at a time from SmolLM2's fp32 safetensors cache."""
+    from lowbit.algorithms.from_disk import quantize_from_disk
+    from lowbit.errors import ConfigError
+    from lowbit.models.smollm2 import _cache_path, load_smollm2, smollm2_gguf
+
+    if model != "smollm2":
+        raise ConfigError(f"--low-memory applies to causal LMs (smollm2), not {model}")
+    folder = _cache_path(smollm2_gguf())
+    if not folder.is_dir():  # the GGUF -> fp32 safetensors conversion itself needs the whole model once
+        log.info("building the fp32 safetensors cache once (this step loads the whole model)")
+        load_smollm2()  # writes the cache; the returned model is dropped at once
+    log.info("low memory: layers read one at a time from %s; evaluate afterwards with `lowbit eval DIR`", folder)
+    return quantize_from_disk(folder, config, n_calib=calib)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @clean_errors
@@ -75,6 +91,9 @@ def register(app: typer.Typer) -> None:
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="mixed precision: latency budget"),
         kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache quantization for generation: int8 | int4"),
         no_eval: bool = typer.Option(False, "--no-eval", help="skip the fp32-vs-quantized measurement"),
+        low_memory: bool = typer.Option(False, "--low-memory",
+                                        help="gptq/awq on smollm2: read one decoder layer at a time from the fp32 "
+                                             "safetensors cache, never holding the float model (implies --no-eval)"),
         quick: bool = typer.Option(False, "--quick", help="measure on fewer samples (faster, noisier)"),
         compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                                 help="measure the quantized model under torch.compile "
@@ -111,10 +130,14 @@ def register(app: typer.Typer) -> None:
         from lowbit.models import load_model
 
         log = logging.getLogger("lowbit.cli")
-        fp32 = load_model(model)
-        qmodel = copy.deepcopy(fp32)
-        calibration = default_calibration(qmodel, calib) if calib else None
-        lowbit.quantize(qmodel, config, calibration)
+        if low_memory:
+            qmodel = _quantize_low_memory(model, config, calib, log)
+            no_eval = True
+        else:
+            fp32 = load_model(model)
+            qmodel = copy.deepcopy(fp32)
+            calibration = default_calibration(qmodel, calib) if calib else None
+            lowbit.quantize(qmodel, config, calibration)
         rows = []
         fidelity = {}
         if not no_eval:

@@ -1,0 +1,73 @@
+"""GPTQ / AWQ straight from a safetensors folder, never holding the float model (``--low-memory``).
+
+:func:`quantize_from_disk` is :func:`lowbit.quantize` for the layer-by-layer path of
+``sequential.quantize_from_safetensors``: the skeleton lives on ``meta``, each decoder layer is read
+from disk, quantized and its float weights dropped; the result carries the same attributes
+(``lowbit_config``, ``lowbit_scheme``, ``lowbit_report``, ``lowbit_calibration``) so ``lowbit.save``
+writes the same files as after an in-memory run. Peak memory is measured in
+``bench/sequential_memory.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.algorithms._calib import calibration_info
+from lowbit.algorithms._llm import lm_calibration, n_tokens
+from lowbit.algorithms.awq import AWQConfig, make_awq_process
+from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
+from lowbit.algorithms.sequential import quantize_from_safetensors, smollm2_skeleton
+from lowbit.api import QuantizeReport
+from lowbit.config import config_to_json
+from lowbit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LAYERS_PREFIX = "lm.model.layers"  # where CausalLM keeps a Llama's decoder layers
+SUPPORTED = (GPTQConfig, AWQConfig)
+
+
+def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_calib: int | None = None) -> nn.Module:
+    """Quantize the causal LM saved in ``folder`` (HF layout: config, tokenizer, ``model.safetensors``)
+    with a GPTQ or AWQ ``config``, one decoder layer in memory at a time; returns the quantized model.
+
+    Calibration: ``calibration_data`` (token-id batches) or the built-in text, ``n_calib`` windows."""
+    if not isinstance(config, SUPPORTED):
+        raise ConfigError(f"low-memory (layer-from-disk) quantization supports gptq and awq, not {config.scheme}")
+    folder = Path(folder)
+    if not (folder / "model.safetensors").is_file():
+        raise ConfigError(f"{folder}: no model.safetensors to read layers from")
+    model = smollm2_skeleton(folder)
+    model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())  # meta tensors know their size
+    if isinstance(config, GPTQConfig):
+        n = n_calib or config.n_calib or DEFAULT_CALIB_WINDOWS
+    else:
+        n = n_calib or config.n_calib or max(1, config.search_tokens // 512)
+    batches, source = lm_calibration(model, calibration_data, n)
+    report = QuantizeReport()
+    stats: dict = {}
+    log.info("quantize from disk: %s", config_to_json(config))
+    t0 = time.perf_counter()
+    if isinstance(config, GPTQConfig):
+        widest = max(model.lm.config.hidden_size, model.lm.config.intermediate_size)
+        check_enough_tokens(batches, widest, batches[0].shape[-1])
+        process = make_gptq_process(config, LAYERS_PREFIX, report, stats)
+    else:
+        process = make_awq_process(config, LAYERS_PREFIX, report, stats)
+    with torch.no_grad():
+        quantize_from_safetensors(folder, process, batches, skeleton=model)
+    report.extra[config.kind] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches),
+                                 "layers": stats, "from_disk": True}
+    if not report.layers:
+        raise ConfigError(f"{config.scheme}: no layer matched (include={list(config.include)}, "
+                          f"exclude={list(config.exclude)}); nothing was quantized")
+    model.lowbit_calibration = calibration_info(batches, source)
+    model.lowbit_config = config
+    model.lowbit_scheme = config.scheme
+    model.lowbit_report = report
+    return model
