@@ -43,12 +43,16 @@ def main() -> None:
         m = lowbit.quantize(copy.deepcopy(fp), WAConfig(alpha=alpha))
         r = evaluate(m, ref, quick=not args.full)
         rows.append({"alpha": a, **r})
-        print(a, r["ppl"], r["kl"], flush=True)
+        print(a, r["ppl"], r["kl"], r["ppl_heldout"], r["kl_heldout"], flush=True)
         md = ["# SmoothQuant W8A8 on SmolLM2-135M vs alpha", "",
-              f"ppl @512 on lm_eval_text{'' if args.full else ' (2 windows)'}; fp32 ppl {base['ppl']:.4f}.", "",
-              "| alpha | ppl | Δppl vs fp32 | KL |", "|---|---|---|---|"]
-        md += [f"| {r['alpha']} | {r['ppl']:.4f} | {100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {r['kl']:.4f} |"
-               for r in rows[1:]]
+              f"ppl @512 on the licence text (lm_eval_text{'' if args.full else ', 2 windows'}; fp32 {base['ppl']:.4f}) "
+              f"and on the held-out docs text (lm_heldout_text{', 16 windows' if args.full else ', 1 window'}; "
+              f"fp32 {base['ppl_heldout']:.4f}). Calibration: 8 x 512 tokens of lm_calib_text.", "",
+              "| alpha | ppl licence | Δppl | KL licence | ppl held-out | Δppl | KL held-out |",
+              "|---|---|---|---|---|---|---|"]
+        md += [f"| {r['alpha']} | {r['ppl']:.4f} | {100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {r['kl']:.4f} | "
+               f"{r['ppl_heldout']:.4f} | {100 * (r['ppl_heldout'] / base['ppl_heldout'] - 1):+.2f}% | "
+               f"{r['kl_heldout']:.4f} |" for r in rows[1:]]
         md += ["", f"Machine: {meta['machine']}", ""]
         write_results("smoothquant_alpha", rows, "\n".join(md), meta)
     print("\n".join(md))
