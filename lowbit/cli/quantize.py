@@ -42,7 +42,8 @@ def print_comparison(rows: list[dict]) -> None:
     from rich.table import Table
 
     base = rows[0]
-    keys = [k for k in ("cos_mean", "cos_min", "top10_agreement", "ppl", "kl", "accuracy") if k in base or k in rows[-1]]
+    keys = [k for k in ("cos_mean", "cos_min", "top10_agreement", "ppl", "kl", "ppl_heldout", "kl_heldout", "accuracy")
+            if k in base or k in rows[-1]]
     speed = [k for k in ("sps_b1", "sps_b32", "prefill_tps", "decode_tps", "sps") if k in base]
     t = Table(title=f"{base.get('model')}: measured on this machine")
     for col in ["scheme", "size MB", "bits/weight", *keys, *speed, *[f"{k} ×fp32" for k in speed[-1:]]]:
