@@ -48,3 +48,15 @@ def smollm2_quick_eval(smollm2):
     from lowbit.analysis.evaluate import evaluate
 
     return evaluate(smollm2, quick=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny layers and matmuls run 10-40x faster on one thread on a shared 2-core machine (no OpenMP
+    spin-waiting); modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

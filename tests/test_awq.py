@@ -16,13 +16,7 @@ from lowbit.nn import WeightOnlyQLinear
 from tests._tiny_llama import tiny_batches, tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matmuls on a loaded 2-core machine run ~30x faster on one thread (no spin contention)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops, one thread
 
 
 def _output_err(model, fp, ids) -> float:

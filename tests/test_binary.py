@@ -19,13 +19,7 @@ DIGITS_XNOR_SHORT_FLOOR = 85.0  # 4 epochs: measured ~90% (20 epochs, the defaul
 DIGITS_TTQ_SHORT_FLOOR = 97.0  # 3 epochs: measured 98.7% at 5 (fp32 99.3%)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small layers: one thread avoids OpenMP spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops, one thread
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 5, 63), (4, 7, 64), (2, 9, 65), (17, 33, 1000), (64, 128, 1024)])

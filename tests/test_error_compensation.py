@@ -21,13 +21,7 @@ from lowbit.errors import CalibrationError, ConfigError
 ITERS = 150  # enough for every method to pull ahead of RTN on this model (it does at ~50)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny layers: one thread avoids OpenMP spin-waiting on a shared 2-core machine (25x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops, one thread
 
 
 def small_model() -> nn.Module:

@@ -12,12 +12,7 @@ from lowbit.nn.kv_cache import KVCacheLM, QuantizedKVCache, QuantizedKVLayer, kv
 from tests._tiny_llama import tiny_batches, tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops, one thread
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ from lowbit.nn.mixed_linear import MixedInt8Linear
 from tests._tiny_llama import tiny_batches, tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops, one thread
 
 
 def _rel_err(model, fp, ids) -> float:

@@ -19,12 +19,7 @@ DIGITS_W4A4_QAT_FLOOR = 98.5  # fp32 99.3; target within 0.5 pt in the bench (8 
 DIGITS_W2A4_QAT_FLOOR = 97.3  # target: within 2 pt of fp32; measured 98.7 (5 epochs), 2 epochs here
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops, one thread
 
 
 def tiny():
