@@ -170,7 +170,12 @@ def override(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
+def option_bool(v) -> bool:
+    """A scheme option as a bool: bools from the CLI, strings ("1", "true", "yes") from JSON or HTTP."""
+    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+
+
 __all__ = [
     "BaseConfig", "Kernel", "CONFIGS", "SCHEMES", "Scheme", "register_config", "register_scheme",
-    "config_to_json", "config_from_json", "build_config", "list_schemes", "override", "field",
+    "config_to_json", "config_from_json", "build_config", "list_schemes", "override", "field", "option_bool",
 ]

@@ -37,7 +37,7 @@ from lowbit.algorithms._llm import effective_group_size, layer_linears, layer_pr
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.sequential import process_layerwise, run_layer
 from lowbit.api import QuantizeReport, register_handler
-from lowbit.config import BaseConfig, register_config, register_scheme
+from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import choose_qparams, dequantize, per_channel, per_group, quantize
 from lowbit.errors import ConfigError
 from lowbit.nn import WeightOnlyQLinear, weight_format
@@ -250,13 +250,9 @@ def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) ->
     return report
 
 
-def _bool(v) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
-
-
 @register_scheme("awq", "AWQ weight-only: activation-aware channel scales folded into the norms + clipping "
                  "search, decoder layers one at a time: --bits --group-size --symmetric/--affine; causal LMs only",
                  options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
 def _awq_scheme(options: dict) -> AWQConfig:
     return AWQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
-                     symmetric=_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+                     symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))

@@ -28,7 +28,7 @@ from lowbit.algorithms._learned import QuantLayer
 from lowbit.algorithms._ptq import PTQBase, run_ptq
 from lowbit.algorithms._recon import _run_until
 from lowbit.api import register_handler
-from lowbit.config import register_config, register_scheme
+from lowbit.config import option_bool, register_config, register_scheme
 from lowbit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -143,10 +143,6 @@ def _bias_correction(model: nn.Module, config: BiasCorrectionConfig, calibration
     return run_ptq(model, config, calibration_data, fn)
 
 
-def _bool(v) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
-
-
 def scheme_builder(cls, act_bits: int | None, **fixed):
     """A CLI scheme builder: ``--bits`` (and ``--group-size`` / ``--symmetric`` weight-only) into ``cls``."""
 
@@ -155,7 +151,7 @@ def scheme_builder(cls, act_bits: int | None, **fixed):
         if "group_size" in options:
             kw["group_size"] = int(options["group_size"])
         if "symmetric" in options:
-            kw["symmetric"] = _bool(options["symmetric"])
+            kw["symmetric"] = option_bool(options["symmetric"])
         if "kernel" in options:
             kw["kernel"] = options["kernel"]
         return cls(**kw)

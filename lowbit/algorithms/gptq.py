@@ -43,7 +43,7 @@ from lowbit.algorithms._llm import (
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.sequential import process_layerwise
 from lowbit.api import QuantizeReport, register_handler
-from lowbit.config import BaseConfig, register_config, register_scheme
+from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import Kind, QParams, choose_qparams, get_format, per_channel, per_group
 from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn import WeightOnlyQLinear, weight_format
@@ -300,16 +300,12 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
     return process
 
 
-def _bool(v) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
-
-
 @register_scheme("gptq", "GPTQ weight-only (Hessian error compensation, act-order, lazy blocks), decoder layers "
                  "one at a time: --bits {2,3,4,8} --group-size N --symmetric/--affine; causal LMs only",
                  options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
 def _gptq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
-                      symmetric=_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+                      symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
 
 
 @register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",

@@ -13,7 +13,7 @@ from torch import nn
 
 from lowbit.algorithms._swap import swap_modules
 from lowbit.api import register_handler
-from lowbit.config import BaseConfig, register_config, register_scheme
+from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import get_format
 from lowbit.errors import ConfigError
 from lowbit.nn import QEmbedding, WeightOnlyQLinear
@@ -61,17 +61,13 @@ def _quantize_weight_only(model: nn.Module, config: WeightOnlyConfig, calibratio
     return report
 
 
-def _bool(v) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
-
-
 @register_scheme("rtn", "weight-only round-to-nearest: --bits {2,3,4,8} --group-size N (0 = per channel) "
                  "--symmetric/--affine", options=("bits", "group_size", "symmetric", "kernel"))
 def _rtn(options: dict) -> WeightOnlyConfig:
     bits = int(options.get("bits", 4))
     default_group = 0 if bits == 8 else 128
     return WeightOnlyConfig(bits=bits, group_size=int(options.get("group_size", default_group)),
-                            symmetric=_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+                            symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
 
 
 @register_scheme("nf4", "weight-only NormalFloat-4 codebook (QLoRA) per group: --group-size N",

@@ -38,14 +38,19 @@ def _epilogue(accs, w_scale, s_x, bias, out_dtype, shape):
     return y.to(out_dtype).reshape(*shape[:-1], -1)
 
 
+def _activation_codes(x: torch.Tensor, act_bits: int, smooth_inv: torch.Tensor | None):
+    """Per-token codes (M, K) and scales of ``x * smooth_inv``, x flattened to (M, K): shared by both twins."""
+    x2 = x.reshape(-1, x.shape[-1]).float()  # (M, K)
+    if smooth_inv is not None:
+        x2 = x2 * smooth_inv
+    return quantize_tokens(x2, act_bits)
+
+
 def wa_linear(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor, group_size: int, act_bits: int,
               bias: torch.Tensor | None, smooth_inv: torch.Tensor | None = None) -> torch.Tensor:
     """Fast path. ``qweight_t`` int8 (K, N); ``w_scale`` fp32 (N, G) with ``G = K / group_size``."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()  # (M, K)
-    if smooth_inv is not None:
-        x2 = x2 * smooth_inv
-    q, s_x = quantize_tokens(x2, act_bits)
+    q, s_x = _activation_codes(x, act_bits, smooth_inv)
     g = group_size
     accs = [torch._int_mm(q[:, j * g:(j + 1) * g].contiguous(), qweight_t[j * g:(j + 1) * g])
             for j in range(w_scale.shape[1])]  # G x (M, N) int32
@@ -56,10 +61,7 @@ def wa_linear_ref(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tenso
                   bias: torch.Tensor | None, smooth_inv: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: the same integer products in int64 by a plain matmul, same epilogue."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()  # (M, K)
-    if smooth_inv is not None:
-        x2 = x2 * smooth_inv
-    q, s_x = quantize_tokens(x2, act_bits)
+    q, s_x = _activation_codes(x, act_bits, smooth_inv)
     g = group_size
     accs = [(q[:, j * g:(j + 1) * g].long() @ qweight_t[j * g:(j + 1) * g].long()).to(torch.int32)
             for j in range(w_scale.shape[1])]
