@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -372,14 +373,20 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_two_process_ddp_with_each_hook(tmp_path):
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
-    for attempt in range(2):  # the probed free port can be taken before gloo binds it: retry once
+    # Two processes on a shared machine: the probed free port can be taken before gloo binds it, and a
+    # worker was seen to exit early once in ~10 full-suite runs. Retry (twice) any process failure; a
+    # real bug fails all three attempts, and each failure is reported as a warning.
+    attempts = 3
+    for attempt in range(attempts):
         try:
             mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
             break
-        except mp.ProcessRaisedException:
-            if attempt:
+        except ProcessException as exc:  # ProcessRaisedException or ProcessExitedException
+            if attempt == attempts - 1:
                 raise
+            warnings.warn(f"DDP attempt {attempt + 1} failed, retrying: {exc!r}"[:500], stacklevel=1)
     torch.manual_seed(0)
     init = [p.detach() for p in nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).parameters()]
     for name in HOOKS:
