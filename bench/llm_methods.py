@@ -1,20 +1,23 @@
 """RTN vs GPTQ vs AWQ (and NF4 with / without double quantization) on SmolLM2-135M.
 
-    .venv/bin/python bench/llm_methods.py                 # every row (long on a shared 2-core box)
-    .venv/bin/python bench/llm_methods.py --only w4 --quick
+    .venv/bin/python bench/llm_methods.py                 # every row, one process (~40 min on 2 cores)
+    .venv/bin/python bench/llm_methods.py --only "W4 g128,W2" --part a   # two halves side by side,
+    .venv/bin/python bench/llm_methods.py --only "W3 g128,NF4" --part b   # one per core,
+    .venv/bin/python bench/llm_methods.py --merge                        # -> llm_methods_merged.md
 
 SmolLM2's weights were dequantized from Q4_1 (4-bit, blocks of 32, asymmetric), so 4-bit g32
 asymmetric RTN reproduces them almost exactly; methods are judged at **g128 symmetric**, 3-bit and
 2-bit. "g128" means 128 where the input width allows it (down_proj, 1536 inputs) and 64 for the
 576-wide q/k/v/o/gate/up inputs (576 is not a multiple of 128): the same for every method.
 Only decoder-layer linears are quantized (embeddings / tied LM head stay fp32, 28% of the weights).
-Calibration: 8 windows x 512 tokens of lowbit.data.lm_calib_text (disjoint from the eval text).
+Calibration: each method's default on lowbit.data.lm_calib_text (GPTQ 16 x 512 tokens, AWQ the
+4 windows its search uses), disjoint from both evaluation texts; --calib overrides it for all.
 Metrics: perplexity at context 512 and KL(fp32 || model) per token on two texts (held-out docs:
 the docs topics calibration never uses; the licence: another domain), exact size,
 quantization time (wall and CPU seconds: the machine is shared, CPU time is the steadier figure),
 and for GPTQ/AWQ the share of RTN's perplexity increase they remove.
 
-Writes bench/results/llm_methods.md and .json.
+Writes bench/results/llm_methods.md and .json (or llm_methods_part_<PART>.* with --part).
 """
 
 from __future__ import annotations
