@@ -99,6 +99,8 @@ def test_cli_refuses_existing_out_and_unknown_names(tmp_path):
     assert r.exit_code == 2 and "minilm" in r.output
     r = runner.invoke(app, ["quantize", "--model", "digits", "--scheme", "magic"])
     assert r.exit_code == 2 and "w8a8-dynamic" in r.output
+    r = runner.invoke(app, ["quantize", "--model", "digits", "--scheme", "rtn", "--low-memory"])
+    assert r.exit_code == 2 and "--low-memory applies to causal LMs" in r.output
 
 
 def test_cli_quantize_digits_end_to_end(tmp_path):
