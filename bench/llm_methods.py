@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded box)")
     ap.add_argument("--percdamp", type=float, default=None, help="GPTQ damping (default 0.01)")
     ap.add_argument("--part", default="", help="write results/llm_methods_part_<PART>.json (rows run in parallel)")
-    ap.add_argument("--merge", action="store_true", help="merge llm_methods*.json parts into llm_methods.md/.json")
+    ap.add_argument("--merge", action="store_true", help="merge llm_methods.json and the part files into llm_methods_merged.md/.json")
     args = ap.parse_args()
     if args.merge:
         return merge()
