@@ -33,14 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._llm_common import CachedReference, Timer, machine, quiet, rtn_decoder, write_results  # noqa: E402
 
-# (row name, family, kwargs); family "rtn" | "gptq" | "awq"
+# (row name, family, kwargs); family "rtn" | "gptq" | "awq" | "awq-gptq" (AWQ scales + clipping, GPTQ rounding)
 ROWS = [
     ("RTN W4 g128 sym", "rtn", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True)),
     ("AWQ W4 g128 sym", "awq", dict(bits=4, group_size=128, symmetric=True)),
+    ("AWQ+GPTQ W4 g128 sym", "awq-gptq", dict(bits=4, group_size=128, symmetric=True)),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("AWQ W3 g128 sym", "awq", dict(bits=3, group_size=128, symmetric=True)),
+    ("AWQ+GPTQ W3 g128 sym", "awq-gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("RTN W2 g64 asym", "rtn", dict(bits=2, group_size=64, symmetric=False)),
     ("GPTQ W2 g64 asym", "gptq", dict(bits=2, group_size=64, symmetric=False)),
     ("AWQ W2 g64 asym", "awq", dict(bits=2, group_size=64, symmetric=False)),
@@ -63,7 +65,8 @@ def quantize_row(fp, family: str, kw: dict, n_calib: int, percdamp: float | None
             extra = {} if percdamp is None else {"percdamp": percdamp}
             lowbit.quantize(model, GPTQConfig(n_calib=n_calib, **extra, **kw))
         else:
-            lowbit.quantize(model, AWQConfig(n_calib=n_calib, **kw))
+            rounding = "gptq" if family == "awq-gptq" else "rtn"
+            lowbit.quantize(model, AWQConfig(n_calib=n_calib, rounding=rounding, **kw))
     return model, t
 
 
@@ -177,7 +180,7 @@ def render(rows: list[dict], meta: dict) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rtn = None
-        if r.get("family") in ("gptq", "awq"):
+        if r.get("family") in ("gptq", "awq", "awq-gptq"):
             key = r["name"].split(" ", 1)[1].replace(" + double quant", "").split(" (")[0]
             rtn = rtn_by_setting.get(key)
         held = ""

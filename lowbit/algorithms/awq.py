@@ -24,6 +24,7 @@ outputs of the already-quantized layers before it.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import time
@@ -35,6 +36,7 @@ from torch import nn
 from lowbit.algorithms._calib import LM_CALIB_WINDOW, calibration_info, capture_inputs
 from lowbit.algorithms._llm import effective_group_size, layer_linears, layer_prefix, lm_calibration, n_tokens
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
+from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
 from lowbit.algorithms.sequential import process_layerwise, run_layer
 from lowbit.api import QuantizeReport, register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 CLIP_RATIOS = 20  # shrink ratios 1.0, 0.975, ..., 0.525 (the paper's grid: 0.5..1 in 20 steps)
 CLIP_MIN_RATIO = 0.5
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+ROUNDINGS = ("rtn", "gptq")
 
 
 @register_config("awq")
@@ -62,13 +65,29 @@ class AWQConfig(BaseConfig):
     clip: bool = True
     search_tokens: int = 2048  # calibration tokens used by the scale search (whole windows)
     clip_tokens: int = 512  # tokens sampled for the clipping search
-    n_calib: int | None = None  # None: the windows search_tokens needs
+    n_calib: int | None = None  # None: the windows search_tokens needs (GPTQ's default with rounding="gptq")
     kernel: str = "auto"
+    rounding: str = "rtn"  # "gptq": GPTQ's error-compensating rounding of the scaled, clipped layer
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
         if self.n_grid < 1:
             raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+
+    def calibration_windows(self) -> int:
+        """512-token windows to calibrate on: n_calib, else what the scale search (and GPTQ) need."""
+        if self.n_calib:
+            return self.n_calib
+        search = max(1, self.search_tokens // LM_CALIB_WINDOW)
+        return max(search, DEFAULT_CALIB_WINDOWS) if self.rounding == "gptq" else search
+
+    def gptq_config(self) -> GPTQConfig:
+        """The GPTQ settings of the ``rounding="gptq"`` step (same bits, groups, format, layers)."""
+        return GPTQConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, fmt=self.fmt,
+                          double_quant=self.double_quant, kernel=self.kernel, include=self.include,
+                          exclude=self.exclude)
 
     @property
     def format_name(self) -> str:
@@ -76,7 +95,8 @@ class AWQConfig(BaseConfig):
 
     @property
     def scheme(self) -> str:
-        return weight_scheme_name("awq", self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
+        method = "awq" if self.rounding == "rtn" else "awq-gptq"
+        return weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
 
 
 # ------------------------------------------------------------------------------- the math
@@ -210,12 +230,23 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
                     idx = torch.randperm(x.shape[0], generator=gen)[: config.clip_tokens]
                     w = search_clip(w, x[idx].float(), config, g(m))
                 m.weight.data = w
-                layer.set_submodule(n, _store(m, config, g(m)))
-                report.layers[f"{prefix}.{i}.{n}"] = layer.get_submodule(n).spec()
+                if config.rounding == "rtn":
+                    layer.set_submodule(n, _store(m, config, g(m)))
+                    report.layers[f"{prefix}.{i}.{n}"] = layer.get_submodule(n).spec()
         info["seconds"] = time.perf_counter() - t0
         stats[f"{prefix}.{i}"] = info
 
-    return process
+    if config.rounding == "rtn":
+        return process
+    # rounding="gptq": the layer stays float after scaling and clipping; GPTQ then collects Hessians
+    # of its (now scaled) inputs in one more pass and rounds with error compensation.
+    gptq_step = make_gptq_process(config.gptq_config(), prefix, report, stats)
+
+    def scale_then_gptq(i: int, layer: nn.Module, inputs: list, kwargs: dict) -> None:
+        process(i, layer, inputs, kwargs)
+        gptq_step(i, layer, inputs, kwargs)
+
+    return scale_then_gptq
 
 
 def _attn_kwargs(kwargs: dict) -> dict:
@@ -237,9 +268,12 @@ def _store(m: nn.Linear, config: AWQConfig, group_size: int) -> nn.Module:
 
 @register_handler(AWQConfig)
 def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) -> QuantizeReport:
-    # By default only the windows the scale search uses: more would be run through every layer for nothing.
-    batches, source = lm_calibration(model, calibration_data,
-                                     config.n_calib or max(1, config.search_tokens // LM_CALIB_WINDOW))
+    # By default only the windows the scale search (and GPTQ) use: more would run through every layer for nothing.
+    batches, source = lm_calibration(model, calibration_data, config.calibration_windows())
+    if config.rounding == "gptq":
+        check_enough_tokens(batches, max(m.in_features for m in model.modules() if isinstance(m, nn.Linear)
+                                         and m is not getattr(getattr(model, "lm", model), "lm_head", None)),
+                            batches[0].shape[-1])
     prefix = layer_prefix(model)
     report = QuantizeReport()
     stats: dict = {}
@@ -256,3 +290,10 @@ def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) ->
 def _awq_scheme(options: dict) -> AWQConfig:
     return AWQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
                      symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+
+
+@register_scheme("awq-gptq", "AWQ's channel scales and clipping, then GPTQ's error-compensating rounding of the "
+                 "transformed layer: --bits --group-size --symmetric/--affine; causal LMs only",
+                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+def _awq_gptq_scheme(options: dict) -> AWQConfig:
+    return dataclasses.replace(_awq_scheme(options), rounding="gptq")

@@ -44,18 +44,17 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
         raise ConfigError(f"{folder}: no model.safetensors to read layers from")
     model = smollm2_skeleton(folder)
     model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())  # meta tensors know their size
-    if isinstance(config, GPTQConfig):
-        n = n_calib or config.n_calib or DEFAULT_CALIB_WINDOWS
-    else:
-        n = n_calib or config.n_calib or max(1, config.search_tokens // 512)
+    n = n_calib or (config.n_calib or DEFAULT_CALIB_WINDOWS if isinstance(config, GPTQConfig)
+                    else config.calibration_windows())
     batches, source = lm_calibration(model, calibration_data, n)
     report = QuantizeReport()
     stats: dict = {}
     log.info("quantize from disk: %s", config_to_json(config))
     t0 = time.perf_counter()
-    if isinstance(config, GPTQConfig):
+    if isinstance(config, GPTQConfig) or config.rounding == "gptq":
         widest = max(model.lm.config.hidden_size, model.lm.config.intermediate_size)
         check_enough_tokens(batches, widest, batches[0].shape[-1])
+    if isinstance(config, GPTQConfig):
         process = make_gptq_process(config, LAYERS_PREFIX, report, stats)
     else:
         process = make_awq_process(config, LAYERS_PREFIX, report, stats)
