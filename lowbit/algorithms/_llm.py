@@ -101,5 +101,10 @@ def warn_if_overlaps_eval(model: nn.Module, batches: list[torch.Tensor]) -> floa
     return frac
 
 
+def widest_input(model: nn.Module) -> int:
+    """The largest ``in_features`` among the decoder layers' linears (works on a ``meta`` skeleton too)."""
+    return max(m.in_features for layer in decoder_layers(model) for m in layer_linears(layer).values())
+
+
 def n_tokens(batches: list[torch.Tensor]) -> int:
     return int(sum(b.numel() for b in batches))

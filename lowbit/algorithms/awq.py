@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from lowbit.algorithms._calib import LM_CALIB_WINDOW, calibration_info, capture_inputs
-from lowbit.algorithms._llm import effective_group_size, layer_linears, layer_prefix, lm_calibration, n_tokens
+from lowbit.algorithms._llm import (effective_group_size, layer_linears, layer_prefix, lm_calibration, n_tokens,
+                                   widest_input)
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
 from lowbit.algorithms.sequential import process_layerwise, run_layer
@@ -271,9 +272,7 @@ def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) ->
     # By default only the windows the scale search (and GPTQ) use: more would run through every layer for nothing.
     batches, source = lm_calibration(model, calibration_data, config.calibration_windows())
     if config.rounding == "gptq":
-        check_enough_tokens(batches, max(m.in_features for m in model.modules() if isinstance(m, nn.Linear)
-                                         and m is not getattr(getattr(model, "lm", model), "lm_head", None)),
-                            batches[0].shape[-1])
+        check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
     prefix = layer_prefix(model)
     report = QuantizeReport()
     stats: dict = {}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms._calib import calibration_info
-from lowbit.algorithms._llm import lm_calibration, n_tokens
+from lowbit.algorithms._llm import lm_calibration, n_tokens, widest_input
 from lowbit.algorithms.awq import AWQConfig, make_awq_process
 from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
 from lowbit.algorithms.sequential import quantize_from_safetensors, smollm2_skeleton
@@ -44,16 +44,17 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
         raise ConfigError(f"{folder}: no model.safetensors to read layers from")
     model = smollm2_skeleton(folder)
     model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())  # meta tensors know their size
-    n = n_calib or (config.n_calib or DEFAULT_CALIB_WINDOWS if isinstance(config, GPTQConfig)
-                    else config.calibration_windows())
+    if isinstance(config, GPTQConfig):
+        n = n_calib or config.n_calib or DEFAULT_CALIB_WINDOWS
+    else:
+        n = n_calib or config.calibration_windows()
     batches, source = lm_calibration(model, calibration_data, n)
     report = QuantizeReport()
     stats: dict = {}
     log.info("quantize from disk: %s", config_to_json(config))
     t0 = time.perf_counter()
     if isinstance(config, GPTQConfig) or config.rounding == "gptq":
-        widest = max(model.lm.config.hidden_size, model.lm.config.intermediate_size)
-        check_enough_tokens(batches, widest, batches[0].shape[-1])
+        check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
     if isinstance(config, GPTQConfig):
         process = make_gptq_process(config, LAYERS_PREFIX, report, stats)
     else:

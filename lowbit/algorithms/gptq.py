@@ -39,6 +39,7 @@ from lowbit.algorithms._llm import (
     layer_prefix,
     lm_calibration,
     n_tokens,
+    widest_input,
 )
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.sequential import process_layerwise
@@ -238,10 +239,7 @@ def check_enough_tokens(batches: list[torch.Tensor], in_features: int, window: i
 def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) -> QuantizeReport:
     batches, source = lm_calibration(model, calibration_data, config.n_calib or DEFAULT_CALIB_WINDOWS)
     prefix = layer_prefix(model)
-    from lowbit.algorithms._llm import decoder_layers
-
-    widest = max(m.in_features for layer in decoder_layers(model) for m in layer_linears(layer).values())
-    check_enough_tokens(batches, widest, batches[0].shape[-1])
+    check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
     report = QuantizeReport()
     stats: dict[str, dict] = {}
     t0 = time.perf_counter()

@@ -129,8 +129,9 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
         from lowbit.algorithms.gptq import GPTQConfig, check_enough_tokens, make_gptq_process
         from lowbit.algorithms.sequential import process_layerwise
 
-        widest = max(m.in_features for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm.lm_head)
-        check_enough_tokens(batches, widest, batches[0].shape[-1])
+        from lowbit.algorithms._llm import widest_input
+
+        check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
         gcfg = GPTQConfig(bits=config.weight_bits, group_size=config.group_size, symmetric=config.symmetric,
                           include=config.include, exclude=config.exclude)
 
