@@ -80,9 +80,9 @@ def test_generate_through_transformers(tiny):
     ids = tiny_batches(n=1, length=40, seed=5)[0]
     cache = QuantizedKVCache(tiny.lm.config, bits=8, group=8, residual=8)
     with torch.no_grad():
-        out = tiny.lm.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False,
+        out = tiny.lm.generate(ids, cache=cache, max_new_tokens=12, do_sample=False,
                                pad_token_id=0)
-        ref = tiny.lm.generate(ids, past_key_values=DynamicCache(config=tiny.lm.config), max_new_tokens=12,
+        ref = tiny.lm.generate(ids, cache=DynamicCache(config=tiny.lm.config), max_new_tokens=12,
                                do_sample=False, pad_token_id=0)
     assert out.shape == (1, 52)
     assert cache.get_seq_length() == 51  # the last generated token is never fed back
@@ -98,7 +98,7 @@ def test_bytes_per_token_and_bad_input(tiny):
     assert b8 < fp / 2.5 and b4 < 0.7 * b8
     cache = make_cache(cfg, "int4")
     with torch.no_grad():
-        tiny.lm(input_ids=tiny_batches(1, 64)[0], past_key_values=cache, use_cache=True)
+        tiny.lm(input_ids=tiny_batches(1, 64)[0], cache=cache, use_cache=True)
     assert 0 < cache.nbytes() < 64 * fp
     with pytest.raises(ConfigError, match="valid: int8, int4"):
         make_cache(cfg, "int3")

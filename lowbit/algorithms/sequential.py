@@ -94,9 +94,9 @@ def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple
             raise CalibrationError("non-finite (NaN/inf) activation entering decoder layer 0 during calibration")
         inputs.append(hidden.detach())
         if not shared:
-            shared.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            shared.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")})
             shared["use_cache"] = False
-            shared["past_key_values"] = None
+            shared["cache"] = None  # transformers >= 5.25 names the cache `cache` (was `past_key_values`)
         raise _ReachedLayer
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)

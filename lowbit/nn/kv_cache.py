@@ -12,7 +12,7 @@ Affine b-bit grid over a range [lo, hi]: ``scale = (hi - lo) / (2^b - 1)``, ``q 
 scale)``, ``x ~ lo + scale * q``; ``lo`` and ``scale`` are stored in fp16, int4 codes two per byte.
 Attention reads the dequantized past (the integer codes are what is held in memory).
 
-:class:`QuantizedKVCache` is the ``Cache`` to pass as ``past_key_values``; :class:`KVCacheLM` wraps a
+:class:`QuantizedKVCache` is the ``Cache`` to pass as ``cache=``; :class:`KVCacheLM` wraps a
 ``CausalLM`` so that its forward runs the text in chunks through such a cache, which is how
 ``evaluate`` measures the perplexity / KL effect of the cache.
 """
@@ -68,6 +68,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype  # transformers >= 5.25 no longer sets it on DynamicLayer
         self.shape = key_states.shape[:2] + key_states.shape[3:]  # (B, H, D)
 
     # ---- storage -----------------------------------------------------------------------------
@@ -145,8 +146,8 @@ class QuantizedKVLayer(DynamicLayer):
 class QuantizedKVCache(Cache):
     """A ``transformers`` cache with one :class:`QuantizedKVLayer` per decoder layer.
 
-    ``model.generate(ids, past_key_values=QuantizedKVCache(model.config, bits=4))`` or any forward
-    with ``past_key_values=`` and ``use_cache=True``.
+    ``model.generate(ids, cache=QuantizedKVCache(model.config, bits=4))`` or any forward
+    with ``cache=`` and ``use_cache=True`` (transformers >= 5.25; ``past_key_values=`` is deprecated).
     """
 
     def __init__(self, config, bits: int = 8, group: int = DEFAULT_GROUP, residual: int = DEFAULT_RESIDUAL):
@@ -202,7 +203,7 @@ class KVCacheLM(nn.Module):
         logits = []
         for start in range(0, input_ids.shape[-1], self.chunk):
             ids = input_ids[:, start:start + self.chunk]  # (B, C)
-            out = lm(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = lm(input_ids=ids, cache=cache, use_cache=True)
             logits.append(out.logits)
         self.last_cache = cache
         return torch.cat(logits, dim=1)  # (B, T, V)
