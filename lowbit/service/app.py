@@ -39,6 +39,9 @@ from lowbit.service.state import ModelService
 log = logging.getLogger(__name__)
 
 ERRORS = {code: {"model": S.ErrorResponse} for code in (401, 404, 409, 413, 422, 429, 503)}
+# Methods counted under their own name in /metrics; any other (HTTP allows any token) is "other",
+# so a client cannot grow the label set (one made-up method per request grew /metrics by 2 kB each).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _bearer = HTTPBearer(auto_error=False, description="the service's API key")
 
 
@@ -106,10 +109,9 @@ class MetricsMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             m = self.service.metrics
-            m.requests.inc(route=route, method=scope.get("method", ""), status=status)
+            method = scope.get("method", "")
+            m.requests.inc(route=route, method=method if method in KNOWN_METHODS else "other", status=status)
             m.latency.observe(time.perf_counter() - start, route=route)
-            if status == 413:
-                m.rejected.inc(reason="body_size")
 
 
 def _check_inputs(inputs: str | list[str], service: ModelService) -> list[str]:
@@ -276,6 +278,7 @@ def create_app(service: ModelService) -> FastAPI:
         return JSONResponse({"detail": "recalibration requested; see GET /calibration"}, status_code=202)
 
     app.add_middleware(GuardMiddleware, service=service)
-    app.add_middleware(BodyLimitMiddleware, limits=service.limits)
+    app.add_middleware(BodyLimitMiddleware, limits=service.limits, buffered=service.buffered,
+                       on_reject=lambda reason: service.metrics.rejected.inc(reason=reason))
     app.add_middleware(MetricsMiddleware, service=service)
     return app

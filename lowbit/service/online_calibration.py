@@ -20,6 +20,7 @@ threads within the CPU share.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import logging
 import threading
 import time
@@ -143,14 +144,30 @@ class OnlineCalibrationConfig:
     cpu_share: float = 0.25  # fraction of compute time recalibration may use (sleeps the rest)
     batch_size: int = 16  # inputs per calibration / validation forward
     tolerance: float = 0.0  # accept if candidate cos_mean >= current cos_mean - tolerance
+    reference_size: int = 64  # fixed reference sentences (lowbit.data.eval_sentences) the candidate must not be worse on
+    sources: tuple[str, ...] = ()  # who feeds the buffer: "key" and/or client IPs / networks; () = every client
 
     def __post_init__(self):
         if not 0.0 < self.cpu_share <= 1.0:
             raise ConfigError(f"cpu_share must be in (0, 1], got {self.cpu_share}")
         for name in ("buffer_size", "holdout_size", "holdout_every", "max_chars", "min_inputs", "min_holdout",
-                     "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"online calibration {name} must be >= 1, got {getattr(self, name)}")
+                     "batch_size", "reference_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"online calibration {name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 0:
+            raise ConfigError(f"online calibration every must be an integer >= 0 (0: on demand only), got {self.every!r}")
+        if not self.check_interval_s > 0 or not self.tolerance >= 0:
+            raise ConfigError(f"online calibration check_interval_s must be > 0 and tolerance >= 0, got "
+                              f"{self.check_interval_s!r} and {self.tolerance!r}")
+        self.sources = tuple(self.sources)
+        for src in self.sources:
+            if src != "key":
+                try:
+                    ipaddress.ip_network(src, strict=False)
+                except ValueError:
+                    raise ConfigError(f"calibration source {src!r} is neither 'key' nor an IP address or network "
+                                      "(e.g. 127.0.0.1, 10.0.0.0/8)") from None
         if self.min_inputs > self.buffer_size or self.min_holdout > self.holdout_size:
             raise ConfigError("online calibration min_inputs/min_holdout cannot exceed buffer_size/holdout_size")
 

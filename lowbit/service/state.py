@@ -18,7 +18,7 @@ from lowbit.service.batching import Batcher
 from lowbit.service.embed import embed
 from lowbit.service.errors import Conflict, ModelUnavailable, NoActiveModel
 from lowbit.service.jobs import Job, JobRunner
-from lowbit.service.limits import Gate, Limits
+from lowbit.service.limits import BufferedBytes, Gate, Limits
 from lowbit.service.metrics import ServiceMetrics, _labels
 from lowbit.service.online_calibration import OnlineCalibrationConfig, OnlineCalibrator
 from lowbit.service.quantize_job import quantize_task
@@ -52,6 +52,8 @@ class ModelService:
         if register_default:
             self.store.ensure_default()
         self.gate = Gate(self.limits)
+        self.buffered = BufferedBytes()  # request bodies held now (BodyLimitMiddleware)
+        self.connections: set = set()  # open sockets, filled by server.py's protocol
         self.active = ActiveModel()
         self.batcher = Batcher(self.gate.executor.submit, self.serving, max_inputs=self.limits.max_batch)
         self.jobs = JobRunner(self.limits.max_queued_jobs,
@@ -200,6 +202,10 @@ class ModelService:
                 lambda: {(): float(self.batcher.passes)})
         r.gauge("lowbit_inflight_requests", "embedding requests admitted and not finished",
                 lambda: {(): float(self.gate.inflight)})
+        r.gauge("lowbit_buffered_body_bytes", "bytes of request bodies held now, all requests together",
+                lambda: {(): float(self.buffered.now)})
+        r.gauge("lowbit_open_connections", "open client sockets (server.py's protocol)",
+                lambda: {(): float(len(self.connections))})
         r.gauge("lowbit_store_models", "model folders in the store by state", store_counts)
         r.gauge("lowbit_online_calibration_buffer_inputs", "inputs held for online calibration", calib_buffer)
         r.gauge("lowbit_online_calibration_last_timestamp_seconds",
