@@ -61,8 +61,12 @@ class ActiveModel:
         return self._current
 
     def activate(self, model_id: str, load: Callable[[str], nn.Module],
-                 warmup: Callable[[nn.Module], Any]) -> Serving:
-        """Load ``model_id`` with ``load``, run ``warmup`` on it, then make it the serving model."""
+                 warmup: Callable[[nn.Module], Any], commit: Callable[[], None] | None = None) -> Serving:
+        """Load ``model_id`` with ``load``, run ``warmup`` on it, then make it the serving model.
+
+        ``commit()`` runs under the swap lock just before the switch (checks, the ``.active.json``
+        record); if it raises, nothing is switched and the error propagates.
+        """
         with self._load_lock:
             model = load(model_id)
             if getattr(model, "task", None) != "encoder":
@@ -74,6 +78,8 @@ class ActiveModel:
                 raise ModelUnavailable(f"model {model_id!r} failed its warm-up forward: "
                                        f"{type(exc).__name__}: {exc}") from None
             with self._swap_lock:
+                if commit is not None:
+                    commit()
                 self._revision += 1
                 new = Serving(model_id, model, model.lowbit_metadata, self._revision, time.time())
                 old, self._current = self._current, new

@@ -79,8 +79,8 @@ class GuardMiddleware:
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 return
-            body = json.dumps({"detail": f"the service could not complete this request "
-                                         f"({type(exc).__name__}: {exc}); it was logged"}).encode()
+            what = self.service.store.public(f"{type(exc).__name__}: {exc}")  # the full text is in the log
+            body = json.dumps({"detail": f"the service could not complete this request ({what}); it was logged"}).encode()
             await send({"type": "http.response.start", "status": 503,
                         "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")]})
             await send({"type": "http.response.body", "body": body})
@@ -154,7 +154,10 @@ def create_app(service: ModelService) -> FastAPI:
             headers["WWW-Authenticate"] = "Bearer"
         if status in (429, 503):
             headers["Retry-After"] = "1"
-        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+        detail = service.store.public(str(exc))
+        if detail != str(exc):  # the paths go to the log, not to the client
+            log.info("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -207,13 +210,17 @@ def create_app(service: ModelService) -> FastAPI:
         return JSONResponse(job.to_dict(), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
     # ---- jobs ----------------------------------------------------------------------------------
+    def public(obj: Any) -> Any:
+        """A JSON-able value with server paths removed from its strings (errors, reasons)."""
+        return json.loads(service.store.public(json.dumps(obj, ensure_ascii=False)))
+
     @app.get("/jobs", response_model=S.JobList, responses=ERRORS)
     def list_jobs():
-        return {"jobs": [j.to_dict() for j in service.jobs.list()]}
+        return {"jobs": [public(j.to_dict()) for j in service.jobs.list()]}
 
     @app.get("/jobs/{job_id}", response_model=S.JobInfo, responses=ERRORS)
     def get_job(job_id: str):
-        return service.jobs.get(job_id).to_dict()
+        return public(service.jobs.get(job_id).to_dict())
 
     # ---- embeddings ----------------------------------------------------------------------------
     async def _embed(sentences: list[str], truncate: bool):
@@ -265,7 +272,7 @@ def create_app(service: ModelService) -> FastAPI:
     @app.get("/calibration", response_model=S.CalibrationStatus, responses=ERRORS)
     def calibration_status():
         """Online calibration: configuration, buffer fill, and the last attempts with their reasons."""
-        return service.calibrator.status()
+        return public(service.calibrator.status())
 
     @app.post("/calibration/run", responses=ERRORS, dependencies=[Depends(require_key)])
     def calibration_run(wait: bool = Query(False, description="run now and return the outcome")):
@@ -273,7 +280,7 @@ def create_app(service: ModelService) -> FastAPI:
         if not service.calibrator.config.enabled:
             raise Conflict("online calibration is off; start the service with --online-calibration")
         if wait:
-            return service.calibrator.run_once("manual")
+            return public(service.calibrator.run_once("manual"))
         service.calibrator.trigger()
         return JSONResponse({"detail": "recalibration requested; see GET /calibration"}, status_code=202)
 

@@ -7,7 +7,13 @@ naming what was wrong and what is valid; :func:`status_for` turns it into a 4xx.
 
 from __future__ import annotations
 
+import os
+import re
+
 from lowbit.errors import CalibrationError, ConfigError, LoadError, LowbitError
+
+# The directories of an absolute path ("/srv/store/m/x.json" -> ".../x.json"); URLs are left alone.
+_ABS_DIRS = re.compile(r"(?<![\w/.~:-])/(?:[^\s'\"()<>:,;/]+/)+")
 
 
 class InvalidModelId(ConfigError):
@@ -54,6 +60,19 @@ class NoActiveModel(LowbitError):
     """No model is loaded for serving (503)."""
 
 
+class NotRecorded(LowbitError):
+    """The service could not write a record it needs (e.g. ``.active.json``); nothing changed (503)."""
+
+
+def redact_paths(text: str, root: str | os.PathLike | None = None) -> str:
+    """``text`` without server paths, for clients: paths under ``root`` become relative to it (a
+    model id and file name), any other absolute path keeps only its file name. Log the original."""
+    if root is not None:
+        root = str(root).rstrip(os.sep)
+        text = text.replace(root + os.sep, "").replace(root, "<store>")
+    return _ABS_DIRS.sub(".../", text)
+
+
 def status_for(exc: LowbitError) -> int:
     """The HTTP status for a library or service error."""
     for cls, status in (
@@ -65,6 +84,7 @@ def status_for(exc: LowbitError) -> int:
         (Conflict, 409),
         (Overloaded, 429),
         (NoActiveModel, 503),
+        (NotRecorded, 503),
         (ConfigError, 422),
         (CalibrationError, 422),
         (LoadError, 409),

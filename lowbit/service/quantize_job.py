@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -39,8 +39,12 @@ def measure_fidelity(model: nn.Module, reference: nn.Module) -> dict[str, Any]:
 
 
 def quantize_task(store: ModelStore, source_id: str, target_id: str, config: Any, *, calib: int | None,
-                  calibration_data: list | None, overwrite: bool, progress: Progress) -> dict[str, Any]:
-    """Quantize ``source_id`` with ``config`` into ``target_id``; returns a summary for ``GET /jobs/{id}``."""
+                  calibration_data: list | None, overwrite: bool, progress: Progress,
+                  before_save: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Quantize ``source_id`` with ``config`` into ``target_id``; returns a summary for ``GET /jobs/{id}``.
+
+    ``before_save()`` runs just before the folder is written and may refuse (e.g. the target became
+    the serving model): the job then fails and writes nothing."""
     import lowbit
     from lowbit.algorithms._calib import default_calibration
 
@@ -57,6 +61,8 @@ def quantize_task(store: ModelStore, source_id: str, target_id: str, config: Any
     fidelity = measure_fidelity(model, source)
     progress("saving", 0.9)
     model.source = f"lowbit store model {source_id!r}"
+    if before_save is not None:
+        before_save()
     meta = store.save(model, target_id, fidelity=fidelity, overwrite=overwrite)
     return {"model_id": target_id, "source_id": source_id, "is_quantized": meta.is_quantized, "scheme": meta.scheme,
             "sizes": meta.sizes, "fidelity": fidelity, "calibration": meta.calibration.model_dump()

@@ -16,7 +16,7 @@ from lowbit.io.atomic import atomic_write_text
 from lowbit.service.active import WARMUP_SENTENCE, ActiveModel, Serving
 from lowbit.service.batching import Batcher
 from lowbit.service.embed import embed
-from lowbit.service.errors import Conflict, ModelUnavailable, NoActiveModel
+from lowbit.service.errors import Conflict, ModelUnavailable, NoActiveModel, NotRecorded
 from lowbit.service.jobs import Job, JobRunner
 from lowbit.service.limits import BufferedBytes, Gate, Limits
 from lowbit.service.metrics import ServiceMetrics, _labels
@@ -32,7 +32,7 @@ ACTIVE_FILE = ".active.json"  # hidden: not a model folder; remembers the active
 def entry_summary(entry: StoreEntry, active_id: str | None) -> dict[str, Any]:
     m = entry.metadata
     out: dict[str, Any] = {"id": entry.id, "available": entry.available, "reason": entry.reason,
-                           "active": entry.id == active_id}
+                           "active": entry.id == active_id}  # reason: store-relative (ModelStore.public)
     if m is not None:
         out.update(is_quantized=m.is_quantized, model=m.model, task=m.task, scheme=m.scheme, bits=m.bits,
                    granularity=m.granularity, sizes=m.sizes, fidelity=m.fidelity, created_at=m.created_at)
@@ -87,17 +87,50 @@ class ModelService:
         log.error("no loadable encoder model in %s: /embed answers 503 until one is activated", self.store.root)
 
     def activate(self, model_id: str, persist: bool = True) -> Serving:
-        """Load ``model_id`` fully, warm it up, then switch to it; on failure nothing changes."""
+        """Load ``model_id`` fully, warm it up, record it in ``.active.json``, then switch to it; on any
+        failure (the record included) nothing changes. Refused while a quantize job writes ``model_id``."""
         validate_id(model_id)
+        self._refuse_if_being_written(model_id)  # early, before the load; again under the lock below
+
+        def commit() -> None:
+            with self._submit_lock:  # a job cannot be submitted for model_id between this check and the switch
+                self._refuse_if_being_written(model_id)
+                if persist:
+                    self._record_active(model_id)
+
         try:
-            serving = self.active.activate(model_id, self.store.load, lambda m: embed(m, [WARMUP_SENTENCE]))
+            serving = self.active.activate(model_id, self.store.load, lambda m: embed(m, [WARMUP_SENTENCE]), commit)
         except ModelUnavailable:
             self.metrics.activation_failures.inc()
             raise
         self.metrics.swaps.inc(kind="activate")
-        if persist:
-            atomic_write_text(self.store.root / ACTIVE_FILE, json.dumps({"id": model_id}))
         return serving
+
+    def _record_active(self, model_id: str) -> None:
+        path = self.store.root / ACTIVE_FILE
+        try:
+            atomic_write_text(path, json.dumps({"id": model_id}))
+        except OSError as exc:
+            log.error("could not write %s: %s", path, exc)
+            raise NotRecorded(f"could not record {model_id!r} as the active model ({exc.strerror or type(exc).__name__}); "
+                              "nothing changed: the previous model still serves") from None
+
+    def _writing_job(self, model_id: str) -> Job | None:
+        for job in self.jobs.list():
+            if job.status in ("queued", "running") and job.params.get("target_id") == model_id:
+                return job
+        return None
+
+    def _refuse_if_being_written(self, model_id: str) -> None:
+        job = self._writing_job(model_id)
+        if job is not None:
+            raise Conflict(f"model {model_id!r} is being written by quantize job {job.id} ({job.status}); "
+                           "activate it when the job has finished")
+
+    def _refuse_if_active(self, model_id: str) -> None:
+        cur = self.active.current()
+        if cur is not None and cur.model_id == model_id:
+            raise Conflict(f"model {model_id!r} is active; activate another model before replacing it")
 
     def serving(self) -> Serving:
         s = self.active.current()
@@ -114,8 +147,8 @@ class ModelService:
         entry = self.store.entry(model_id)
         cur = self.active.current()
         out = entry_summary(entry, cur.model_id if cur else None)
-        if entry.metadata is not None:
-            out["metadata"] = json.loads(entry.metadata.model_dump_json())
+        if entry.metadata is not None:  # source and other strings may hold a server path
+            out["metadata"] = json.loads(self.store.public(entry.metadata.model_dump_json()))  # utf-8, unescaped
         return out
 
     # ---- jobs ----------------------------------------------------------------------------------
@@ -145,19 +178,19 @@ class ModelService:
         elif calibration != "builtin":
             raise ConfigError(f"calibration must be 'builtin' or 'traffic', got {calibration!r}")
         with self._submit_lock:
-            cur = self.active.current()
-            if cur is not None and cur.model_id == target_id:
-                raise Conflict(f"model {target_id!r} is active; activate another model before replacing it")
+            self._refuse_if_active(target_id)
             if target_id in self.store and not overwrite:
                 raise Conflict(f"model {target_id!r} already exists; pass overwrite=true to replace it")
-            for job in self.jobs.list():
-                if job.status in ("queued", "running") and job.params.get("target_id") == target_id:
-                    raise Conflict(f"job {job.id} is already writing {target_id!r}")
+            job = self._writing_job(target_id)
+            if job is not None:
+                raise Conflict(f"job {job.id} is already writing {target_id!r}")
             params = {"source_id": source_id, "target_id": target_id, "scheme": scheme, "options": options or {},
                       "calib": calib, "calibration": calibration, "overwrite": overwrite}
+            # Activating target_id is refused while this job is queued or running (see activate); the job
+            # checks once more before it writes, so the served model's folder is never replaced.
             return self.jobs.submit("quantize", params, lambda progress: quantize_task(
                 self.store, source_id, target_id, config, calib=calib, calibration_data=data,
-                overwrite=overwrite, progress=progress))
+                overwrite=overwrite, progress=progress, before_save=lambda: self._refuse_if_active(target_id)))
 
     # ---- metrics -------------------------------------------------------------------------------
     def _register_gauges(self) -> None:

@@ -5,10 +5,14 @@ folders, a moved-aside old version whose replacement never landed: see ``lowbit.
 writer killed -9 mid-save leaves either the previous version or nothing, never half a model.
 
 Every folder is checked before it is listed as available: ``metadata.json`` validates, the weight
-file exists inside the store (no symlink out of it) and its sha256 matches the one recorded. The
-result is cached per file identity (inode, size, mtime), so listing is cheap and an edited file is
-re-checked. A folder that fails is listed as unavailable with the reason; it never crashes the
-service. Loading uses ``lowbit.load`` (safetensors only: no pickle is ever read).
+file exists inside the store (no symlink out of it), its safetensors header matches every layer spec
+(shapes and dtypes, checked without allocating: ``lowbit.io.header_check``), ``is_quantized`` agrees
+with the layers recorded, and the file's sha256 matches the one recorded. The result is cached per
+file identity (inode, size, mtime), so listing is cheap and an edited file is re-checked. A folder
+that fails is listed as unavailable with the reason (store-relative: no server path reaches a
+client; the full reason is logged); it never crashes the service. Loading uses ``lowbit.load``
+(safetensors only: no pickle is ever read), then checks that the modules loaded agree with
+``is_quantized``.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from lowbit.io.atomic import TMP_PREFIX, sweep_leftovers
 from lowbit.io.checkpoint import load as load_folder
 from lowbit.io.checkpoint import save as save_folder
 from lowbit.io.checkpoint import sha256_file
+from lowbit.io.header_check import check_weights_header
 from lowbit.io.metadata import METADATA_FILE, WEIGHTS_FILE, ModelMetadata, read_metadata
-from lowbit.service.errors import InvalidModelId, ModelNotFound, ModelUnavailable
+from lowbit.service.errors import InvalidModelId, ModelNotFound, ModelUnavailable, redact_paths
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,24 @@ class StoreEntry:
     @property
     def available(self) -> bool:
         return self.reason is None
+
+
+def quantization_contradiction(meta: ModelMetadata) -> str | None:
+    """Why ``meta.is_quantized`` contradicts the quantized layers it records, or None."""
+    if meta.is_quantized and not meta.layers:
+        return ("metadata.json says is_quantized: true but records no quantized layer (a float model "
+                "claiming to be quantized)")
+    if not meta.is_quantized and meta.layers:
+        return f"metadata.json says is_quantized: false but records {len(meta.layers)} quantized layers"
+    return None
+
+
+def loaded_is_quantized(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is a quantized module (``lowbit.nn.QMODULES``): what loaded."""
+    from lowbit.nn import QMODULES
+
+    kinds = tuple(QMODULES.values())
+    return any(isinstance(m, kinds) for m in model.modules())
 
 
 def _identity(path: Path) -> tuple:
@@ -114,7 +137,18 @@ class ModelStore:
     def _identities(self, folder: Path) -> tuple:
         return (_identity(folder), _identity(folder / METADATA_FILE), _identity(folder / WEIGHTS_FILE))
 
+    def public(self, text: str) -> str:
+        """``text`` with store paths made relative and other paths reduced to file names (for clients)."""
+        return redact_paths(text, self.root)
+
     def _check(self, model_id: str, folder: Path) -> StoreEntry:
+        entry = self._check_files(model_id, folder)
+        if entry.reason is not None:
+            log.warning("store model %r unavailable: %s", model_id, entry.reason)
+            entry = StoreEntry(entry.id, entry.path, entry.metadata, self.public(entry.reason))
+        return entry
+
+    def _check_files(self, model_id: str, folder: Path) -> StoreEntry:
         if folder.is_symlink() and folder.resolve().parent != self.root:
             return StoreEntry(model_id, folder, None, "the folder is a symlink out of the store")
         for name in (METADATA_FILE, WEIGHTS_FILE):
@@ -132,6 +166,13 @@ class ModelStore:
 
         if meta.model not in MODELS:
             return StoreEntry(model_id, folder, meta, f"base model {meta.model!r} unknown; known: {', '.join(sorted(MODELS))}")
+        why = quantization_contradiction(meta)
+        if why:
+            return StoreEntry(model_id, folder, meta, why)
+        try:
+            check_weights_header(folder, meta)  # before anything is allocated from the specs
+        except LoadError as exc:
+            return StoreEntry(model_id, folder, meta, str(exc))
         if self.verify:
             want = meta.files.get(WEIGHTS_FILE)
             if not want:
@@ -181,10 +222,15 @@ class ModelStore:
         ident = self._identities(entry.path)
         try:
             model = load_folder(entry.path, verify=False)  # checksum verified by entry() for these exact files
+            if loaded_is_quantized(model) != entry.metadata.is_quantized:
+                raise LoadError(f"metadata.json says is_quantized: {str(entry.metadata.is_quantized).lower()} "
+                                f"but the modules loaded are {'' if loaded_is_quantized(model) else 'not '}quantized")
         except LowbitError as exc:
+            log.warning("store model %r failed to load: %s", model_id, exc)
+            reason = self.public(str(exc))
             with self._lock:
-                self._load_failures[model_id] = (ident, str(exc))
-            raise ModelUnavailable(f"model {model_id!r} is unavailable: {exc}") from None
+                self._load_failures[model_id] = (ident, reason)
+            raise ModelUnavailable(f"model {model_id!r} is unavailable: {reason}") from None
         if self._identities(entry.path) != ident:  # replaced while we read it: check the new files
             return self.load(model_id)
         return model
