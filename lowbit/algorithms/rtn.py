@@ -3,6 +3,11 @@ symmetric or affine, or NF4; activations stay float.
 
 ``W_q = clamp(round(W / s) [+ zp])`` per channel (``group_size = 0``) or per group of
 ``group_size`` input columns; storage is truly packed (``WeightOnlyQLinear``).
+
+``gguf="q4_0" | "q4_1" | "q8_0"`` rounds on llama.cpp's grid instead (blocks of 32 along the input,
+ggml's reference rounding, see :mod:`lowbit.nn.gguf_linear`), so that ``lowbit export --format gguf``
+writes the layer's codes and scales unchanged; ``bits`` / ``group_size`` / ``symmetric`` then follow
+the type.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lowbit.algorithms._swap import swap_modules
+from lowbit.algorithms._swap import Skip, swap_modules
 from lowbit.api import register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import get_format
 from lowbit.errors import ConfigError
 from lowbit.nn import QEmbedding, WeightOnlyQLinear
+from lowbit.nn.gguf_linear import GGML_BLOCK, GGML_TYPES, linear_on_ggml_grid
 
 from lowbit.algorithms._weights import VALID_BITS  # noqa: E402
 
@@ -30,8 +36,11 @@ class WeightOnlyConfig(BaseConfig):
     fmt: str | None = None  # a codebook format instead of intN, e.g. "nf4"
     quantize_embeddings: bool = False  # also store embedding tables int8 per row
     kernel: str = "auto"
+    gguf: str | None = None  # "q4_0" | "q4_1" | "q8_0": ggml's grid and rounding (overrides the fields above)
 
     def __post_init__(self):
+        if self.gguf is not None and self.gguf not in GGML_TYPES:
+            raise ConfigError(f"gguf must be one of {', '.join(GGML_TYPES)}, got {self.gguf!r}")
         if self.fmt is None and self.bits not in VALID_BITS:
             raise ConfigError(f"bits must be one of {VALID_BITS}, got {self.bits}")
         if self.group_size < 0:
@@ -43,6 +52,8 @@ class WeightOnlyConfig(BaseConfig):
 
     @property
     def scheme(self) -> str:
+        if self.gguf:
+            return f"w{self.gguf[1]}-ggml-{self.gguf}"
         gran = f"g{self.group_size}" if self.group_size else "pc"
         if self.fmt:
             return f"{self.fmt}-{gran}"
@@ -52,6 +63,10 @@ class WeightOnlyConfig(BaseConfig):
 @register_handler(WeightOnlyConfig)
 def _quantize_weight_only(model: nn.Module, config: WeightOnlyConfig, calibration_data=None):
     def convert(name: str, m: nn.Linear):
+        if config.gguf:
+            if m.in_features % GGML_BLOCK:
+                raise Skip(f"{config.gguf} needs in_features divisible by {GGML_BLOCK}, got {m.in_features}")
+            return linear_on_ggml_grid(m, config.gguf, config.kernel)
         return WeightOnlyQLinear.from_float(m, config.bits, config.group_size, config.symmetric, config.fmt,
                                             config.kernel)
 
@@ -62,8 +77,13 @@ def _quantize_weight_only(model: nn.Module, config: WeightOnlyConfig, calibratio
 
 
 @register_scheme("rtn", "weight-only round-to-nearest: --bits {2,3,4,8} --group-size N (0 = per channel) "
-                 "--symmetric/--affine", options=("bits", "group_size", "symmetric", "kernel"))
+                 "--symmetric/--affine; --gguf q4_0|q4_1|q8_0 rounds on llama.cpp's grid",
+                 options=("bits", "group_size", "symmetric", "kernel", "gguf"))
 def _rtn(options: dict) -> WeightOnlyConfig:
+    if options.get("gguf"):
+        return WeightOnlyConfig(bits=8 if options["gguf"] == "q8_0" else 4, group_size=GGML_BLOCK,
+                                symmetric=options["gguf"] != "q4_1", gguf=options["gguf"],
+                                kernel=options.get("kernel", "auto"))
     bits = int(options.get("bits", 4))
     default_group = 0 if bits == 8 else 128
     return WeightOnlyConfig(bits=bits, group_size=int(options.get("group_size", default_group)),
