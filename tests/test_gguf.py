@@ -291,3 +291,22 @@ def test_cli_export_rejects_missing_folder(tmp_path):
                                       "--out", str(tmp_path / "x.gguf")])
     assert result.exit_code == 2
     assert "error" in result.output
+
+
+def test_gptq_on_q4_0_grid_exports_its_own_codes(tmp_path):
+    from lowbit.algorithms.gptq import GPTQConfig
+    from lowbit.config import build_config
+
+    assert build_config("gptq", {"gguf": "q4_0"}) == GPTQConfig(bits=4, group_size=32, gguf="q4_0")
+    with pytest.raises(ConfigError, match="q4_0"):
+        GPTQConfig(bits=4, group_size=128, gguf="q4_0")
+    model = lowbit.quantize(tiny_llama(), GPTQConfig(bits=4, group_size=32, gguf="q4_0"), tiny_batches(4, 64))
+    path = tmp_path / "m.gguf"
+    report = export_gguf(model, path, "q4_0", embedding_type="f32")
+    reader = gguf.GGUFReader(str(path))
+    low = []
+    for name, _, mod in _lm_modules(model):
+        assert report.tensors[name]["how"] == "exact", name
+        assert torch.equal(_file_weight(reader, name, model.lm.config), mod.dequantized_weight()), name
+        low.append(int(mod.codes().min()))
+    assert min(low) == -8  # the full Q4_0 range is used, not lowbit's restricted [-7, 7]

@@ -109,9 +109,13 @@ class GPTQ:
     def solve(self, weight: torch.Tensor, fmt: str = "int4", symmetric: bool = True, group_size: int = 128,
               block_size: int = DEFAULT_BLOCK, percdamp: float = DEFAULT_PERCDAMP, act_order: bool = True,
               scale_dtype: torch.dtype | None = torch.float16, double_quant: bool = False,
-              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, QParams, float]:
+              dtype: torch.dtype = torch.float32, grid: str | None = None) -> tuple[torch.Tensor, QParams, float]:
         """Codes (N, K), their qparams (per group, or per channel if ``group_size == 0``) and the
-        layer loss ``sum((W - Q)^2 / diag(H^-1)) / 2`` summed over columns (the paper's Losses)."""
+        layer loss ``sum((W - Q)^2 / diag(H^-1)) / 2`` summed over columns (the paper's Losses).
+
+        ``grid="q4_0"``: ggml's Q4_0 grid for int4 symmetric groups: ``scale = m / -8`` with ``m`` the
+        group's value of largest magnitude (signed, so the scale may be negative) and codes in the
+        full ``[-8, 7]``, so a GGUF export writes the codes unchanged."""
         if self.n == 0:
             raise CalibrationError("GPTQ.solve called before any add_batch: no calibration inputs")
         f = get_format(fmt)
@@ -132,6 +136,10 @@ class GPTQ:
         cb = f.codebook_tensor().to(dtype) if f.kind is Kind.CODEBOOK else None
         qmax = f.qmax if f.kind is Kind.UNIFORM else None
         qmin = (f.qmin if (not symmetric or f.name == "ternary") else -qmax) if qmax is not None else None
+        if grid == "q4_0":
+            if f.name != "int4" or not symmetric:
+                raise ConfigError(f"grid 'q4_0' needs int4 symmetric, got {f.name} symmetric={symmetric}")
+            qmin = f.qmin  # -8
         loss = 0.0
 
         def group_params(grp: int, W1: torch.Tensor, i1: int, i2: int) -> None:
@@ -140,8 +148,13 @@ class GPTQ:
             vals = W[:, pos].clone()  # (N, g)
             inblock = (pos >= i1) & (pos < i2)
             vals[:, inblock] = W1[:, pos[inblock] - i1]  # current-block columns hold the updated values
-            qp = choose_qparams(vals.float(), f, symmetric, per_channel(0))
-            s = qp.scale
+            if grid == "q4_0":  # d = (signed value of largest |w|) / -8, as ggml's quantize_row_q4_0_ref
+                s = torch.gather(vals.float(), 1, vals.abs().argmax(dim=1, keepdim=True))[:, 0] / -8
+                s = torch.where(s == 0, torch.full_like(s, 2.0 ** -24), s)  # all-zero group: any scale
+                qp = None
+            else:
+                qp = choose_qparams(vals.float(), f, symmetric, per_channel(0))
+                s = qp.scale
             if double_quant:
                 s = double_quant_roundtrip(s)
             elif scale_dtype is not None:
@@ -201,9 +214,14 @@ class GPTQConfig(BaseConfig):
     block_size: int = DEFAULT_BLOCK
     n_calib: int | None = None  # 512-token windows of the built-in set (None = DEFAULT_CALIB_WINDOWS)
     kernel: str = "auto"
+    gguf: str | None = None  # "q4_0": round on ggml's Q4_0 grid (int4 sym, group 32, codes [-8, 7])
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
+        if self.gguf not in (None, "q4_0") or (self.gguf and (self.bits, self.group_size, self.symmetric, self.fmt,
+                                                             self.double_quant) != (4, 32, True, None, False)):
+            raise ConfigError(f"gptq gguf={self.gguf!r}: only 'q4_0' with bits=4, group_size=32, symmetric, no fmt "
+                              "or double_quant (q8_0 and q4_1 need no option: --bits 8 / --affine at group 32)")
         if not 0 < self.percdamp < 1:
             raise ConfigError(f"percdamp must be in (0, 1), got {self.percdamp}")
         if self.block_size < 1:
@@ -215,7 +233,8 @@ class GPTQConfig(BaseConfig):
 
     @property
     def scheme(self) -> str:
-        return weight_scheme_name("gptq", self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
+        name = weight_scheme_name("gptq", self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
+        return f"{name}-ggml" if self.gguf else name
 
 
 def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, kernel: str,
@@ -284,7 +303,7 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
             g = effective_group_size(m.in_features, config.group_size)
             codes, qp, loss = hess[owner[n]].solve(
                 m.weight, config.format_name, config.symmetric, g, config.block_size, config.percdamp,
-                config.act_order, double_quant=config.double_quant)
+                config.act_order, double_quant=config.double_quant, grid=config.gguf)
             if wrap is None:
                 new = wrap_quantized(m, codes, qp, g, config.kernel, config.double_quant)
             else:
@@ -300,8 +319,11 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
 
 @register_scheme("gptq", "GPTQ weight-only (Hessian error compensation, act-order, lazy blocks), decoder layers "
                  "one at a time: --bits {2,3,4,8} --group-size N --symmetric/--affine; causal LMs only",
-                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "gguf"), models=("smollm2",))
 def _gptq_scheme(options: dict) -> GPTQConfig:
+    if options.get("gguf"):  # --gguf q4_0: llama.cpp's Q4_0 grid (int4 symmetric, blocks of 32, codes -8..7)
+        return GPTQConfig(bits=4, group_size=32, symmetric=True, gguf=options["gguf"],
+                          kernel=options.get("kernel", "auto"))
     return GPTQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
                       symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
 
