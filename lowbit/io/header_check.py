@@ -41,11 +41,11 @@ def read_header(path: str | Path) -> dict[str, dict[str, Any]]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise LoadError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+                raise LoadError(f"{path}: unreadable safetensors (shorter than its 8-byte header length)")
             (n,) = struct.unpack("<Q", head)
             size = path.stat().st_size
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise LoadError(f"{path}: not a safetensors file (header length {n} with a file of {size} bytes)")
+                raise LoadError(f"{path}: unreadable safetensors (header length {n} with a file of {size} bytes)")
             raw = f.read(n)
     except OSError as exc:
         if isinstance(exc, LoadError):
@@ -54,9 +54,9 @@ def read_header(path: str | Path) -> dict[str, dict[str, Any]]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LoadError(f"{path}: not a safetensors file (its header is not JSON)") from None
+        raise LoadError(f"{path}: unreadable safetensors (its header is not JSON)") from None
     if not isinstance(header, dict):
-        raise LoadError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        raise LoadError(f"{path}: unreadable safetensors (its header is not a JSON object)")
     header.pop("__metadata__", None)
     data_bytes = size - 8 - n
     for name, entry in header.items():

@@ -223,20 +223,30 @@ def create_app(service: ModelService) -> FastAPI:
         return public(service.jobs.get(job_id).to_dict())
 
     # ---- embeddings ----------------------------------------------------------------------------
-    async def _embed(sentences: list[str], truncate: bool):
+    def _has_key(request: Request) -> bool:
+        try:
+            check_api_key(request.headers.get("authorization"), service.api_key)
+        except Unauthorized:
+            return False
+        return True
+
+    async def _embed(sentences: list[str], truncate: bool, request: Request):
         with service.gate.admit():
             s, emb, counts = await asyncio.wrap_future(service.batcher.embed(sentences, truncate))
         n_tokens = sum(counts)
         service.metrics.inputs.inc(len(sentences))
         service.metrics.tokens.inc(n_tokens)
-        service.calibrator.observe(sentences)
+        cal = service.calibrator
+        if cal.config.enabled:  # only clients in --calib-from feed the buffer (everyone when it is unset)
+            key = "key" in cal.config.sources and _has_key(request)
+            cal.observe(sentences, request.client.host if request.client else None, key)
         return s, emb, n_tokens
 
     @app.post("/embed", response_model=S.EmbedResponse, responses=ERRORS)
-    async def embed_route(req: S.EmbedRequest):
+    async def embed_route(req: S.EmbedRequest, request: Request):
         """Sentence embeddings (unit norm) from the active model."""
         sentences = _check_inputs(req.inputs, service)
-        s, emb, n_tokens = await _embed(sentences, req.truncate)
+        s, emb, n_tokens = await _embed(sentences, req.truncate, request)
 
         def encode() -> bytes:
             return json.dumps({"model": s.model_id, "is_quantized": s.is_quantized, "revision": s.revision,
@@ -246,7 +256,7 @@ def create_app(service: ModelService) -> FastAPI:
         return Response(await run_in_threadpool(encode), media_type="application/json")
 
     @app.post("/v1/embeddings", response_model=S.OpenAIEmbeddingResponse, responses=ERRORS)
-    async def openai_embeddings(req: S.OpenAIEmbeddingRequest):
+    async def openai_embeddings(req: S.OpenAIEmbeddingRequest, request: Request):
         """OpenAI-compatible embeddings: ``{"input": ..., "model": ...}``."""
         sentences = _check_inputs(req.input, service)
         if req.dimensions is not None:
@@ -255,7 +265,7 @@ def create_app(service: ModelService) -> FastAPI:
             if req.dimensions != dim:
                 raise InputTooLarge(f"dimensions={req.dimensions} not supported: the active model gives {dim}",
                                     "dimensions")
-        s, emb, n_tokens = await _embed(sentences, True)
+        s, emb, n_tokens = await _embed(sentences, True, request)
 
         def encode() -> bytes:
             if req.encoding_format == "base64":

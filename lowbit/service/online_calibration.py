@@ -3,8 +3,14 @@
 The service keeps a bounded buffer of recent real inputs (sentences); every ``every`` new inputs, or
 on demand, a background thread recomputes the active model's activation-dependent parameters from
 that buffer, validates the candidate against the fp32 model on a held-out sample of the same
-traffic (inputs never used for calibration), and swaps it in only if it is not worse. Every attempt
-is recorded (when, outcome, why, cosines before/after) and counted in ``/metrics``.
+traffic (inputs never used for calibration) *and* on a fixed reference set shipped with lowbit
+(``lowbit.data.eval_sentences``), and swaps it in only if it is worse on neither. Every attempt is
+recorded (when, outcome, why, cosines before/after) and counted in ``/metrics``.
+
+Traffic can be hostile: a held-out sample of the same traffic cannot tell a candidate fitted to junk
+(random CJK, say) from a good one, so the fixed reference set decides too; and operators can
+restrict who feeds the buffer with ``sources`` (``"key"``: requests bearing the API key; IP
+addresses or networks of clients), see :meth:`OnlineCalibrator.accepts`.
 
 Bounds: the buffers hold at most ``buffer_size`` + ``holdout_size`` inputs of at most
 ``max_chars`` characters each; the work runs batch by batch on the same compute threads as
@@ -20,6 +26,7 @@ threads within the CPU share.
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 import logging
 import threading
@@ -172,6 +179,11 @@ class OnlineCalibrationConfig:
             raise ConfigError("online calibration min_inputs/min_holdout cannot exceed buffer_size/holdout_size")
 
 
+@functools.lru_cache(maxsize=16)
+def _networks(sources: tuple[str, ...]) -> tuple:
+    return tuple(ipaddress.ip_network(s, strict=False) for s in sources if s != "key")
+
+
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     cos = torch.nn.functional.cosine_similarity(a, b, dim=1)  # (N,)
     return float(cos.mean()), float(cos.min())
@@ -195,6 +207,8 @@ class OnlineCalibrator:
         self._lock = threading.Lock()  # buffers and counters
         self._run_lock = threading.Lock()  # one attempt at a time
         self._references: dict[str, nn.Module] = {}
+        self._reference_set: dict[str, torch.Tensor] = {}  # base model -> fp32 embeddings of the reference sentences
+        self.not_from_sources = 0  # inputs not buffered because their client is not in config.sources
         self._wake = threading.Event()
         self._manual = False
         self._stop = threading.Event()
@@ -204,10 +218,27 @@ class OnlineCalibrator:
             self._thread.start()
 
     # ---- traffic --------------------------------------------------------------------------------
-    def observe(self, sentences: list[str]) -> None:
+    def accepts(self, client_host: str | None, has_key: bool) -> bool:
+        """Whether a request from ``client_host`` (with or without the API key) may feed the buffer."""
+        sources = self.config.sources
+        if not sources:
+            return True
+        if has_key and "key" in sources:
+            return True
+        try:
+            addr = ipaddress.ip_address(client_host or "")
+        except ValueError:
+            return False
+        return any(addr in net for net in _networks(sources) if net.version == addr.version)
+
+    def observe(self, sentences: list[str], client_host: str | None = None, has_key: bool = False) -> None:
         if not self.config.enabled:
             return
         c = self.config
+        if not self.accepts(client_host, has_key):
+            with self._lock:
+                self.not_from_sources += len(sentences)
+            return
         with self._lock:
             for s in sentences:
                 self.seen += 1
@@ -241,6 +272,19 @@ class OnlineCalibrator:
             self._references.clear()  # keep one fp32 reference in memory
             self._references[base] = load_model(base)
         return self._references[base]
+
+    def reference_sentences(self) -> list[str]:
+        """The fixed reference set every candidate must not be worse on (not traffic: nobody can steer it)."""
+        from lowbit.data import eval_sentences
+
+        return eval_sentences(self.config.reference_size)
+
+    def _reference_embeddings(self, base: str, reference: nn.Module, sentences: list[str]) -> torch.Tensor:
+        key = f"{base}:{len(sentences)}"
+        if key not in self._reference_set:
+            self._reference_set.clear()
+            self._reference_set[key] = self._embed(reference, sentences)
+        return self._reference_set[key]
 
     def _embed(self, model: nn.Module, sentences: list[str]) -> torch.Tensor:
         bs = self.config.batch_size
@@ -298,14 +342,24 @@ class OnlineCalibrator:
         ref = self._embed(reference, holdout)
         cur_mean, cur_min = _cosines(self._embed(serving.model, holdout), ref)
         new_mean, new_min = _cosines(self._embed(candidate, holdout), ref)
+        fixed = self.reference_sentences()
+        ref_fixed = self._reference_embeddings(serving.metadata.model, reference, fixed)
+        cur_fmean, cur_fmin = _cosines(self._embed(serving.model, fixed), ref_fixed)
+        new_fmean, new_fmin = _cosines(self._embed(candidate, fixed), ref_fixed)
         record = {"model_id": serving.model_id, "scheme": kind, "n_calibration": len(calib), "n_holdout": len(holdout),
                   "cos_mean_before": cur_mean, "cos_min_before": cur_min, "cos_mean_after": new_mean,
-                  "cos_min_after": new_min}
+                  "cos_min_after": new_min, "n_reference": len(fixed), "reference_cos_mean_before": cur_fmean,
+                  "reference_cos_min_before": cur_fmin, "reference_cos_mean_after": new_fmean,
+                  "reference_cos_min_after": new_fmin}
         summary = (f"held-out cos_mean vs fp32 {cur_mean:.5f} -> {new_mean:.5f} (min {cur_min:.5f} -> {new_min:.5f}) "
-                   f"on {len(holdout)} inputs, calibrated on {len(calib)}")
+                   f"on {len(holdout)} inputs, calibrated on {len(calib)}; reference sentences "
+                   f"{cur_fmean:.5f} -> {new_fmean:.5f} (min {cur_fmin:.5f} -> {new_fmin:.5f}) on {len(fixed)}")
         if new_mean < cur_mean - c.tolerance:
-            return {**record, "outcome": "rejected", "reason": f"worse: {summary}"}
-        info = {"at": time.time(), "n_calibration": len(calib), "cos_mean_before": cur_mean, "cos_mean_after": new_mean}
+            return {**record, "outcome": "rejected", "reason": f"worse on held-out traffic: {summary}"}
+        if new_fmean < cur_fmean - c.tolerance:
+            return {**record, "outcome": "rejected", "reason": f"worse on the fixed reference sentences: {summary}"}
+        info = {"at": time.time(), "n_calibration": len(calib), "cos_mean_before": cur_mean, "cos_mean_after": new_mean,
+                "reference_cos_mean_before": cur_fmean, "reference_cos_mean_after": new_fmean}
         if self.active.replace_model(serving, candidate, info) is None:
             return {**record, "outcome": "discarded", "reason": "the active model changed during recalibration"}
         return {**record, "outcome": "accepted", "reason": f"not worse: {summary}"}
@@ -329,8 +383,9 @@ class OnlineCalibrator:
     def status(self) -> dict[str, Any]:
         with self._lock:
             counts = {"calibration": len(self.calib), "holdout": len(self.holdout)}
-            seen, since = self.seen, self.since_last
+            seen, since, refused = self.seen, self.since_last, self.not_from_sources
         return {"config": asdict(self.config), "buffer": counts, "inputs_seen": seen, "inputs_since_last": since,
+                "inputs_not_from_sources": refused,
                 "running": self.running, "recalibrators": sorted(RECALIBRATORS), "history": list(self.history)}
 
     def shutdown(self) -> None:
