@@ -310,3 +310,24 @@ def test_gptq_on_q4_0_grid_exports_its_own_codes(tmp_path):
         assert torch.equal(_file_weight(reader, name, model.lm.config), mod.dequantized_weight()), name
         low.append(int(mod.codes().min()))
     assert min(low) == -8  # the full Q4_0 range is used, not lowbit's restricted [-7, 7]
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_file_imports_bit_exact():
+    """SmolLM2's own file: a Q4_1 layer (rows permuted back for attn_q) and the Q8_0 embedding table."""
+    from lowbit.io.gguf_import import _File
+    from lowbit.models.smollm2 import smollm2_gguf
+
+    f = _File(smollm2_gguf())
+    heads = int(f.value("llama.attention.head_count"))
+    for name, n_head, cls in (("blk.3.attn_q.weight", heads, BlockMinQLinear),
+                              ("blk.3.ffn_down.weight", None, BlockMinQLinear),
+                              ("token_embd.weight", None, WeightOnlyQLinear)):
+        t = f.tensor(name)
+        shape = (int(t.shape[1]), int(t.shape[0]))
+        mod = f.linear(name, shape, n_head, "reference")
+        assert type(mod) is cls
+        ref = torch.from_numpy(np.array(gguf_dequantize(t.data, t.tensor_type))).reshape(shape)
+        if n_head:
+            ref = unpermute_qk(ref, n_head)
+        assert torch.equal(mod.dequantized_weight(), ref), name

@@ -89,6 +89,33 @@ def decode_blocks(qtype: str, raw: np.ndarray, shape: tuple[int, int]) -> tuple[
     return codes, d, m
 
 
+def decode_blocks_packed(qtype: str, raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor | None]:
+    """Like :func:`decode_blocks`, but the codes come back already in lowbit's packed layout
+    (``lowbit.core.pack``: byte ``i`` of a 4-bit row holds codes ``2i`` (low nibble) and ``2i + 1``;
+    signed codes stored with their offset, ``q + 8`` / ``q + 128``), using only uint8 operations so the
+    import's peak memory stays near the file's size. Returns ``(qweight (N * K * bits / 8,), d, m)``."""
+    n, k = shape
+    if qtype not in BLOCK_BYTES:
+        raise ConfigError(f"unknown block type {qtype!r}; valid: {', '.join(BLOCK_BYTES)}")
+    if k % BLOCK:
+        raise ConfigError(f"{qtype}: row length {k} is not a multiple of {BLOCK}")
+    g = k // BLOCK
+    b = np.asarray(raw).reshape(n, g, BLOCK_BYTES[qtype])  # (N, G, bytes), a view of the file
+    d = torch.from_numpy(b[..., 0:2].copy().view(np.float16).reshape(n, g))
+    m = None
+    if qtype == "q8_0":  # signed 8-bit codes are packed as q + 128: flip the sign bit
+        return torch.from_numpy((b[..., 2:] ^ np.uint8(0x80)).reshape(-1)), d, m
+    if qtype == "q4_1":
+        m = torch.from_numpy(b[..., 2:4].copy().view(np.float16).reshape(n, g))
+    qs = b[..., -16:]  # (N, G, 16): low nibbles = u[0:16], high nibbles = u[16:32]
+    u = np.empty((n, g, BLOCK), dtype=np.uint8)  # (N, G, 32); Q4_0's u = q + 8 is lowbit's stored value
+    np.bitwise_and(qs, 0x0F, out=u[..., :16])
+    np.right_shift(qs, 4, out=u[..., 16:])
+    packed = u[..., 0::2] | (u[..., 1::2] << 4)  # (N, G, 16): consecutive pairs share a byte
+    return torch.from_numpy(packed.reshape(-1)), d, m
+
+
 def permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's row order for Llama's q/k projections (convert_hf_to_gguf.py ``LlamaModel.permute``).
 

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.errors import LoadError
-from lowbit.io.gguf_blocks import decode_blocks, unpermute_qk
+from lowbit.errors import ConfigError, LoadError
+from lowbit.io.gguf_blocks import decode_blocks, decode_blocks_packed, unpermute_qk
 from lowbit.io.gguf_export import LAYER_NORMS, LAYER_TENSORS
-from lowbit.nn.gguf_linear import QTableEmbedding, linear_from_ggml
+from lowbit.nn.gguf_linear import QTableEmbedding, linear_from_ggml, linear_from_packed
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,15 @@ class _File:
             raise LoadError(f"{self.path}: tensor {name!r} has type {kind}; lowbit imports "
                             f"{', '.join(BLOCK_TYPES)} and {', '.join(FLOAT_TYPES)}")
         try:
+            if not n_head:  # straight to lowbit's packed layout with uint8 operations
+                qweight, d, m = decode_blocks_packed(qtype, t.data, shape)
+                return linear_from_packed(shape, qtype, qweight, d, m, kernel=kernel)
             codes, d, m = decode_blocks(qtype, t.data, shape)
-        except Exception as exc:
+        except (ValueError, TypeError, IndexError, ConfigError) as exc:
             raise LoadError(f"{self.path}: tensor {name!r} ({kind}) unreadable (truncated?): {exc}") from None
-        if n_head:
-            codes, d = unpermute_qk(codes, n_head), unpermute_qk(d, n_head)
-            m = None if m is None else unpermute_qk(m, n_head)
+        # q/k rows go back to Hugging Face's order (whole rows of blocks move)
+        codes, d = unpermute_qk(codes, n_head), unpermute_qk(d, n_head)
+        m = None if m is None else unpermute_qk(m, n_head)
         return linear_from_ggml(shape, qtype, codes, d, m, kernel=kernel)
 
 
@@ -203,13 +206,16 @@ def load_gguf(path: str | Path, kernel: str = "auto", tokenizer: bool = True) ->
     if left:
         raise LoadError(f"{path}: no data for {left[:5]} (the file lacks tensors this architecture needs)")
     lm.eval()
+    numel = sum(int(t.n_elements) for t in f.reader.tensors)
+    tied = "output.weight" not in f.tensors
+    del f  # drop the memory map and the parsed metadata before the tokenizer reads the file again
     model = CausalLM(lm, _tokenizer(path) if tokenizer else None).eval()
     model.model_name = path.stem
     model.gguf_source = str(path)
     model.lowbit_scheme = f"gguf-{kinds.most_common(1)[0][0].lower()}" if kinds else "gguf"
-    model.lowbit_fp32_numel = sum(int(t.n_elements) for t in f.reader.tensors)
+    model.lowbit_fp32_numel = numel
     log.info("imported %s: %d layers, linear types %s, tied head %s", path.name, cfg.num_hidden_layers,
-             dict(kinds), "output.weight" not in f.tensors)
+             dict(kinds), tied)
     return model
 
 

@@ -103,6 +103,24 @@ def linear_from_ggml(weight_shape: tuple[int, int], qtype: str, codes: torch.Ten
     return mod
 
 
+def linear_from_packed(weight_shape: tuple[int, int], qtype: str, qweight: torch.Tensor, d: torch.Tensor,
+                       m: torch.Tensor | None = None, kernel: str = "auto") -> nn.Module:
+    """Like :func:`linear_from_ggml` from codes already in lowbit's packed layout (bias-free)."""
+    n, k = weight_shape
+    if qtype == "q4_1":
+        mod = BlockMinQLinear(k, n, False, 4, GGML_BLOCK, kernel)
+        mod.offset.copy_(m.reshape(mod.offset.shape))
+    elif qtype in ("q4_0", "q8_0"):
+        mod = WeightOnlyQLinear(k, n, False, "int4" if qtype == "q4_0" else "int8", GGML_BLOCK, True, kernel)
+    else:
+        raise ConfigError(f"unknown ggml type {qtype!r}; valid: {', '.join(GGML_TYPES)}")
+    if qweight.numel() != mod.qweight.numel():
+        raise ConfigError(f"{qtype} {weight_shape}: {qweight.numel()} packed bytes, expected {mod.qweight.numel()}")
+    mod.qweight = qweight  # adopt the buffer: no second copy
+    mod.scale.copy_(d.reshape(mod.scale.shape))
+    return mod
+
+
 def linear_on_ggml_grid(linear: nn.Linear, qtype: str, kernel: str = "auto") -> nn.Module:
     """Quantize ``linear`` with ggml's reference rounding (:func:`ggml_quantize`), so that a GGUF export
     writes its codes and scales unchanged."""
@@ -281,5 +299,5 @@ class QTableEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, table={type(self.table).__name__}"
 
 
-__all__ = ["GGML_BLOCK", "GGML_TYPES", "ggml_quantize", "linear_from_ggml", "linear_on_ggml_grid",
+__all__ = ["GGML_BLOCK", "GGML_TYPES", "ggml_quantize", "linear_from_ggml", "linear_from_packed", "linear_on_ggml_grid",
            "BlockMinQLinear", "QTableEmbedding", "dequantize_rows"]
