@@ -47,6 +47,9 @@ def register(app: typer.Typer) -> None:
         tokenizer_from: Optional[Path] = typer.Option(None, "--tokenizer-from",
                                                       help="Copy the tokenizer from this GGUF file "
                                                            "(default: the model's source GGUF, else its HF tokenizer)."),
+        tokenizer_pre: str = typer.Option("default", "--tokenizer-pre",
+                                          help="llama.cpp pre-tokenizer name when the tokenizer comes from the HF "
+                                               "tokenizer (e.g. smollm); ignored with a source GGUF."),
         force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     ) -> None:
         """Export a quantized causal LM; layers already on the target grid keep their codes bit for bit."""
@@ -58,7 +61,7 @@ def register(app: typer.Typer) -> None:
 
         model = _load_source(target)
         report = export_gguf(model, out, qtype, source_gguf=tokenizer_from, embedding_type=embedding_type,
-                             overwrite=force)
+                             tokenizer_pre=tokenizer_pre, overwrite=force)
         hows = {h: report.count(h) for h in ("exact", "exact-codes", "requantized", "quantized", "float")}
         typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {qtype}): "
                    + ", ".join(f"{n} {h}" for h, n in hows.items() if n))

@@ -229,7 +229,9 @@ def add_hf_tokenizer(writer, tokenizer, vocab_size: int, pre: str = "default") -
     Tokens in id order (ids the tokenizer lacks up to ``vocab_size`` become ``[PAD{i}]``, type
     UNUSED), token types (CONTROL for special added tokens, USER_DEFINED for other added ones),
     merges, special token ids and the chat template. ``pre`` names llama.cpp's pre-tokenizer; it
-    cannot be derived here (llama.cpp identifies it by hashing its own tokenization).
+    cannot be derived here (llama.cpp's converter identifies it by hashing a tokenization), so pass
+    it (``"smollm"`` for SmolLM2). Checked on SmolLM2: with ``pre="smollm"`` every ``tokenizer.*`` key
+    equals the one in its GGUF file.
     """
     gguf = _gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -262,6 +264,7 @@ def add_hf_tokenizer(writer, tokenizer, vocab_size: int, pre: str = "default") -
         if isinstance(i, int):
             add(i)
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    writer.add_add_space_prefix(False)  # byte-level BPE encodes spaces itself
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
         writer.add_chat_template(template)
