@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+# Run as a script, bench/ is sys.path[0], where a bench file named like a package (bench/hqq.py) would
+# shadow it (transformers probes `hqq`); import from the repository root instead.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._llm_common import CachedReference, machine, quiet, write_results  # noqa: E402
@@ -40,6 +43,10 @@ if what == "gguf":
     from lowbit.io.gguf_import import load_gguf
     from lowbit.models.smollm2 import smollm2_gguf
     m = load_gguf(smollm2_gguf())
+elif what == "gguf-notok":
+    from lowbit.io.gguf_import import load_gguf
+    from lowbit.models.smollm2 import smollm2_gguf
+    m = load_gguf(smollm2_gguf(), tokenizer=False)
 elif what == "fp32":
     from lowbit.models import load_model
     m = load_model("smollm2")
@@ -83,7 +90,7 @@ def main() -> None:
     from lowbit.models.smollm2 import smollm2_gguf
 
     meta = {"machine": machine(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
-    mem = {w: peak_memory(w) for w in ("libs", "gguf", "fp32", "hf-gguf")}
+    mem = {w: peak_memory(w) for w in ("libs", "gguf-notok", "gguf", "fp32", "hf-gguf")}
     print("memory", mem, flush=True)
 
     fp = load_model("smollm2")
@@ -156,7 +163,8 @@ def write(rows: list[dict], mem: dict, meta: dict) -> None:
                   f"{r['kl_heldout']:.4f} | {r.get('how', '')} | {r.get('sha256', '')} |")
     md += ["", "Peak memory (max RSS of a separate process; `libs` = torch + transformers + lowbit + gguf imported):",
            "", "| process | max RSS MB | model MB |", "|---|---:|---:|"]
-    for w, label in (("libs", "libraries only"), ("gguf", "load_gguf(SmolLM2 Q4_1 file)"),
+    for w, label in (("libs", "libraries only"), ("gguf-notok", "load_gguf(SmolLM2 Q4_1 file, tokenizer=False)"),
+                     ("gguf", "load_gguf(SmolLM2 Q4_1 file) with transformers' GGUF tokenizer"),
                      ("fp32", 'load_model("smollm2") (fp32, from its safetensors cache)'),
                      ("hf-gguf", "transformers from_pretrained(gguf_file=...) (dequantizes to fp32)")):
         if w in mem:

@@ -233,6 +233,7 @@ def test_import_tied_head_shares_the_table(tmp_path):
     assert "output.weight" not in report.tensors
     back = load_gguf(path, tokenizer=False)
     assert back.lm.lm_head is back.lm.model.embed_tokens.table
+    assert {"lm.lm_head", "lm.model.embed_tokens"} <= set(back.lowbit_report.layers)
     ids = tiny_batches(1)[0]
     with torch.inference_mode():
         ref, got = model(ids), back(ids)

@@ -214,6 +214,11 @@ def load_gguf(path: str | Path, kernel: str = "auto", tokenizer: bool = True) ->
     model.gguf_source = str(path)
     model.lowbit_scheme = f"gguf-{kinds.most_common(1)[0][0].lower()}" if kinds else "gguf"
     model.lowbit_fp32_numel = numel
+    from lowbit.api import QuantizeReport
+
+    # Per quantized module its spec, as lowbit.quantize reports it (the tied head shares the table).
+    model.lowbit_report = QuantizeReport(layers={name: mod.spec() for name, mod in model.named_modules(
+        remove_duplicate=False) if hasattr(mod, "spec") and not name.endswith(".table")})
     log.info("imported %s: %d layers, linear types %s, tied head %s", path.name, cfg.num_hidden_layers,
              dict(kinds), tied)
     return model
