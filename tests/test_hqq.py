@@ -1,6 +1,7 @@
-"""HQQ (calibration-free half-quadratic fit of scales and integer zero-points): iteration 0 is RTN
-bit for bit, never worse than RTN per group, clearly better in weight and output error at 3 and 4
-bits, the scheme round-trips through JSON and save/load, bad options are ConfigErrors."""
+"""HQQ (calibration-free half-quadratic fit of fp16 zero-points, or scales): iteration 0 is RTN bit
+for bit, never worse than RTN per group, better in weight and output error at 3 and 4 bits, the
+float zero-point module round-trips through its spec, the fast kernel and save/load, the scheme
+through JSON, bad options are ConfigErrors."""
 
 from __future__ import annotations
 
@@ -14,18 +15,21 @@ import lowbit
 from lowbit.algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize, shrink_lp
 from lowbit.algorithms.rtn import WeightOnlyConfig
 from lowbit.config import build_config, config_from_json, config_to_json
-from lowbit.core import dequantize
 from lowbit.errors import ConfigError
-from lowbit.nn import WeightOnlyQLinear
+from lowbit.nn import WeightOnlyQLinear, module_from_spec
 from tests._tiny_llama import tiny_batches, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops, one thread
 
-# Largest allowed (HQQ error) / (RTN error) on heavy-tailed random weights, per bit width, for both the
-# squared weight error and the output error on random inputs. Measured at g64 over three seeds:
-# 0.90-0.94 at 4 bits and 0.70-0.85 at 3 bits (symmetric and affine); the floors keep a margin for seeds
-# yet fail if the optimisation stops moving the scales (ratio 1.0).
-HQQ_VS_RTN_MAX = {4: 0.97, 3: 0.9}
+# Largest allowed (HQQ error) / (RTN error) at g64 on heavy-tailed random weights, for both the squared
+# weight error and the output error on random inputs, 3 and 4 bits: measured 0.71-0.92 over three seeds
+# and the three variants (fp16 zero-point; zero-point and scale; symmetric scale). The margin is for
+# seeds; the test fails if the iterations stop moving the parameters (ratio 1.0).
+HQQ_VS_RTN_MAX_G64 = 0.95
+# Per channel (one group of 200) the zero-point alone gains less (measured 0.96-0.97): only "below RTN".
+HQQ_VS_RTN_MAX_PC = 1.0
+VARIANTS = {"zero-point": dict(symmetric=False), "zero-point+scale": dict(symmetric=False, optimize_scale=True),
+            "symmetric": dict(symmetric=True)}
 
 
 def _linear(k: int = 200, n: int = 48, seed: int = 0) -> nn.Linear:
@@ -60,52 +64,76 @@ def test_zero_iterations_is_rtn_bit_for_bit(bits, symmetric):
     assert torch.equal(h.qweight, r.qweight) and torch.equal(h.scale, r.scale)
     assert (h.zero_point is None) == symmetric
     if not symmetric:
-        assert torch.equal(h.zero_point, r.zero_point)
+        assert h.zero_point.dtype == torch.float16 and torch.equal(h.zero_point.float(), r.zero_point.float())
+        assert torch.equal(h.dequantized_weight(), r.dequantized_weight())
 
 
 @pytest.mark.parametrize("group_size", [64, 0])
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("bits", [3, 4])
-def test_hqq_error_at_most_rtn(bits, symmetric, group_size):
+def test_hqq_error_at_most_rtn(bits, variant, group_size):
     """Through the stored module (fp16 scales, integer zero-points, packed codes): every group's squared
     error is at most RTN's (each group keeps its best candidate, RTN's being the first), and the totals
     (weight and output on random inputs) are clearly below."""
+    symmetric = VARIANTS[variant]["symmetric"]
+    floor = HQQ_VS_RTN_MAX_G64 if group_size else HQQ_VS_RTN_MAX_PC
     lin = _linear(seed=bits + 10 * symmetric)
     w = lin.weight.detach()
-    h, stats = hqq_linear(lin, HQQConfig(bits=bits, group_size=group_size, symmetric=symmetric))
+    h, stats = hqq_linear(lin, HQQConfig(bits=bits, group_size=group_size, **VARIANTS[variant]))
     r = WeightOnlyQLinear.from_float(lin, bits, group_size, symmetric)
     wh, wr = h.dequantized_weight(), r.dequantized_weight()
     g = group_size or w.shape[1]
     assert (_group_sq_error(w, wh, g) <= _group_sq_error(w, wr, g) * (1 + 1e-5) + 1e-12).all()
     l2_h, l2_r = float(((w - wh) ** 2).sum()), float(((w - wr) ** 2).sum())
-    assert l2_h < HQQ_VS_RTN_MAX[bits] * l2_r
+    assert l2_h < floor * l2_r
     assert stats["sq_error"] == pytest.approx(l2_h, rel=1e-3) and stats["rtn_sq_error"] == pytest.approx(l2_r, rel=1e-3)
     x = torch.randn(512, w.shape[1], generator=torch.Generator().manual_seed(1))
     out_h = float(((h(x) - lin(x).detach()) ** 2).sum())
     out_r = float(((r(x) - lin(x).detach()) ** 2).sum())
-    assert out_h < HQQ_VS_RTN_MAX[bits] * out_r
+    assert out_h < floor * out_r
     codes = h.codes().float()
     assert codes.min() >= (-(2 ** (bits - 1)) + 1 if symmetric else h.qparams().qmin)
     assert codes.max() <= h.qparams().qmax
 
 
-def test_float_zero_point_mode_is_for_measurement_only():
-    lin = _linear(k=192)
-    codes, qp, stats = hqq_quantize(lin.weight, 4, 64, symmetric=False, integer_zero_point=False)
-    assert qp.zero_point.is_floating_point()
-    wq = dequantize(codes, qp)  # (N, K): the paper's float grid, through the reference dequantize
-    assert float(((lin.weight.detach() - wq) ** 2).sum()) == pytest.approx(stats["sq_error"], rel=1e-3)
-    assert stats["sq_error"] <= stats["rtn_sq_error"]
-    with pytest.raises(ConfigError, match="divide in_features"):
-        hqq_quantize(_linear(k=200).weight, 4, 64, symmetric=False, integer_zero_point=False)
+def test_integer_zero_point_variant():
+    """integer_zero_point=True: what fits an integer zero-point module (the scale does the work)."""
+    lin = _linear()
+    codes, qp, stats = hqq_quantize(lin.weight, 4, 64, symmetric=False, integer_zero_point=True)
+    assert qp.zero_point.dtype == torch.int32
+    m = WeightOnlyQLinear.from_quantized(lin, codes, qp, 64)
+    assert m.zero_point.dtype == torch.uint8 and "float_zero_point" not in m.spec()
+    err = float(((lin.weight.detach() - m.dequantized_weight()) ** 2).sum())
+    assert err == pytest.approx(stats["sq_error"], rel=1e-3) and err < stats["rtn_sq_error"]
+
+
+def test_float_zero_point_module_spec_and_fast_kernel():
+    lin = _linear(k=256, n=64)  # the int4 kernel needs N % 8 == 0 and K, g multiples of its group sizes
+    ref, _ = hqq_linear(lin, HQQConfig(bits=4, group_size=64, kernel="reference"))
+    assert ref.zero_point.dtype == torch.float16 and ref.spec()["float_zero_point"] is True
+    assert (ref.zero_point.float() != ref.zero_point.float().round()).any()  # really off the integers
+    rebuilt = module_from_spec(ref.spec())
+    rebuilt.load_state_dict(ref.state_dict())
+    assert torch.equal(rebuilt.dequantized_weight(), ref.dequantized_weight())
+    fast = module_from_spec({**ref.spec(), "kernel": "fast"})
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(2))
+    y_ref, y_fast = ref(x), fast(x)
+    assert fast._op == "int4_weight_only_linear"
+    # bf16 activations and bf16 scale/offset in the kernel: a few 1e-3 relative
+    assert float((y_fast - y_ref).norm() / y_ref.norm()) < 1e-2
+    with pytest.raises(ConfigError, match="float_zero_point needs an affine"):
+        WeightOnlyQLinear(256, 64, fmt="int4", symmetric=True, float_zero_point=True)
 
 
 def test_scheme_json_round_trip_and_cli_builder():
     cfg = HQQConfig(bits=3, group_size=64, symmetric=False, iters=7, exclude=("lm_head",))
     back = config_from_json(config_to_json(cfg))
     assert back == cfg and back.scheme == "hqq-w3-g64-asym"
-    built = build_config("hqq", {"bits": 4, "group_size": 32, "symmetric": "false"})
-    assert built == HQQConfig(bits=4, group_size=32, symmetric=False)
+    built = build_config("hqq", {"bits": 4, "group_size": 32, "symmetric": "true"})
+    assert built == HQQConfig(bits=4, group_size=32, symmetric=True)
+    assert build_config("hqq", {}) == HQQConfig()  # affine (the zero-point is what HQQ optimises)
+    assert HQQConfig(optimize_scale=True).scheme == "hqq-w4-g128-asym-fitscale"
     assert build_config("hqq", {"bits": 8}).group_size == 0  # int8 per channel by default, like rtn
 
 
@@ -134,7 +162,7 @@ def test_bad_scheme_options_and_json_are_config_errors():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_tiny_llama_quantize_save_load(tmp_path, monkeypatch, symmetric):
+def test_tiny_llama_quantize_save_load(tmp_path, symmetric):
     fp = tiny_llama()
     q = lowbit.quantize(copy.deepcopy(fp), HQQConfig(bits=4, group_size=32, symmetric=symmetric),
                         tiny_batches(1, 8))  # calibration data is accepted and ignored
@@ -144,14 +172,13 @@ def test_tiny_llama_quantize_save_load(tmp_path, monkeypatch, symmetric):
     assert all(type(q.get_submodule(n)) is WeightOnlyQLinear for n in layers)
     assert q.lowbit_scheme == f"hqq-w4-g32-{'sym' if symmetric else 'asym'}"
     stats = q.lowbit_report.extra["hqq"]["layers"]
-    assert sum(s["sq_error"] for s in stats.values()) < HQQ_VS_RTN_MAX[4] * sum(s["rtn_sq_error"] for s in stats.values())
+    assert sum(s["sq_error"] for s in stats.values()) < HQQ_VS_RTN_MAX_G64 * sum(s["rtn_sq_error"] for s in stats.values())
     ids = tiny_batches(2, 32, seed=5)
     with torch.no_grad():
         before = [q(x) for x in ids]
     lowbit.save(q, tmp_path / "hqq")
-    # lowbit.load rebuilds the base architecture by name; the tiny model is not a registered one
-    monkeypatch.setattr("lowbit.models.load_model", lambda name: tiny_llama(seed=123))
-    loaded = lowbit.load(tmp_path / "hqq")
+    # the tiny model is not one lowbit can rebuild by itself: pass a fresh (differently seeded) instance
+    loaded = lowbit.load(tmp_path / "hqq", model=tiny_llama(seed=123))
     with torch.no_grad():
         after = [loaded(x) for x in ids]
     for a, b in zip(before, after):

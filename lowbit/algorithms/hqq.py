@@ -23,30 +23,32 @@ and alternates closed-form steps (``beta <- kappa * beta`` after each round):
 
 Choices of this implementation (each says how it departs from the paper):
 
-- **Integer zero-point.** ``WeightOnlyQLinear`` stores ``zero_point`` as an integer, which is also
-  what the int4 kernel layout, ``metadata.json``, GGUF and ONNX (``DequantizeLinear``) export
-  assume. A float ``z`` (the paper's) would need a new buffer dtype and a branch in every one of
-  those; instead ``z`` is rounded to an integer in step 3 and the scale is refitted for that
-  integer ``z`` (``s = <v, q - z> / <q - z, q - z>``). With ``z`` integer,
-  ``round(w / s + z) = round(w / s) + z``, so the zero-point only moves the clamp window and the
-  scale carries most of the gain; the benchmark measures how much the float ``z`` would add
-  (``integer_zero_point=False`` in :func:`hqq_quantize`, evaluated as float weights).
-- **Symmetric** grids have no zero-point (``z = 0``, codes in ``[-qmax, qmax]`` like RTN): only the
-  scale is optimised, ``s = <v, q> / <q, q>``.
+- **Float zero-point, stored in fp16.** As in the paper, ``z`` is a real number, so the grid can sit at
+  any offset. ``WeightOnlyQLinear`` keeps integer zero-points by default (GGUF/ONNX export and the
+  other methods need them); HQQ's modules set its ``float_zero_point`` flag, which stores
+  ``zero_point`` as fp16 (the int4 kernel, dequantization and save/load take it as is; the flag is in
+  the spec). ``z`` is rounded to fp16 during the iterations, so what is scored is what is stored.
+  Rounding ``z`` to an integer instead (``integer_zero_point=True``, no module change) leaves only the
+  clamp window to move, since ``round(w / s + z) = round(w / s) + z``; the scale must then carry the
+  optimisation, and on SmolLM2 that lowers the weight error but raises perplexity (bench/results/hqq.md):
+  shrinking the scale clips the largest weights, which matter most.
+- **Scale fixed** at RTN's min-max value by default (the paper's main setting); ``optimize_scale``
+  fits it jointly with ``z`` (the regression ``v ~ s q - s z``: ``s = cov(q, v) / var(q)``).
+- **Symmetric** grids have no zero-point (``z = 0``, codes in ``[-qmax, qmax]`` like RTN): the only
+  free parameter is the scale, ``s = <v, q> / <q, q>``; HQQ proper is the affine scheme (the default).
 - **Scale-free units.** The iterations run on ``u = w / s0`` (``s0``: RTN's min-max scale of the
   group), so ``beta`` has the same meaning for every group and model; errors are in grid steps.
-- **Over-relaxed parameter step.** The fitted scale (and zero-point) is taken as a step direction,
-  ``s <- s + relax * (s_fit - s)`` with ``relax = 2`` by default (``1`` is the plain alternation):
-  the fixed-point iteration creeps towards its limit, and overshooting is safe because of the
-  next rule.
+- **Over-relaxed parameter step.** The fitted parameters are a step direction,
+  ``x <- x + relax * (x_fit - x)``, ``relax = 2`` by default (``1`` is the plain alternation): the
+  fixed-point iteration creeps towards its limit, and overshooting is safe because of the next rule.
 - **Start and keep.** Iteration 0 is exactly RTN's (fp16-rounded) ``s0, z0``; after every round the
-  candidate ``(s, z)`` (``s`` rounded to fp16, as stored) is scored by the squared weight error of
-  the codes it produces, and each group keeps its best candidate. The ``l_p`` iterations propose,
-  the ``l2`` error disposes: the result's per-group squared error is never above RTN's. (The
-  paper stops early when its error rises; this is the per-group version of that.)
+  candidate ``(s, z)`` is scored by the squared weight error of the codes it produces, and each group
+  keeps its best candidate. The ``l_p`` iterations propose, the ``l2`` error disposes: the result's
+  per-group squared error is never above RTN's (the paper stops early when its error rises; this is
+  the per-group version of that).
 - **Ragged last group** (``K % group_size != 0``): computed as if ``W`` were zero-padded to whole
-  groups, exactly like RTN's ``WeightOnlyQLinear.from_float``, but the padding is masked out of
-  every fit and score.
+  groups, exactly like RTN's ``WeightOnlyQLinear.from_float``, with the padding masked out of every
+  fit and score.
 
 Everything is vectorised over the (N, ceil(K/g)) groups of a weight; no calibration data is read.
 """
@@ -97,49 +99,46 @@ def _sum(x: torch.Tensor) -> torch.Tensor:
     return x.sum(-1, keepdim=True)
 
 
-def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
                  iters: int = DEFAULT_ITERS, lp: float = DEFAULT_LP, beta: float = DEFAULT_BETA,
-                 kappa: float = DEFAULT_KAPPA, relax: float = DEFAULT_RELAX, integer_zero_point: bool = True
-                 ) -> tuple[torch.Tensor, QParams, dict]:
+                 kappa: float = DEFAULT_KAPPA, relax: float = DEFAULT_RELAX, optimize_scale: bool = False,
+                 integer_zero_point: bool = False) -> tuple[torch.Tensor, QParams, dict]:
     """HQQ on one weight ``(N, K)``: codes ``(N, K)``, their ``QParams`` (per group ``(N, ceil(K/g))``
-    or per channel ``(N,)`` if ``group_size == 0``) and stats (squared error before/after).
+    or per channel ``(N,)`` if ``group_size == 0``) and stats (summed squared error, RTN's and ours).
 
-    ``integer_zero_point=False`` keeps the paper's float zero-point (the returned ``zero_point`` is then
-    a float tensor that ``WeightOnlyQLinear`` cannot store: for measurement through ``dequantize``).
+    Affine: the zero-point is optimised (a float, rounded to fp16 as stored), the scale too only if
+    ``optimize_scale``; ``integer_zero_point`` rounds ``z`` to an integer instead (and then always
+    refits the scale, which is all that can move). Symmetric: ``z = 0`` and the scale is optimised.
     """
     fmt = get_format(weight_format(bits, symmetric))
     w = weight.detach().float()
     N, K = w.shape
     g = group_size or K
     pad = (-K) % g
-    if pad and not integer_zero_point:
-        raise ConfigError("hqq: the float zero-point (measurement) mode needs group_size to divide in_features")
     G = (K + pad) // g
     wp = F.pad(w, (0, pad))  # (N, G*g): zeros appended, as RTN does
     gran = per_group(g) if group_size else per_channel(0)
     qp0 = choose_qparams(wp, fmt, symmetric, gran)  # RTN's min-max start
-    s0 = qp0.scale.to(torch.float16).float().reshape(N, G, 1)  # (N, G, 1), as stored
+    s0 = _fp16(qp0.scale).reshape(N, G, 1)  # (N, G, 1), as stored
     qmax = fmt.qmax
     qmin = -qmax if symmetric else fmt.qmin
     W = wp.reshape(N, G, g)  # (N, G, g): groups of contiguous input columns
-    # A padding entry has w = 0, so its code is exactly z and its error 0 (no effect on any score);
-    # it adds z and z^2 to the code sums of the fit, which are taken back out (npad per group).
-    count = torch.full((G, 1), float(g))  # (G, 1) real entries per group
-    count[-1] -= pad
-    npad = g - count  # (G, 1)
+    mask = None  # (G, g): 1 on real columns, 0 on the padding of a ragged last group
+    count = torch.full((G, 1), float(g))  # (G, 1): real columns per group
+    if pad:
+        mask = torch.ones(G * g)
+        mask[K:] = 0
+        mask = mask.reshape(G, g)
+        count[-1] -= pad
+    fit_scale = symmetric or optimize_scale or integer_zero_point
+    fit_zero = not symmetric
 
     def codes_of(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.clamp(torch.round(W / s + z), qmin, qmax)  # (N, G, g)
 
-    def sq_error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        e = W - s * (codes_of(s, z) - z)
-        return _sum(e * e)  # (N, G, 1): summed squared error of each group
-
-    def fp16(s: torch.Tensor) -> torch.Tensor:  # scales are stored in fp16
-        return s.to(torch.float16).float().clamp_min(torch.finfo(torch.float16).tiny)
-
     z0 = torch.zeros_like(s0) if symmetric else qp0.zero_point.float().reshape(N, G, 1)
-    err0 = sq_error(s0, z0)
+    e0 = W - s0 * (codes_of(s0, z0) - z0)  # 0 on the padding (w = 0 -> code z0, an integer)
+    err0 = _sum(e0 * e0)  # (N, G, 1)
     best_s, best_z, best_err = s0.clone(), z0.clone(), err0.clone()
 
     u = W / s0  # (N, G, g): weights in grid steps of the start scale
@@ -150,6 +149,8 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
     for it in range(iters + 1):
         q = torch.addcmul(z, u, 1 / sigma).round_().clamp_(qmin, qmax)  # step 1: round(u / s + z)
         r = torch.addcmul(sigma * z, q, sigma, value=-1).add_(u)  # u - s (q - z), in grid steps of s0
+        if mask is not None:
+            r.mul_(mask)
         if it:  # score the (sigma, z) of the previous round by its squared weight error
             err = torch.linalg.vecdot(r, r)[..., None] * s0sq  # (N, G, 1)
             better = err < best_err
@@ -161,29 +162,33 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
         # step 2: W_e = sign(r) relu(|r| - |r|^(p-1) / beta); |r|^(p-1) as exp((p-1) log|r|) (3x faster than pow)
         a = r.abs()
         t = a.clamp_min(_EPS).log_().mul_(lp - 1).sub_(log_beta).exp_()
-        v = torch.addcmul(u, torch.sign(r), a.sub_(t).relu_(), value=-1)  # v = w - W_e
-        # step 3: least squares of v on the grid, from four sums per group (N, G, 1)
-        sq, sv = _sum(q), _sum(v)
-        sqq, sqv = torch.linalg.vecdot(q, q)[..., None], torch.linalg.vecdot(q, v)[..., None]
-        if pad:
-            sq, sqq = sq - npad * z, sqq - npad * z * z
-        if symmetric:  # z = 0: s = <v, q> / <q, q>
-            new = torch.where(sqq > 0, sqv / sqq.clamp_min(_EPS), sigma)
-        else:  # v ~ s q - s z
+        v = torch.addcmul(u, torch.sign(r), a.sub_(t).relu_(), value=-1)  # v = w - W_e (in grid steps of s0)
+        # step 3: least squares of v on the grid s (q - z), from four sums per group (N, G, 1)
+        qm = q if mask is None else q * mask
+        sq, sv = _sum(qm), _sum(v if mask is None else v * mask)
+        sqq, sqv = torch.linalg.vecdot(qm, q)[..., None], torch.linalg.vecdot(qm, v)[..., None]
+        new_s, new_z = sigma, z
+        if fit_zero and not fit_scale:  # the paper's step: z = mean(q - v / s)
+            new_z = (sq - sv / sigma) / count
+        elif not fit_zero:  # symmetric, z = 0: s = <v, q> / <q, q>
+            new_s = torch.where(sqq > 0, sqv / sqq.clamp_min(_EPS), sigma)
+        else:  # both: the regression v ~ s q - s z
             mq, mv = sq / count, sv / count
             cov, var = sqv / count - mq * mv, sqq / count - mq * mq
             ok = (var > _EPS) & (cov > 0)
-            new = torch.where(ok, cov / var.clamp_min(_EPS), sigma)
-            zf = torch.where(ok, mq - mv / new, z)
+            new_s = torch.where(ok, cov / var.clamp_min(_EPS), sigma)
+            new_z = torch.where(ok, mq - mv / new_s, z)
             if integer_zero_point:  # round z, refit s for it: <v, q - z> / <q - z, q - z>
-                z = torch.round(zf).clamp_(qmin, qmax)
-                num, den = sqv - z * sv, sqq - 2 * z * sq + z * z * count
-                new = torch.where(den > _EPS, num / den.clamp_min(_EPS), new)
-            else:
-                z = zf
-        new = sigma + relax * (new - sigma)
-        new = torch.where(new > 0, new, sigma)
-        sigma = fp16(s0 * new) / s0
+                new_z = torch.round(new_z)
+                num, den = sqv - new_z * sv, sqq - 2 * new_z * sq + new_z * new_z * count
+                new_s = torch.where(den > _EPS, num / den.clamp_min(_EPS), new_s)
+        if fit_scale:
+            new_s = sigma + relax * (new_s - sigma)
+            sigma = torch.where(new_s > 0, _fp16(s0 * new_s) / s0, sigma)
+        if fit_zero:
+            if not integer_zero_point:
+                new_z = _fp16(z + relax * (new_z - z), positive=False)
+            z = new_z.clamp(qmin, qmax)
         log_beta += math.log(kappa)
 
     codes = codes_of(best_s, best_z).reshape(N, G * g)[:, :K]  # (N, K)
@@ -199,6 +204,12 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
     return codes, qp, stats
 
 
+def _fp16(x: torch.Tensor, positive: bool = True) -> torch.Tensor:
+    """``x`` rounded to fp16 (how scales and zero-points are stored), back in fp32; scales stay > 0."""
+    y = x.to(torch.float16).float()
+    return y.clamp_min(torch.finfo(torch.float16).tiny) if positive else y
+
+
 # ------------------------------------------------------------------------------------ config
 
 
@@ -207,7 +218,8 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
 class HQQConfig(BaseConfig):
     bits: int = 4
     group_size: int = 128  # 0 = per channel; a ragged last group when it does not divide in_features
-    symmetric: bool = True  # True: z = 0, scale optimised; False: integer zero-point and scale
+    symmetric: bool = False  # False: fp16 zero-point optimised (HQQ); True: z = 0, the scale is optimised
+    optimize_scale: bool = False  # affine: also fit the scale (the paper fixes it at min-max)
     iters: int = DEFAULT_ITERS  # half-quadratic rounds
     lp: float = DEFAULT_LP  # the p of the l_p error norm, 0 < p < 1
     beta: float = DEFAULT_BETA  # initial half-quadratic penalty (errors in grid steps)
@@ -230,14 +242,15 @@ class HQQConfig(BaseConfig):
 
     @property
     def scheme(self) -> str:
-        return weight_scheme_name("hqq", self.bits, self.group_size, self.symmetric, None, False)
+        name = weight_scheme_name("hqq", self.bits, self.group_size, self.symmetric, None, False)
+        return name + ("-fitscale" if self.optimize_scale and not self.symmetric else "")
 
 
 def hqq_linear(linear: nn.Linear, config: HQQConfig, group_size: int | None = None) -> tuple[WeightOnlyQLinear, dict]:
     """A ``WeightOnlyQLinear`` holding HQQ's codes for ``linear`` (``group_size`` overrides the config's)."""
     g = config.group_size if group_size is None else group_size
     codes, qp, stats = hqq_quantize(linear.weight, config.bits, g, config.symmetric, config.iters, config.lp,
-                                    config.beta, config.kappa, config.relax)
+                                    config.beta, config.kappa, config.relax, config.optimize_scale)
     return WeightOnlyQLinear.from_quantized(linear, codes, qp, g, config.kernel), stats
 
 
@@ -258,11 +271,11 @@ def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
     return report
 
 
-@register_scheme("hqq", "HQQ weight-only, calibration-free (half-quadratic fit of scales and integer zero-points "
-                 "to the weights): --bits {2,3,4,8} --group-size N (0 = per channel) --symmetric/--affine",
+@register_scheme("hqq", "HQQ weight-only, calibration-free (half-quadratic fit of fp16 zero-points to the weights; "
+                 "affine by default): --bits {2,3,4,8} --group-size N (0 = per channel) --symmetric/--affine",
                  options=("bits", "group_size", "symmetric", "kernel"))
 def _hqq_scheme(options: dict) -> HQQConfig:
     bits = int(options.get("bits", 4))
     default_group = 0 if bits == 8 else 128
     return HQQConfig(bits=bits, group_size=int(options.get("group_size", default_group)),
-                     symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+                     symmetric=option_bool(options.get("symmetric", False)), kernel=options.get("kernel", "auto"))

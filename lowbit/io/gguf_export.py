@@ -120,6 +120,11 @@ def on_grid(module: nn.Module, qtype: str) -> tuple[torch.Tensor, torch.Tensor, 
         if qtype == "q8_0" and -128 <= lo and hi <= 127:
             return codes, d, None, "exact"
         return None
+    if module.zero_point.is_floating_point():  # HQQ's fp16 zero-points: Q4_1's min = -scale * zero_point
+        if qtype != "q4_1" or not (0 <= lo and hi <= 15):
+            return None
+        m = (-d.float() * _per_block(module.zero_point, n, k, g).float()).to(torch.float16)
+        return codes, d, m, "exact-codes"
     zp = _per_block(module.zero_point.to(torch.int16), n, k, g)  # (N, K/32)
     zp_cols = zp.repeat_interleave(BLOCK, dim=1)  # (N, K)
     if qtype == "q4_1" and 0 <= lo and hi <= 15:

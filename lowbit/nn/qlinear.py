@@ -29,6 +29,7 @@ from lowbit.core import (
     unpack,
 )
 from lowbit.kernels import int8_dynamic, weight_only
+from lowbit.errors import ConfigError
 from lowbit.nn.base import register_qmodule
 
 
@@ -106,10 +107,15 @@ class WeightOnlyQLinear(nn.Module):
     absmax nor its [min(x, 0), max(x, 0)] range. Persistent buffers: ``qweight`` (packed uint8 codes
     of the (N, K) weight), ``scale`` (fp16, (N,) or (N, ceil(K/g))), ``zero_point`` (int8/uint8,
     affine only). Fast kernels use a derived layout built on first use and never saved.
+
+    ``float_zero_point=True`` (affine only) stores ``zero_point`` as fp16 instead: the grid
+    ``s (q - z)`` may then sit at any offset, not only whole steps (HQQ's zero-points,
+    ``lowbit.algorithms.hqq``). Dequantization and the int4 kernel (``W = (u - 8) s + m``) take it
+    as is; the spec records the flag, so save/load rebuild the same buffer.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "int4",
-                 group_size: int = 128, symmetric: bool = True, kernel: str = "auto"):
+                 group_size: int = 128, symmetric: bool = True, kernel: str = "auto", float_zero_point: bool = False):
         super().__init__()
         f = get_format(fmt)
         self.in_features, self.out_features = in_features, out_features
@@ -120,8 +126,10 @@ class WeightOnlyQLinear(nn.Module):
                                                     dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(pshape, dtype=torch.float16))
         affine = not symmetric and f.kind is Kind.UNIFORM
-        self.register_buffer("zero_point", torch.zeros(pshape, dtype=torch.int8 if f.signed else torch.uint8)
-                             if affine else None)
+        if float_zero_point and not affine:
+            raise ConfigError("float_zero_point needs an affine uniform format (symmetric=False)")
+        zp_dtype = torch.float16 if float_zero_point else (torch.int8 if f.signed else torch.uint8)
+        self.register_buffer("zero_point", torch.zeros(pshape, dtype=zp_dtype) if affine else None)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._fast = None  # kernel-layout tensors, built on first use (not saved)
         self._choice = None
@@ -143,7 +151,9 @@ class WeightOnlyQLinear(nn.Module):
         if f.kind is Kind.UNIFORM:
             qmax = f.qmax
             qmin = f.qmin if (not self.symmetric or f.name == "ternary") else -qmax
-            zp = self.zero_point.to(torch.int32) if self.zero_point is not None else None
+            zp = None
+            if self.zero_point is not None:
+                zp = self.zero_point.float() if self.zero_point.is_floating_point() else self.zero_point.to(torch.int32)
             return QParams(f, self.granularity, scale, zp, qmin, qmax)
         cb = f.codebook_tensor() if f.kind is Kind.CODEBOOK else None
         return QParams(f, self.granularity, scale, codebook=cb)
@@ -153,10 +163,12 @@ class WeightOnlyQLinear(nn.Module):
                        kernel: str = "auto") -> "WeightOnlyQLinear":
         """Wrap codes (N, K) and qparams computed by any method (RTN, GPTQ, AWQ).
 
-        ``qp.scale`` (and ``qp.zero_point``) have shape (N,) per channel or (N, ceil(K / group_size)).
+        ``qp.scale`` (and ``qp.zero_point``) have shape (N,) per channel or (N, ceil(K / group_size)); a
+        floating-point ``qp.zero_point`` gives a ``float_zero_point`` module (stored in fp16).
         """
+        float_zp = qp.zero_point is not None and qp.zero_point.is_floating_point()
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, qp.fmt.name, group_size,
-                qp.zero_point is None, kernel)
+                qp.zero_point is None, kernel, **({"float_zero_point": True} if float_zp else {}))
         f = qp.fmt
         m.qweight.copy_(pack(codes, f.storage_bits, signed=codes.dtype == torch.int8))
         m.scale.copy_(qp.scale.reshape(m.scale.shape).to(torch.float16))
@@ -180,9 +192,12 @@ class WeightOnlyQLinear(nn.Module):
         return cls.from_quantized(linear, quantize(wp, qp)[:, :k], qp, group_size, kernel)
 
     def spec(self) -> dict:
-        return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+        spec = {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "fmt": self.fmt, "group_size": self.group_size,
                 "symmetric": self.symmetric, "kernel": self.kernel}
+        if self.zero_point is not None and self.zero_point.is_floating_point():
+            spec["float_zero_point"] = True  # only when set: specs of integer zero-points are unchanged
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict) -> "WeightOnlyQLinear":
@@ -271,7 +286,9 @@ class WeightOnlyQLinear(nn.Module):
     def extra_repr(self) -> str:
         gran = f"g{self.group_size}" if self.group_size else "per-channel"
         return (f"in={self.in_features}, out={self.out_features}, {self.fmt} {gran} "
-                f"{'sym' if self.symmetric else 'affine'}, kernel={self.kernel}")
+                f"{'sym' if self.symmetric else 'affine'}"
+                f"{' (float zero-point)' if self.zero_point is not None and self.zero_point.is_floating_point() else ''}"
+                f", kernel={self.kernel}")
 
 
 __all__ = ["DynamicQLinear", "WeightOnlyQLinear", "weight_format", "int8_dynamic"]
