@@ -186,3 +186,19 @@ def test_tiny_llama_quantize_save_load(tmp_path, symmetric):
         b = b.logits if hasattr(b, "logits") else b
         assert torch.equal(a, b)
     assert config_from_json(config_to_json(loaded.lowbit_config)) == q.lowbit_config
+
+
+def test_float_zero_point_exports_as_q4_1_min_only():
+    """GGUF Q4_1 stores x = d u + m with a float m: HQQ's codes and scales are kept, m = -d z in fp16."""
+    from lowbit.io.gguf_export import on_grid
+
+    lin = _linear(k=256, n=64)
+    m, _ = hqq_linear(lin, HQQConfig(bits=4, group_size=64))
+    codes, d, mins, how = on_grid(m, "q4_1")
+    assert how == "exact-codes" and torch.equal(codes.to(torch.int16), m.codes().to(torch.int16))
+    zp = m.zero_point.float().repeat_interleave(2, dim=1)  # (N, K / 32): two 32-blocks per group of 64
+    torch.testing.assert_close(mins.float(), (-d.float() * zp).to(torch.float16).float())
+    w = (codes.float().reshape(64, -1, 32) * d.float()[..., None] + mins.float()[..., None]).reshape(64, 256)
+    # m is rounded to fp16 and |m| <= 15 d, so half an fp16 ulp of m is at most 15 d 2^-12 < 0.004 d
+    torch.testing.assert_close(w, m.dequantized_weight(), rtol=0, atol=0.004 * float(d.float().abs().max()))
+    assert on_grid(m, "q8_0") is None and on_grid(m, "q4_0") is None
