@@ -153,7 +153,7 @@ def test_bad_configs_are_clear():
         GPTQConfig(bits=5)
     with pytest.raises(ConfigError, match="percdamp"):
         GPTQConfig(percdamp=0)
-    with pytest.raises(ConfigError, match="not a Llama-style decoder"):
+    with pytest.raises(ConfigError, match="has no architecture adapter"):
         lowbit.quantize(nn.Sequential(nn.Linear(8, 8)), GPTQConfig(), [torch.zeros(1, 8, dtype=torch.long)])
 
 

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import CalibrationError, ConfigError
+from lowbit.models import adapters
+from lowbit.models.adapters import _LLAMA_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +24,8 @@ GROUP_FALLBACKS = (256, 128, 64, 32, 16, 8)  # tried in order, largest first, wh
 OVERLAP_WARN = 0.01  # warn when more than 1% of the calibration 8-grams occur in the evaluation text
 
 # Linears of a Llama decoder layer, by the input they share (one Hessian / one smoothing factor each).
-LLAMA_INPUT_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+LLAMA_INPUT_GROUPS = tuple(names for names, _ in _LLAMA_GROUPS)
+LLM_METHODS = "the LLM methods (gptq, awq, smoothquant)"
 
 
 def effective_group_size(in_features: int, group_size: int) -> int:
@@ -42,14 +40,26 @@ def effective_group_size(in_features: int, group_size: int) -> int:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``ModuleList`` of decoder layers of a Llama-style causal LM (``CausalLM`` or a bare HF model)."""
-    lm = getattr(model, "lm", model)
-    inner = getattr(lm, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise ConfigError(f"{type(model).__name__} is not a Llama-style decoder (no .model.layers); "
-                          "the LLM methods (gptq, awq, smoothquant) support causal LMs such as smollm2")
-    return layers
+    """The ``ModuleList`` of decoder layers of a causal LM (``CausalLM`` or a bare HF model), found
+    through its family's row in :mod:`lowbit.models.adapters`."""
+    return adapters.decoder_layers(model, LLM_METHODS)
+
+
+def input_groups(model: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """Names (inside a decoder layer) of the linears grouped by the input they share."""
+    return tuple(names for names, _ in adapters.adapter_for(model, LLM_METHODS).input_groups)
+
+
+def require_llama_layout(model: nn.Module, method: str) -> float:
+    """Check the model's blocks have Llama's layout (norm -> q/k/v, norm -> gate/up -> down), which
+    ``method`` folds scales into; returns the norm offset of the family (1.0 for Gemma's ``1 + w``)."""
+    row = adapters.adapter_for(model, method)
+    if row.input_groups != _LLAMA_GROUPS:
+        llama_like = sorted(f for f, r in adapters.ADAPTERS.items() if r.input_groups == _LLAMA_GROUPS)
+        raise ConfigError(f"{method} folds scales into Llama-layout blocks (input_layernorm -> q/k/v_proj, "
+                          f"post_attention_layernorm -> gate/up_proj -> down_proj): families "
+                          f"{', '.join(llama_like)}; {row.family!r} is laid out differently. Use gptq or rtn.")
+    return row.norm_offset
 
 
 def layer_prefix(model: nn.Module) -> str:

@@ -35,6 +35,7 @@ from torch import nn
 
 from lowbit.algorithms._calib import LM_CALIB_WINDOW, calibration_info, capture_inputs
 from lowbit.algorithms._llm import (effective_group_size, layer_linears, layer_prefix, lm_calibration, n_tokens,
+                                   require_llama_layout,
                                    widest_input)
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
@@ -161,7 +162,9 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, config: AWQConfig, group_size:
 # ------------------------------------------------------------------------------- the handler
 
 
-def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, stats: dict):
+def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, stats: dict, norm_offset: float = 0.0):
+    """The per-layer AWQ step for Llama-layout blocks; ``norm_offset`` 1.0 for norms computing ``x (1 + w)``."""
+
     def selected(name: str) -> bool:
         return (any(fnmatch.fnmatchcase(name, p) for p in config.include)
                 and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
@@ -199,7 +202,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
                     return torch.cat([attn(hidden_states=x, **_attn_kwargs(kwargs))[0] for x in x_attn])
                 ref = attn_block()
                 s, alpha, loss = search_scale(mean_abs(x_attn), qkv, attn_block, ref, config, [g(m) for m in qkv])
-                _fold(layer.input_layernorm.weight, qkv, s)
+                _fold(layer.input_layernorm.weight, qkv, s, norm_offset)
                 s_qkv = s
                 info["qkv_alpha"] = alpha
             # 2. post_attention_layernorm -> gate, up, judged on the MLP output.
@@ -207,7 +210,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
             if all(n in linears for n in ("mlp.gate_proj", "mlp.up_proj")):
                 ref = mlp(x_mlp)
                 s, alpha, loss = search_scale(mean_abs(x_mlp), gu, lambda: mlp(x_mlp), ref, config, [g(m) for m in gu])
-                _fold(layer.post_attention_layernorm.weight, gu, s)
+                _fold(layer.post_attention_layernorm.weight, gu, s, norm_offset)
                 s_gu = s
                 info["gate_up_alpha"] = alpha
             # 3. up -> down, judged on down_proj's output (the input seen by down is act(gate) * up / s).
@@ -254,9 +257,9 @@ def _attn_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in ("position_embeddings", "attention_mask", "position_ids") if k in kwargs}
 
 
-def _fold(norm_weight: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """``norm.weight /= s`` and ``W[:, j] *= s_j`` for every consumer: the product is unchanged."""
-    norm_weight.data /= s
+def _fold(norm_weight: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor, offset: float = 0.0) -> None:
+    """``(offset + norm.weight) /= s`` and ``W[:, j] *= s_j`` for every consumer: the product is unchanged."""
+    norm_weight.data = (offset + norm_weight.data) / s - offset
     for m in linears:
         m.weight.data *= s[None, :]
 
@@ -273,11 +276,12 @@ def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) ->
     batches, source = lm_calibration(model, calibration_data, config.calibration_windows())
     if config.rounding == "gptq":
         check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
+    offset = require_llama_layout(model, config.scheme)
     prefix = layer_prefix(model)
     report = QuantizeReport()
     stats: dict = {}
     t0 = time.perf_counter()
-    process_layerwise(model, batches, make_awq_process(config, prefix, report, stats), desc=config.scheme)
+    process_layerwise(model, batches, make_awq_process(config, prefix, report, stats, offset), desc=config.scheme)
     report.extra["awq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats}
     model.lowbit_calibration = calibration_info(batches, source)
     return report

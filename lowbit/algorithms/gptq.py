@@ -35,6 +35,7 @@ from lowbit.algorithms._calib import calibration_info, capture_inputs
 from lowbit.algorithms._llm import (
     LLAMA_INPUT_GROUPS,
     effective_group_size,
+    input_groups,
     layer_linears,
     layer_prefix,
     lm_calibration,
@@ -262,18 +263,20 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
     report = QuantizeReport()
     stats: dict[str, dict] = {}
     t0 = time.perf_counter()
-    process = make_gptq_process(config, prefix, report, stats)
+    process = make_gptq_process(config, prefix, report, stats, groups=input_groups(model))
     process_layerwise(model, batches, process, desc=config.scheme)
     report.extra["gptq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats}
     model.lowbit_calibration = calibration_info(batches, source)
     return report
 
 
-def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, stats: dict, wrap=None):
+def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, stats: dict, wrap=None,
+                      groups: tuple[tuple[str, ...], ...] = LLAMA_INPUT_GROUPS):
     """The per-layer step of sequential GPTQ: Hessians from one float pass, solve, swap modules.
 
     ``wrap(name, linear, codes, qparams, group_size) -> module`` builds the quantized module
-    (default: ``WeightOnlyQLinear``; the W/A presets pass one that builds ``WAQLinear``)."""
+    (default: ``WeightOnlyQLinear``; the W/A presets pass one that builds ``WAQLinear``). ``groups``:
+    the layer's linears by shared input (one Hessian each), from the family's adapter row."""
     from lowbit.algorithms.sequential import run_layer
 
     def selected(full: str) -> bool:
@@ -288,7 +291,7 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
             return
         # One Hessian per distinct input (q/k/v share one, gate/up share one).
         owner = {}
-        for group in LLAMA_INPUT_GROUPS:
+        for group in groups:
             present = [n for n in group if n in linears]
             for n in present:
                 owner[n] = present[0]

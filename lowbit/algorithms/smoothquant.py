@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, default_calibration
-from lowbit.algorithms._llm import decoder_layers, effective_group_size, layer_prefix, lm_calibration
+from lowbit.algorithms._llm import (decoder_layers, effective_group_size, layer_prefix, lm_calibration,
+                                   require_llama_layout)
+from lowbit.models.adapters import fold_scale_into_norm
 from lowbit.algorithms._swap import Skip, swap_modules
 from lowbit.algorithms.smoothing import input_absmax, smoothing_factors
 from lowbit.api import QuantizeReport, register_handler, select_modules
@@ -88,6 +90,7 @@ def _is_w8a8(config: WAConfig, g: int) -> bool:
 
 def fold_llama_smoothing(model: nn.Module, batches: list, alpha: float) -> dict[str, torch.Tensor]:
     """Fold SmoothQuant factors into RMSNorms / up_proj; returns the o_proj factors to keep in modules."""
+    offset = require_llama_layout(model, "smoothquant")
     prefix = layer_prefix(model)
     layers = decoder_layers(model)
     watch = {}
@@ -103,12 +106,12 @@ def fold_llama_smoothing(model: nn.Module, batches: list, alpha: float) -> dict[
             a, mlp = layer.self_attn, layer.mlp
             qkv = [a.q_proj, a.k_proj, a.v_proj]
             s = smoothing_factors(stats[f"{prefix}.{i}.self_attn.q_proj"], torch.cat([m.weight for m in qkv]), alpha)
-            layer.input_layernorm.weight /= s
+            fold_scale_into_norm(layer.input_layernorm, s, offset)
             for m in qkv:
                 m.weight *= s
             gu = [mlp.gate_proj, mlp.up_proj]
             s = smoothing_factors(stats[f"{prefix}.{i}.mlp.gate_proj"], torch.cat([m.weight for m in gu]), alpha)
-            layer.post_attention_layernorm.weight /= s
+            fold_scale_into_norm(layer.post_attention_layernorm, s, offset)
             for m in gu:
                 m.weight *= s
             s = smoothing_factors(stats[f"{prefix}.{i}.mlp.down_proj"], mlp.down_proj.weight, alpha)
@@ -129,7 +132,7 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
         from lowbit.algorithms.gptq import GPTQConfig, check_enough_tokens, make_gptq_process
         from lowbit.algorithms.sequential import process_layerwise
 
-        from lowbit.algorithms._llm import widest_input
+        from lowbit.algorithms._llm import input_groups, widest_input
 
         check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
         gcfg = GPTQConfig(bits=config.weight_bits, group_size=config.group_size, symmetric=config.symmetric,
@@ -139,7 +142,8 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
             return WAQLinear.from_quantized(linear, codes, qp, g, config.act_bits, None, config.kernel)
 
         stats: dict = {}
-        process_layerwise(model, batches, make_gptq_process(gcfg, layer_prefix(model), report, stats, wrap),
+        process_layerwise(model, batches, make_gptq_process(gcfg, layer_prefix(model), report, stats, wrap,
+                                                            groups=input_groups(model)),
                           desc=config.scheme)
         report.extra["gptq"] = {"layers": stats}
     else:
@@ -185,11 +189,15 @@ def _quantize_generic(model: nn.Module, config: WAConfig, calibration_data) -> Q
 
 @register_handler(WAConfig)
 def _quantize_wa(model: nn.Module, config: WAConfig, calibration_data=None) -> QuantizeReport:
-    try:
-        decoder_layers(model)
-    except ConfigError:
-        return _quantize_generic(model, config, calibration_data)
-    return _quantize_llama(model, config, calibration_data)
+    """Llama-layout causal LMs: factors folded into the norms; any other model: kept in the modules."""
+    if getattr(model, "task", None) == "causal-lm":
+        try:
+            require_llama_layout(model, "smoothquant")
+        except ConfigError as why:
+            log.info("%s: generic path, smoothing factors kept inside the modules (%s)", config.scheme, why)
+        else:
+            return _quantize_llama(model, config, calibration_data)
+    return _quantize_generic(model, config, calibration_data)
 
 
 @register_scheme("smoothquant", "SmoothQuant W8A8: outlier channels migrated into the weights (folded into the "

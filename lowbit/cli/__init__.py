@@ -25,15 +25,18 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step (DEBUG)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="-v: log each step's details (INFO, e.g. every layer left in float); -vv: DEBUG."),
 ) -> None:
     """lowbit: a PyTorch-native quantization toolkit."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lowbit").setLevel(level)  # other libraries stay at WARNING
+    if verbose == 0:  # commands show their own one-line-per-step progress instead
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _register_all() -> None:

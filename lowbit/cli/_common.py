@@ -1,9 +1,13 @@
-"""Helpers shared by CLI commands: turning library errors into one clean line and exit code 2."""
+"""Helpers shared by CLI commands: library errors as one clean line and exit code 2, and progress
+shown as one line per step."""
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
 
 import typer
 
@@ -24,3 +28,28 @@ def clean_errors(fn: F) -> F:
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class Step:
+    """What a running step reports when it ends: ``summary`` replaces its title in the done line."""
+
+    title: str
+    summary: str = ""
+
+
+@contextmanager
+def step(title: str) -> Iterator[Step]:
+    """A spinner on stderr while the block runs (on a terminal), then ``✓ summary (seconds)``.
+
+    stdout stays for results (tables, ``--json``); the per-layer detail is behind ``-v``.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    s = Step(title)
+    start = time.perf_counter()
+    with console.status(title + " ..."):
+        yield s
+    console.print(f"[green]✓[/green] {s.summary or title} [dim]({time.perf_counter() - start:.1f} s)[/dim]",
+                  highlight=False, soft_wrap=True)

@@ -11,21 +11,10 @@ from lowbit.cli._common import clean_errors
 
 
 def _load_target(target: str):
-    """A registered model name → its fp32 model; a directory → lowbit.load(directory)."""
-    from lowbit.errors import ConfigError, LoadError
-    from lowbit.models import MODELS, load_model
+    """A bundled model name, a saved lowbit folder, a Hugging Face folder or a .gguf file."""
+    from lowbit.io.open import open_model
 
-    if target in MODELS:
-        return load_model(target)
-    path = Path(target)
-    if path.is_dir():
-        try:
-            from lowbit.io.checkpoint import load
-        except ImportError:
-            raise LoadError(f"cannot load {path}: saved-model loading (lowbit.io.checkpoint) is not available "
-                            "in this build") from None
-        return load(path)
-    raise ConfigError(f"{target!r} is neither a model name ({', '.join(sorted(MODELS))}) nor a directory")
+    return open_model(target)
 
 
 def _print_table(result: dict) -> None:
@@ -49,7 +38,7 @@ def register(app: typer.Typer) -> None:
     @clean_errors
     def eval_command(
         target: str = typer.Argument(..., metavar="DIR_OR_MODEL",
-                                     help="A saved lowbit model folder, or a model name: minilm, smollm2, digits."),
+                                     help="A saved lowbit folder, a Hugging Face model folder, a .gguf file, or minilm | smollm2 | digits."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
         quick: bool = typer.Option(False, "--quick", help="Fewer sentences/windows and repeats (for smoke tests)."),
         kv_cache: str = typer.Option(None, "--kv-cache", help="causal LMs: run through an int8 | int4 KV cache"),

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli._common import clean_errors
+from lowbit.cli._common import clean_errors, step
 
 
 def _print_schemes() -> None:
@@ -56,17 +56,21 @@ def print_comparison(rows: list[dict]) -> None:
 
 
 def _quantize_low_memory(model: str, config, calib: int | None, log):
-    """``--low-memory``: GPTQ/AWQ a decoder layer at a time from SmolLM2's fp32 safetensors cache."""
+    """``--low-memory``: GPTQ/AWQ a decoder layer at a time from fp32 safetensors (SmolLM2's cache or
+    a Hugging Face folder)."""
     from lowbit.algorithms.from_disk import quantize_from_disk
     from lowbit.errors import ConfigError
     from lowbit.models.smollm2 import _cache_path, load_smollm2, smollm2_gguf
 
-    if model != "smollm2":
-        raise ConfigError(f"--low-memory applies to causal LMs (smollm2), not {model}")
-    folder = _cache_path(smollm2_gguf())
-    if not folder.is_dir():  # the GGUF -> fp32 safetensors conversion itself needs the whole model once
-        log.info("building the fp32 safetensors cache once (this step loads the whole model)")
-        load_smollm2()  # writes the cache; the returned model is dropped at once
+    if model == "smollm2":
+        folder = _cache_path(smollm2_gguf())
+        if not folder.is_dir():  # the GGUF -> fp32 safetensors conversion itself needs the whole model once
+            log.info("building the fp32 safetensors cache once (this step loads the whole model)")
+            load_smollm2()  # writes the cache; the returned model is dropped at once
+    elif Path(model).is_dir() and (Path(model) / "config.json").is_file():
+        folder = Path(model)
+    else:
+        raise ConfigError(f"--low-memory applies to causal LMs (smollm2 or a Hugging Face folder), not {model}")
     log.info("low memory: layers read one at a time from %s; evaluate afterwards with `lowbit eval DIR`", folder)
     return quantize_from_disk(folder, config, n_calib=calib)
 
@@ -75,7 +79,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @clean_errors
     def quantize(
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="minilm | smollm2 | digits"),
+        model: Optional[str] = typer.Option(None, "--model", "-m",
+                                            help="minilm | smollm2 | digits, a Hugging Face model folder "
+                                                 "(config.json + safetensors + tokenizer) or a .gguf file"),
         scheme: Optional[str] = typer.Option(None, "--scheme", "-s", help="a scheme name (see --list-schemes)"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder to write (safetensors + metadata.json)"),
         force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
@@ -113,10 +119,6 @@ def register(app: typer.Typer) -> None:
             return
         if model is None or scheme is None:
             raise ConfigError("--model and --scheme are required (see --list-schemes)")
-        from lowbit.models import MODELS
-
-        if model not in MODELS:
-            raise ConfigError(f"unknown model {model!r}; valid models: {', '.join(sorted(MODELS))}")
         from lowbit.config import build_config
 
         options = dict(bits=bits, group_size=group_size, symmetric=symmetric, observer=observer,
@@ -128,40 +130,51 @@ def register(app: typer.Typer) -> None:
 
         import lowbit
         from lowbit.algorithms._calib import default_calibration
-        from lowbit.models import load_model
+        from lowbit.io.open import open_model
 
         log = logging.getLogger("lowbit.cli")
         if low_memory:
-            qmodel = _quantize_low_memory(model, config, calib, log)
+            with step(f"quantizing {model} with {config.scheme}, one decoder layer at a time") as st:
+                qmodel = _quantize_low_memory(model, config, calib, log)
+                st.summary = f"{config.scheme}: {qmodel.lowbit_report.summary(qmodel)}"
             no_eval = True
         else:
-            fp32 = load_model(model)
+            with step(f"loading {model}") as st:
+                fp32 = open_model(model)
+                n = sum(p.numel() for p in fp32.parameters())
+                st.summary = f"loaded {model}: {n / 1e6:.1f}M parameters, {4 * n / 1e6:.1f} MB in fp32"
             qmodel = copy.deepcopy(fp32)
-            calibration = default_calibration(qmodel, calib) if calib else None
-            lowbit.quantize(qmodel, config, calibration)
+            with step(f"quantizing with {config.scheme}") as st:
+                calibration = default_calibration(qmodel, calib) if calib else None
+                lowbit.quantize(qmodel, config, calibration)
+                st.summary = f"{config.scheme}: {qmodel.lowbit_report.summary(qmodel)}"
         rows = []
         fidelity = {}
         if not no_eval:
             from lowbit.analysis.evaluate import evaluate
 
-            log.info("measuring fp32 and %s (use --no-eval to skip)", config.scheme)
-            rows.append(evaluate(fp32, fp32, quick=quick))
+            with step("measuring fp32 (use --no-eval to skip)") as st:
+                rows.append(evaluate(fp32, fp32, quick=quick))
+                st.summary = "measured fp32"
             use_compile = compile_ if compile_ is not None else getattr(qmodel, "task", "") == "encoder"
             measured = qmodel
-            if use_compile:
-                from lowbit.kernels.compile import compiled
+            how = "compiled with torch.compile" if use_compile else "eager"
+            with step(f"measuring {config.scheme} ({how}; the first batches compile)" if use_compile
+                      else f"measuring {config.scheme}") as st:
+                if use_compile:
+                    from lowbit.kernels.compile import compiled
 
-                log.info("compiling the quantized model for measurement (first batches are slow)")
-                measured = compiled(qmodel)
-            rows.append(evaluate(measured, fp32, quick=quick))
+                    measured = compiled(qmodel)
+                rows.append(evaluate(measured, fp32, quick=quick))
+                st.summary = f"measured {config.scheme} ({how})"
             rows[-1]["compiled"] = bool(use_compile)
             fidelity = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float, str))}
         if out is not None:
-            lowbit.save(qmodel, out, fidelity=fidelity, overwrite=force)
+            with step(f"saving {out}") as st:
+                meta = lowbit.save(qmodel, out, fidelity=fidelity, overwrite=force)
+                st.summary = f"saved {out} ({meta.sizes['size_bytes'] / 1e6:.2f} MB: safetensors + metadata.json)"
         if rows:
             if as_json:
                 typer.echo(_json.dumps(rows, indent=2))
             else:
                 print_comparison(rows)
-        if out is not None:
-            typer.echo(f"saved {out}")

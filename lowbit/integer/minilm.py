@@ -189,6 +189,7 @@ class IntegerMiniLM(nn.Module):
             raise CalibrationError("integer MiniLM needs calibration sentences")
         self.tokenizer, self.max_seq_length = encoder.tokenizer, encoder.max_seq_length
         bert = encoder.bert
+        self.embedding_dim = int(bert.config.hidden_size)  # encode() allocates (N, embedding_dim)
         st = _collect_stats(encoder, list(calibration))
         emb = bert.embeddings
         self.s_emb = HEADROOM * float(st["emb.LayerNorm.in_ch"].max()) / 2**RES_BITS

@@ -1,8 +1,13 @@
 """Save and load quantized models: safetensors weights + ``metadata.json``, written atomically.
 
-``save(model, folder)`` records every quantized layer's spec; ``load(folder)`` rebuilds the base
-architecture from ``lowbit.models``, swaps in empty quantized modules from those specs, verifies
-each weight file's sha256 and loads the tensors strictly. No pickle anywhere.
+``save(model, folder)`` records every quantized layer's spec and, for Hugging Face based models,
+the architecture's ``config.json`` and the tokenizer beside the weights, so the folder is
+self-contained. ``load(folder)`` builds that architecture with its parameters on the ``meta``
+device (no fp32 model is ever materialised), swaps in quantized modules from their specs after
+checking them against the safetensors header, verifies the weights' sha256 and assigns the tensors
+read from the file. A user's own ``nn.Module`` is loaded with ``load(folder, model=MyNet())``.
+Folders saved before the wrapper was recorded are rebuilt from the bundled model they name. No
+pickle anywhere, and no code is ever read from a folder.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
+import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
@@ -23,6 +29,7 @@ from lowbit.config import config_from_json, config_to_json
 from lowbit.errors import ConfigError, LoadError, LowbitError
 from lowbit.io.atomic import atomic_dir, atomic_write_text
 from lowbit.io.metadata import METADATA_FILE, WEIGHTS_FILE, ModelMetadata, read_metadata
+from lowbit.models.hf import save_hf_files
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +60,10 @@ def build_metadata(model: nn.Module, model_id: str, fidelity: dict | None = None
     bits, gran = _config_summary(cfg)
     size = model_size_bytes(model)
     fp32_numel = getattr(model, "lowbit_fp32_numel", None) or sum(p.numel() for p in model.parameters())
+    wrapper = getattr(model, "wrapper_spec", None)
     return ModelMetadata(
         id=model_id,
+        wrapper=wrapper() if callable(wrapper) else None,
         model=getattr(model, "model_name", type(model).__name__),
         source=getattr(model, "source", ""),
         architecture=getattr(model, "architecture", type(model).__name__),
@@ -81,6 +90,7 @@ def save(model: nn.Module, folder: str | Path, *, fidelity: dict | None = None, 
     try:
         with atomic_dir(folder, overwrite=overwrite) as tmp:
             save_model(model, str(tmp / WEIGHTS_FILE))  # de-duplicates tied tensors
+            save_hf_files(model, tmp)  # config.json + tokenizer: the folder rebuilds without the source
             meta.files = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
             atomic_write_text(tmp / METADATA_FILE, meta.model_dump_json(indent=2))
     except FileExistsError as exc:
@@ -89,9 +99,14 @@ def save(model: nn.Module, folder: str | Path, *, fidelity: dict | None = None, 
     return meta
 
 
-def load(folder: str | Path, verify: bool = True) -> nn.Module:
-    """Rebuild a saved model. Every failure is a :class:`LoadError` that names the file."""
+def load(folder: str | Path, verify: bool = True, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved model from its folder alone. Every failure is a :class:`LoadError` naming the file.
+
+    ``model``: an instance of the user's own architecture (for models lowbit cannot build itself);
+    its float layers are replaced from the recorded specs and all tensors loaded from the folder."""
+    from lowbit.io.header_check import check_weights_header
     from lowbit.models import load_model
+    from lowbit.models.hf import build_wrapped, retie
     from lowbit.nn import module_from_spec
 
     folder = Path(folder)
@@ -105,21 +120,33 @@ def load(folder: str | Path, verify: bool = True) -> nn.Module:
         want = meta.files.get(WEIGHTS_FILE)
         if want and sha256_file(weights) != want:
             raise LoadError(f"{weights}: checksum mismatch (file truncated or edited after saving)")
+    check_weights_header(folder, meta)  # specs vs the file's header, before anything is allocated
     try:
-        model = load_model(meta.model)
+        if model is not None:
+            base = model
+        elif meta.wrapper is not None:
+            base = build_wrapped(folder, meta.wrapper)
+        else:  # folders saved before the wrapper was recorded: the bundled model they name
+            base = load_model(meta.model)
     except LowbitError as exc:
         raise LoadError(f"{folder / METADATA_FILE}: {exc}") from None
     for name, spec in meta.layers.items():
         try:
-            model.get_submodule(name)  # the layer must exist in the base architecture
-            set_submodule(model, name, module_from_spec(spec))
+            base.get_submodule(name)  # the layer must exist in the base architecture
+            with torch.device("meta"):  # storage comes from the file (assigned), not allocated twice
+                set_submodule(base, name, module_from_spec(spec))
         except AttributeError:
             raise LoadError(f"{folder / METADATA_FILE}: layer {name!r} does not exist in {meta.model}") from None
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoadError(f"{weights}: unreadable safetensors ({exc})") from None
-    _load_state(model, state, weights)
+    _load_state(base, state, weights)
+    retie(base)
+    empty = [n for n, t in list(base.named_parameters()) + list(base.named_buffers()) if t.is_meta]
+    if empty:
+        raise LoadError(f"{weights}: missing tensors {empty[:5]} (file truncated or from another model)")
+    model = base
     if meta.is_quantized:
         from lowbit.api import QuantizeReport
 
@@ -133,21 +160,28 @@ def load(folder: str | Path, verify: bool = True) -> nn.Module:
 
 
 def _load_state(model: nn.Module, state: dict, weights: Path) -> None:
-    """Strict load that tolerates only tied duplicates (saved once by ``save_model``)."""
+    """Strict load that tolerates only tied duplicates (saved once by ``save_model``).
+
+    Tensors still on ``meta`` (a model built without memory) take the file's tensors as they are
+    (``assign``); materialised ones are copied into, which keeps tied parameters shared."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if unexpected:
         raise LoadError(f"{weights}: unexpected tensors {unexpected[:5]} (saved from a different architecture?)")
-    # Tied parameters (e.g. a shared embedding / LM head) are stored once; they share storage here too.
-    ptrs = {}
-    for k, t in own.items():
-        ptrs.setdefault(t.untyped_storage().data_ptr(), []).append(k)
-    really_missing = [k for k in missing if not any(o in state for o in ptrs[own[k].untyped_storage().data_ptr()])]
-    if really_missing:
-        raise LoadError(f"{weights}: missing tensors {really_missing[:5]} (file truncated or from another model)")
     for k, t in state.items():
         if own[k].shape != t.shape or own[k].dtype != t.dtype:
             raise LoadError(f"{weights}: tensor {k} is {tuple(t.shape)} {t.dtype}, "
                             f"expected {tuple(own[k].shape)} {own[k].dtype}")
-    model.load_state_dict(state, strict=False)
+    # Tied parameters (e.g. a shared embedding / LM head) are stored once; they share storage here too.
+    ptrs: dict[int, list[str]] = {}
+    for k, t in own.items():
+        if not t.is_meta:
+            ptrs.setdefault(t.untyped_storage().data_ptr(), []).append(k)
+    really_missing = [k for k in own if k not in state and not own[k].is_meta
+                      and not any(o in state for o in ptrs[own[k].untyped_storage().data_ptr()])]
+    if really_missing:
+        raise LoadError(f"{weights}: missing tensors {really_missing[:5]} (file truncated or from another model)")
+    on_meta = {k for k, t in own.items() if t.is_meta}
+    model.load_state_dict({k: v for k, v in state.items() if k not in on_meta}, strict=False)
+    if on_meta:
+        model.load_state_dict({k: v for k, v in state.items() if k in on_meta}, strict=False, assign=True)

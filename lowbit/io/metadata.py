@@ -35,10 +35,13 @@ class ModelMetadata(BaseModel):
 
     format_version: int = FORMAT_VERSION
     id: str
-    model: str = Field(description="the base model's loader name: minilm, smollm2, digits")
+    model: str = Field(description="the base model's name: minilm, smollm2, digits, or the source folder's name")
     source: str = ""
     architecture: str = ""
     task: str = ""
+    wrapper: Optional[dict[str, Any]] = Field(
+        default=None, description="how lowbit.load rebuilds the model from this folder alone: the task wrapper "
+        "(encoder pooling, causal LM, bundled CNN) around the architecture in config.json")
     is_quantized: bool
     scheme: Optional[str] = None
     config: Optional[dict[str, Any]] = None

