@@ -1,7 +1,7 @@
 """GGUF export on SmolLM2-135M: lowbit's Q4_0 / Q4_1 files against the gguf package's own quantization
 of the same fp32 weights, and the memory of importing a GGUF file into lowbit's packed modules.
 
-    nice -n 10 .venv/bin/python bench/gguf_export.py
+    nice -n 10 .venv/bin/python bench/gguf_export.py [--memory-only]
 
 Every file is written by ``lowbit.io.gguf_export.export_gguf`` and evaluated by importing it back with
 ``lowbit.io.gguf_import.load_gguf`` (kernel="reference": the file's weights dequantized exactly, fp32
@@ -32,7 +32,7 @@ import torch
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._llm_common import CachedReference, machine, quiet, write_results  # noqa: E402
+from bench._llm_common import RESULTS, CachedReference, machine, quiet, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
@@ -57,8 +57,12 @@ elif what == "hf-gguf":
     m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
 from lowbit.analysis.footprint import model_size_bytes
 size = model_size_bytes(m) if what != "libs" else 0
-print(json.dumps({"what": what, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "model_mb": size / 1e6}))
+peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if what != "libs":  # one forward touches every weight (memory-mapped safetensors pages count only once read)
+    with torch.inference_mode():
+        m(torch.tensor([[1, 2, 3, 4]])) if hasattr(m, "tokenizer") else m(input_ids=torch.tensor([[1, 2, 3, 4]]))
+print(json.dumps({"what": what, "max_rss_mb": peak_load, "model_mb": size / 1e6,
+                  "max_rss_forward_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
@@ -78,6 +82,17 @@ def sha(path: Path) -> str:
 
 
 def main() -> None:
+    if "--merge-memory" in sys.argv:  # rewrite the tables from gguf.json and gguf_memory.json, measuring nothing
+        old = json.loads((RESULTS / "gguf.json").read_text())
+        write(old["rows"], json.loads((RESULTS / "gguf_memory.json").read_text()),
+              {k: v for k, v in old["meta"].items() if k != "memory"})
+        return
+    if "--memory-only" in sys.argv:  # re-measure memory, keep the perplexity rows of the last run
+        mem = {w: peak_memory(w) for w in ("libs", "gguf-notok", "gguf", "fp32", "hf-gguf")}
+        (RESULTS / "gguf_memory.json").write_text(json.dumps(mem, indent=2))
+        old = json.loads((RESULTS / "gguf.json").read_text())
+        write(old["rows"], mem, {k: v for k, v in old["meta"].items() if k != "memory"})
+        return
     quiet()
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
@@ -147,6 +162,9 @@ def main() -> None:
 
 
 def write(rows: list[dict], mem: dict, meta: dict) -> None:
+    newer = RESULTS / "gguf_memory.json"  # from a --memory-only run (with the forward column)
+    if newer.exists() and not all("max_rss_forward_mb" in v for v in mem.values()):
+        mem = json.loads(newer.read_text())
     md = ["# GGUF export on SmolLM2-135M", "",
           "Perplexity @512 (quick: 2 windows of the licence text `ppl`, 1 window of the held-out docs text "
           "`ppl_heldout`) and mean KL to fp32, of each GGUF file imported back with `load_gguf` "
@@ -162,13 +180,16 @@ def write(rows: list[dict], mem: dict, meta: dict) -> None:
         md.append(f"| {r['row']} | {r['type']} | {mb} | {r['ppl']:.4f} | {r['kl']:.4f} | {r['ppl_heldout']:.4f} | "
                   f"{r['kl_heldout']:.4f} | {r.get('how', '')} | {r.get('sha256', '')} |")
     md += ["", "Peak memory (max RSS of a separate process; `libs` = torch + transformers + lowbit + gguf imported):",
-           "", "| process | max RSS MB | model MB |", "|---|---:|---:|"]
+           "", "| process | max RSS MB after loading | after one 4-token forward | model MB |",
+           "|---|---:|---:|---:|"]
     for w, label in (("libs", "libraries only"), ("gguf-notok", "load_gguf(SmolLM2 Q4_1 file, tokenizer=False)"),
                      ("gguf", "load_gguf(SmolLM2 Q4_1 file) with transformers' GGUF tokenizer"),
                      ("fp32", 'load_model("smollm2") (fp32, from its safetensors cache)'),
                      ("hf-gguf", "transformers from_pretrained(gguf_file=...) (dequantizes to fp32)")):
         if w in mem:
-            md.append(f"| {label} | {mem[w]['max_rss_mb']:.0f} | {mem[w]['model_mb']:.1f} |")
+            fwd = mem[w].get("max_rss_forward_mb")
+            md.append(f"| {label} | {mem[w]['max_rss_mb']:.0f} | {'' if fwd is None else f'{fwd:.0f}'} | "
+                      f"{mem[w]['model_mb']:.1f} |")
     write_results("gguf", rows, "\n".join(md) + "\n", {**meta, "memory": mem})
 
 
