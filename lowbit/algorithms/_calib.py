@@ -59,6 +59,34 @@ def default_calibration(model: nn.Module, n: int | None = None) -> list:
     raise CalibrationError(f"{type(model).__name__} has no built-in calibration data; pass calibration_data")
 
 
+def calibration_from_samples(model: nn.Module, samples, n: int | None = None) -> list:
+    """Calibration batches from the user's samples (:func:`lowbit.data.user.read_samples`).
+
+    Sentences in batches of 32 (encoders); the texts joined and cut into windows of 512 tokens
+    (causal LMs; one shorter window when the text is short); images in batches of 64 (classifiers).
+    ``n`` caps the samples as for the built-in sets (sentences / windows / images)."""
+    task = getattr(model, "task", None)
+    if isinstance(samples, torch.Tensor):
+        if task not in (None, "classifier"):
+            raise CalibrationError(f"image calibration data (.npy) given for a {task} model; use a .txt or .jsonl file")
+        return list(samples[:n].split(64))
+    samples = list(samples)
+    if task == "encoder":
+        samples = samples[:n] if n else samples
+        return [samples[i:i + 32] for i in range(0, len(samples), 32)]
+    if task == "causal-lm":
+        ids = model.tokenizer("\n\n".join(samples), return_tensors="pt").input_ids[0]
+        k = ids.numel() // LM_CALIB_WINDOW
+        if k == 0:
+            if ids.numel() < 2:
+                raise CalibrationError("the calibration text has fewer than 2 tokens")
+            log.warning("calibration text has %d tokens, less than one %d-token window", ids.numel(), LM_CALIB_WINDOW)
+            return [ids[None]]
+        k = min(k, n) if n else k
+        return list(ids[: k * LM_CALIB_WINDOW].reshape(k, 1, LM_CALIB_WINDOW))  # k batches of (1, T)
+    raise CalibrationError(f"text calibration data given for a model of task {task!r}")
+
+
 def run_batch(model: nn.Module, batch) -> None:
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], str):
         model.encode(list(batch), batch_size=len(batch))

@@ -78,21 +78,24 @@ def topk_agreement(emb: torch.Tensor, ref: torch.Tensor, k: int = TOPK) -> float
     return float((shared / k).mean())
 
 
-def evaluate_encoder(model: nn.Module, reference: nn.Module | None, quick: bool) -> dict:
-    """cos_mean, cos_min, top10_agreement, sps_b1, sps_b32 for a sentence encoder with .encode()."""
+def evaluate_encoder(model: nn.Module, reference: nn.Module | None, quick: bool,
+                     eval_data: list[str] | None = None) -> dict:
+    """cos_mean, cos_min, top10_agreement, sps_b1, sps_b32 for a sentence encoder with .encode(), on
+    lowbit's evaluation sentences or the user's (``eval_data``)."""
     from lowbit.data import eval_sentences
 
     if not hasattr(model, "encode"):
         raise ConfigError("an encoder must have encode(sentences, batch_size) -> (N, D) embeddings")
     n = 64 if quick else ENCODER_SENTENCES
-    sentences = eval_sentences(n)
+    sentences = list(eval_data)[: n if quick else None] if eval_data is not None else eval_sentences(n)
+    n = len(sentences)
     emb = model.encode(sentences, batch_size=32).float()
     if reference is not None:
         ref = reference.encode(sentences, batch_size=32).float()
-    elif _is_fp32(model) and getattr(model, "model_name", None) == "minilm":
-        ref = emb
-    else:
+    elif getattr(model, "model_name", None) == "minilm" and not _is_fp32(model) and eval_data is None:
         ref = _fp32_minilm_embeddings(n)
+    else:  # no reference to compare with (the fp32 model itself, or a user's model without its source)
+        ref = emb
     cos = nn.functional.cosine_similarity(emb, ref, dim=1)  # (N,)
     b1 = sentences[: 8 if quick else 32]
     repeats = 1 if quick else 3
@@ -149,13 +152,29 @@ def lm_scores(model: nn.Module, reference: nn.Module | None, windows: torch.Tens
             "seconds_per_window": statistics.median(timed)}
 
 
-def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: bool) -> dict:
+def _user_lm_windows(tokenizer, texts: list[str]) -> torch.Tensor:
+    """The user's evaluation texts as windows of LM_CONTEXT tokens (one shorter window if short)."""
+    ids = torch.tensor(tokenizer("\n\n".join(texts)).input_ids, dtype=torch.long)
+    if len(ids) < LM_CONTEXT:
+        if len(ids) < 2:
+            raise ConfigError("the evaluation text has fewer than 2 tokens")
+        return ids[None]  # (1, T)
+    return lm_windows(tokenizer, "\n\n".join(texts), LM_CONTEXT)
+
+
+def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: bool,
+                       eval_data: list[str] | None = None) -> dict:
     """ppl and mean next-token KL at context 512 on the licence text (``ppl``, ``kl``) and on the
-    held-out docs text (``ppl_heldout``, ``kl_heldout``), and prefill tokens/s."""
+    held-out docs text (``ppl_heldout``, ``kl_heldout``), and prefill tokens/s; with ``eval_data``
+    (the user's texts) ``ppl`` / ``kl`` are measured on those instead and the built-in texts skipped."""
     from lowbit.data import lm_eval_text, lm_heldout_text
 
     if reference is None and not (_is_fp32(model) and getattr(model, "model_name", None) == "smollm2"):
-        reference = _fp32_smollm2()
+        reference = _fp32_smollm2() if getattr(model, "model_name", None) == "smollm2" else None
+    if eval_data is not None:
+        user = lm_scores(model, reference, _user_lm_windows(model.tokenizer, eval_data))
+        return {"n_windows": user["n_windows"], "context": LM_CONTEXT, "ppl": user["ppl"], "kl": user["kl"],
+                "prefill_tps": LM_CONTEXT / user["seconds_per_window"], "eval_data": "user"}
     lic = lm_scores(model, reference, lm_windows(model.tokenizer, lm_eval_text(), LM_CONTEXT,
                                                  max_windows=2 if quick else None))
     held = lm_scores(model, reference, lm_windows(model.tokenizer, lm_heldout_text(), LM_CONTEXT,
@@ -193,6 +212,7 @@ def evaluate(
     *,
     quick: bool = False,
     fp32_params: int | None = None,
+    eval_data: list[str] | None = None,
 ) -> dict:
     """Measure `model` (fidelity vs `reference` or the fp32 model, size, speed); a flat JSON-ready dict.
 
@@ -202,9 +222,9 @@ def evaluate(
     task = getattr(model, "task", None)
     model.eval()
     if task == "encoder":
-        metrics = evaluate_encoder(model, reference, quick)
+        metrics = evaluate_encoder(model, reference, quick, eval_data)
     elif task == "causal-lm":
-        metrics = evaluate_causal_lm(model, reference, quick)
+        metrics = evaluate_causal_lm(model, reference, quick, eval_data)
     elif task == "classifier":
         metrics = evaluate_classifier(model, quick)
     else:

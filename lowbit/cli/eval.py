@@ -33,6 +33,22 @@ def _print_table(result: dict) -> None:
     Console().print(table)
 
 
+def _source_reference(model):
+    """The fp32 model a saved folder was quantized from, when its source folder still exists (a
+    bundled model is its own reference inside ``evaluate``)."""
+    from lowbit.models import MODELS
+
+    meta = getattr(model, "lowbit_metadata", None)
+    if meta is None or meta.model in MODELS or not meta.source:
+        return None
+    src = Path(meta.source)
+    if (src / "config.json").is_file():
+        from lowbit.models.hf import load_hf
+
+        return load_hf(src)
+    return None
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     @clean_errors
@@ -42,16 +58,30 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
         quick: bool = typer.Option(False, "--quick", help="Fewer sentences/windows and repeats (for smoke tests)."),
         kv_cache: str = typer.Option(None, "--kv-cache", help="causal LMs: run through an int8 | int4 KV cache"),
+        eval_data: Path = typer.Option(None, "--eval-data", help="your evaluation texts (.txt / .jsonl) instead of "
+                                                                 "lowbit's built-in ones"),
+        reference: str = typer.Option(None, "--reference", help="the fp32 model to compare with (default: the "
+                                                                "bundled model, or the folder the model was "
+                                                                "quantized from when it still exists)"),
     ) -> None:
         """Evaluate a model: fidelity vs fp32 (cosine / perplexity+KL / accuracy), exact size, throughput."""
         from lowbit.analysis.evaluate import evaluate
 
+        from lowbit.data.user import read_samples
+        from lowbit.errors import ConfigError
+
         model = _load_target(target)
+        texts = None
+        if eval_data is not None:
+            texts, _ = read_samples(eval_data)
+            if not isinstance(texts, list):
+                raise ConfigError("--eval-data takes texts (.txt / .jsonl)")
+        ref = _load_target(reference) if reference else _source_reference(model)
         if kv_cache is not None:
             from lowbit.nn.kv_cache import KVCacheLM
 
             model = KVCacheLM(model, kv_cache)  # chunked forward through the quantized cache
-        result = evaluate(model, quick=quick)
+        result = evaluate(model, ref, quick=quick, eval_data=texts)
         if as_json:
             typer.echo(json.dumps(result))
         else:

@@ -75,6 +75,15 @@ def _quantize_low_memory(model: str, config, calib: int | None, log):
     return quantize_from_disk(folder, config, n_calib=calib)
 
 
+def _builtin_eval(model) -> list[str]:
+    """lowbit's own evaluation texts for ``model``'s task (what --calib-data is checked against)."""
+    from lowbit.data import eval_sentences, lm_eval_text, lm_heldout_text
+
+    if getattr(model, "task", None) == "causal-lm":
+        return [lm_eval_text(), lm_heldout_text()]
+    return eval_sentences(256)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @clean_errors
@@ -92,6 +101,12 @@ def register(app: typer.Typer) -> None:
         observer: Optional[str] = typer.Option(None, "--observer", help="static PTQ range observer: minmax|ema|percentile|mse|kl|output"),
         granularity: Optional[str] = typer.Option(None, "--granularity", help="per_tensor | per_channel"),
         calib: Optional[int] = typer.Option(None, "--calib", help="calibration samples (sentences / 512-token windows / images)"),
+        calib_data: Optional[Path] = typer.Option(None, "--calib-data",
+                                                  help="calibrate on your data: .txt (a sample per line), .jsonl "
+                                                       "(a \"text\" field per line) or .npy images"),
+        eval_data: Optional[Path] = typer.Option(None, "--eval-data",
+                                                 help="measure fidelity on your texts (.txt / .jsonl) instead of "
+                                                      "lowbit's built-in evaluation texts"),
         alpha: Optional[str] = typer.Option(None, "--alpha", help="SmoothQuant migration strength in [0, 1] or 'none'"),
         kernel: Optional[str] = typer.Option(None, "--kernel", help="auto | fast | reference"),
         budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="mixed precision: size budget in MB"),
@@ -129,10 +144,21 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"{out} exists; pass --force to replace it")
 
         import lowbit
-        from lowbit.algorithms._calib import default_calibration
+        from lowbit.algorithms._calib import calibration_from_samples, default_calibration
+        from lowbit.data.user import check_disjoint, read_samples
         from lowbit.io.open import open_model
 
         log = logging.getLogger("lowbit.cli")
+        calib_samples = calib_record = eval_samples = None
+        if calib_data is not None:
+            calib_samples, calib_record = read_samples(calib_data)
+        if eval_data is not None:
+            eval_samples, _ = read_samples(eval_data)
+            if not isinstance(eval_samples, list):
+                raise ConfigError("--eval-data takes texts (.txt / .jsonl); image accuracy needs labels, which a "
+                                  ".npy file does not carry")
+        if low_memory and calib_samples is not None:
+            raise ConfigError("--calib-data is not supported with --low-memory yet; drop one of them")
         if low_memory:
             with step(f"quantizing {model} with {config.scheme}, one decoder layer at a time") as st:
                 qmodel = _quantize_low_memory(model, config, calib, log)
@@ -145,16 +171,25 @@ def register(app: typer.Typer) -> None:
                 st.summary = f"loaded {model}: {n / 1e6:.1f}M parameters, {4 * n / 1e6:.1f} MB in fp32"
             qmodel = copy.deepcopy(fp32)
             with step(f"quantizing with {config.scheme}") as st:
-                calibration = default_calibration(qmodel, calib) if calib else None
+                if calib_samples is not None:
+                    calibration = calibration_from_samples(qmodel, calib_samples, calib)
+                else:
+                    calibration = default_calibration(qmodel, calib) if calib else None
                 lowbit.quantize(qmodel, config, calibration)
                 st.summary = f"{config.scheme}: {qmodel.lowbit_report.summary(qmodel)}"
+            if calib_record is not None and getattr(qmodel, "lowbit_calibration", None):
+                record = dict(qmodel.lowbit_calibration, source=calib_record["source"],
+                              file_sha256=calib_record["sha256"])
+                if isinstance(calib_samples, list):
+                    record["overlap_with_eval"] = check_disjoint(calib_samples, eval_samples or _builtin_eval(qmodel))
+                qmodel.lowbit_calibration = record
         rows = []
         fidelity = {}
         if not no_eval:
             from lowbit.analysis.evaluate import evaluate
 
             with step("measuring fp32 (use --no-eval to skip)") as st:
-                rows.append(evaluate(fp32, fp32, quick=quick))
+                rows.append(evaluate(fp32, fp32, quick=quick, eval_data=eval_samples))
                 st.summary = "measured fp32"
             use_compile = compile_ if compile_ is not None else getattr(qmodel, "task", "") == "encoder"
             measured = qmodel
@@ -165,7 +200,7 @@ def register(app: typer.Typer) -> None:
                     from lowbit.kernels.compile import compiled
 
                     measured = compiled(qmodel)
-                rows.append(evaluate(measured, fp32, quick=quick))
+                rows.append(evaluate(measured, fp32, quick=quick, eval_data=eval_samples))
                 st.summary = f"measured {config.scheme} ({how})"
             rows[-1]["compiled"] = bool(use_compile)
             fidelity = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float, str))}
