@@ -16,7 +16,7 @@ from torch import nn
 
 from lowbit.errors import CalibrationError, ConfigError
 from lowbit.models import adapters
-from lowbit.models.adapters import _LLAMA_GROUPS
+from lowbit.models.adapters import LLAMA_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ GROUP_FALLBACKS = (256, 128, 64, 32, 16, 8)  # tried in order, largest first, wh
 OVERLAP_WARN = 0.01  # warn when more than 1% of the calibration 8-grams occur in the evaluation text
 
 # Linears of a Llama decoder layer, by the input they share (one Hessian / one smoothing factor each).
-LLAMA_INPUT_GROUPS = tuple(names for names, _ in _LLAMA_GROUPS)
+LLAMA_INPUT_GROUPS = tuple(names for names, _ in LLAMA_GROUPS)
 LLM_METHODS = "the LLM methods (gptq, awq, smoothquant)"
 
 
@@ -54,8 +54,8 @@ def require_llama_layout(model: nn.Module, method: str) -> float:
     """Check the model's blocks have Llama's layout (norm -> q/k/v, norm -> gate/up -> down), which
     ``method`` folds scales into; returns the norm offset of the family (1.0 for Gemma's ``1 + w``)."""
     row = adapters.adapter_for(model, method)
-    if row.input_groups != _LLAMA_GROUPS:
-        llama_like = sorted(f for f, r in adapters.ADAPTERS.items() if r.input_groups == _LLAMA_GROUPS)
+    if row.input_groups != LLAMA_GROUPS:
+        llama_like = sorted(f for f, r in adapters.ADAPTERS.items() if r.input_groups == LLAMA_GROUPS)
         raise ConfigError(f"{method} folds scales into Llama-layout blocks (input_layernorm -> q/k/v_proj, "
                           f"post_attention_layernorm -> gate/up_proj -> down_proj): families "
                           f"{', '.join(llama_like)}; {row.family!r} is laid out differently. Use gptq or rtn.")

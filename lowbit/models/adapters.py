@@ -41,7 +41,7 @@ class Adapter:
         return [tuple(g) for g in self.input_groups]
 
 
-_LLAMA_GROUPS: tuple[Group, ...] = (
+LLAMA_GROUPS: tuple[Group, ...] = (
     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
     (("self_attn.o_proj",), None),
     (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
@@ -56,7 +56,7 @@ _BERT_GROUPS: tuple[Group, ...] = (
 
 
 def _llama_like(family: str, norm_offset: float = 0.0) -> Adapter:
-    return Adapter(family, "causal-lm", "model.layers", _LLAMA_GROUPS, "model.embed_tokens", "lm_head", norm_offset)
+    return Adapter(family, "causal-lm", "model.layers", LLAMA_GROUPS, "model.embed_tokens", "lm_head", norm_offset)
 
 
 def _bert_like(family: str, prefix: str = "") -> Adapter:
