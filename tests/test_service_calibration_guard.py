@@ -95,3 +95,45 @@ def test_only_configured_clients_feed_the_buffer(server):
         assert client.get("/calibration").json()["inputs_not_from_sources"] == 9
     finally:
         cal.config = base
+
+
+def test_accepted_recalibration_is_a_new_version_and_rollback_is_one_call(server, monkeypatch):
+    """An accepted candidate is saved as <id>-r1 with its lineage, recorded as active (a restart serves
+    it), and POST /calibration/rollback serves the parent again."""
+    from lowbit.service.state import ModelService
+
+    from service_support import API_KEY
+
+    service, client = server
+    assert client.post(f"/models/{W8_ID}/activate", headers=AUTH).status_code == 200
+    for i in range(0, TRAFFIC, 10):  # enough buffered traffic whatever the tests before left
+        assert client.post("/embed", json={"inputs": _junk(10, seed=100 + i)}).status_code == 200
+    monkeypatch.setitem(oc.RECALIBRATORS, "w8a8-dynamic", lambda model, ref, batches, run: copy.deepcopy(model))
+    # the copy is the same model: allow float summation-order noise between two forwards
+    monkeypatch.setattr(service.calibrator, "config", dataclasses.replace(service.calibrator.config, tolerance=1e-6))
+    before = client.get("/models/active").json()
+    rec = client.post("/calibration/run", params={"wait": True}, headers=AUTH).json()
+    new_id = f"{W8_ID}-r1"
+    assert rec["outcome"] == "accepted" and rec["new_model_id"] == new_id, rec
+    active = client.get("/models/active").json()
+    assert active["id"] == new_id and active["revision"] == before["revision"] + 1 and active["is_quantized"]
+    assert client.post("/embed", json={"inputs": "x"}).json()["model"] == new_id
+    lineage = client.get(f"/models/{new_id}").json()["metadata"]["calibration"]
+    assert lineage["parent_id"] == W8_ID and len(lineage["sha256"]) == 64
+    assert lineage["n_samples"] == rec["n_calibration"]
+    assert lineage["before"]["reference_cos_mean_before"] == rec["reference_cos_mean_before"]
+    assert lineage["after"]["cos_mean_after"] == rec["cos_mean_after"]
+    root = service.store.root
+    assert json.loads((root / ".active.json").read_text()) == {"id": new_id}
+    restarted = ModelService(root, API_KEY, register_default=False)  # what a restart serves
+    try:
+        assert restarted.serving().model_id == new_id and restarted.serving().is_quantized
+    finally:
+        restarted.shutdown()
+
+    r = client.post("/calibration/rollback", headers=AUTH)
+    assert r.status_code == 200 and r.json()["id"] == W8_ID, r.text
+    assert json.loads((root / ".active.json").read_text()) == {"id": W8_ID}
+    r = client.post("/calibration/rollback", headers=AUTH)
+    assert r.status_code == 409 and "no parent version" in r.json()["detail"]
+    assert client.post("/calibration/rollback").status_code == 401

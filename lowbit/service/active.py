@@ -87,11 +87,18 @@ class ActiveModel:
                      new.metadata.scheme or "fp32", f", was {old.model_id}" if old else "")
             return new
 
-    def replace_model(self, expected: Serving, model: nn.Module, recalibration: dict) -> Serving | None:
-        """Swap in new parameters for the same model id if ``expected`` is still serving; else None."""
+    def replace_model(self, expected: Serving, model: nn.Module, recalibration: dict, *, model_id: str | None = None,
+                      metadata: ModelMetadata | None = None, commit: Callable[[], None] | None = None) -> Serving | None:
+        """Swap in new parameters if ``expected`` is still serving (else None): under the same id, or as
+        the saved version ``model_id`` with its ``metadata``. ``commit()`` runs under the swap lock just
+        before the switch; if it raises, nothing is switched."""
         with self._swap_lock:
             if self._current is not expected:
                 return None
+            if commit is not None:
+                commit()
             self._revision += 1
-            self._current = replace(expected, model=model, revision=self._revision, recalibration=recalibration)
+            self._current = replace(expected, model=model, revision=self._revision, recalibration=recalibration,
+                                    model_id=model_id or expected.model_id, metadata=metadata or expected.metadata,
+                                    activated_at=time.time() if model_id else expected.activated_at)
             return self._current

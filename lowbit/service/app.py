@@ -294,6 +294,12 @@ def create_app(service: ModelService) -> FastAPI:
         service.calibrator.trigger()
         return JSONResponse({"detail": "recalibration requested; see GET /calibration"}, status_code=202)
 
+    @app.post("/calibration/rollback", response_model=S.ActiveModelInfo, responses=ERRORS,
+              dependencies=[Depends(require_key)])
+    def calibration_rollback():
+        """Serve the parent of the active model again (undo an accepted online recalibration)."""
+        return service.rollback().describe()
+
     app.add_middleware(GuardMiddleware, service=service)
     app.add_middleware(BodyLimitMiddleware, limits=service.limits, buffered=service.buffered,
                        on_reject=lambda reason: service.metrics.rejected.inc(reason=reason))

@@ -47,6 +47,7 @@ from lowbit.service.embed import embed
 log = logging.getLogger(__name__)
 
 Run = Callable[..., Any]
+OnAccept = Callable[[Serving, nn.Module, dict, list], Any]
 Recalibrator = Callable[[nn.Module, nn.Module, list, Run], nn.Module]
 RECALIBRATORS: dict[str, Recalibrator] = {}
 
@@ -151,7 +152,8 @@ class OnlineCalibrationConfig:
     cpu_share: float = 0.25  # fraction of compute time recalibration may use (sleeps the rest)
     batch_size: int = 16  # inputs per calibration / validation forward
     tolerance: float = 0.0  # accept if candidate cos_mean >= current cos_mean - tolerance
-    reference_size: int = 64  # fixed reference sentences (lowbit.data.eval_sentences) the candidate must not be worse on
+    reference_size: int = 32  # fixed reference sentences (lowbit.data.eval_sentences) the candidate must not be worse on
+    persist: bool = True  # an accepted candidate becomes a new store version (id-rN) and the active model
     sources: tuple[str, ...] = ()  # who feeds the buffer: "key" and/or client IPs / networks; () = every client
 
     def __post_init__(self):
@@ -193,11 +195,15 @@ class OnlineCalibrator:
     """Buffers traffic and recalibrates the active model in the background (see module docstring)."""
 
     def __init__(self, config: OnlineCalibrationConfig, active: ActiveModel, compute: Callable[..., Any],
-                 on_outcome: Callable[[str], None] | None = None):
+                 on_outcome: Callable[[str], None] | None = None, on_accept: OnAccept | None = None):
         self.config = config
         self.active = active
         self.compute = compute  # fn(f, *args) -> f(*args) on the service's compute threads
         self.on_outcome = on_outcome
+        # on_accept(serving, candidate, info, calibration_sentences) -> the new Serving, or None if the
+        # active model changed meanwhile; default: swap the parameters in memory under the same id.
+        self.on_accept = on_accept or (lambda serving, candidate, info, calib: active.replace_model(serving, candidate,
+                                                                                                   info))
         self.calib: deque[str] = deque(maxlen=config.buffer_size)
         self.holdout: deque[str] = deque(maxlen=config.holdout_size)
         self.history: deque[dict] = deque(maxlen=20)
@@ -208,6 +214,7 @@ class OnlineCalibrator:
         self._run_lock = threading.Lock()  # one attempt at a time
         self._references: dict[str, nn.Module] = {}
         self._reference_set: dict[str, torch.Tensor] = {}  # base model -> fp32 embeddings of the reference sentences
+        self._serving_cache: tuple | None = None  # (serving snapshot, n, its embeddings of the reference sentences)
         self.not_from_sources = 0  # inputs not buffered because their client is not in config.sources
         self._wake = threading.Event()
         self._manual = False
@@ -279,6 +286,13 @@ class OnlineCalibrator:
 
         return eval_sentences(self.config.reference_size)
 
+    def _serving_on_reference(self, serving: Serving, sentences: list[str]) -> torch.Tensor:
+        """The serving model's embeddings of the reference set, computed once per serving snapshot."""
+        cached = self._serving_cache
+        if cached is None or cached[0] is not serving or cached[1] != len(sentences):
+            self._serving_cache = cached = (serving, len(sentences), self._embed(serving.model, sentences))
+        return cached[2]
+
     def _reference_embeddings(self, base: str, reference: nn.Module, sentences: list[str]) -> torch.Tensor:
         key = f"{base}:{len(sentences)}"
         if key not in self._reference_set:
@@ -342,26 +356,31 @@ class OnlineCalibrator:
         ref = self._embed(reference, holdout)
         cur_mean, cur_min = _cosines(self._embed(serving.model, holdout), ref)
         new_mean, new_min = _cosines(self._embed(candidate, holdout), ref)
-        fixed = self.reference_sentences()
-        ref_fixed = self._reference_embeddings(serving.metadata.model, reference, fixed)
-        cur_fmean, cur_fmin = _cosines(self._embed(serving.model, fixed), ref_fixed)
-        new_fmean, new_fmin = _cosines(self._embed(candidate, fixed), ref_fixed)
         record = {"model_id": serving.model_id, "scheme": kind, "n_calibration": len(calib), "n_holdout": len(holdout),
                   "cos_mean_before": cur_mean, "cos_min_before": cur_min, "cos_mean_after": new_mean,
-                  "cos_min_after": new_min, "n_reference": len(fixed), "reference_cos_mean_before": cur_fmean,
-                  "reference_cos_min_before": cur_fmin, "reference_cos_mean_after": new_fmean,
-                  "reference_cos_min_after": new_fmin}
+                  "cos_min_after": new_min}
         summary = (f"held-out cos_mean vs fp32 {cur_mean:.5f} -> {new_mean:.5f} (min {cur_min:.5f} -> {new_min:.5f}) "
-                   f"on {len(holdout)} inputs, calibrated on {len(calib)}; reference sentences "
-                   f"{cur_fmean:.5f} -> {new_fmean:.5f} (min {cur_fmin:.5f} -> {new_fmin:.5f}) on {len(fixed)}")
-        if new_mean < cur_mean - c.tolerance:
+                   f"on {len(holdout)} inputs, calibrated on {len(calib)}")
+        if new_mean < cur_mean - c.tolerance:  # the reference set is not needed to refuse
             return {**record, "outcome": "rejected", "reason": f"worse on held-out traffic: {summary}"}
+        fixed = self.reference_sentences()
+        ref_fixed = self._reference_embeddings(serving.metadata.model, reference, fixed)
+        cur_fixed = self._serving_on_reference(serving, fixed)
+        cur_fmean, cur_fmin = _cosines(cur_fixed, ref_fixed)
+        new_fmean, new_fmin = _cosines(self._embed(candidate, fixed), ref_fixed)
+        record.update(n_reference=len(fixed), reference_cos_mean_before=cur_fmean, reference_cos_min_before=cur_fmin,
+                      reference_cos_mean_after=new_fmean, reference_cos_min_after=new_fmin)
+        summary += (f"; reference sentences {cur_fmean:.5f} -> {new_fmean:.5f} (min {cur_fmin:.5f} -> {new_fmin:.5f}) "
+                    f"on {len(fixed)}")
         if new_fmean < cur_fmean - c.tolerance:
             return {**record, "outcome": "rejected", "reason": f"worse on the fixed reference sentences: {summary}"}
-        info = {"at": time.time(), "n_calibration": len(calib), "cos_mean_before": cur_mean, "cos_mean_after": new_mean,
-                "reference_cos_mean_before": cur_fmean, "reference_cos_mean_after": new_fmean}
-        if self.active.replace_model(serving, candidate, info) is None:
+        info = {"at": time.time(), **{k: v for k, v in record.items() if k not in ("model_id", "scheme")}}
+        new = self.on_accept(serving, candidate, info, calib)
+        if new is None:
             return {**record, "outcome": "discarded", "reason": "the active model changed during recalibration"}
+        if new.model_id != serving.model_id:
+            record["new_model_id"] = new.model_id
+            summary += f"; saved as {new.model_id!r} (parent {serving.model_id!r})"
         return {**record, "outcome": "accepted", "reason": f"not worse: {summary}"}
 
     # ---- background -----------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class ModelService:
         self.jobs = JobRunner(self.limits.max_queued_jobs,
                               on_finish=lambda job: self.metrics.jobs.inc(kind=job.kind, status=job.status))
         self.calibrator = OnlineCalibrator(online or OnlineCalibrationConfig(), self.active, self.gate.run_blocking,
-                                           on_outcome=self._on_calibration)
+                                           on_outcome=self._on_calibration, on_accept=self._accept_recalibration)
         self._submit_lock = threading.Lock()
         self._register_gauges()
         if activate:
@@ -131,6 +131,56 @@ class ModelService:
         cur = self.active.current()
         if cur is not None and cur.model_id == model_id:
             raise Conflict(f"model {model_id!r} is active; activate another model before replacing it")
+
+    # ---- online recalibration, persisted -------------------------------------------------------
+    def _version_id(self, model_id: str) -> str:
+        """The next free ``<base>-rN`` id for a recalibrated version of ``model_id``."""
+        base = re.sub(r"-r\d+$", "", model_id)[:56]
+        k = 1
+        while f"{base}-r{k}" in self.store:
+            k += 1
+        return f"{base}-r{k}"
+
+    def _accept_recalibration(self, serving: Serving, candidate, info: dict, calib: list[str]) -> Serving | None:
+        """Save an accepted candidate as a new store version (lineage in its metadata.json), record it in
+        ``.active.json``, then serve it; with ``persist`` off, swap the parameters in memory only."""
+        if not self.calibrator.config.persist:
+            return self.active.replace_model(serving, candidate, info)
+        from lowbit.algorithms._calib import calibration_info
+
+        if self.active.current() is not serving:
+            return None
+        new_id = self._version_id(serving.model_id)
+        pick = lambda *keys: {k: info[k] for k in keys if k in info}  # noqa: E731
+        lineage = {**calibration_info([calib], "online traffic (buffered /embed inputs)"),
+                   "parent_id": serving.model_id, "recalibrated_at": info.get("at"),
+                   "before": pick("cos_mean_before", "cos_min_before", "reference_cos_mean_before",
+                                  "reference_cos_min_before"),
+                   "after": pick("cos_mean_after", "cos_min_after", "reference_cos_mean_after", "reference_cos_min_after"),
+                   "n_holdout": info.get("n_holdout"), "n_reference": info.get("n_reference")}
+        fidelity = {"cos_mean": info.get("reference_cos_mean_after"), "cos_min": info.get("reference_cos_min_after"),
+                    "n_sentences": info.get("n_reference"), "reference": "fp32 base model",
+                    "data": "lowbit.data.eval_sentences"}
+        candidate.source = f"online recalibration of store model {serving.model_id!r}"
+        meta = self.store.save(candidate, new_id, fidelity=fidelity, calibration=lineage)
+        candidate.lowbit_metadata = meta
+        log.info("online recalibration of %s saved as %s", serving.model_id, new_id)
+
+        def commit() -> None:
+            with self._submit_lock:
+                self._record_active(new_id)
+
+        return self.active.replace_model(serving, candidate, {**info, "parent_id": serving.model_id},
+                                         model_id=new_id, metadata=meta, commit=commit)
+
+    def rollback(self) -> Serving:
+        """Activate the parent of the active model (a version saved by online recalibration)."""
+        cur = self.serving()
+        parent = getattr(cur.metadata.calibration, "parent_id", None) if cur.metadata.calibration else None
+        if not parent:
+            raise Conflict(f"the active model {cur.model_id!r} has no parent version to roll back to (only versions "
+                           "saved by online recalibration record one)")
+        return self.activate(parent)
 
     def serving(self) -> Serving:
         s = self.active.current()

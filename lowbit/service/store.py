@@ -235,11 +235,12 @@ class ModelStore:
             return self.load(model_id)
         return model
 
-    def save(self, model: nn.Module, model_id: str, *, fidelity: dict | None = None,
+    def save(self, model: nn.Module, model_id: str, *, fidelity: dict | None = None, calibration: dict | None = None,
              overwrite: bool = False) -> ModelMetadata:
-        """Write ``model`` as ``model_id`` atomically (``lowbit.save``)."""
+        """Write ``model`` as ``model_id`` atomically (``lowbit.save``); ``calibration`` goes to metadata.json."""
         folder = self.path(model_id)
-        meta = save_folder(model, folder, fidelity=fidelity, overwrite=overwrite, model_id=model_id)
+        meta = save_folder(model, folder, fidelity=fidelity, calibration=calibration, overwrite=overwrite,
+                           model_id=model_id)
         with self._lock:
             self._checked.pop(model_id, None)
             self._load_failures.pop(model_id, None)
