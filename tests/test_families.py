@@ -152,3 +152,23 @@ def test_cli_quantizes_a_folder(folders, tmp_path):
     assert res.exit_code == 0, res.output
     again = lowbit.load(out)
     assert again.lowbit_metadata.is_quantized and again.lowbit_config.bits == 8
+
+
+@pytest.mark.parametrize("family", ("qwen2", "gemma"))
+def test_low_memory_matches_in_memory(family, folders):
+    """Layer-from-disk GPTQ on another family gives the same model as the in-memory run."""
+    from lowbit.algorithms.from_disk import quantize_from_disk
+
+    cfg = GPTQConfig(bits=4, group_size=16)
+    a = open_model(str(folders[family]))
+    lowbit.quantize(a, cfg, _calib())
+    b = quantize_from_disk(folders[family], cfg, calibration_data=_calib())
+    assert a.lowbit_report.layers == b.lowbit_report.layers
+    assert torch.equal(_out(a), _out(b))
+
+
+def test_low_memory_refuses_conv1d_layouts(folders):
+    from lowbit.algorithms.from_disk import quantize_from_disk
+
+    with pytest.raises(ConfigError, match="Conv1D"):
+        quantize_from_disk(folders["gpt2"], GPTQConfig(bits=4, group_size=16), calibration_data=_calib())

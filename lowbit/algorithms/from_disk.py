@@ -18,17 +18,17 @@ import torch
 from torch import nn
 
 from lowbit.algorithms._calib import calibration_info
-from lowbit.algorithms._llm import lm_calibration, n_tokens, widest_input
+from lowbit.algorithms._llm import input_groups, lm_calibration, n_tokens, require_llama_layout, widest_input
 from lowbit.algorithms.awq import AWQConfig, make_awq_process
 from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
-from lowbit.algorithms.sequential import quantize_from_safetensors, smollm2_skeleton
+from lowbit.algorithms.sequential import causal_lm_skeleton, quantize_from_safetensors
+from lowbit.models.adapters import adapter_for
 from lowbit.api import QuantizeReport
 from lowbit.config import config_to_json
 from lowbit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-LAYERS_PREFIX = "lm.model.layers"  # where CausalLM keeps a Llama's decoder layers
 SUPPORTED = (GPTQConfig, AWQConfig)
 
 
@@ -42,7 +42,8 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
         raise ConfigError(f"{folder}: no model.safetensors to read layers from")
-    model = smollm2_skeleton(folder)
+    model = causal_lm_skeleton(folder)
+    layers_prefix = "lm." + adapter_for(model, "low-memory (layer-from-disk) quantization").layers
     model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())  # meta tensors know their size
     if isinstance(config, GPTQConfig):
         n = n_calib or config.n_calib or DEFAULT_CALIB_WINDOWS
@@ -56,9 +57,9 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
     if isinstance(config, GPTQConfig) or config.rounding == "gptq":
         check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
     if isinstance(config, GPTQConfig):
-        process = make_gptq_process(config, LAYERS_PREFIX, report, stats)
+        process = make_gptq_process(config, layers_prefix, report, stats, groups=input_groups(model))
     else:
-        process = make_awq_process(config, LAYERS_PREFIX, report, stats)
+        process = make_awq_process(config, layers_prefix, report, stats, require_llama_layout(model, config.scheme))
     with torch.no_grad():
         quantize_from_safetensors(folder, process, batches, skeleton=model)
     report.extra[config.kind] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches),

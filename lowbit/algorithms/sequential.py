@@ -28,7 +28,7 @@ from rich.progress import Progress
 from torch import nn
 
 from lowbit.algorithms._llm import decoder_layers
-from lowbit.errors import CalibrationError, LoadError
+from lowbit.errors import CalibrationError, ConfigError, LoadError
 
 log = logging.getLogger(__name__)
 
@@ -222,48 +222,66 @@ def load_module_from(reader: SafetensorsReader, module: nn.Module, prefix: str) 
         raise LoadError(f"{reader.path}: tensors missing for {prefix}: {missing[:4]}")
 
 
-def smollm2_skeleton(folder: Path):
-    """A ``CausalLM`` whose weights live on ``meta`` (no memory), with its tokenizer and config."""
+def causal_lm_skeleton(folder: Path):
+    """A ``CausalLM`` of the HF folder whose parameters live on ``meta`` (no memory), with its tokenizer
+    and config; buffers that are not saved (rotary frequencies) are computed on the CPU as usual."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.models.smollm2 import CausalLM
+    from lowbit.models.causal_lm import CausalLM
+    from lowbit.models.hf import conv1d_to_linear
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if conv1d_to_linear(lm):
+        raise ConfigError(f"{folder}: layer-from-disk quantization reads weights as stored, and this family "
+                          f"({config.model_type}) stores Conv1D (in, out) weights; quantize it in memory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError):  # a folder without tokenizer files (tests): calibration ids are given
         tokenizer = None
-    return CausalLM(lm.eval(), tokenizer).eval()
+    return CausalLM(lm.eval(), tokenizer, model_name=Path(folder).name, source=str(folder)).eval()
+
+
+smollm2_skeleton = causal_lm_skeleton  # the name bench/ and older callers use
 
 
 def quantize_from_safetensors(folder: str | Path, process: Process, batches: list[torch.Tensor],
                               skeleton: nn.Module | None = None) -> nn.Module:
     """Build a causal LM from ``folder`` (HF layout, one ``model.safetensors``) a layer at a time.
 
-    Only the embeddings, final norm and rotary tables are materialised up front; each decoder layer
-    is read from disk, processed (quantized) by ``process``, and its float weights released.
-    ``skeleton``: the model from :func:`smollm2_skeleton` if the caller already built one (to
-    tokenize the calibration text), so the tokenizer is not loaded twice; it is filled in place.
+    Everything outside the decoder blocks (embeddings, final norm, an untied head) is materialised
+    up front; each block is read from disk, processed (quantized) by ``process``, and its float
+    weights released. The block list comes from the family's adapter row. ``skeleton``: the model
+    from :func:`causal_lm_skeleton` if the caller already built one (to tokenize the calibration
+    text), so the tokenizer is not loaded twice; it is filled in place.
     """
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from lowbit.models.adapters import adapter_for
+    from lowbit.models.hf import retie
 
     folder = Path(folder)
     map_large_allocations()
-    model = skeleton if skeleton is not None else smollm2_skeleton(folder)
-    inner = model.lm.model
+    model = skeleton if skeleton is not None else causal_lm_skeleton(folder)
+    blocks = adapter_for(model, "low-memory (layer-from-disk) quantization").layers
     with SafetensorsReader(folder / "model.safetensors") as reader:
-        load_module_from(reader, inner.embed_tokens, "model.embed_tokens")
-        load_module_from(reader, inner.norm, "model.norm")
-        inner.rotary_emb = LlamaRotaryEmbedding(config=model.lm.config)
-        if "lm_head.weight" in reader.header and not model.lm.config.tie_word_embeddings:
-            load_module_from(reader, model.lm.lm_head, "lm_head")
-        else:
-            model.lm.lm_head.weight = inner.embed_tokens.weight  # tied (SmolLM2)
+        outside = {n.rpartition(".")[0] for n, _ in model.lm.named_parameters() if not n.startswith(blocks + ".")}
+        for name in sorted(outside):
+            module = model.lm.get_submodule(name) if name else model.lm
+            if any(f"{name}.{p}" in reader.header for p, _ in module.named_parameters(recurse=False)):
+                _load_direct(reader, module, name)
+        retie(model)
 
         def materialize(i: int, layer: nn.Module) -> None:
-            load_module_from(reader, layer, f"model.layers.{i}")
+            load_module_from(reader, layer, f"{blocks}.{i}")
 
         process_layerwise(model, batches, process, materialize, desc="sequential (from disk)")
     return model
+
+
+def _load_direct(reader: SafetensorsReader, module: nn.Module, prefix: str) -> None:
+    """Materialise ``module``'s own parameters (not its children's) from ``prefix.*`` of the file."""
+    for pname, p in list(module.named_parameters(recurse=False)):
+        key = f"{prefix}.{pname}"
+        if key in reader.header:
+            setattr(module, pname, nn.Parameter(reader.get(key), requires_grad=False))
