@@ -18,7 +18,9 @@ scale is then fitted too), to measure what storing float zero-points buys.
 Quantization time is the HQQ (or RTN) pass over all decoder linears, one torch thread, measured
 under the machine load recorded in the table; perplexity does not depend on the load.
 
-Writes bench/results/hqq.md and .json.
+Writes bench/results/hqq.md and .json. The committed results were run with --quick (two processes,
+W4 and W3, then --merge) because at load 7-14 on the 2 shared cores a full evaluation of the fp32
+row alone had not finished after 20 minutes.
 """
 
 from __future__ import annotations
