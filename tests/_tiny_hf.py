@@ -28,7 +28,7 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", bos_token="<s>", eos_token="</s>",
-                                   model_max_length=64)
+                                   model_max_length=512)
 
 
 def _configs() -> dict:

@@ -152,14 +152,21 @@ def lm_scores(model: nn.Module, reference: nn.Module | None, windows: torch.Tens
             "seconds_per_window": statistics.median(timed)}
 
 
-def _user_lm_windows(tokenizer, texts: list[str]) -> torch.Tensor:
-    """The user's evaluation texts as windows of LM_CONTEXT tokens (one shorter window if short)."""
+def lm_context(model: nn.Module) -> int:
+    """LM_CONTEXT, or the model's own position limit when that is shorter."""
+    config = getattr(getattr(model, "lm", None), "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(LM_CONTEXT, int(limit)) if limit else LM_CONTEXT
+
+
+def _user_lm_windows(tokenizer, texts: list[str], context: int) -> torch.Tensor:
+    """The user's evaluation texts as windows of ``context`` tokens (one shorter window if short)."""
     ids = torch.tensor(tokenizer("\n\n".join(texts)).input_ids, dtype=torch.long)
-    if len(ids) < LM_CONTEXT:
+    if len(ids) < context:
         if len(ids) < 2:
             raise ConfigError("the evaluation text has fewer than 2 tokens")
         return ids[None]  # (1, T)
-    return lm_windows(tokenizer, "\n\n".join(texts), LM_CONTEXT)
+    return lm_windows(tokenizer, "\n\n".join(texts), context)
 
 
 def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: bool,
@@ -171,23 +178,24 @@ def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: boo
 
     if reference is None and not (_is_fp32(model) and getattr(model, "model_name", None) == "smollm2"):
         reference = _fp32_smollm2() if getattr(model, "model_name", None) == "smollm2" else None
+    ctx = lm_context(model)
     if eval_data is not None:
-        user = lm_scores(model, reference, _user_lm_windows(model.tokenizer, eval_data))
-        return {"n_windows": user["n_windows"], "context": LM_CONTEXT, "ppl": user["ppl"], "kl": user["kl"],
-                "prefill_tps": LM_CONTEXT / user["seconds_per_window"], "eval_data": "user"}
-    lic = lm_scores(model, reference, lm_windows(model.tokenizer, lm_eval_text(), LM_CONTEXT,
+        user = lm_scores(model, reference, _user_lm_windows(model.tokenizer, eval_data, ctx))
+        return {"n_windows": user["n_windows"], "context": ctx, "ppl": user["ppl"], "kl": user["kl"],
+                "prefill_tps": ctx / user["seconds_per_window"], "eval_data": "user"}
+    lic = lm_scores(model, reference, lm_windows(model.tokenizer, lm_eval_text(), ctx,
                                                  max_windows=2 if quick else None))
-    held = lm_scores(model, reference, lm_windows(model.tokenizer, lm_heldout_text(), LM_CONTEXT,
+    held = lm_scores(model, reference, lm_windows(model.tokenizer, lm_heldout_text(), ctx,
                                                   max_windows=1 if quick else LM_HELDOUT_WINDOWS))
     return {
         "n_windows": lic["n_windows"],
-        "context": LM_CONTEXT,
+        "context": ctx,
         "ppl": lic["ppl"],
         "kl": lic["kl"],
         "n_windows_heldout": held["n_windows"],
         "ppl_heldout": held["ppl"],
         "kl_heldout": held["kl"],
-        "prefill_tps": LM_CONTEXT / lic["seconds_per_window"],
+        "prefill_tps": ctx / lic["seconds_per_window"],
     }
 
 
