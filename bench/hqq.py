@@ -55,10 +55,13 @@ ROWS = [
     ("HQQ W3 g128 sym", "hqq", dict(bits=3, group_size=128, symmetric=True)),
     ("HQQ integer zp W4 g128 asym", "hqq-int", dict(bits=4, group_size=128, symmetric=False)),
     ("HQQ integer zp W3 g128 asym", "hqq-int", dict(bits=3, group_size=128, symmetric=False)),
+    ("HQQ last iterate W4 g128 asym", "hqq-last", dict(bits=4, group_size=128, symmetric=False)),
+    ("HQQ last iterate W3 g128 asym", "hqq-last", dict(bits=3, group_size=128, symmetric=False)),
 ]
 
 
-def hqq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, integer_zero_point: bool = False) -> dict:
+def hqq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, integer_zero_point: bool = False,
+                keep_best: bool = True) -> dict:
     """HQQ on every decoder-layer linear with rtn_decoder's group-size policy; returns the summed squared
     weight errors (HQQ's and RTN's)."""
     from lowbit.algorithms._llm import decoder_layers, effective_group_size, layer_linears
@@ -72,9 +75,9 @@ def hqq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, i
     for layer in decoder_layers(model):
         for name, m in layer_linears(layer).items():
             g = effective_group_size(m.in_features, group_size)
-            if integer_zero_point:
+            if integer_zero_point or not keep_best:
                 codes, qp, st = hqq_quantize(m.weight, bits, g, symmetric, cfg.iters, cfg.lp, cfg.beta, cfg.kappa,
-                                             cfg.relax, integer_zero_point=True)
+                                             cfg.relax, integer_zero_point=integer_zero_point, keep_best=keep_best)
                 new = WeightOnlyQLinear.from_quantized(m, codes, qp, g)
             else:
                 new, st = hqq_linear(m, cfg, g)
@@ -117,7 +120,7 @@ def main() -> None:
             if family == "rtn":
                 rtn_decoder(model, **kw)
             else:
-                err = hqq_decoder(model, **kw, integer_zero_point=family == "hqq-int")
+                err = hqq_decoder(model, **kw, integer_zero_point=family == "hqq-int", keep_best=family != "hqq-last")
         r = evaluate(model, ref, quick=args.quick)
         row = {"name": name, "family": family, **kw, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu,
                "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
@@ -174,7 +177,8 @@ def render(rows: list[dict], meta: dict) -> str:
            "of RTN's perplexity increase over fp32 removed (same bits, group, symmetry). 'sq err' = HQQ's summed "
            "squared weight error / RTN's. HQQ reads no calibration text. HQQ asym = the paper's method (fp16 "
            "zero-point optimised, min-max scale kept); HQQ sym = the scale optimised (no zero-point exists); "
-           "'integer zp' = zero-point rounded to an integer, scale fitted with it.",
+           "'integer zp' = zero-point rounded to an integer, scale fitted with it; 'last iterate' = no per-group "
+           "selection by squared error (the paper's iterations as they end).",
            "",
            "| method | ppl held-out docs | Δ vs fp32 | removed | ppl licence | Δ vs fp32 | removed | KL held-out | "
            "KL licence | sq err / RTN | MB | quantize wall s | CPU s | load (1 min) |",

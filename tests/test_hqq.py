@@ -202,3 +202,15 @@ def test_float_zero_point_exports_as_q4_1_min_only():
     # m is rounded to fp16 and |m| <= 15 d, so half an fp16 ulp of m is at most 15 d 2^-12 < 0.004 d
     torch.testing.assert_close(w, m.dequantized_weight(), rtol=0, atol=0.004 * float(d.float().abs().max()))
     assert on_grid(m, "q8_0") is None and on_grid(m, "q4_0") is None
+
+
+def test_last_iterate_is_scored_and_never_below_the_kept_best():
+    """keep_best=False (the paper's iterations as they end, for measurement): its reported error is the
+    error of what it returns, and the per-group selection can only do better."""
+    lin = _linear(k=192)
+    best_codes, best_qp, best = hqq_quantize(lin.weight, 3, 64, symmetric=False)
+    codes, qp, last = hqq_quantize(lin.weight, 3, 64, symmetric=False, keep_best=False)
+    w = lin.weight.detach()
+    err = float(((w - WeightOnlyQLinear.from_quantized(lin, codes, qp, 64).dequantized_weight()) ** 2).sum())
+    assert err == pytest.approx(last["sq_error"], rel=1e-3)
+    assert best["sq_error"] <= last["sq_error"] and last["rtn_sq_error"] == best["rtn_sq_error"]

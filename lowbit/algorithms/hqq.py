@@ -102,13 +102,15 @@ def _sum(x: torch.Tensor) -> torch.Tensor:
 def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
                  iters: int = DEFAULT_ITERS, lp: float = DEFAULT_LP, beta: float = DEFAULT_BETA,
                  kappa: float = DEFAULT_KAPPA, relax: float = DEFAULT_RELAX, optimize_scale: bool = False,
-                 integer_zero_point: bool = False) -> tuple[torch.Tensor, QParams, dict]:
+                 integer_zero_point: bool = False, keep_best: bool = True) -> tuple[torch.Tensor, QParams, dict]:
     """HQQ on one weight ``(N, K)``: codes ``(N, K)``, their ``QParams`` (per group ``(N, ceil(K/g))``
     or per channel ``(N,)`` if ``group_size == 0``) and stats (summed squared error, RTN's and ours).
 
     Affine: the zero-point is optimised (a float, rounded to fp16 as stored), the scale too only if
     ``optimize_scale``; ``integer_zero_point`` rounds ``z`` to an integer instead (and then always
     refits the scale, which is all that can move). Symmetric: ``z = 0`` and the scale is optimised.
+    ``keep_best=False`` returns the last iterate (the paper without early stopping) instead of each
+    group's best candidate by squared error (for measurement: no guarantee against RTN then).
     """
     fmt = get_format(weight_format(bits, symmetric))
     w = weight.detach().float()
@@ -153,7 +155,7 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
             r.mul_(mask)
         if it:  # score the (sigma, z) of the previous round by its squared weight error
             err = torch.linalg.vecdot(r, r)[..., None] * s0sq  # (N, G, 1)
-            better = err < best_err
+            better = err < best_err if keep_best else torch.ones_like(err, dtype=torch.bool)
             best_s = torch.where(better, s0 * sigma, best_s)
             best_z = torch.where(better, z, best_z)
             best_err = torch.where(better, err, best_err)
