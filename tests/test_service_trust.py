@@ -13,7 +13,6 @@ import threading
 
 import httpx
 import pytest
-import torch
 
 from lowbit.io.checkpoint import sha256_file
 from lowbit.io.metadata import METADATA_FILE, WEIGHTS_FILE
