@@ -172,3 +172,13 @@ def test_low_memory_refuses_conv1d_layouts(folders):
 
     with pytest.raises(ConfigError, match="Conv1D"):
         quantize_from_disk(folders["gpt2"], GPTQConfig(bits=4, group_size=16), calibration_data=_calib())
+
+
+def test_gemma_scaled_embedding_stays_float_under_w8a8(folders):
+    """QEmbedding would drop Gemma's sqrt(hidden) embedding scale: the table stays float, with a reason."""
+    model = open_model(str(folders["gemma"]))
+    ref = _out(model)
+    lowbit.quantize(model, build_config("w8a8-dynamic"))
+    assert "changes the lookup" in model.lowbit_report.skipped["lm.model.embed_tokens"]
+    assert torch.nn.functional.kl_div(torch.log_softmax(_out(model), -1), torch.log_softmax(ref, -1),
+                                      log_target=True, reduction="batchmean") < 0.05

@@ -53,3 +53,13 @@ def swap_modules(model: nn.Module, config, types: tuple[type, ...], convert: Cal
             if type(module) is t and name not in report.skipped:
                 report.skipped[name] = why
     return report
+
+
+def quantized_embedding(name: str, emb: nn.Embedding) -> nn.Module:
+    """int8 per-row ``QEmbedding`` for a plain lookup table; subclasses that change the lookup (Gemma's
+    ``x * sqrt(hidden)`` scaled embedding) stay in float rather than silently lose that step."""
+    from lowbit.nn import QEmbedding
+
+    if type(emb).forward is not nn.Embedding.forward:
+        raise Skip(f"{type(emb).__name__} changes the lookup (e.g. scales it); no quantized equivalent")
+    return QEmbedding.from_float(emb)

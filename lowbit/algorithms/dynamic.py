@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, default_calibration
-from lowbit.algorithms._swap import swap_modules
+from lowbit.algorithms._swap import quantized_embedding, swap_modules
 from lowbit.algorithms.smoothing import input_absmax, smoothing_factors
 from lowbit.api import register_handler, select_modules
 from lowbit.config import BaseConfig, register_config, register_scheme
 from lowbit.errors import CalibrationError, ConfigError
-from lowbit.nn import DynamicQLinear, QEmbedding
+from lowbit.nn import DynamicQLinear
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _quantize_dynamic(model: nn.Module, config: Int8DynamicConfig, calibration_d
 
     report = swap_modules(model, config, (nn.Linear,), convert)
     if config.quantize_embeddings:
-        swap_modules(model, config, (nn.Embedding,), lambda n, m: QEmbedding.from_float(m), report)
+        swap_modules(model, config, (nn.Embedding,), quantized_embedding, report)
     return report
 
 

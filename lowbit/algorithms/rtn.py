@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lowbit.algorithms._swap import Skip, swap_modules
+from lowbit.algorithms._swap import Skip, quantized_embedding, swap_modules
 from lowbit.api import register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import get_format
 from lowbit.errors import ConfigError
-from lowbit.nn import QEmbedding, WeightOnlyQLinear
+from lowbit.nn import WeightOnlyQLinear
 from lowbit.nn.gguf_linear import GGML_BLOCK, GGML_TYPES, linear_on_ggml_grid
 
 from lowbit.algorithms._weights import VALID_BITS  # noqa: E402
@@ -72,7 +72,7 @@ def _quantize_weight_only(model: nn.Module, config: WeightOnlyConfig, calibratio
 
     report = swap_modules(model, config, (nn.Linear,), convert)
     if config.quantize_embeddings:
-        swap_modules(model, config, (nn.Embedding,), lambda n, m: QEmbedding.from_float(m), report)
+        swap_modules(model, config, (nn.Embedding,), quantized_embedding, report)
     return report
 
 
