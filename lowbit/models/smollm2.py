@@ -73,6 +73,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> CausalLM:
     if cached.is_dir():
         try:
             lm, tokenizer = _load_folder(cached, dtype)
+        except (ImportError, AttributeError, NameError):
+            raise  # a broken environment (e.g. a script shadowing a package), not a damaged cache entry
         except Exception as exc:  # a damaged cache entry is rebuilt, never trusted
             log.warning("cache entry %s unreadable (%s); rebuilding it", cached, exc)
             shutil.rmtree(cached, ignore_errors=True)
