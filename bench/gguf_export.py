@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-# Run as a script, bench/ is sys.path[0], where a bench file named like a package (bench/hqq.py) would
+# Run as a script, bench/ is sys.path[0], where a bench file named like a package (bench/hqq_bench.py) would
 # shadow it (transformers probes `hqq`); import from the repository root instead.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

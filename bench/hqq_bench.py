@@ -1,9 +1,9 @@
 """RTN vs HQQ (calibration-free) on SmolLM2-135M, decoder linears, both evaluation texts.
 
-    nice -n 10 .venv/bin/python bench/hqq.py                       # every row, one process
-    nice -n 10 .venv/bin/python bench/hqq.py --only W4 --part a     # or two halves side by side,
-    nice -n 10 .venv/bin/python bench/hqq.py --only W3 --part b
-    nice -n 10 .venv/bin/python bench/hqq.py --merge                # -> results/hqq.md
+    nice -n 10 .venv/bin/python bench/hqq_bench.py                       # every row, one process
+    nice -n 10 .venv/bin/python bench/hqq_bench.py --only W4 --part a     # or two halves side by side,
+    nice -n 10 .venv/bin/python bench/hqq_bench.py --only W3 --part b
+    nice -n 10 .venv/bin/python bench/hqq_bench.py --merge                # -> results/hqq.md
 
 Same settings as bench/llm_methods.py (its helpers in bench/_llm_common.py): decoder-layer linears
 only (embeddings / tied LM head fp32), "g128" = 128 on down_proj and 64 on the 576-wide inputs
