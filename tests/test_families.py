@@ -182,3 +182,23 @@ def test_gemma_scaled_embedding_stays_float_under_w8a8(folders):
     assert "changes the lookup" in model.lowbit_report.skipped["lm.model.embed_tokens"]
     assert torch.nn.functional.kl_div(torch.log_softmax(_out(model), -1), torch.log_softmax(ref, -1),
                                       log_target=True, reduction="batchmean") < 0.05
+
+
+def test_cli_gguf_grid_and_no_double_quantization(folders, tmp_path):
+    """--gguf q4_0 quantizes on llama.cpp's grid; export names what it cannot carry (a word-level
+    tokenizer); an already quantized model is not quantized twice."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    run = CliRunner().invoke
+    out = tmp_path / "q"
+    res = run(app, ["quantize", "--model", str(folders["llama"]), "--scheme", "rtn", "--gguf", "q4_0", "--no-eval",
+                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    cfg = lowbit.load(out).lowbit_config
+    assert (cfg.gguf, cfg.group_size, cfg.bits) == ("q4_0", 32, 4)
+    res = run(app, ["export", str(out), "--format", "gguf", "--type", "q4_0", "--out", str(tmp_path / "m.gguf")])
+    assert res.exit_code == 2 and "BPE tokenizers" in res.output
+    res = run(app, ["quantize", "--model", str(out), "--scheme", "rtn", "--no-eval"])
+    assert res.exit_code == 2 and "already quantized" in res.output

@@ -112,6 +112,8 @@ def register(app: typer.Typer) -> None:
         budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="mixed precision: size budget in MB"),
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="mixed precision: latency budget"),
         kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache quantization for generation: int8 | int4"),
+        gguf: Optional[str] = typer.Option(None, "--gguf", help="rtn/gptq on llama.cpp's grid (q4_0 | q4_1 | q8_0: "
+                                                                 "blocks of 32), so `lowbit export` keeps the codes"),
         no_eval: bool = typer.Option(False, "--no-eval", help="skip the fp32-vs-quantized measurement"),
         low_memory: bool = typer.Option(False, "--low-memory",
                                         help="gptq/awq on smollm2: read one decoder layer at a time from the fp32 "
@@ -138,7 +140,7 @@ def register(app: typer.Typer) -> None:
 
         options = dict(bits=bits, group_size=group_size, symmetric=symmetric, observer=observer,
                        granularity=granularity, alpha=alpha, kernel=kernel, budget_mb=budget_mb,
-                       max_latency_ms=max_latency_ms, kv_cache=kv_cache)
+                       max_latency_ms=max_latency_ms, kv_cache=kv_cache, gguf=gguf)
         config = build_config(scheme, options)  # --calib sizes the calibration set for any scheme
         if out is not None and out.exists() and not force:
             raise ConfigError(f"{out} exists; pass --force to replace it")
@@ -167,6 +169,9 @@ def register(app: typer.Typer) -> None:
         else:
             with step(f"loading {model}") as st:
                 fp32 = open_model(model)
+                if getattr(fp32, "lowbit_report", None) is not None:
+                    raise ConfigError(f"{model} is already quantized ({getattr(fp32, 'lowbit_scheme', None) or 'imported'}"
+                                      "); quantize the float model instead, or measure this one with `lowbit eval`")
                 n = sum(p.numel() for p in fp32.parameters())
                 st.summary = f"loaded {model}: {n / 1e6:.1f}M parameters, {4 * n / 1e6:.1f} MB in fp32"
             qmodel = copy.deepcopy(fp32)

@@ -90,6 +90,7 @@ def save(model: nn.Module, folder: str | Path, *, fidelity: dict | None = None, 
     try:
         with atomic_dir(folder, overwrite=overwrite) as tmp:
             save_model(model, str(tmp / WEIGHTS_FILE))  # de-duplicates tied tensors
+            meta.aliases = _aliases(model, tmp / WEIGHTS_FILE)
             save_hf_files(model, tmp)  # config.json + tokenizer: the folder rebuilds without the source
             meta.files = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
             atomic_write_text(tmp / METADATA_FILE, meta.model_dump_json(indent=2))
@@ -142,6 +143,7 @@ def load(folder: str | Path, verify: bool = True, model: nn.Module | None = None
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoadError(f"{weights}: unreadable safetensors ({exc})") from None
     _load_state(base, state, weights)
+    _tie_aliases(base, meta.aliases, weights)
     retie(base)
     empty = [n for n, t in list(base.named_parameters()) + list(base.named_buffers()) if t.is_meta]
     if empty:
@@ -157,6 +159,41 @@ def load(folder: str | Path, verify: bool = True, model: nn.Module | None = None
     model.lowbit_metadata = meta
     model.eval()
     return model
+
+
+def _aliases(model: nn.Module, weights: Path) -> dict[str, str]:
+    """Tensors ``save_model`` stored once for several names: each dropped name -> the stored one."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        stored = set(f.keys())
+    own = model.state_dict(keep_vars=True)
+    by_storage: dict[tuple, str] = {}
+    for k in stored:
+        t = own[k]
+        by_storage[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = k
+    out = {}
+    for k, t in own.items():
+        if k not in stored:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if key in by_storage:
+                out[k] = by_storage[key]
+    return out
+
+
+def _tie_aliases(model: nn.Module, aliases: dict[str, str], weights: Path) -> None:
+    """Give each alias the very tensor stored under its target name (tied weights stay tied)."""
+    for alias, target in aliases.items():
+        owner_name, _, leaf = alias.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+            tensor = model.get_parameter(target) if leaf in owner._parameters else model.get_buffer(target)
+        except AttributeError:
+            raise LoadError(f"{weights}: tied tensor {alias!r} -> {target!r} names no tensor of the model") from None
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = tensor
+        else:
+            owner._buffers[leaf] = tensor
 
 
 def _load_state(model: nn.Module, state: dict, weights: Path) -> None:

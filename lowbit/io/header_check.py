@@ -99,7 +99,7 @@ def check_weights_header(folder: str | Path, meta) -> None:
             raise LoadError(f"{weights}: layer {layer!r} has an invalid spec ({exc})") from None
         for key, t in module.state_dict().items():
             name = f"{layer}.{key}"
-            entry = header.get(name)
+            entry = header.get(name) or header.get(getattr(meta, "aliases", {}).get(name, ""))
             want_dtype, want_shape = DTYPE_NAMES.get(t.dtype, str(t.dtype)), list(t.shape)
             if entry is None:
                 raise LoadError(f"{weights}: tensor {name!r} is missing (the spec of layer {layer!r} in "

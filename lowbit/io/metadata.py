@@ -52,6 +52,8 @@ class ModelMetadata(BaseModel):
     calibration: Optional[CalibrationInfo] = None
     sizes: dict[str, float] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict, description="weight file -> sha256")
+    aliases: dict[str, str] = Field(default_factory=dict, description="tensor stored once under another "
+                                    "name (tied weights): alias -> the name in the weights file")
     fidelity: dict[str, Any] = Field(default_factory=dict)
     library_version: str = ""
     created_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())

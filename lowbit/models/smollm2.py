@@ -82,4 +82,6 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> CausalLM:
         atomic_write_dir(cached, lambda tmp: _dequantize_into(gguf, tmp))
         lm, tokenizer = _load_folder(cached, dtype)
     lm.eval()
-    return CausalLM(lm, tokenizer, model_name="smollm2", source=str(gguf)).eval()
+    model = CausalLM(lm, tokenizer, model_name="smollm2", source=str(gguf))
+    model.gguf_source = str(gguf)  # `lowbit export --format gguf` copies this file's tokenizer metadata
+    return model.eval()
