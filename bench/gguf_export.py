@@ -17,7 +17,6 @@ libraries alone are measured too). Writes bench/results/gguf.md and .json.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import subprocess
@@ -33,6 +32,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._llm_common import RESULTS, CachedReference, machine, quiet, write_results  # noqa: E402
+from lowbit.io.atomic import sha256_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
@@ -73,12 +73,7 @@ def peak_memory(what: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha = sha256_file
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ measured number look better than it is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,20 +21,13 @@ import torch
 
 from lowbit.data.overlap import overlap
 from lowbit.errors import ConfigError
+from lowbit.io.atomic import sha256_file
 
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 1 << 30  # a calibration or evaluation file above 1 GiB is almost certainly the wrong file
 OVERLAP_WARN = 0.01  # share of calibration 8-grams found in the evaluation data above which we warn
 TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_samples(path: str | Path) -> tuple[list[str] | torch.Tensor, dict]:
@@ -81,7 +73,7 @@ def read_samples(path: str | Path) -> tuple[list[str] | torch.Tensor, dict]:
             raise ConfigError(f"{path}: no non-empty samples")
     else:
         raise ConfigError(f"{path}: unsupported data file {suffix or '(no suffix)'}; use .txt, .jsonl or .npy")
-    record = {"source": str(path), "sha256": _sha256(path), "n_samples": len(samples)}
+    record = {"source": str(path), "sha256": sha256_file(path), "n_samples": len(samples)}
     return samples, record
 
 

@@ -8,6 +8,7 @@ are removed by :func:`sweep_leftovers`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -105,3 +106,12 @@ def sweep_leftovers(folder: str | os.PathLike) -> list[str]:
                 os.replace(p, original)
                 done.append(f"restored {original.name}")
     return done
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

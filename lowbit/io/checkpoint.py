@@ -12,7 +12,6 @@ pickle anywhere, and no code is ever read from a folder.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,19 +26,11 @@ from lowbit.analysis.footprint import model_size_bytes
 from lowbit.api import set_submodule
 from lowbit.config import config_from_json, config_to_json
 from lowbit.errors import ConfigError, LoadError, LowbitError
-from lowbit.io.atomic import atomic_dir, atomic_write_text
+from lowbit.io.atomic import atomic_dir, atomic_write_text, sha256_file  # noqa: F401  (sha256_file re-exported)
 from lowbit.io.metadata import METADATA_FILE, WEIGHTS_FILE, ModelMetadata, read_metadata
 from lowbit.models.hf import save_hf_files
 
 log = logging.getLogger(__name__)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _config_summary(cfg: Any) -> tuple[float | None, str | None]:
