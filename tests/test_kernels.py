@@ -52,3 +52,21 @@ def test_resolve_rules():
         resolve("int4_weight_only_linear", "fast", supported=False, why_not="codebook")
     with pytest.raises(ConfigError, match="valid"):
         resolve("int8_dynamic_linear", "turbo")
+
+
+def test_int_product_is_exact_at_the_extremes():
+    """The AVX2 path (fp32 GEMM chunks) must equal the int64 product even where a full-K fp32 sum
+    (127^2 * 1536 > 2^24) would round."""
+    from lowbit.kernels import int8_dynamic
+
+    q = torch.full((4, 1536), 127, dtype=torch.int8)
+    w = torch.full((1536, 8), 127, dtype=torch.int8)
+    w[:, 1] = -127
+    ref = (q.long() @ w.long()).to(torch.int32)
+    assert torch.equal(int8_dynamic.int_product(q, w), ref)
+    old = int8_dynamic.INT_MM_FAST
+    try:
+        int8_dynamic.INT_MM_FAST = False  # force the chunked path on any CPU
+        assert torch.equal(int8_dynamic.int_product(q, w), ref)
+    finally:
+        int8_dynamic.INT_MM_FAST = old

@@ -7,7 +7,8 @@ For activations ``x`` (M, K) and weights ``W`` (N, K):
     y      = acc * s_x[:, None] * s_W[None, :] + bias
 
 An optional per-input-channel ``smooth_inv`` (SmoothQuant, ``1 / s``) multiplies ``x`` first; the
-weights were multiplied by ``s`` when quantized. The fast path runs the product through ``torch._int_mm`` (VNNI on this CPU); the reference
+weights were multiplied by ``s`` when quantized. The fast path runs the product through ``torch._int_mm`` on
+AVX-512 CPUs and through exact fp32 GEMM chunks on AVX2 ones (:func:`int_product`); the reference
 computes the same integer product in int64 with a plain matmul. Codes and accumulators agree
 bit-exactly; the float epilogue uses identical ops so outputs agree too.
 """
@@ -18,6 +19,26 @@ import torch
 
 # Scale floor for an all-zero token (keeps the division finite; the token quantizes to zeros).
 ACT_SCALE_EPS = torch.finfo(torch.float32).eps
+
+# torch._int_mm is fast only where the CPU has AVX-512 (VNNI); on AVX2 it falls back to a loop ~14x
+# slower than an fp32 GEMM (measured: 384x384 at M=128, 20.3 ms vs 1.42 ms on 2 threads). There the
+# integer product runs as fp32 GEMMs over K-chunks of 1024: int8 x int8 products are exact in fp32
+# and a chunk's sum stays below 127^2 * 1024 < 2^24, so every chunk converts to int32 exactly.
+INT_MM_FAST = "AVX512" in torch.backends.cpu.get_cpu_capability()
+EXACT_FP32_CHUNK = 1024
+
+
+def int_product(q: torch.Tensor, qweight_t: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``q @ qweight_t`` for int8 (M, K) x (K, N), through the fastest exact path here."""
+    if INT_MM_FAST:
+        return torch._int_mm(q, qweight_t)
+    k = q.shape[-1]
+    acc = None
+    for start in range(0, k, EXACT_FP32_CHUNK):
+        part = (q[:, start:start + EXACT_FP32_CHUNK].float() @ qweight_t[start:start + EXACT_FP32_CHUNK].float())
+        part = part.to(torch.int32)  # exact: |sum| < 2^24
+        acc = part if acc is None else acc + part
+    return acc
 
 
 def quantize_per_token(x: torch.Tensor, smooth_inv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +64,7 @@ def int8_dynamic_linear(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (M, K)
     q, s_x = quantize_per_token(x2, smooth_inv)
-    acc = torch._int_mm(q, qweight_t)  # (M, N) int32
+    acc = int_product(q, qweight_t)  # (M, N) int32
     y = acc.float() * (s_x * w_scale)
     if bias is not None:
         y = y + bias
