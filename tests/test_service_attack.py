@@ -138,6 +138,9 @@ def test_excess_idle_and_slowloris_sockets_are_closed(tmp_path):
     (["--port", "99999"], "--port"),
     (["--port", "0"], "--port"),
     (["--max-batch", "0"], "--max-batch"),
+    (["--max-generations", "0"], "--max-generations"),
+    (["--max-tokens", "-1"], "--max-tokens"),
+    (["--kv-cache", "int3"], "--kv-cache"),
     (["--calib-cpu-share", "2"], "--calib-cpu-share"),
     (["--calib-from", "not-an-ip"], "not-an-ip"),
 ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,6 +12,15 @@ import typer
 from lowbit.cli._common import clean_errors
 
 API_KEY_ENV = "LOWBIT_API_KEY"
+
+
+class KVCache(str, Enum):
+    """lowbit.service.generate.KV_CHOICES (not imported here: it imports torch)."""
+
+    int8 = "int8"
+    int4 = "int4"
+    int2 = "int2"
+    none = "none"
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +46,16 @@ def register(app: typer.Typer) -> None:
                                            help="seconds for a request body to arrive (408 after)"),
         header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.001,
                                              help="seconds for a request's headers to arrive (closed after)"),
+        max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="tokens one generation may produce "
+                                                                          "(/v1/completions, /v1/chat/completions)"),
+        max_prompt_tokens: int = typer.Option(2048, "--max-prompt-tokens", min=1,
+                                              help="prompt tokens per generation (also capped by the model's context)"),
+        max_generations: int = typer.Option(2, "--max-generations", min=1,
+                                            help="generations running at once; more get 429"),
+        kv_cache: KVCache = typer.Option(KVCache.int8, "--kv-cache", help="KV cache for generation: int8, int4, int2 (KIVI-style "
+                                                                "quantized) or none"),
+        lm: Optional[str] = typer.Option(None, "--lm", help="causal LM of the store to serve at start (default: the "
+                                                           "one recorded in .active.json, if any)"),
         online_calibration: bool = typer.Option(False, "--online-calibration/--no-online-calibration",
                                                 help="buffer traffic and recalibrate the active model in the "
                                                      "background (validated, swapped only if not worse)"),
@@ -50,7 +70,8 @@ def register(app: typer.Typer) -> None:
                                        "or a client IP or network (127.0.0.1, 10.0.0.0/8); repeat for several; "
                                        "default: every client"),
     ) -> None:
-        """Serve sentence embeddings and manage the models of STORE over HTTP (OpenAPI at /docs)."""
+        """Serve sentence embeddings and text generation, and manage the models of STORE over HTTP (operator
+        page at /, OpenAPI at /docs)."""
         import logging
         import secrets
 
@@ -63,7 +84,8 @@ def register(app: typer.Typer) -> None:
         log = logging.getLogger("lowbit.serve")
         limits = Limits(max_body_bytes=max_body_bytes, max_batch=max_batch, max_input_chars=max_input_chars,
                         max_inflight=max_inflight, max_buffered_bytes=max_buffered_bytes,
-                        max_connections=max_connections, body_timeout_s=body_timeout, header_timeout_s=header_timeout)
+                        max_connections=max_connections, body_timeout_s=body_timeout, header_timeout_s=header_timeout,
+                        max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_generations=max_generations)
         online = OnlineCalibrationConfig(enabled=online_calibration, every=calib_every, cpu_share=calib_cpu_share,
                                          buffer_size=calib_buffer, min_inputs=min(128, calib_buffer),
                                          sources=tuple(calib_from or ()))
@@ -71,7 +93,7 @@ def register(app: typer.Typer) -> None:
         if not key:
             key = secrets.token_urlsafe(24)
             log.warning("no --api-key or $%s: generated API key for this run: %s", API_KEY_ENV, key)
-        service = ModelService(store, key, limits=limits, online=online)
+        service = ModelService(store, key, limits=limits, online=online, kv_cache=kv_cache.value, lm=lm)
         log.info("serving store %s on http://%s:%d (docs at /docs)", service.store.root, host, port)
         try:
             run(create_app(service), host=host, port=port)

@@ -35,6 +35,7 @@ class Serving:
     revision: int
     activated_at: float
     recalibration: dict[str, Any] | None = field(default=None)  # set when online calibration swapped params
+    kv_cache: str | None = field(default=None)  # causal LMs: the KV cache generation uses (int8, ..., none)
 
     @property
     def is_quantized(self) -> bool:
@@ -45,13 +46,18 @@ class Serving:
         return {"id": self.model_id, "is_quantized": m.is_quantized, "scheme": m.scheme, "bits": m.bits,
                 "granularity": m.granularity, "model": m.model, "task": m.task, "revision": self.revision,
                 "activated_at": self.activated_at, "sizes": m.sizes, "fidelity": m.fidelity,
-                "recalibration": self.recalibration}
+                "recalibration": self.recalibration, **({"kv_cache": self.kv_cache} if self.kv_cache else {})}
+
+
+TASK_USE = {"encoder": "sentence embeddings", "causal-lm": "text generation"}
 
 
 class ActiveModel:
-    """Holds the current :class:`Serving`; swaps are serialized, reads are lock-free."""
+    """Holds the current :class:`Serving` of one task (one slot for the encoder, one for the causal
+    LM); swaps are serialized, reads are lock-free."""
 
-    def __init__(self):
+    def __init__(self, task: str = "encoder"):
+        self.task = task
         self._current: Serving | None = None
         self._swap_lock = threading.Lock()  # guards _current and _revision
         self._load_lock = threading.Lock()  # one activation loads at a time (bounds memory)
@@ -65,15 +71,16 @@ class ActiveModel:
         """Load ``model_id`` with ``load``, run ``warmup`` on it, then make it the serving model.
 
         ``commit()`` runs under the swap lock just before the switch (checks, the ``.active.json``
-        record); if it raises, nothing is switched and the error propagates.
+        record); if it raises, nothing is switched and the error propagates. For a causal LM,
+        ``warmup`` returns the KV cache it found usable (kept in :attr:`Serving.kv_cache`).
         """
         with self._load_lock:
             model = load(model_id)
-            if getattr(model, "task", None) != "encoder":
-                raise ModelUnavailable(f"model {model_id!r} is a {getattr(model, 'task', '?')} model; only "
-                                       "encoder models (sentence embeddings) can be activated")
+            if getattr(model, "task", None) != self.task:
+                raise ModelUnavailable(f"model {model_id!r} is a {getattr(model, 'task', '?')} model; this slot "
+                                       f"serves {self.task} models ({TASK_USE.get(self.task, self.task)})")
             try:
-                warmup(model)
+                kv = warmup(model)
             except Exception as exc:  # a model that cannot run is not swapped in
                 raise ModelUnavailable(f"model {model_id!r} failed its warm-up forward: "
                                        f"{type(exc).__name__}: {exc}") from None
@@ -81,7 +88,8 @@ class ActiveModel:
                 if commit is not None:
                     commit()
                 self._revision += 1
-                new = Serving(model_id, model, model.lowbit_metadata, self._revision, time.time())
+                new = Serving(model_id, model, model.lowbit_metadata, self._revision, time.time(),
+                              kv_cache=kv if isinstance(kv, str) else None)
                 old, self._current = self._current, new
             log.info("active model: %s (revision %d, %s)%s", model_id, new.revision,
                      new.metadata.scheme or "fp32", f", was {old.model_id}" if old else "")

@@ -13,12 +13,13 @@ import base64
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lowbit import __version__
@@ -34,6 +35,7 @@ from lowbit.service.errors import (
     status_for,
 )
 from lowbit.service.limits import BodyLimitMiddleware, check_api_key
+from lowbit.service.openai_routes import register as register_generation
 from lowbit.service.state import ModelService
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ ERRORS = {code: {"model": S.ErrorResponse} for code in (401, 404, 409, 413, 422,
 # Methods counted under their own name in /metrics; any other (HTTP allows any token) is "other",
 # so a client cannot grow the label set (one made-up method per request grew /metrics by 2 kB each).
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+PAGE_FILE = Path(__file__).with_name("page.html")
+# The page loads nothing from elsewhere: its own inline script and style, and this origin's JSON.
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _bearer = HTTPBearer(auto_error=False, description="the service's API key")
 
 
@@ -176,6 +182,21 @@ def create_app(service: ModelService) -> FastAPI:
     def metrics():
         return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    # ---- the operator page ---------------------------------------------------------------------
+    page = PAGE_FILE.read_bytes()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def operator_page():
+        """One static HTML file (inline JS/CSS, no build step) that reads the JSON endpoints."""
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    @app.get("/schemes", summary="quantization schemes a quantize job accepts")
+    def schemes():
+        from lowbit.config import list_schemes
+
+        return {"schemes": [{"name": x.name, "help": x.help, "options": list(x.options), "models": list(x.models)}
+                            for x in list_schemes()]}
+
     # ---- models --------------------------------------------------------------------------------
     @app.get("/models", response_model=S.ModelList, responses=ERRORS)
     def list_models():
@@ -183,8 +204,8 @@ def create_app(service: ModelService) -> FastAPI:
 
     @app.get("/models/active", response_model=S.ActiveModelInfo, responses=ERRORS)
     def active_model():
-        """Which model serves, and whether it is quantized."""
-        return service.serving().describe()
+        """Which encoder serves (top level) and which causal LM (``lm``), and whether they are quantized."""
+        return service.describe_active()
 
     @app.get("/models/{model_id}", response_model=S.ModelSummary, responses=ERRORS)
     def get_model(model_id: str):
@@ -193,8 +214,10 @@ def create_app(service: ModelService) -> FastAPI:
     @app.post("/models/{model_id}/activate", response_model=S.ActiveModelInfo, responses=ERRORS,
               dependencies=[Depends(require_key)])
     def activate(model_id: str):
-        """Load the model fully, then switch to it; requests in flight finish on the previous one."""
-        return service.activate(model_id).describe()
+        """Load the model fully, then switch to it (the encoder slot, or the causal-LM slot for a
+        causal-lm model); requests in flight finish on the previous one."""
+        service.activate(model_id)
+        return service.describe_active()
 
     @app.post("/models/{model_id}/quantize", status_code=202, response_model=S.JobInfo, responses=ERRORS,
               dependencies=[Depends(require_key)])
@@ -298,7 +321,10 @@ def create_app(service: ModelService) -> FastAPI:
               dependencies=[Depends(require_key)])
     def calibration_rollback():
         """Serve the parent of the active model again (undo an accepted online recalibration)."""
-        return service.rollback().describe()
+        service.rollback()
+        return service.describe_active()
+
+    register_generation(app, service)
 
     app.add_middleware(GuardMiddleware, service=service)
     app.add_middleware(BodyLimitMiddleware, limits=service.limits, buffered=service.buffered,

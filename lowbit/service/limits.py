@@ -6,6 +6,8 @@
   input -> 422 with the limit in the message (the token limit is the model's; see ``embed.py``);
 - overload: at most ``max_inflight`` embedding requests admitted (running + waiting for the compute
   threads); the next one is answered 429 at once, without queueing;
+- generation: at most ``max_tokens`` new tokens and ``max_prompt_tokens`` prompt tokens per
+  request (422), at most ``max_generations`` generations at once (429);
 - the API key: every mutating endpoint needs ``Authorization: Bearer <key>`` -> 401 otherwise,
   compared in constant time;
 - bodies buffered at once: ``max_buffered_bytes`` across all requests whose body is being read or
@@ -52,6 +54,9 @@ class Limits:
     header_timeout_s: float = 10.0  # a request's headers must arrive within this; else the socket is closed
     keep_alive_s: float = 5.0  # an idle keep-alive socket is closed after this (uvicorn's timeout_keep_alive)
     max_header_bytes: int = 16 << 10  # request line + headers (h11_max_incomplete_event_size); more -> 400
+    max_tokens: int = 512  # tokens one generation may produce (/v1/completions, /v1/chat/completions); more -> 422
+    max_prompt_tokens: int = 2048  # prompt tokens per generation (also capped by the model's context); more -> 422
+    max_generations: int = 2  # generations running at once, each on its own thread; more -> 429
 
     def __post_init__(self):
         for f in fields(self):

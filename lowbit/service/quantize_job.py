@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any, Callable
 
 import torch
@@ -21,6 +22,68 @@ from lowbit.service.store import ModelStore
 log = logging.getLogger(__name__)
 
 FIDELITY_SENTENCES = 64  # held-out evaluation sentences for cos vs the source (quick; evaluate() gives the full 256)
+LAYER_ERROR_SENTENCES = 8  # sentences for the per-layer error (the operator page's chart)
+
+
+def _run_task(model: nn.Module, sentences: list[str]) -> None:
+    """One forward of ``model`` over ``sentences`` (an encoder batch, or each sentence through a causal LM)."""
+    if getattr(model, "task", None) == "encoder":
+        feats = model.tokenize(sentences)
+        model(feats["input_ids"], feats["attention_mask"], feats.get("token_type_ids"))
+        return
+    for s in sentences:
+        ids = model.tokenizer(s, truncation=True, max_length=128)["input_ids"]
+        if ids:
+            model(torch.tensor([ids]))  # (1, T)
+
+
+def layer_errors(model: nn.Module, reference: nn.Module, n_sentences: int = LAYER_ERROR_SENTENCES) -> dict[str, float]:
+    """Output SQNR (dB) of every quantized layer against the same-named layer of ``reference`` on the
+    same inputs: ``10 log10(sum(y^2) / sum((y_q - y)^2))``. Each layer sees its own model's input, so
+    errors of earlier layers accumulate (what the served model really computes). Empty for a task
+    without a text front end."""
+    from lowbit.data import eval_sentences
+    from lowbit.nn import QMODULES
+
+    if getattr(model, "task", None) not in ("encoder", "causal-lm") or getattr(model, "tokenizer", None) is None:
+        return {}
+    kinds = tuple(QMODULES.values())
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    signal = {n: 0.0 for n in names}
+    noise = {n: 0.0 for n in names}
+    outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = []
+    try:
+        for n in names:
+            hooks.append(reference.get_submodule(n).register_forward_hook(
+                lambda mod, args, out, n=n: outs[n].append(out.detach().float())))
+        sents = eval_sentences(n_sentences)
+        with torch.inference_mode():
+            _run_task(reference, sents)
+        for h in hooks:
+            h.remove()
+        hooks = []
+        step = {n: 0 for n in names}
+
+        def compare(mod, args, out, n):
+            ref = outs[n][step[n]]
+            step[n] += 1
+            signal[n] += float(ref.pow(2).sum())
+            noise[n] += float((out.detach().float() - ref).pow(2).sum())
+
+        for n in names:
+            hooks.append(model.get_submodule(n).register_forward_hook(
+                lambda mod, args, out, n=n: compare(mod, args, out, n)))
+        with torch.inference_mode():
+            _run_task(model, sents)
+    except (AttributeError, IndexError, RuntimeError) as exc:  # a layer without a twin or a different call count
+        log.warning("per-layer error not measured: %s: %s", type(exc).__name__, exc)
+        return {}
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: round(10 * math.log10(signal[n] / noise[n]), 2) if noise[n] > 0 else float("inf") for n in names
+            if signal[n] > 0}
 
 
 def measure_fidelity(model: nn.Module, reference: nn.Module) -> dict[str, Any]:
@@ -59,6 +122,12 @@ def quantize_task(store: ModelStore, source_id: str, target_id: str, config: Any
     lowbit.quantize(model, config, calibration_data)
     progress("measuring fidelity", 0.7)
     fidelity = measure_fidelity(model, source)
+    progress("per-layer error", 0.85)
+    layers = layer_errors(model, source)
+    if layers:  # JSON has no infinity: an exact layer is reported as null
+        fidelity["layers"] = {k: (v if math.isfinite(v) else None) for k, v in layers.items()}
+        fidelity["layers_metric"] = ("output SQNR dB of each quantized layer vs the source on "
+                                     f"{LAYER_ERROR_SENTENCES} eval sentences (errors accumulate)")
     progress("saving", 0.9)
     model.source = f"lowbit store model {source_id!r}"
     if before_save is not None:

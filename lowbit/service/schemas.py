@@ -79,11 +79,15 @@ class ModelList(BaseModel):
 
 
 class ActiveModelInfo(BaseModel):
+    """The active encoder at the top level (null fields when only a causal LM is active), the active
+    causal LM under ``lm`` (null when none)."""
+
     model_config = ConfigDict(extra="allow", protected_namespaces=())
-    id: str
-    is_quantized: bool
+    id: Optional[str]
+    is_quantized: Optional[bool]
     scheme: Optional[str] = None
-    revision: int
+    revision: Optional[int]
+    lm: Optional[dict[str, Any]] = None
 
 
 class JobInfo(BaseModel):
@@ -112,3 +116,56 @@ class CalibrationStatus(BaseModel):
     config: dict[str, Any]
     buffer: dict[str, int]
     history: list[dict[str, Any]]
+
+
+# ---- text generation (OpenAI-compatible; see openai_routes.py) -----------------------------------
+
+StopField = Optional[Union[str, list[str]]]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = Field(False, description="send a last chunk with the token usage before [DONE]")
+
+
+class _GenerationFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = Field(None, max_length=256, description="ignored: the active causal LM serves")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy (argmax); >0: sampling")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: smallest set of tokens with this mass")
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="makes a sampled generation reproducible")
+    stop: StopField = Field(None, description="up to 4 strings; generation ends before the first one")
+    stream: bool = Field(False, description="server-sent events: data: {chunk} ... data: [DONE]")
+    stream_options: Optional[StreamOptions] = None
+    n: int = Field(1, ge=1, le=1, description="completions per request: only 1 is supported")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    user: Optional[str] = Field(None, max_length=256)
+
+
+class CompletionRequest(_GenerationFields):
+    """OpenAI ``/v1/completions``: one prompt (a string, or a list holding one string)."""
+
+    prompt: Union[str, list[str]] = Field(description="the text to continue")
+    max_tokens: Optional[int] = Field(16, ge=1, description="new tokens at most (OpenAI's default: 16)")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart]]
+    name: Optional[str] = Field(None, max_length=64)
+
+
+class ChatCompletionRequest(_GenerationFields):
+    """OpenAI ``/v1/chat/completions``: messages rendered with the model's chat template (or plain lines)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: Optional[int] = Field(None, ge=1, description="new tokens at most (default: the service limit)")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="OpenAI's newer name for max_tokens")

@@ -17,6 +17,8 @@ from lowbit.service.active import WARMUP_SENTENCE, ActiveModel, Serving
 from lowbit.service.batching import Batcher
 from lowbit.service.embed import embed
 from lowbit.service.errors import Conflict, ModelUnavailable, NoActiveModel, NotRecorded
+from lowbit.service.generate import KV_CHOICES, GenerationGate
+from lowbit.service.generate import warmup as lm_warmup
 from lowbit.service.jobs import Job, JobRunner
 from lowbit.service.limits import BufferedBytes, Gate, Limits
 from lowbit.service.metrics import ServiceMetrics, _labels
@@ -29,10 +31,10 @@ log = logging.getLogger(__name__)
 ACTIVE_FILE = ".active.json"  # hidden: not a model folder; remembers the active id across restarts
 
 
-def entry_summary(entry: StoreEntry, active_id: str | None) -> dict[str, Any]:
+def entry_summary(entry: StoreEntry, active_ids: tuple[str | None, ...]) -> dict[str, Any]:
     m = entry.metadata
     out: dict[str, Any] = {"id": entry.id, "available": entry.available, "reason": entry.reason,
-                           "active": entry.id == active_id}  # reason: store-relative (ModelStore.public)
+                           "active": entry.id in active_ids}  # reason: store-relative (ModelStore.public)
     if m is not None:
         out.update(is_quantized=m.is_quantized, model=m.model, task=m.task, scheme=m.scheme, bits=m.bits,
                    granularity=m.granularity, sizes=m.sizes, fidelity=m.fidelity, created_at=m.created_at)
@@ -42,7 +44,9 @@ def entry_summary(entry: StoreEntry, active_id: str | None) -> dict[str, Any]:
 class ModelService:
     def __init__(self, store_dir: str | Path, api_key: str, limits: Limits | None = None,
                  online: OnlineCalibrationConfig | None = None, register_default: bool = True,
-                 activate: bool = True):
+                 activate: bool = True, kv_cache: str = "int8", lm: str | None = None):
+        if kv_cache not in KV_CHOICES:
+            raise ConfigError(f"kv_cache must be one of {', '.join(KV_CHOICES)}, got {kv_cache!r}")
         if not api_key:
             raise ConfigError("an API key is required (pass one, set LOWBIT_API_KEY, or let `lowbit serve` generate one)")
         self.api_key = api_key
@@ -54,7 +58,10 @@ class ModelService:
         self.gate = Gate(self.limits)
         self.buffered = BufferedBytes()  # request bodies held now (BodyLimitMiddleware)
         self.connections: set = set()  # open sockets, filled by server.py's protocol
-        self.active = ActiveModel()
+        self.active = ActiveModel("encoder")  # serves /embed, /v1/embeddings
+        self.active_lm = ActiveModel("causal-lm")  # serves /v1/completions, /v1/chat/completions
+        self.kv_cache = kv_cache
+        self.generations = GenerationGate(self.limits.max_generations)
         self.batcher = Batcher(self.gate.executor.submit, self.serving, max_inputs=self.limits.max_batch)
         self.jobs = JobRunner(self.limits.max_queued_jobs,
                               on_finish=lambda job: self.metrics.jobs.inc(kind=job.kind, status=job.status))
@@ -63,7 +70,7 @@ class ModelService:
         self._submit_lock = threading.Lock()
         self._register_gauges()
         if activate:
-            self._activate_initial()
+            self._activate_initial(lm)
 
     def _on_calibration(self, outcome: str) -> None:
         self.metrics.calib_runs.inc(outcome=outcome)
@@ -71,45 +78,77 @@ class ModelService:
             self.metrics.swaps.inc(kind="recalibrate")
 
     # ---- activation ----------------------------------------------------------------------------
-    def _activate_initial(self) -> None:
-        wanted = []
+    def _read_record(self) -> dict:
         try:
-            wanted.append(json.loads((self.store.root / ACTIVE_FILE).read_text())["id"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        wanted += [DEFAULT_MODEL_ID] + [e.id for e in self.store.entries() if e.available]
+            record = json.loads((self.store.root / ACTIVE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _activate_initial(self, lm: str | None = None) -> None:
+        """The encoder (and causal LM) recorded in ``.active.json``; else the first loadable encoder. An LM
+        is served at start only when recorded or named (``lowbit serve --lm ID``)."""
+        record = self._read_record()
+        wanted = [record["id"]] if isinstance(record.get("id"), str) else []
+        wanted += [DEFAULT_MODEL_ID] + [e.id for e in self.store.entries()
+                                        if e.available and e.metadata.task != "causal-lm"]
         for model_id in dict.fromkeys(wanted):
             try:
                 self.activate(model_id, persist=False)
-                return
+                break
             except LowbitError as exc:
                 log.warning("not serving %r at start: %s", model_id, exc)
-        log.error("no loadable encoder model in %s: /embed answers 503 until one is activated", self.store.root)
+        else:
+            log.error("no loadable encoder model in %s: /embed answers 503 until one is activated", self.store.root)
+        lm_id = lm or record.get("lm")
+        if isinstance(lm_id, str):
+            try:
+                if self.slot_for(lm_id) is not self.active_lm:
+                    raise ModelUnavailable(f"model {lm_id!r} is not a causal LM")
+                self.activate(lm_id, persist=lm is not None)
+            except LowbitError as exc:
+                log.warning("not serving causal LM %r at start: %s", lm_id, exc)
+
+    def slot_for(self, model_id: str) -> ActiveModel:
+        """The encoder slot or the causal-LM slot, from the task ``metadata.json`` records."""
+        entry = self.store.entry(model_id)
+        task = entry.metadata.task if entry.metadata is not None else ""
+        return self.active_lm if task == "causal-lm" else self.active
 
     def activate(self, model_id: str, persist: bool = True) -> Serving:
         """Load ``model_id`` fully, warm it up, record it in ``.active.json``, then switch to it; on any
         failure (the record included) nothing changes. Refused while a quantize job writes ``model_id``."""
         validate_id(model_id)
         self._refuse_if_being_written(model_id)  # early, before the load; again under the lock below
+        slot = self.slot_for(model_id)
 
         def commit() -> None:
             with self._submit_lock:  # a job cannot be submitted for model_id between this check and the switch
                 self._refuse_if_being_written(model_id)
                 if persist:
-                    self._record_active(model_id)
+                    self._record_active(model_id, slot)
 
+        if slot is self.active_lm:
+            warmup = lambda m: lm_warmup(m, self.kv_cache)  # noqa: E731  (returns the usable KV cache)
+        else:
+            warmup = lambda m: embed(m, [WARMUP_SENTENCE])  # noqa: E731
         try:
-            serving = self.active.activate(model_id, self.store.load, lambda m: embed(m, [WARMUP_SENTENCE]), commit)
+            serving = slot.activate(model_id, self.store.load, warmup, commit)
         except ModelUnavailable:
             self.metrics.activation_failures.inc()
             raise
         self.metrics.swaps.inc(kind="activate")
         return serving
 
-    def _record_active(self, model_id: str) -> None:
+    def _record_active(self, model_id: str, slot: ActiveModel | None = None) -> None:
+        """Write ``.active.json``: ``{"id": encoder}``, plus ``"lm": causal LM`` when one is active."""
         path = self.store.root / ACTIVE_FILE
+        enc, lm = self.active.current(), self.active_lm.current()
+        record = {"id": enc.model_id if enc else None, "lm": lm.model_id if lm else None}
+        record["lm" if slot is self.active_lm else "id"] = model_id
+        record = {k: v for k, v in record.items() if v is not None}
         try:
-            atomic_write_text(path, json.dumps({"id": model_id}))
+            atomic_write_text(path, json.dumps(record))
         except OSError as exc:
             log.error("could not write %s: %s", path, exc)
             raise NotRecorded(f"could not record {model_id!r} as the active model ({exc.strerror or type(exc).__name__}); "
@@ -128,8 +167,7 @@ class ModelService:
                            "activate it when the job has finished")
 
     def _refuse_if_active(self, model_id: str) -> None:
-        cur = self.active.current()
-        if cur is not None and cur.model_id == model_id:
+        if model_id in self.active_ids():
             raise Conflict(f"model {model_id!r} is active; activate another model before replacing it")
 
     # ---- online recalibration, persisted -------------------------------------------------------
@@ -182,6 +220,26 @@ class ModelService:
                            "saved by online recalibration record one)")
         return self.activate(parent)
 
+    def active_ids(self) -> tuple[str | None, ...]:
+        """Ids of the active encoder and the active causal LM (None where a slot is empty)."""
+        return tuple(s.model_id if s else None for s in (self.active.current(), self.active_lm.current()))
+
+    def serving_lm(self) -> Serving:
+        s = self.active_lm.current()
+        if s is None:
+            raise NoActiveModel("no causal LM is active; activate one of the store's causal-lm models with "
+                                "POST /models/{id}/activate")
+        return s
+
+    def describe_active(self) -> dict[str, Any]:
+        """The active encoder's description (top level, as before) and the active causal LM under ``lm``."""
+        enc, lm = self.active.current(), self.active_lm.current()
+        if enc is None and lm is None:
+            self.serving()  # 503: nothing serves
+        out: dict[str, Any] = enc.describe() if enc else {"id": None, "is_quantized": None, "revision": None}
+        out["lm"] = lm.describe() if lm else None
+        return out
+
     def serving(self) -> Serving:
         s = self.active.current()
         if s is None:
@@ -190,13 +248,12 @@ class ModelService:
 
     # ---- store ---------------------------------------------------------------------------------
     def list_models(self) -> list[dict[str, Any]]:
-        cur = self.active.current()
-        return [entry_summary(e, cur.model_id if cur else None) for e in self.store.entries()]
+        ids = self.active_ids()
+        return [entry_summary(e, ids) for e in self.store.entries()]
 
     def model_info(self, model_id: str) -> dict[str, Any]:
         entry = self.store.entry(model_id)
-        cur = self.active.current()
-        out = entry_summary(entry, cur.model_id if cur else None)
+        out = entry_summary(entry, self.active_ids())
         if entry.metadata is not None:  # source and other strings may hold a server path
             out["metadata"] = json.loads(self.store.public(entry.metadata.model_dump_json()))  # utf-8, unescaped
         return out
@@ -277,6 +334,17 @@ class ModelService:
                     _labels({"model": "candidate"}): h[-1]["cos_mean_after"]}
 
         r.gauge("lowbit_active_model_info", "the serving model (value 1), with its id and quantization", active_info)
+        def lm_info():
+            s = self.active_lm.current()
+            if s is None:
+                return {}
+            return {_labels({"id": s.model_id, "is_quantized": str(s.is_quantized).lower(),
+                             "scheme": s.metadata.scheme or "fp32", "kv_cache": s.kv_cache or "none"}): 1.0}
+
+        r.gauge("lowbit_active_lm_info", "the serving causal LM (value 1), with its id, quantization and KV cache",
+                lm_info)
+        r.gauge("lowbit_active_generations", "generations running now",
+                lambda: {(): float(self.generations.active)})
         r.gauge("lowbit_active_model_revision", "increments on every swap of the serving model",
                 lambda: {(): float(self.active.current().revision)} if self.active.current() else {})
         r.gauge("lowbit_batched_requests", "requests that shared a forward pass with others (dynamic batching)",
@@ -300,3 +368,4 @@ class ModelService:
         self.calibrator.shutdown()
         self.jobs.shutdown()
         self.gate.shutdown()
+        self.generations.shutdown()

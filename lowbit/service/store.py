@@ -164,7 +164,7 @@ class ModelStore:
             return StoreEntry(model_id, folder, meta, f"{weights.name}: missing")
         from lowbit.models import MODELS
 
-        if meta.model not in MODELS:
+        if meta.wrapper is None and meta.model not in MODELS:  # a wrapper: the folder rebuilds itself (config.json)
             return StoreEntry(model_id, folder, meta, f"base model {meta.model!r} unknown; known: {', '.join(sorted(MODELS))}")
         why = quantization_contradiction(meta)
         if why:
