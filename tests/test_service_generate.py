@@ -284,3 +284,49 @@ def test_activating_an_unknown_id_is_a_404(lm_server):
     _, client, _ = lm_server
     r = client.post("/models/no-such-lm/activate", headers=AUTH)
     assert r.status_code == 404 and "no model 'no-such-lm'" in r.json()["detail"]
+
+
+FUZZ_EXAMPLES = 10  # per generation operation and mode: 40 requests to a tiny model, bounded time
+
+
+def test_schemathesis_generation_never_5xx(lm_active):
+    """Positive and negative cases for the two generation operations of /openapi.json: no 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    service, client, _ = lm_active
+    schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
+    base_url = str(client.base_url).rstrip("/")
+    failures, statuses = [], set()
+    ops = [r.ok() for r in schema.get_all_operations()]
+    ops = [op for op in ops if op.path in ("/v1/completions", "/v1/chat/completions")]
+    assert len(ops) == 2
+    for op in ops:
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def run(case):
+                r = case.call(base_url=base_url, timeout=120)
+                statuses.add(r.status_code)
+                if r.status_code >= 500:
+                    failures.append((op.label, mode.value, r.status_code, r.text[:300]))
+
+            run()
+    assert failures == [], failures[:5]
+    assert 200 in statuses and 422 in statuses, statuses
+    assert service.metrics.unexpected.value(type="RuntimeError") == 0
+
+
+def test_sampling_edges_tiny_temperature_and_top_p_fall_back_to_the_argmax():
+    import torch
+
+    from lowbit.service.generate import next_token
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    g = torch.Generator().manual_seed(0)
+    for t in (1e-300, 5e-324, 1e-6):  # logits / t overflowed to inf/inf = nan before the max was subtracted
+        assert next_token(logits, SamplingParams(max_tokens=1, temperature=t), g) == 1
+    assert {next_token(logits, SamplingParams(max_tokens=1, temperature=2.0, top_p=1e-9), g) for _ in range(20)} == {1}
+    seen = {next_token(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9), g) for _ in range(200)}
+    assert seen == {1, 3}  # p(1) = 0.499 < 0.9 <= p(1) + p(3) = 0.950: the nucleus is those two

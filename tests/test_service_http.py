@@ -302,7 +302,8 @@ def test_schemathesis_no_server_errors(fp32_active):
                 calls += 1
                 r = case.call(base_url=base_url, headers=AUTH, timeout=120)
                 statuses.add(r.status_code)
-                if r.status_code >= 500:
+                no_lm = r.status_code == 503 and "no causal LM is active" in r.text  # this store has none:
+                if r.status_code >= 500 and not no_lm:  # generation is fuzzed in test_service_generate.py
                     failures.append((op.label, mode.value, r.status_code, r.text[:300]))
 
             try:

@@ -112,7 +112,8 @@ def next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | N
     """Greedy or nucleus-sampled next token from ``logits`` (V,)."""
     if p.temperature == 0.0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / p.temperature, dim=-1)  # (V,)
+    z = logits.double()
+    probs = torch.softmax((z - z.max()) / p.temperature, dim=-1)  # (V,); max first: a tiny t gives 0/t, not inf/inf
     if p.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)  # (V,), (V,)
         before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of the strictly more likely tokens
