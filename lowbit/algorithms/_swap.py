@@ -63,3 +63,31 @@ def quantized_embedding(name: str, emb: nn.Embedding) -> nn.Module:
     if type(emb).forward is not nn.Embedding.forward:
         raise Skip(f"{type(emb).__name__} changes the lookup (e.g. scales it); no quantized equivalent")
     return QEmbedding.from_float(emb)
+
+
+def tie_embedding_to_head(model: nn.Module) -> str | None:
+    """With tied input/output embeddings and a quantized LM head, make the token embedding look its
+    rows up in the head's quantized table (``QTableEmbedding``), so the table is stored once, at the
+    head's width, instead of a float embedding beside a quantized head. Returns the embedding's
+    name when it was replaced, else None (untied model, float head, or no adapter row)."""
+    from lowbit.errors import ConfigError
+    from lowbit.models.adapters import adapter_for, backbone, backbone_prefix
+    from lowbit.nn.gguf_linear import BlockMinQLinear, QTableEmbedding
+    from lowbit.nn.qlinear import WeightOnlyQLinear
+
+    try:
+        row = adapter_for(model)
+    except ConfigError:
+        return None
+    lm = backbone(model)
+    if not (row.embeddings and row.head and getattr(getattr(lm, "config", None), "tie_word_embeddings", False)):
+        return None
+    emb, head = lm.get_submodule(row.embeddings), lm.get_submodule(row.head)
+    if type(emb) is not nn.Embedding or not isinstance(head, (WeightOnlyQLinear, BlockMinQLinear)):
+        return None
+    if tuple(emb.weight.shape) != (head.out_features, head.in_features):
+        return None
+    from lowbit.api import set_submodule
+
+    set_submodule(lm, row.embeddings, QTableEmbedding(head))
+    return backbone_prefix(model) + row.embeddings

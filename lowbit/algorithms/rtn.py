@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lowbit.algorithms._swap import Skip, quantized_embedding, swap_modules
+from lowbit.algorithms._swap import Skip, quantized_embedding, swap_modules, tie_embedding_to_head
 from lowbit.api import register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import get_format
@@ -37,6 +37,7 @@ class WeightOnlyConfig(BaseConfig):
     quantize_embeddings: bool = False  # also store embedding tables int8 per row
     kernel: str = "auto"
     gguf: str | None = None  # "q4_0" | "q4_1" | "q8_0": ggml's grid and rounding (overrides the fields above)
+    tie_embeddings: bool = False  # tied LM: the embedding looks its rows up in the quantized head (stored once)
 
     def __post_init__(self):
         if self.gguf is not None and self.gguf not in GGML_TYPES:
@@ -71,6 +72,10 @@ def _quantize_weight_only(model: nn.Module, config: WeightOnlyConfig, calibratio
                                             config.kernel)
 
     report = swap_modules(model, config, (nn.Linear,), convert)
+    if config.tie_embeddings:
+        tied = tie_embedding_to_head(model)
+        if tied:
+            report.layers[tied] = model.get_submodule(tied).spec()
     if config.quantize_embeddings:
         swap_modules(model, config, (nn.Embedding,), quantized_embedding, report)
     return report
@@ -78,16 +83,18 @@ def _quantize_weight_only(model: nn.Module, config: WeightOnlyConfig, calibratio
 
 @register_scheme("rtn", "weight-only round-to-nearest: --bits {2,3,4,8} --group-size N (0 = per channel) "
                  "--symmetric/--affine; --gguf q4_0|q4_1|q8_0 rounds on llama.cpp's grid",
-                 options=("bits", "group_size", "symmetric", "kernel", "gguf"))
+                 options=("bits", "group_size", "symmetric", "kernel", "gguf", "tie_embeddings"))
 def _rtn(options: dict) -> WeightOnlyConfig:
+    tie = option_bool(options.get("tie_embeddings", False))
     if options.get("gguf"):
         return WeightOnlyConfig(bits=8 if options["gguf"] == "q8_0" else 4, group_size=GGML_BLOCK,
                                 symmetric=options["gguf"] != "q4_1", gguf=options["gguf"],
-                                kernel=options.get("kernel", "auto"))
+                                kernel=options.get("kernel", "auto"), tie_embeddings=tie)
     bits = int(options.get("bits", 4))
     default_group = 0 if bits == 8 else 128
     return WeightOnlyConfig(bits=bits, group_size=int(options.get("group_size", default_group)),
-                            symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+                            symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"),
+                            tie_embeddings=tie)
 
 
 @register_scheme("nf4", "weight-only NormalFloat-4 codebook (QLoRA) per group: --group-size N",

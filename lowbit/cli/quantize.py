@@ -114,6 +114,9 @@ def register(app: typer.Typer) -> None:
         kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache quantization for generation: int8 | int4"),
         gguf: Optional[str] = typer.Option(None, "--gguf", help="rtn/gptq on llama.cpp's grid (q4_0 | q4_1 | q8_0: "
                                                                  "blocks of 32), so `lowbit export` keeps the codes"),
+        tie_embeddings: bool = typer.Option(False, "--tie-embeddings",
+                                            help="rtn on a tied LM: the token embedding reads the quantized head's "
+                                                 "table (stored once, at the head's width)"),
         no_eval: bool = typer.Option(False, "--no-eval", help="skip the fp32-vs-quantized measurement"),
         low_memory: bool = typer.Option(False, "--low-memory",
                                         help="gptq/awq on smollm2: read one decoder layer at a time from the fp32 "
@@ -140,7 +143,8 @@ def register(app: typer.Typer) -> None:
 
         options = dict(bits=bits, group_size=group_size, symmetric=symmetric, observer=observer,
                        granularity=granularity, alpha=alpha, kernel=kernel, budget_mb=budget_mb,
-                       max_latency_ms=max_latency_ms, kv_cache=kv_cache, gguf=gguf)
+                       max_latency_ms=max_latency_ms, kv_cache=kv_cache, gguf=gguf,
+                       tie_embeddings=tie_embeddings or None)
         config = build_config(scheme, options)  # --calib sizes the calibration set for any scheme
         if out is not None and out.exists() and not force:
             raise ConfigError(f"{out} exists; pass --force to replace it")

@@ -135,6 +135,7 @@ def load(folder: str | Path, verify: bool = True, model: nn.Module | None = None
         raise LoadError(f"{weights}: unreadable safetensors ({exc})") from None
     _load_state(base, state, weights)
     _tie_aliases(base, meta.aliases, weights)
+    _share_tables(base)
     retie(base)
     empty = [n for n, t in list(base.named_parameters()) + list(base.named_buffers()) if t.is_meta]
     if empty:
@@ -185,6 +186,25 @@ def _tie_aliases(model: nn.Module, aliases: dict[str, str], weights: Path) -> No
             owner._parameters[leaf] = tensor
         else:
             owner._buffers[leaf] = tensor
+
+
+def _share_tables(model: nn.Module) -> None:
+    """A ``QTableEmbedding`` whose table's tensors all alias another module's (a tied head) takes that
+    module itself, so the model is again one module in two places, as it was when saved."""
+    from lowbit.nn.gguf_linear import QTableEmbedding
+
+    modules = list(model.modules())
+    for emb in modules:
+        if not isinstance(emb, QTableEmbedding):
+            continue
+        mine = [t for t in emb.table._buffers.values() if t is not None]
+        for other in modules:
+            if other is emb.table or type(other) is not type(emb.table):
+                continue
+            theirs = [t for t in other._buffers.values() if t is not None]
+            if mine and len(mine) == len(theirs) and all(a is b for a, b in zip(mine, theirs)):
+                emb.table = other
+                break
 
 
 def _load_state(model: nn.Module, state: dict, weights: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Callable
 
 from lowbit.errors import ConfigError
 from lowbit.kernels import xnor
-from lowbit.kernels import int8_dynamic, int8_mm, wa_int, weight_only
+from lowbit.kernels import block_gemv, int8_dynamic, int8_mm, wa_int, weight_only
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,26 @@ KERNELS: dict[str, dict[str, Callable]] = {
         "reference": weight_only.int4_weight_only_linear_ref,
         "fast": weight_only.int4_weight_only_linear,
         "example": weight_only.example_int4,
+    },
+    "block_linear": {  # 4-bit codes x fp32 activations (decode GEMV, lowbit.nn.block_linear)
+        "reference": block_gemv.block_linear_ref,
+        "fast": block_gemv.block_linear,
+        "example": block_gemv.example_block_linear,
+    },
+    "block_linear_m1": {
+        "reference": block_gemv.block_linear_ref,
+        "fast": block_gemv.block_linear,
+        "example": block_gemv.example_block_linear_m1,
+    },
+    "block_linear_q8": {
+        "reference": block_gemv.block_linear_ref,
+        "fast": block_gemv.block_linear,
+        "example": block_gemv.example_block_linear_q8,
+    },
+    "block_rows": {  # quantized embedding lookup
+        "reference": block_gemv.block_rows_ref,
+        "fast": block_gemv.block_rows,
+        "example": block_gemv.example_block_rows,
     },
     "wa_linear": {  # W{b}A{a} group-wise integer product (lowbit.nn.wa_linear)
         "reference": wa_int.wa_linear_ref,

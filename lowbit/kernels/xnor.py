@@ -23,18 +23,12 @@ compile a kernel no faster than fp32 (measured on this machine, see docs/error_c
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
 from lowbit.errors import ConfigError
+from lowbit.kernels import native
 
 log = logging.getLogger(__name__)
 
@@ -113,73 +107,21 @@ void lowbit_xnor_gemm(const int64_t* x, const int64_t* w, int32_t* out,
 }
 """
 
-_lib: ctypes.CDLL | None = None
-_lib_error: str | None = None
-
-
 def n_words(k: int) -> int:
     """int64 words holding ``k`` packed signs."""
     return -(-k // WORD_BITS)
 
 
-def _cpu_key() -> str:
-    """Identify the CPU feature set: the library is built with -march=native."""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
-def _build(path: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise OSError("no C compiler found (set CC or install gcc)")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "xnor.c"
-        src.write_text(_C_SOURCE)
-        out = Path(tmp) / "xnor.so"
-        # no FMA contraction: the fused epilogue must round exactly like the torch reference
-        base = [cc, "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", str(src), "-o", str(out)]
-        for extra in (["-fopenmp"], []):  # OpenMP if the compiler has it, else one thread
-            res = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
-            if res.returncode == 0:
-                break
-        else:
-            raise OSError(f"compiling the XNOR kernel failed: {res.stderr.strip()[:300]}")
-        from lowbit.models._cache import atomic_write_file
-
-        atomic_write_file(path, lambda tmp_path: shutil.copyfile(out, tmp_path))
-
-
 def native_library() -> tuple[ctypes.CDLL | None, str]:
     """The compiled kernel library (built on first use, cached by source and CPU), or why not."""
-    global _lib, _lib_error
-    if _lib is not None or _lib_error is not None:
-        return _lib, _lib_error or ""
-    try:
-        from lowbit.models._cache import cache_dir
-
-        key = hashlib.sha256((_C_SOURCE + _cpu_key()).encode()).hexdigest()[:16]
-        path = cache_dir() / "kernels" / f"xnor-{key}.so"
-        if not path.is_file():
-            log.info("building the XNOR-popcount kernel -> %s", path)
-            _build(path)
-        lib = ctypes.CDLL(str(path))
-        vp, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.lowbit_pack_signs.argtypes = [vp, vp, i64, i64, i64, ctypes.c_int]
-        lib.lowbit_pack_signs.restype = None
-        lib.lowbit_xnor_gemm.argtypes = [vp, vp, vp, i64, i64, i64, i64, ctypes.c_int]
-        lib.lowbit_xnor_gemm.restype = None
-        lib.lowbit_pack_signs_shift.argtypes = [vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
-        lib.lowbit_pack_signs_shift.restype = None
-        lib.lowbit_xnor_linear.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, ctypes.c_int]
-        lib.lowbit_xnor_linear.restype = None
-        _lib = lib
-    except (OSError, subprocess.SubprocessError) as exc:
-        _lib_error = str(exc)
-        log.warning("native XNOR kernel unavailable (%s): using the torch SWAR popcount", exc)
-    return _lib, _lib_error or ""
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    # no FMA contraction: the fused epilogue must round exactly like the torch reference
+    return native.native_library("xnor", _C_SOURCE, {
+        "lowbit_pack_signs": [vp, vp, i64, i64, i64, i32],
+        "lowbit_xnor_gemm": [vp, vp, vp, i64, i64, i64, i64, i32],
+        "lowbit_pack_signs_shift": [vp, vp, vp, vp, i64, i64, i64, i32],
+        "lowbit_xnor_linear": [vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i32],
+    }, cflags=("-ffp-contract=off",))
 
 
 def _check_packed(xp: torch.Tensor, wp: torch.Tensor, k: int) -> None:

@@ -1,0 +1,466 @@
+"""Weight-quantized matrix-vector products for decoding: 4- or 8-bit codes, fp32 activations.
+
+One layout serves every grouped integer weight lowbit stores (symmetric or affine RTN/GPTQ/AWQ,
+HQQ's float zero-points, GGUF's Q4_0 / Q4_1 / Q8_0). A weight row ``n`` of ``K`` inputs is
+
+    W[n, k] = s[n, j] * u[n, k] + b[n, j]        j = k // g  (the group of k; g a multiple of 32)
+
+with unsigned codes ``u`` (0..15 or 0..255), per-group scale ``s`` and offset ``b`` in fp32: a
+symmetric code ``q = u - 8`` has ``b = -8 s``, an affine one ``s (q - z)`` has ``b = -z s``, Q4_1's
+``d u + m`` has ``b = m``. The product of a row of ``x`` with it is then
+
+    y[m, n] = sum_j ( s[n, j] * sum_{k in j} u[n, k] x[m, k]  +  b[n, j] * X[m, j] ),   X[m, j] = sum_{k in j} x[m, k]
+
+so the inner loop only converts codes to float and multiplies-adds; the offsets cost one product
+per group and row. 4-bit codes are packed per block of 32 inputs as ggml does for Q4_0
+(ggml-common.h ``block_q4_0``): byte ``i`` of a block holds input ``i`` in its low nibble and input
+``i + 16`` in its high nibble, so one 16-byte load and two masks give 32 codes in order.
+
+- :func:`block_linear` (fast): an AVX2/FMA C kernel, OpenMP over output rows, built at first use
+  (:mod:`lowbit.kernels.native`). Each weight byte is read once per call for all ``M`` rows of ``x``,
+  which is what decoding needs (``M`` = batch, one token each); the weights never pass through a
+  dequantized copy. Without a compiler it falls back to the reference.
+- :func:`block_linear_ref`: dequantize ``W`` in fp32 and ``F.linear``. The two agree to fp32
+  summation order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import ConfigError
+from lowbit.kernels import native
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32  # inputs per packed block; group sizes must be multiples of it
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LB_AVX2 1
+#endif
+
+static inline float lb_hsum(
+#ifdef LB_AVX2
+    __m256 v
+#else
+    const float* v
+#endif
+) {
+#ifdef LB_AVX2
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+#else
+    float t = 0; for (int i = 0; i < 8; ++i) t += v[i]; return t;
+#endif
+}
+
+/* X[m, j] = sum of x[m, k] over group j (G groups of g, the last may be short). */
+static void lb_group_sums(const float* x, float* X, int64_t M, int64_t K, int64_t G, int64_t g) {
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < G; ++j) {
+            int64_t k0 = j * g, k1 = k0 + g < K ? k0 + g : K;
+            float t = 0.0f;
+            for (int64_t k = k0; k < k1; ++k) t += x[m * K + k];
+            X[m * G + j] = t;
+        }
+}
+
+#define LB_MAX_M 16
+
+#ifdef LB_AVX2
+/* One row of x (M = 1, decoding): four independent accumulators per group hide the FMA latency. */
+static void lb_q4_row(const float* x, const uint8_t* w, const float* s, const float* b, const float* bias,
+                      float* y, const float* X, int64_t N, int64_t K, int64_t G, int64_t g, int nthreads) {
+    const int64_t nb = K / 32, bpg = g / 32;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* wr = w + n * (K / 2);
+        __m256 vt = _mm256_setzero_ps();
+        float tot = bias ? bias[n] : 0.0f;
+        for (int64_t j = 0; j < G; ++j) {
+            int64_t b0 = j * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t blk = b0; blk < b1; ++blk) {
+                __m128i q = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
+                __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+                const float* xr = x + blk * 32;
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xr), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                                     _mm256_loadu_ps(xr + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xr + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+                                     _mm256_loadu_ps(xr + 24), a3);
+            }
+            __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+            vt = _mm256_fmadd_ps(a, _mm256_set1_ps(s[n * G + j]), vt);
+            tot += b[n * G + j] * X[j];
+        }
+        y[n] = tot + lb_hsum(vt);
+    }
+}
+
+static void lb_q8_row(const float* x, const uint8_t* w, const float* s, const float* b, const float* bias,
+                      float* y, const float* X, int64_t N, int64_t K, int64_t G, int64_t g, int nthreads) {
+    const int64_t nb = K / 32, bpg = g / 32;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* wr = w + n * K;
+        __m256 vt = _mm256_setzero_ps();
+        float tot = bias ? bias[n] : 0.0f;
+        for (int64_t j = 0; j < G; ++j) {
+            int64_t b0 = j * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t blk = b0; blk < b1; ++blk) {
+                const uint8_t* q = wr + blk * 32;
+                const float* xr = x + blk * 32;
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)q))),
+                                     _mm256_loadu_ps(xr), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(q + 8)))),
+                                     _mm256_loadu_ps(xr + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(q + 16)))),
+                                     _mm256_loadu_ps(xr + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(q + 24)))),
+                                     _mm256_loadu_ps(xr + 24), a3);
+            }
+            __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+            vt = _mm256_fmadd_ps(a, _mm256_set1_ps(s[n * G + j]), vt);
+            tot += b[n * G + j] * X[j];
+        }
+        y[n] = tot + lb_hsum(vt);
+    }
+}
+#endif
+
+/* 4-bit: w is (N, K/2) bytes, blocks of 32 inputs as 16 bytes (low nibble i, high nibble i + 16). */
+void lowbit_q4_linear(const float* x, const uint8_t* w, const float* s, const float* b, const float* bias,
+                      float* y, float* X, int64_t M, int64_t N, int64_t K, int64_t G, int64_t g, int nthreads) {
+    lb_group_sums(x, X, M, K, G, g);
+    const int64_t nb = K / 32, bpg = g / 32;
+#ifdef LB_AVX2
+    if (M == 1) { lb_q4_row(x, w, s, b, bias, y, X, N, K, G, g, nthreads); return; }
+#endif
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* wr = w + n * (K / 2);
+        for (int64_t m0 = 0; m0 < M; m0 += LB_MAX_M) {
+            int64_t mc = M - m0 < LB_MAX_M ? M - m0 : LB_MAX_M;
+            float tot[LB_MAX_M];
+            for (int64_t i = 0; i < mc; ++i) tot[i] = bias ? bias[n] : 0.0f;
+#ifdef LB_AVX2
+            __m256 vt[LB_MAX_M];
+            for (int64_t i = 0; i < mc; ++i) vt[i] = _mm256_setzero_ps();
+            const __m128i low = _mm_set1_epi8(0x0F);
+            for (int64_t j = 0; j < G; ++j) {
+                int64_t b0 = j * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+                __m256 va[LB_MAX_M];
+                for (int64_t i = 0; i < mc; ++i) va[i] = _mm256_setzero_ps();
+                for (int64_t blk = b0; blk < b1; ++blk) {
+                    __m128i q = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
+                    __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+                    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+                    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+                    __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+                    __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+                    for (int64_t i = 0; i < mc; ++i) {
+                        const float* xr = x + (m0 + i) * K + blk * 32;
+                        __m256 a = va[i];
+                        a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a);
+                        a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a);
+                        a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a);
+                        a = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a);
+                        va[i] = a;
+                    }
+                }
+                __m256 vs = _mm256_set1_ps(s[n * G + j]);
+                float bj = b[n * G + j];
+                for (int64_t i = 0; i < mc; ++i) {
+                    vt[i] = _mm256_fmadd_ps(va[i], vs, vt[i]);
+                    tot[i] += bj * X[(m0 + i) * G + j];
+                }
+            }
+            for (int64_t i = 0; i < mc; ++i) y[(m0 + i) * N + n] = tot[i] + lb_hsum(vt[i]);
+#else
+            for (int64_t j = 0; j < G; ++j) {
+                int64_t b0 = j * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+                for (int64_t i = 0; i < mc; ++i) {
+                    const float* xr = x + (m0 + i) * K;
+                    float a = 0.0f;
+                    for (int64_t blk = b0; blk < b1; ++blk)
+                        for (int t = 0; t < 16; ++t) {
+                            uint8_t c = wr[blk * 16 + t];
+                            a += (float)(c & 15) * xr[blk * 32 + t] + (float)(c >> 4) * xr[blk * 32 + t + 16];
+                        }
+                    tot[i] += s[n * G + j] * a + b[n * G + j] * X[(m0 + i) * G + j];
+                }
+            }
+            for (int64_t i = 0; i < mc; ++i) y[(m0 + i) * N + n] = tot[i];
+#endif
+        }
+    }
+}
+
+/* 8-bit: w is (N, K) unsigned codes. */
+void lowbit_q8_linear(const float* x, const uint8_t* w, const float* s, const float* b, const float* bias,
+                      float* y, float* X, int64_t M, int64_t N, int64_t K, int64_t G, int64_t g, int nthreads) {
+    lb_group_sums(x, X, M, K, G, g);
+    const int64_t nb = K / 32, bpg = g / 32;
+#ifdef LB_AVX2
+    if (M == 1) { lb_q8_row(x, w, s, b, bias, y, X, N, K, G, g, nthreads); return; }
+#endif
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* wr = w + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += LB_MAX_M) {
+            int64_t mc = M - m0 < LB_MAX_M ? M - m0 : LB_MAX_M;
+            float tot[LB_MAX_M];
+            for (int64_t i = 0; i < mc; ++i) tot[i] = bias ? bias[n] : 0.0f;
+#ifdef LB_AVX2
+            __m256 vt[LB_MAX_M];
+            for (int64_t i = 0; i < mc; ++i) vt[i] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < G; ++j) {
+                int64_t b0 = j * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+                __m256 va[LB_MAX_M];
+                for (int64_t i = 0; i < mc; ++i) va[i] = _mm256_setzero_ps();
+                for (int64_t blk = b0; blk < b1; ++blk) {
+                    __m128i q0 = _mm_loadu_si128((const __m128i*)(wr + blk * 32));
+                    __m128i q1 = _mm_loadu_si128((const __m128i*)(wr + blk * 32 + 16));
+                    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q0));
+                    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q0, 8)));
+                    __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q1));
+                    __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q1, 8)));
+                    for (int64_t i = 0; i < mc; ++i) {
+                        const float* xr = x + (m0 + i) * K + blk * 32;
+                        __m256 a = va[i];
+                        a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a);
+                        a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a);
+                        a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a);
+                        a = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a);
+                        va[i] = a;
+                    }
+                }
+                __m256 vs = _mm256_set1_ps(s[n * G + j]);
+                float bj = b[n * G + j];
+                for (int64_t i = 0; i < mc; ++i) {
+                    vt[i] = _mm256_fmadd_ps(va[i], vs, vt[i]);
+                    tot[i] += bj * X[(m0 + i) * G + j];
+                }
+            }
+            for (int64_t i = 0; i < mc; ++i) y[(m0 + i) * N + n] = tot[i] + lb_hsum(vt[i]);
+#else
+            for (int64_t j = 0; j < G; ++j) {
+                int64_t k0 = j * g, k1 = k0 + g < K ? k0 + g : K;
+                for (int64_t i = 0; i < mc; ++i) {
+                    const float* xr = x + (m0 + i) * K;
+                    float a = 0.0f;
+                    for (int64_t k = k0; k < k1; ++k) a += (float)wr[k] * xr[k];
+                    tot[i] += s[n * G + j] * a + b[n * G + j] * X[(m0 + i) * G + j];
+                }
+            }
+            for (int64_t i = 0; i < mc; ++i) y[(m0 + i) * N + n] = tot[i];
+#endif
+        }
+    }
+}
+
+/* Rows of a 4-bit table: out[r, k] = s[row, j] * u[row, k] + b[row, j] (an embedding lookup). */
+void lowbit_q4_rows(const int64_t* rows, const uint8_t* w, const float* s, const float* b, float* out,
+                    int64_t R, int64_t K, int64_t G, int64_t g) {
+    for (int64_t r = 0; r < R; ++r) {
+        const uint8_t* wr = w + rows[r] * (K / 2);
+        for (int64_t k = 0; k < K; ++k) {
+            int64_t blk = k / 32, i = k % 32;
+            uint8_t c = wr[blk * 16 + (i & 15)];
+            int u = i < 16 ? (c & 15) : (c >> 4);
+            int64_t j = k / g;
+            out[r * K + k] = s[rows[r] * G + j] * (float)u + b[rows[r] * G + j];
+        }
+    }
+}
+
+/* Rows of an 8-bit table. */
+void lowbit_q8_rows(const int64_t* rows, const uint8_t* w, const float* s, const float* b, float* out,
+                    int64_t R, int64_t K, int64_t G, int64_t g) {
+    for (int64_t r = 0; r < R; ++r)
+        for (int64_t k = 0; k < K; ++k) {
+            int64_t j = k / g;
+            out[r * K + k] = s[rows[r] * G + j] * (float)w[rows[r] * K + k] + b[rows[r] * G + j];
+        }
+}
+"""
+
+_VP, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_LINEAR_ARGS = [_VP] * 7 + [_I64] * 5 + [_I32]
+_ROWS_ARGS = [_VP] * 5 + [_I64] * 4
+
+
+def library():
+    """The compiled kernels, or ``(None, why)``."""
+    return native.native_library("block_gemv", _C_SOURCE, {
+        "lowbit_q4_linear": _LINEAR_ARGS, "lowbit_q8_linear": _LINEAR_ARGS,
+        "lowbit_q4_rows": _ROWS_ARGS, "lowbit_q8_rows": _ROWS_ARGS,
+    }, cflags=("-ffp-contract=off",))  # scalar s * u + b rounds like the torch reference
+
+
+# ------------------------------------------------------------------------------------- layout
+
+def check_layout(bits: int, k: int, group_size: int) -> str:
+    """Why (K, group_size) does not fit the block layout, or ``""``."""
+    if bits not in (4, 8):
+        return f"block kernels take 4- or 8-bit codes, not {bits}"
+    if k % BLOCK:
+        return f"in_features {k} is not a multiple of {BLOCK}"
+    if group_size and group_size % BLOCK:
+        return f"group_size {group_size} is not a multiple of {BLOCK}"
+    return ""
+
+
+def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (N, K) -> the kernel's bytes: (N, K/2) for 4 bits (block layout), (N, K) for 8."""
+    u = u.to(torch.uint8)
+    if bits == 8:
+        return u.contiguous()
+    n, k = u.shape
+    blocks = u.reshape(n, k // BLOCK, 2, BLOCK // 2)  # (N, K/32, [first 16, last 16], 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: (N, K) uint8 codes."""
+    if bits == 8:
+        return packed
+    n = packed.shape[0]
+    blocks = packed.reshape(n, k // BLOCK, BLOCK // 2)  # (N, K/32, 16)
+    return torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(n, k)  # (N, K/32, 2, 16) -> (N, K)
+
+
+def dequantize_ref(packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor, bits: int, k: int,
+                   group_size: int) -> torch.Tensor:
+    """``W = s u + b`` per group, fp32 (N, K)."""
+    g = group_size or k
+    u = unpack_codes(packed, bits, k).float()
+    s_k = s.repeat_interleave(g, dim=1)[:, :k]  # (N, G*g) -> (N, K): the last group may be short
+    b_k = b.repeat_interleave(g, dim=1)[:, :k]
+    return u * s_k + b_k
+
+
+# ------------------------------------------------------------------------------------- compute
+
+def _check(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor, bits: int, group_size: int):
+    k = x.shape[-1]
+    why = check_layout(bits, k, group_size)
+    if why:
+        raise ConfigError(why)
+    g = group_size or k
+    n_groups = -(-k // g)
+    width = k // 2 if bits == 4 else k
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != width:
+        raise ConfigError(f"packed codes must be uint8 (N, {width}) for K={k} at {bits} bits, "
+                          f"got {packed.dtype} {tuple(packed.shape)}")
+    want = (packed.shape[0], n_groups)
+    if tuple(s.shape) != want or tuple(b.shape) != want:
+        raise ConfigError(f"scale/offset must be {want}, got {tuple(s.shape)} / {tuple(b.shape)}")
+    return k, g, n_groups
+
+
+def block_linear_ref(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor, bits: int,
+                     group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: ``F.linear(x, s u + b, bias)`` in fp32."""
+    k, _, _ = _check(x, packed, s, b, bits, group_size)
+    w = dequantize_ref(packed, s.float(), b.float(), bits, k, group_size)
+    return F.linear(x.float(), w, None if bias is None else bias.float())
+
+
+def block_linear(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor, bits: int,
+                 group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Fast twin of :func:`block_linear_ref` (``s``, ``b`` fp32 contiguous (N, G); ``x`` (..., K))."""
+    lib, _ = library()
+    if lib is None:
+        return block_linear_ref(x, packed, s, b, bits, group_size, bias)
+    k, g, n_groups = _check(x, packed, s, b, bits, group_size)
+    shape = x.shape
+    x2 = x.reshape(-1, k).float().contiguous()  # (M, K)
+    m, n = x2.shape[0], packed.shape[0]
+    y = torch.empty(m, n)
+    sums = torch.empty(m, n_groups)
+    fn = lib.lowbit_q4_linear if bits == 4 else lib.lowbit_q8_linear
+    fn(x2.data_ptr(), packed.data_ptr(), s.data_ptr(), b.data_ptr(), None if bias is None else bias.data_ptr(),
+       y.data_ptr(), sums.data_ptr(), m, n, k, n_groups, g, torch.get_num_threads())
+    return y.reshape(*shape[:-1], n)
+
+
+def block_rows_ref(ids: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor, bits: int,
+                   k: int, group_size: int) -> torch.Tensor:
+    """Dequantized rows ``ids`` (any shape) of a (V, K) table -> (*ids.shape, K)."""
+    flat = ids.reshape(-1)
+    w = dequantize_ref(packed[flat], s[flat].float(), b[flat].float(), bits, k, group_size)
+    return w.reshape(*ids.shape, k)
+
+
+def block_rows(ids: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor, bits: int,
+               k: int, group_size: int) -> torch.Tensor:
+    """Fast twin of :func:`block_rows_ref` (an embedding lookup that reads only the rows asked for)."""
+    lib, _ = library()
+    if lib is None:
+        return block_rows_ref(ids, packed, s, b, bits, k, group_size)
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= packed.shape[0]):
+        raise ConfigError(f"token ids must lie in [0, {packed.shape[0]}), got {int(flat.min())}..{int(flat.max())}")
+    g = group_size or k
+    out = torch.empty(flat.numel(), k)
+    fn = lib.lowbit_q4_rows if bits == 4 else lib.lowbit_q8_rows
+    fn(flat.data_ptr(), packed.data_ptr(), s.data_ptr(), b.data_ptr(), out.data_ptr(), flat.numel(), k,
+       s.shape[1], g)
+    return out.reshape(*ids.shape, k)
+
+
+# ------------------------------------------------------------------------------- registry examples
+
+def _example(seed: int, bits: int, group_size: int, m: int, k: int = 320, n: int = 48):
+    g = torch.Generator().manual_seed(seed)
+    n_groups = -(-k // (group_size or k))
+    u = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.uint8)
+    s = torch.rand(n, n_groups, generator=g) * 0.1 + 0.01
+    b = -s * (2 ** (bits - 1)) + torch.randn(n, n_groups, generator=g) * 0.01
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    return x, pack_codes(u, bits), s.contiguous(), b.contiguous(), bias
+
+
+def example_block_linear(seed: int) -> dict:
+    """4-bit, K = 320 with g = 128 (a ragged last group of 64), M = 19 (more than one row tile)."""
+    x, packed, s, b, bias = _example(seed, 4, 128, 19)
+    args = (x, packed, s, b, 4, 128, bias)
+    return {"fast": args, "reference": args, "exact": False, "tol": 1e-5}
+
+
+def example_block_linear_m1(seed: int) -> dict:
+    """The decoding path (M = 1), 4-bit g = 64."""
+    x, packed, s, b, bias = _example(seed, 4, 64, 1)
+    args = (x, packed, s, b, 4, 64, bias)
+    return {"fast": args, "reference": args, "exact": False, "tol": 1e-5}
+
+
+def example_block_linear_q8(seed: int) -> dict:
+    """8-bit: seed 0 takes the row-tile path (M = 3), seed 1 the decoding path (M = 1)."""
+    x, packed, s, b, bias = _example(seed, 8, 64, 3 if seed % 2 == 0 else 1)
+    args = (x, packed, s, b, 8, 64, None)
+    return {"fast": args, "reference": args, "exact": False, "tol": 1e-5}
+
+
+def example_block_rows(seed: int) -> dict:
+    """Embedding rows are exact: one product and one sum per element in both twins."""
+    _, packed, s, b, _ = _example(seed, 4, 64, 1)
+    ids = torch.tensor([[0, 47, 3], [3, 3, 12]])
+    args = (ids, packed, s, b, 4, 320, 64)
+    return {"fast": args, "reference": args, "exact": True}

@@ -1,0 +1,310 @@
+"""A lean decoder for Llama-layout causal LMs: static KV cache, fused projections, block GEMV kernels.
+
+Hugging Face ``generate`` spends much of each token in Python (logits processors, cache objects,
+per-module hooks and dispatch). :class:`Decoder` runs the same arithmetic as the model's forward
+for the families whose layer is the Llama block (``llama``, ``mistral``, ``qwen2``):
+
+    h = E[ids]
+    per layer:  x = rms(h) ;  q, k, v = x W_qkv^T (+ b) ;  q, k = rope(q, k, pos)
+                K[pos] = k ;  V[pos] = v ;  h = h + softmax(q K^T / sqrt(d) + causal) V  W_o^T
+                x = rms(h) ;  g, u = x W_gu^T ;  h = h + (silu(g) * u) W_d^T
+    logits = rms(h) W_head^T
+
+with the cache preallocated once (``max_len`` positions, no per-token allocation), q/k/v and
+gate/up each computed as one product over the concatenated rows, and every 4- or 8-bit linear run
+through :mod:`lowbit.kernels.block_gemv` (fp32 activations, codes read once per token). A tied
+quantized head doubles as the embedding table (rows unpacked on lookup). Linears the block kernels
+cannot take (other formats, fp32) run as the model's own modules.
+
+``Decoder.generate`` is greedy or samples (temperature / top-p, seeded); ``Decoder.logits`` gives
+the full-sequence logits that the tests compare with the model's own forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.errors import ConfigError
+from lowbit.kernels import block_gemv
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("llama", "mistral", "qwen2")
+PREFILL_CHUNK = 16  # rows per block-kernel call; larger prompts go through a dequantized fp32 GEMM
+
+
+# ------------------------------------------------------------------------------------ linears
+
+@dataclass
+class BlockWeights:
+    """One linear in the block-kernel layout: ``W = s u + b`` per group (see :mod:`lowbit.kernels.block_gemv`)."""
+
+    packed: torch.Tensor  # uint8 (N, K/2) for 4 bits, (N, K) for 8
+    s: torch.Tensor  # fp32 (N, G)
+    b: torch.Tensor  # fp32 (N, G)
+    bits: int
+    group_size: int  # 0 = the whole row
+    in_features: int
+    bias: torch.Tensor | None
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows <= PREFILL_CHUNK:
+            return block_gemv.block_linear(x, self.packed, self.s, self.b, self.bits, self.group_size, self.bias)
+        # A long prompt: one fp32 GEMM over the dequantized weight beats re-decoding the codes per row tile.
+        w = block_gemv.dequantize_ref(self.packed, self.s, self.b, self.bits, self.in_features, self.group_size)
+        return F.linear(x.float(), w, self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return block_gemv.block_rows(ids, self.packed, self.s, self.b, self.bits, self.in_features, self.group_size)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.s, self.b) if t is not None)
+
+
+def block_weights(module: nn.Module) -> BlockWeights | None:
+    """The block layout of a quantized linear, or None when the kernels cannot take it."""
+    from lowbit.core import Kind, get_format
+    from lowbit.nn.gguf_linear import BlockMinQLinear
+    from lowbit.nn.qlinear import WeightOnlyQLinear
+
+    bias = None if getattr(module, "bias", None) is None else module.bias.detach().float().contiguous()
+    if isinstance(module, BlockMinQLinear):
+        if block_gemv.check_layout(module.bits, module.in_features, module.group_size):
+            return None
+        u = module.codes().to(torch.uint8)
+        s, b = module.scale.float(), module.offset.float()
+        return BlockWeights(block_gemv.pack_codes(u, module.bits), s.contiguous(), b.contiguous(), module.bits,
+                            module.group_size, module.in_features, bias)
+    if not isinstance(module, WeightOnlyQLinear):
+        return None
+    f = get_format(module.fmt)
+    if f.kind is not Kind.UNIFORM or f.bits not in (4, 8):
+        return None
+    if block_gemv.check_layout(f.bits, module.in_features, module.group_size):
+        return None
+    q = module.codes()
+    qp = module.qparams()
+    offset = 2 ** (f.bits - 1) if q.dtype == torch.int8 else 0  # signed codes are stored as u = q + offset
+    u = (q.to(torch.int16) + offset).to(torch.uint8)
+    s = qp.scale.float().reshape(module.out_features, -1)  # (N, G); per channel: G = 1
+    zp = torch.zeros_like(s) if qp.zero_point is None else qp.zero_point.float().reshape(s.shape)
+    b = -s * (zp + offset)  # W = s (q - zp) = s u - s (offset + zp)
+    return BlockWeights(block_gemv.pack_codes(u, f.bits), s.contiguous(), b.contiguous(), f.bits,
+                        module.group_size, module.in_features, bias)
+
+
+def fuse(parts: list[BlockWeights]) -> BlockWeights | None:
+    """Concatenate linears over the same input along their outputs (one kernel call), if compatible."""
+    first = parts[0]
+    if any(p.bits != first.bits or p.group_size != first.group_size or p.in_features != first.in_features
+           for p in parts):
+        return None
+    biases = [p.bias for p in parts]
+    bias = None
+    if any(bb is not None for bb in biases):
+        bias = torch.cat([bb if bb is not None else torch.zeros(p.out_features) for bb, p in zip(biases, parts)])
+    return BlockWeights(torch.cat([p.packed for p in parts]), torch.cat([p.s for p in parts]).contiguous(),
+                        torch.cat([p.b for p in parts]).contiguous(), first.bits, first.group_size,
+                        first.in_features, bias)
+
+
+class _Projection:
+    """Several linears over one input, as one fused block product when possible, else one call each."""
+
+    def __init__(self, modules: list[nn.Module]):
+        blocks = [block_weights(m) for m in modules]
+        self.sizes = [m.out_features for m in modules]
+        self.fused = fuse(blocks) if all(b is not None for b in blocks) else None
+        self.calls: list[Callable] = [] if self.fused is not None else [
+            b if b is not None else m for b, m in zip(blocks, modules)]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.fused is not None:
+            return list(self.fused(x).split(self.sizes, dim=-1))
+        return [f(x).float() for f in self.calls]
+
+    @property
+    def uses_kernel(self) -> bool:
+        return self.fused is not None
+
+    def nbytes(self) -> int:
+        return self.fused.nbytes() if self.fused is not None else 0
+
+
+# ------------------------------------------------------------------------------------ decoder
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class Decoder:
+    """Static-cache decoding of a Llama-layout causal LM (``CausalLM`` wrapper or bare HF model).
+
+    The decoder reads the model's modules once (derived kernel layouts; the model itself is not
+    changed) and preallocates a KV cache of ``batch x max_len`` positions in fp32.
+    """
+
+    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1):
+        from lowbit.models.adapters import backbone
+
+        lm = backbone(model)
+        cfg = getattr(lm, "config", None)
+        family = getattr(cfg, "model_type", None)
+        if family not in FAMILIES:
+            raise ConfigError(f"the fast decoder runs {', '.join(FAMILIES)} models, not {family!r}; "
+                              "use the model's own generate()")
+        if max_len < 1 or batch < 1:
+            raise ConfigError(f"max_len and batch must be >= 1, got {max_len}, {batch}")
+        self.model, self.lm, self.cfg = model, lm, cfg
+        self.tokenizer = getattr(model, "tokenizer", None)
+        inner = lm.model
+        self.eps = float(cfg.rms_norm_eps)
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_len, self.batch = max_len, batch
+        self.layers = []
+        for layer in inner.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            self.layers.append({
+                "in_norm": layer.input_layernorm.weight.detach().float(),
+                "post_norm": layer.post_attention_layernorm.weight.detach().float(),
+                "qkv": _Projection([at.q_proj, at.k_proj, at.v_proj]),
+                "o": _Projection([at.o_proj]),
+                "gate_up": _Projection([mlp.gate_proj, mlp.up_proj]),
+                "down": _Projection([mlp.down_proj]),
+            })
+        self.final_norm = inner.norm.weight.detach().float()
+        self.head = _Projection([lm.lm_head])
+        self.embed = self._embedding(inner.embed_tokens, lm.lm_head)
+        rot = inner.rotary_emb
+        pos = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(pos, rot.inv_freq.float())  # (max_len, head_dim / 2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, head_dim)
+        scaling = float(getattr(rot, "attention_scaling", 1.0))
+        self.cos, self.sin = emb.cos() * scaling, emb.sin() * scaling
+        shape = (len(self.layers), batch, self.n_kv, max_len, self.head_dim)
+        self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
+        kernel_layers = sum(p.uses_kernel for L in self.layers for p in (L["qkv"], L["o"], L["gate_up"], L["down"]))
+        log.info("decoder: %d layers, %d of %d projections on the block kernels, head %s, cache %d x %d",
+                 len(self.layers), kernel_layers, 4 * len(self.layers),
+                 "block" if self.head.uses_kernel else "module", batch, max_len)
+
+    def _embedding(self, emb: nn.Module, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        from lowbit.nn.gguf_linear import QTableEmbedding
+
+        if isinstance(emb, QTableEmbedding):
+            table = self.head.fused if emb.table is head and self.head.fused is not None else block_weights(emb.table)
+            if table is not None:
+                return table.rows
+        return lambda ids: emb(ids).float()
+
+    # ---- one forward over new tokens --------------------------------------------------------
+    def _rope(self, x: torch.Tensor, pos: int, t: int) -> torch.Tensor:
+        cos, sin = self.cos[pos:pos + t], self.sin[pos:pos + t]  # (T, head_dim)
+        half = self.head_dim // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    def forward(self, ids: torch.Tensor, pos: int, all_logits: bool = False) -> torch.Tensor:
+        """Logits for ``ids`` (B, T) placed at positions ``pos .. pos + T - 1`` of the cache
+        (earlier positions must hold this sequence's keys/values). Returns (B, vocab) for the last
+        token, or (B, T, vocab) with ``all_logits``."""
+        bsz, t = ids.shape
+        if bsz > self.batch or pos + t > self.max_len:
+            raise ConfigError(f"{bsz} x {pos + t} positions exceed the decoder's cache of {self.batch} x {self.max_len}")
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        h = self.embed(ids)  # (B, T, H)
+        end = pos + t
+        mask = None
+        if t > 1:  # causal within the new tokens; all earlier positions visible
+            mask = torch.ones(t, end, dtype=torch.bool).tril(diagonal=pos)
+        for i, L in enumerate(self.layers):
+            x = _rms(h, L["in_norm"], self.eps)
+            q, k, v = L["qkv"](x)
+            q = self._rope(q.view(bsz, t, nh, hd).transpose(1, 2), pos, t)  # (B, nh, T, hd)
+            k = self._rope(k.view(bsz, t, nkv, hd).transpose(1, 2), pos, t)  # (B, nkv, T, hd)
+            kc, vc = self.k_cache[i, :bsz], self.v_cache[i, :bsz]
+            kc[:, :, pos:end] = k
+            vc[:, :, pos:end] = v.view(bsz, t, nkv, hd).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask,
+                                               enable_gqa=nh != nkv)  # (B, nh, T, hd)
+            h = h + L["o"](a.transpose(1, 2).reshape(bsz, t, nh * hd))[0]
+            x = _rms(h, L["post_norm"], self.eps)
+            g, u = L["gate_up"](x)
+            h = h + L["down"](F.silu(g) * u)[0]
+        if not all_logits:
+            h = h[:, -1:]
+        logits = self.head(_rms(h, self.final_norm, self.eps))[0]
+        return logits if all_logits else logits[:, 0]
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence logits (B, T, vocab) from an empty cache (the comparison with the model's forward)."""
+        with torch.inference_mode():
+            return self.forward(ids, 0, all_logits=True)
+
+    # ---- generation -------------------------------------------------------------------------
+    def stream(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, eos_token_id: int | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time for one prompt ``ids`` (1, T) (greedy when temperature = 0)."""
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+            raise ConfigError(f"stream() takes one prompt of shape (1, T >= 1), got {tuple(ids.shape)}")
+        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise ConfigError("max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1 are required")
+        if ids.shape[1] + max_new_tokens > self.max_len:
+            raise ConfigError(f"prompt {ids.shape[1]} + {max_new_tokens} new tokens exceed max_len {self.max_len}")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.inference_mode():
+            logits = self.forward(ids, 0)
+            pos = ids.shape[1]
+            for _ in range(max_new_tokens):
+                token = _pick(logits[0], temperature, top_p, gen)
+                yield token
+                if eos_token_id is not None and token == eos_token_id:
+                    return
+                logits = self.forward(torch.tensor([[token]]), pos)
+                pos += 1
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Prompt + new tokens (1, T + n), like HF ``generate`` with ``do_sample`` off by default."""
+        new = list(self.stream(ids, max_new_tokens, **kwargs))
+        return torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], dim=1)
+
+    def timed_generate(self, ids: torch.Tensor, max_new_tokens: int) -> dict:
+        """Greedy generation with prefill and decode timed apart (seconds, tokens/s)."""
+        start = time.perf_counter()
+        it = self.stream(ids, max_new_tokens)
+        first = next(it)
+        t_first = time.perf_counter()
+        n = 1 + sum(1 for _ in it)
+        end = time.perf_counter()
+        return {"prefill_s": t_first - start, "decode_tps": (n - 1) / (end - t_first) if n > 1 else 0.0,
+                "tokens": n, "first": first}
+
+    def nbytes(self) -> int:
+        """Bytes of the derived kernel layouts (beside the model's own stored weights)."""
+        projections = [p for L in self.layers for p in (L["qkv"], L["o"], L["gate_up"], L["down"])] + [self.head]
+        return sum(p.nbytes() for p in projections)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """Greedy (temperature 0) or nucleus sampling (Holtzman et al. 2020) from one row of logits."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # the smallest prefix with mass >= top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))

@@ -1,0 +1,148 @@
+"""The fast decoder (lowbit.models.decode) against the model's own forward and generate."""
+
+import copy
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.algorithms.hqq import HQQConfig
+from lowbit.analysis.footprint import model_size_bytes
+from lowbit.algorithms.rtn import WeightOnlyConfig
+from lowbit.errors import ConfigError
+from lowbit.models.decode import Decoder
+from lowbit.nn.gguf_linear import QTableEmbedding
+from tests._tiny_llama import tiny_batches, tiny_llama
+
+# Both sides compute in fp32 from the same dequantized weights; only summation order differs.
+LOGIT_TOL = 1e-4
+
+SCHEMES = {
+    "fp32": None,
+    "int4-g32-sym": WeightOnlyConfig(bits=4, group_size=32, kernel="reference"),
+    "int4-g64-affine": WeightOnlyConfig(bits=4, group_size=64, symmetric=False, kernel="reference"),
+    "int8-per-channel": WeightOnlyConfig(bits=8, group_size=0, kernel="reference"),
+    "q4_1": WeightOnlyConfig(gguf="q4_1", kernel="reference"),
+    "q4_0": WeightOnlyConfig(gguf="q4_0", kernel="reference"),
+    "hqq-float-zero-point": HQQConfig(bits=4, group_size=32, kernel="reference"),
+    "int4-tied-embedding": WeightOnlyConfig(bits=4, group_size=32, kernel="reference", tie_embeddings=True),
+}
+
+
+def _model(scheme: str):
+    m = tiny_llama(layers=2)
+    if SCHEMES[scheme] is not None:
+        lowbit.quantize(m, SCHEMES[scheme])
+    return m
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_logits_match_the_model_forward(scheme):
+    m = _model(scheme)
+    ids = tiny_batches(1, length=24)[0]
+    with torch.inference_mode():
+        ref = m(ids)
+    got = Decoder(m, max_len=64).logits(ids)
+    assert got.shape == ref.shape
+    assert _rel(got, ref) < LOGIT_TOL, scheme
+
+
+def test_quantized_layers_run_on_the_block_kernels():
+    d = Decoder(_model("int4-tied-embedding"), max_len=32)
+    assert all(p.uses_kernel for L in d.layers for p in (L["qkv"], L["o"], L["gate_up"], L["down"]))
+    assert d.head.uses_kernel and d.nbytes() > 0
+
+
+def test_incremental_decoding_equals_the_full_forward():
+    """Prefill part of the sequence, then feed the rest one token at a time through the cache."""
+    m = _model("int4-g32-sym")
+    ids = tiny_batches(1, length=20)[0]
+    d = Decoder(m, max_len=32)
+    full = d.logits(ids)
+    with torch.inference_mode():
+        steps = [d.forward(ids[:, :12], 0)]
+        for p in range(12, 20):
+            steps.append(d.forward(ids[:, p:p + 1], p))
+    got = torch.stack(steps[1:], dim=1)  # logits predicted at positions 12..19
+    assert _rel(got, full[:, 12:20]) < LOGIT_TOL
+    assert _rel(steps[0], full[:, 11]) < LOGIT_TOL
+
+
+def test_greedy_generation_equals_hf_generate():
+    m = _model("fp32")
+    ids = tiny_batches(1, length=8)[0]
+    with torch.inference_mode():
+        hf = m.lm.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(Decoder(m, max_len=32).generate(ids, 12), hf)
+
+
+def test_sampling_is_seeded_and_respects_top_p():
+    d = Decoder(_model("int4-g32-sym"), max_len=48)
+    ids = tiny_batches(1, length=6)[0]
+    a = d.generate(ids, 10, temperature=1.0, top_p=0.9, seed=3)
+    b = d.generate(ids, 10, temperature=1.0, top_p=0.9, seed=3)
+    assert torch.equal(a, b)
+    # top_p close to 0 keeps only the most probable token: sampling becomes greedy
+    assert torch.equal(d.generate(ids, 10, temperature=1.0, top_p=1e-6, seed=5), d.generate(ids, 10))
+
+
+def test_tied_embedding_is_stored_once():
+    m = _model("int4-tied-embedding")
+    emb = m.lm.model.embed_tokens
+    assert isinstance(emb, QTableEmbedding) and emb.table is m.lm.lm_head
+    untied = _model("int4-g32-sym")
+    assert model_size_bytes(m) < model_size_bytes(untied)
+
+
+def test_tied_embedding_survives_save_and_load(tmp_path):
+    from lowbit.models.hf import load_hf
+    from tests._tiny_hf import tiny_folder
+
+    m = load_hf(tiny_folder("llama", tmp_path / "llama"))
+    lowbit.quantize(m, SCHEMES["int4-tied-embedding"])
+    lowbit.save(m, tmp_path / "m")
+    back = lowbit.load(tmp_path / "m")
+    emb = back.lm.model.embed_tokens
+    assert isinstance(emb, QTableEmbedding) and emb.table is back.lm.lm_head
+    ids = tiny_batches(1, length=10)[0]
+    with torch.inference_mode():
+        assert torch.equal(back(ids), m(ids))
+
+
+def test_bad_requests_are_refused_clearly():
+    d = Decoder(_model("fp32"), max_len=16)
+    with pytest.raises(ConfigError, match="exceed"):
+        d.generate(tiny_batches(1, length=10)[0], 10)
+    with pytest.raises(ConfigError, match="one prompt"):
+        list(d.stream(torch.zeros(2, 3, dtype=torch.long), 2))
+    with pytest.raises(ConfigError, match="top_p"):
+        list(d.stream(torch.zeros(1, 3, dtype=torch.long), 2, top_p=0.0))
+    with pytest.raises(ConfigError, match="max_len"):
+        Decoder(_model("fp32"), max_len=0)
+
+
+def test_other_families_are_refused_with_the_alternative(tmp_path):
+    from lowbit.models.hf import load_hf
+    from tests._tiny_hf import tiny_folder
+
+    gpt2 = load_hf(tiny_folder("gpt2", tmp_path / "gpt2"))
+    with pytest.raises(ConfigError, match="generate"):
+        Decoder(gpt2)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_llama_layout_families(family, tmp_path):
+    """Qwen2 has q/k/v biases; Mistral an untied head: both fit the same decoder."""
+    from lowbit.models.hf import load_hf
+    from tests._tiny_hf import tiny_folder
+
+    m = load_hf(tiny_folder(family, tmp_path / family))
+    lowbit.quantize(m, WeightOnlyConfig(bits=4, group_size=32, kernel="reference"))
+    ids = tiny_batches(1, length=16, vocab=256)[0]
+    with torch.inference_mode():
+        ref = m(ids)
+    assert _rel(Decoder(copy.deepcopy(m), max_len=32).logits(ids), ref) < LOGIT_TOL
