@@ -54,6 +54,16 @@ KERNELS: dict[str, dict[str, Callable]] = {
         "fast": block_gemv.block_linear,
         "example": block_gemv.example_block_linear_q8,
     },
+    "block_linear_a8": {  # W4A8: activations int8 per block of 32 (ggml Q8_0-style), integer dot products
+        "reference": block_gemv.block_linear_a8_ref,
+        "fast": block_gemv.block_linear_a8,
+        "example": block_gemv.example_block_linear_a8,
+    },
+    "quantize_blocks": {
+        "reference": block_gemv.quantize_blocks_ref,
+        "fast": block_gemv.quantize_blocks,
+        "example": block_gemv.example_quantize_blocks,
+    },
     "block_rows": {  # quantized embedding lookup
         "reference": block_gemv.block_rows_ref,
         "fast": block_gemv.block_rows,

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 BLOCK = 32  # inputs per packed block; group sizes must be multiples of it
 
 _C_SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -274,6 +275,90 @@ void lowbit_q8_linear(const float* x, const uint8_t* w, const float* s, const fl
     }
 }
 
+/* ---- int8 activations (W4A8): x quantized per block of 32 as ggml's Q8_0 does for its dot products ----
+   xq[m, k] = round(x[m, k] / d[m, blk]), d = max|x| / 127 over the block (0 -> all codes 0);
+   Xq[m, j] = sum over the group's blocks of d * sum(xq): the offset term uses the quantized x too. */
+void lowbit_quantize_blocks(const float* x, int8_t* xq, float* d, float* Xq, int64_t M, int64_t K, int64_t G,
+                            int64_t g) {
+    const int64_t nb = K / 32, bpg = g / 32;
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t j = 0; j < G; ++j) Xq[m * G + j] = 0.0f;
+        for (int64_t blk = 0; blk < nb; ++blk) {
+            const float* xr = x + m * K + blk * 32;
+            float amax = 0.0f;
+            for (int i = 0; i < 32; ++i) { float a = xr[i] < 0 ? -xr[i] : xr[i]; if (a > amax) amax = a; }
+            float dd = amax / 127.0f, inv = dd > 0.0f ? 1.0f / dd : 0.0f;
+            int sum = 0;
+            for (int i = 0; i < 32; ++i) {
+                int q = (int)nearbyintf(xr[i] * inv);
+                xq[m * K + blk * 32 + i] = (int8_t)q;
+                sum += q;
+            }
+            d[m * nb + blk] = dd;
+            Xq[m * G + blk / bpg] += dd * (float)sum;
+        }
+    }
+}
+
+void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const uint8_t* w, const float* s,
+                        const float* b, const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
+                        int64_t g, int nthreads) {
+    const int64_t nb = K / 32, bpg = g / 32;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* wr = w + n * (K / 2);
+        for (int64_t m = 0; m < M; ++m) {
+            const int8_t* xr = xq + m * K;
+            const float* dm = d + m * nb;
+            float tot = bias ? bias[n] : 0.0f;
+#ifdef LB_AVX2
+            const __m128i low = _mm_set1_epi8(0x0F);
+            const __m256i ones = _mm256_set1_epi16(1);
+            __m256 vt = _mm256_setzero_ps();
+            for (int64_t j = 0; j < G; ++j) {
+                int64_t b0 = j * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+                int64_t blk = b0;
+                for (; blk + 1 < b1; blk += 2) {
+                    __m128i q0 = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
+                    __m128i q1 = _mm_loadu_si128((const __m128i*)(wr + blk * 16 + 16));
+                    __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q0, 4), low), _mm_and_si128(q0, low));
+                    __m256i u1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q1, 4), low), _mm_and_si128(q1, low));
+                    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32))), ones);
+                    __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i*)(xr + blk * 32 + 32))), ones);
+                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dm[blk]), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(dm[blk + 1]), a1);
+                }
+                for (; blk < b1; ++blk) {
+                    __m128i q0 = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
+                    __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q0, 4), low), _mm_and_si128(q0, low));
+                    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32))), ones);
+                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dm[blk]), a0);
+                }
+                vt = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s[n * G + j]), vt);
+                tot += b[n * G + j] * Xq[m * G + j];
+            }
+            y[m * N + n] = tot + lb_hsum(vt);
+#else
+            for (int64_t j = 0; j < G; ++j) {
+                int64_t b0 = j * bpg, b1 = b0 + bpg < nb ? b0 + bpg : nb;
+                float a = 0.0f;
+                for (int64_t blk = b0; blk < b1; ++blk) {
+                    int dot = 0;
+                    for (int t = 0; t < 16; ++t) {
+                        uint8_t c = wr[blk * 16 + t];
+                        dot += (c & 15) * xr[blk * 32 + t] + (c >> 4) * xr[blk * 32 + t + 16];
+                    }
+                    a += dm[blk] * (float)dot;
+                }
+                tot += s[n * G + j] * a + b[n * G + j] * Xq[m * G + j];
+            }
+            y[m * N + n] = tot;
+#endif
+        }
+    }
+}
+
 /* Rows of a 4-bit table: out[r, k] = s[row, j] * u[row, k] + b[row, j] (an embedding lookup). */
 void lowbit_q4_rows(const int64_t* rows, const uint8_t* w, const float* s, const float* b, float* out,
                     int64_t R, int64_t K, int64_t G, int64_t g) {
@@ -303,6 +388,8 @@ void lowbit_q8_rows(const int64_t* rows, const uint8_t* w, const float* s, const
 _VP, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _LINEAR_ARGS = [_VP] * 7 + [_I64] * 5 + [_I32]
 _ROWS_ARGS = [_VP] * 5 + [_I64] * 4
+_QUANT_ARGS = [_VP] * 4 + [_I64] * 4
+_A8_ARGS = [_VP] * 8 + [_I64] * 5 + [_I32]
 
 
 def library():
@@ -310,6 +397,7 @@ def library():
     return native.native_library("block_gemv", _C_SOURCE, {
         "lowbit_q4_linear": _LINEAR_ARGS, "lowbit_q8_linear": _LINEAR_ARGS,
         "lowbit_q4_rows": _ROWS_ARGS, "lowbit_q8_rows": _ROWS_ARGS,
+        "lowbit_quantize_blocks": _QUANT_ARGS, "lowbit_q4a8_linear": _A8_ARGS,
     }, cflags=("-ffp-contract=off",))  # scalar s * u + b rounds like the torch reference
 
 
@@ -400,6 +488,50 @@ def block_linear(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torc
     return y.reshape(*shape[:-1], n)
 
 
+def quantize_blocks_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (M, K) -> int8 codes (M, K) and scales (M, K/32): ``d = max|x| / 127`` per block
+    of 32, ``q = round(x / d)`` (half to even; a zero block gets d = 0 and codes 0)."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)  # (M, K/32, 32)
+    d = blocks.abs().amax(-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inv[..., None]).to(torch.int8)
+    return q.reshape(m, k), d
+
+
+def block_linear_a8_ref(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor, bits: int,
+                        group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W4A8 reference: ``F.linear(x_hat, s u + b, bias)`` with ``x_hat = d q`` from :func:`quantize_blocks_ref`."""
+    k, _, _ = _check(x, packed, s, b, bits, group_size)
+    shape = x.shape
+    q, d = quantize_blocks_ref(x.reshape(-1, k))
+    x_hat = (q.float().reshape(q.shape[0], -1, BLOCK) * d[..., None]).reshape(q.shape)  # (M, K)
+    w = dequantize_ref(packed, s.float(), b.float(), bits, k, group_size)
+    return F.linear(x_hat, w, None if bias is None else bias.float()).reshape(*shape[:-1], -1)
+
+
+def block_linear_a8(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor, bits: int,
+                    group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Fast twin of :func:`block_linear_a8_ref` for 4-bit codes: the products ``u q`` are summed as
+    integers (``maddubs``: at most 2 * 15 * 127 per pair, no saturation), then scaled per block."""
+    lib, _ = library()
+    if lib is None or bits != 4:
+        return block_linear_a8_ref(x, packed, s, b, bits, group_size, bias)
+    k, g, n_groups = _check(x, packed, s, b, bits, group_size)
+    shape = x.shape
+    x2 = x.reshape(-1, k).float().contiguous()  # (M, K)
+    m, n = x2.shape[0], packed.shape[0]
+    xq = torch.empty(m, k, dtype=torch.int8)
+    d = torch.empty(m, k // BLOCK)
+    sums = torch.empty(m, n_groups)
+    lib.lowbit_quantize_blocks(x2.data_ptr(), xq.data_ptr(), d.data_ptr(), sums.data_ptr(), m, k, n_groups, g)
+    y = torch.empty(m, n)
+    lib.lowbit_q4a8_linear(xq.data_ptr(), d.data_ptr(), sums.data_ptr(), packed.data_ptr(), s.data_ptr(),
+                           b.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
+                           n_groups, g, torch.get_num_threads())
+    return y.reshape(*shape[:-1], n)
+
+
 def block_rows_ref(ids: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor, bits: int,
                    k: int, group_size: int) -> torch.Tensor:
     """Dequantized rows ``ids`` (any shape) of a (V, K) table -> (*ids.shape, K)."""
@@ -456,6 +588,33 @@ def example_block_linear_q8(seed: int) -> dict:
     x, packed, s, b, bias = _example(seed, 8, 64, 3 if seed % 2 == 0 else 1)
     args = (x, packed, s, b, 8, 64, None)
     return {"fast": args, "reference": args, "exact": False, "tol": 1e-5}
+
+
+def example_block_linear_a8(seed: int) -> dict:
+    """W4A8: M = 1 (decoding) for seed 0, M = 5 for seed 1; g = 96 covers odd block counts per group."""
+    x, packed, s, b, bias = _example(seed, 4, 96, 1 if seed % 2 == 0 else 5)
+    args = (x, packed, s, b, 4, 96, bias)
+    return {"fast": args, "reference": args, "exact": False, "tol": 1e-5}
+
+
+def example_quantize_blocks(seed: int) -> dict:
+    """Activation codes are exact (same division-free formula); one block is all zeros."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 96, generator=g) * 4
+    x[1, 32:64] = 0
+    return {"fast": (x,), "reference": (x,), "exact": True}
+
+
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast twin of :func:`quantize_blocks_ref` (the C prologue of :func:`block_linear_a8`)."""
+    lib, _ = library()
+    if lib is None:
+        return quantize_blocks_ref(x)
+    x2 = x.float().contiguous()
+    m, k = x2.shape
+    xq, d, sums = torch.empty(m, k, dtype=torch.int8), torch.empty(m, k // BLOCK), torch.empty(m, 1)
+    lib.lowbit_quantize_blocks(x2.data_ptr(), xq.data_ptr(), d.data_ptr(), sums.data_ptr(), m, k, 1, k)
+    return xq, d
 
 
 def example_block_rows(seed: int) -> dict:
