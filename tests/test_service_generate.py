@@ -330,3 +330,18 @@ def test_sampling_edges_tiny_temperature_and_top_p_fall_back_to_the_argmax():
     assert {next_token(logits, SamplingParams(max_tokens=1, temperature=2.0, top_p=1e-9), g) for _ in range(20)} == {1}
     seen = {next_token(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9), g) for _ in range(200)}
     assert seen == {1, 3}  # p(1) = 0.499 < 0.9 <= p(1) + p(3) = 0.950: the nucleus is those two
+
+
+def test_decode_loop_equals_transformers_greedy_generate(lm_server):
+    """The hand loop (prefill + one token at a time through a plain cache) picks the same tokens as
+    transformers' own greedy ``generate`` on the same model."""
+    import torch
+
+    _, _, model = lm_server
+    ids = encode_prompt(model.tokenizer, " ".join(_words(model.tokenizer, 6)), False)
+    with torch.inference_mode():
+        out = model.lm.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                pad_token_id=model.tokenizer.pad_token_id)  # (1, T + new)
+    want = model.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    got = generate(model, ids, SamplingParams(max_tokens=12), "none")
+    assert got.text == want and got.completion_tokens == out.shape[1] - len(ids)

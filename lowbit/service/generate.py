@@ -172,6 +172,8 @@ def generate(model: nn.Module, prompt_ids: list[int], p: SamplingParams, kv: str
             if len(out_ids) >= p.max_tokens:
                 break
             logits = lm(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits[0, -1]  # (V,)
+    if finish == "length":  # cut inside a multi-byte character: drop the incomplete tail
+        text = text.rstrip("\ufffd")
     if finish != "cancelled" and on_text is not None and len(text) > sent:
         on_text(text[sent:])
     return GenerationResult(text, finish, len(prompt_ids), len(out_ids), time.perf_counter() - start)
