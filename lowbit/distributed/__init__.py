@@ -8,15 +8,21 @@ Compressors (plain objects, usable without DDP): ``encode(g, key) -> Payload`` w
 - :class:`QSGD`     stochastic ``s``-level rounding (Alistarh et al. 2017)   ``qsgd.py``
 - :class:`TopK`, :class:`RandomK` sparsification with memory (Stich et al. 2018)  ``topk.py``, ``randk.py``
 
-DDP hooks (``hooks.py``): :func:`register_compression_hook` / :func:`compression_hook` all-gather the
-packed payloads over gloo, decode every rank's and average; :class:`CompressionState` counts bytes.
+DDP hooks (``hooks.py``): :func:`register_compression_hook` / :func:`compression_hook` over gloo, in two
+modes: ``"allreduce"`` (default), a two-phase compressed all-reduce (compressed chunks to their owners,
+averaged, re-compressed with their own error feedback, all-gathered) whose bytes per rank stay flat in
+the world size; ``"allgather"``, every rank's whole payload to every rank. :class:`CompressionState`
+counts bytes; :func:`compressed_bytes` is the formula.
 """
 
 from lowbit.distributed.hooks import (
+    MODES,
     CompressionState,
     allreduce_bytes,
+    compressed_bytes,
     compression_hook,
     register_compression_hook,
+    split_sizes,
 )
 from lowbit.distributed.onebit import OneBit, onebit_ref
 from lowbit.distributed.payload import Compressor, Payload
@@ -43,5 +49,6 @@ __all__ = [
     "Payload", "Compressor", "COMPRESSORS", "make_compressor",
     "OneBit", "TernGrad", "QSGD", "TopK", "RandomK",
     "onebit_ref", "terngrad_ref", "qsgd_ref", "topk_ref", "randomk_ref",
-    "CompressionState", "compression_hook", "register_compression_hook", "allreduce_bytes",
+    "CompressionState", "compression_hook", "register_compression_hook", "allreduce_bytes", "MODES",
+    "compressed_bytes", "split_sizes",
 ]

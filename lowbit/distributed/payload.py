@@ -85,6 +85,7 @@ class Compressor:
         else:
             self.generator.manual_seed(int(seed))
         self._residual: dict[object, torch.Tensor] = {}
+        self._templates: dict[int, Payload] = {}
 
     # -- subclass interface ------------------------------------------------------------------
     def _encode(self, x: torch.Tensor) -> Payload:  # x: (n,) float32
@@ -119,6 +120,20 @@ class Compressor:
     def decode(self, payload: Payload) -> torch.Tensor:
         """Dense float32 tensor of the payload's shape."""
         return self._decode(payload).reshape(payload.shape)
+
+    def template(self, numel: int) -> Payload:
+        """A payload with the field sizes every ``numel``-element payload has (for :meth:`Payload.from_wire`).
+
+        Field sizes depend only on ``numel``, so encoding zeros gives them; the generator's state is
+        restored and no error-feedback memory is touched, so the next real encode is unaffected.
+        """
+        cached = self._templates.get(numel)
+        if cached is None:
+            state = self.generator.get_state()
+            cached = self._encode(torch.zeros(numel, dtype=torch.float32))
+            self.generator.set_state(state)
+            self._templates[numel] = cached
+        return cached
 
     def residual(self, key: object = 0) -> torch.Tensor | None:
         """The error-feedback memory for ``key`` (flat), or None."""
