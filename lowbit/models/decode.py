@@ -158,7 +158,10 @@ class Decoder:
     """Static-cache decoding of a Llama-layout causal LM (``CausalLM`` wrapper or bare HF model).
 
     The decoder reads the model's modules once (derived kernel layouts; the model itself is not
-    changed) and preallocates a KV cache of ``batch x max_len`` positions in fp32.
+    changed) and preallocates a KV cache of ``batch x max_len`` positions in fp32. Single tokens of
+    one sequence (decoding) go through the one-call C step of :mod:`lowbit.kernels.decode_step`
+    when every projection is on the block kernels (``kernel="reference"`` keeps this module's torch
+    forward, the step's reference twin); prompts and batches run the torch forward.
 
     ``activations="int8"`` runs the 4-bit projections as W4A8 (prompts included): each activation row is rounded to int8 per block of 32 (as
     llama.cpp does for its Q4 dot products) and the code products are summed as integers, about
@@ -166,7 +169,8 @@ class Decoder:
     reports its perplexity); the default ``"fp32"`` computes exactly the model's weight-only math.
     """
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1, activations: str = "fp32"):
+    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1, activations: str = "fp32",
+                 kernel: str = "auto"):
         from lowbit.models.adapters import backbone
 
         lm = backbone(model)
@@ -210,10 +214,52 @@ class Decoder:
         self.cos, self.sin = emb.cos() * scaling, emb.sin() * scaling
         shape = (len(self.layers), batch, self.n_kv, max_len, self.head_dim)
         self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
+        self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
+        self._step = self._build_step(kernel)
         kernel_layers = sum(p.uses_kernel for L in self.layers for p in (L["qkv"], L["o"], L["gate_up"], L["down"]))
         log.info("decoder: %d layers, %d of %d projections on the block kernels, head %s, cache %d x %d",
                  len(self.layers), kernel_layers, 4 * len(self.layers),
                  "block" if self.head.uses_kernel else "module", batch, max_len)
+
+    def _build_step(self, kernel: str):
+        """The one-call C step for single tokens (:mod:`lowbit.kernels.decode_step`), when every
+        projection is on the block kernels and the library builds; else None (torch path)."""
+        from lowbit.kernels import decode_step
+
+        if kernel not in ("auto", "fast", "reference"):
+            raise ConfigError(f"kernel must be auto, fast or reference, got {kernel!r}")
+        if kernel == "reference":
+            return None
+        projections = [L[k] for L in self.layers for k in ("qkv", "o", "gate_up", "down")]
+        why = "" if all(p.uses_kernel for p in projections) else "some projections are not 4/8-bit block layouts"
+        lib, why = (None, why) if why else decode_step.library()
+        if lib is None:
+            if kernel == "fast":
+                raise ConfigError(f"the C decoding step is unavailable: {why}")
+            log.info("decoder: torch forward for every token (%s)", why)
+            return None
+        records = []
+        for i, L in enumerate(self.layers):
+            rec = [L["in_norm"].data_ptr(), L["post_norm"].data_ptr()]
+            for key in ("qkv", "o", "gate_up", "down"):
+                w = L[key].fused
+                rec.append(decode_step.proj_record(w.packed, w.s, w.b, w.bias, w.bits, w.in_features, w.group_size))
+            rec += [self.k_cache[i, 0].data_ptr(), self.v_cache[i, 0].data_ptr()]
+            records.append(decode_step.Layer(*rec))
+        n = decode_step.scratch_floats(self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim, self.max_len)
+        self._scratch = torch.zeros(n)
+        self._qscratch = torch.zeros(max(self.hidden, self.inter), dtype=torch.int8)
+        return lib, (decode_step.Layer * len(records))(*records)
+
+    def _token_step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """Hidden state (1, 1, H) after every layer for one token, through the C step."""
+        lib, layers = self._step
+        h = self.embed(ids).reshape(self.hidden).float().contiguous()  # (H,), updated in place
+        lib.lowbit_llama_token(layers, len(layers), h.data_ptr(), pos, self.cos.data_ptr(), self.sin.data_ptr(),
+                               self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim, self.max_len, self.eps,
+                               int(self.activations == "int8"), self._scratch.data_ptr(), self._qscratch.data_ptr(),
+                               torch.get_num_threads())
+        return h.view(1, 1, self.hidden)
 
     def _embedding(self, emb: nn.Module, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         from lowbit.nn.gguf_linear import QTableEmbedding
@@ -239,6 +285,10 @@ class Decoder:
         if bsz > self.batch or pos + t > self.max_len:
             raise ConfigError(f"{bsz} x {pos + t} positions exceed the decoder's cache of {self.batch} x {self.max_len}")
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        if self._step is not None and bsz == 1 and t == 1:
+            h = self._token_step(ids, pos)
+            logits = self.head(_rms(h, self.final_norm, self.eps))[0]  # (1, 1, vocab)
+            return logits if all_logits else logits[:, 0]
         h = self.embed(ids)  # (B, T, H)
         end = pos + t
         mask = None

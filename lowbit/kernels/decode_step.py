@@ -1,0 +1,169 @@
+"""One decoding step of a Llama-layout transformer in C: every layer for one new token, one call.
+
+With one token per step the layer's arithmetic is small (SmolLM2: 3.5 M weights per layer) and a
+Python loop of torch ops spends more time dispatching (norms, RoPE, attention over a few hundred
+cached positions, SiLU, residual adds: ~25 ops per layer) than computing. :func:`llama_token_step`
+runs, for each layer ``l`` and the residual stream ``h`` (H,):
+
+    x = h / sqrt(mean(h^2) + eps) * w_in                               (RMSNorm, Zhang & Sennrich 2019)
+    q | k | v = W_qkv x (+ b)                                          (block GEMV, lowbit.kernels.block_gemv)
+    q, k = rope(q, pos), rope(k, pos)      rope(x)_i = x_i cos_i - x_{i+d/2} sin_i,  rope(x)_{i+d/2} = x_{i+d/2} cos + x_i sin
+    K[l, pos] = k ;  V[l, pos] = v
+    a_h = sum_t softmax_t(q_h . K[t, kv(h)] / sqrt(d)) V[t, kv(h)]    (t <= pos; kv(h) = h // (n_heads / n_kv))
+    h = h + W_o a
+    x = RMSNorm(h) * w_post ;  g | u = W_gu x ;  h = h + W_d (silu(g) * u)
+
+with the projections of :mod:`lowbit.kernels.block_gemv` (fp32 activations, or int8 per block of 32
+when ``a8``). Each projection is a ``lb_proj`` record (codes, scale, offset, bias, shape, bits) built
+once by :class:`lowbit.models.decode.Decoder`; the caches are that decoder's fp32 tensors of
+(n_kv, max_len, head_dim) per layer. The reference twin is the decoder's torch forward
+(``Decoder(..., kernel="reference")``); ``tests/test_decode.py`` checks that they agree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from lowbit.kernels import block_gemv, native
+
+_STEP_SOURCE = r"""
+typedef struct {
+    const uint8_t* w; const float* s; const float* b; const float* bias;
+    int64_t N, K, G, g; int64_t bits;
+} lb_proj;
+
+typedef struct {
+    const float* in_norm; const float* post_norm;
+    lb_proj qkv, o, gu, down;
+    float* kc; float* vc;   /* (n_kv, max_len, head_dim) */
+} lb_layer;
+
+/* y = W x (+ bias) for one row x of K inputs; xq/d/X are scratch for the int8-activation path. */
+static void lb_proj_apply(const lb_proj* p, const float* x, float* y, int a8, int8_t* xq, float* d, float* X,
+                          int nthreads) {
+    if (a8 && p->bits == 4) {
+        lowbit_quantize_blocks(x, xq, d, X, 1, p->K, p->G, p->g);
+        lowbit_q4a8_linear(xq, d, X, p->w, p->s, p->b, p->bias, y, 1, p->N, p->K, p->G, p->g, nthreads);
+    } else if (p->bits == 4) {
+        lowbit_q4_linear(x, p->w, p->s, p->b, p->bias, y, X, 1, p->N, p->K, p->G, p->g, nthreads);
+    } else {
+        lowbit_q8_linear(x, p->w, p->s, p->b, p->bias, y, X, 1, p->N, p->K, p->G, p->g, nthreads);
+    }
+}
+
+static void lb_rms_norm(const float* h, const float* w, float* out, int64_t H, float eps) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < H; ++i) ss += h[i] * h[i];
+    float r = 1.0f / sqrtf(ss / (float)H + eps);
+    for (int64_t i = 0; i < H; ++i) out[i] = w[i] * (h[i] * r);
+}
+
+static void lb_rope(float* x, const float* cos, const float* sin, int64_t hd) {
+    int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cos[i] - x2 * sin[i];
+        x[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+    }
+}
+
+/* scratch must hold 2 H + 2 I + (nh + 2 nkv) hd + nh * max_len floats and 2 max(H, I) bytes. */
+void lowbit_llama_token(const lb_layer* layers, int64_t L, float* h, int64_t pos, const float* cos_t,
+                        const float* sin_t, int64_t H, int64_t I, int64_t nh, int64_t nkv, int64_t hd,
+                        int64_t max_len, float eps, int a8, float* scratch, int8_t* qscratch, int nthreads) {
+    float* x = scratch;                    /* (max(H, I)) normed input / silu product */
+    float* qkv = x + (H > I ? H : I);      /* ((nh + 2 nkv) hd) */
+    float* att = qkv + (nh + 2 * nkv) * hd; /* (nh hd) */
+    float* gu = att + nh * hd;             /* (2 I) */
+    float* tmp = gu + 2 * I;               /* (H) */
+    float* scores = tmp + H;               /* (nh, max_len) */
+    float* d = scores + nh * max_len;      /* (max(H, I) / 32) block scales */
+    float* X = d + (H > I ? H : I) / 32 + 1; /* group sums */
+    const float* cs = cos_t + pos * hd;
+    const float* sn = sin_t + pos * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t group = nh / nkv, T = pos + 1;
+    for (int64_t l = 0; l < L; ++l) {
+        const lb_layer* ly = layers + l;
+        lb_rms_norm(h, ly->in_norm, x, H, eps);
+        lb_proj_apply(&ly->qkv, x, qkv, a8, qscratch, d, X, nthreads);
+        float* q = qkv;
+        float* k = qkv + nh * hd;
+        float* v = k + nkv * hd;
+        for (int64_t j = 0; j < nh; ++j) lb_rope(q + j * hd, cs, sn, hd);
+        for (int64_t j = 0; j < nkv; ++j) {
+            lb_rope(k + j * hd, cs, sn, hd);
+            memcpy(ly->kc + (j * max_len + pos) * hd, k + j * hd, hd * sizeof(float));
+            memcpy(ly->vc + (j * max_len + pos) * hd, v + j * hd, hd * sizeof(float));
+        }
+        #pragma omp parallel for num_threads(nthreads) schedule(static) if (nh * T * hd >= 32768)
+        for (int64_t j = 0; j < nh; ++j) {
+            const float* kh = ly->kc + (j / group) * max_len * hd;
+            const float* vh = ly->vc + (j / group) * max_len * hd;
+            const float* qh = q + j * hd;
+            float* sc = scores + j * max_len;
+            float mx = -INFINITY;
+            for (int64_t t = 0; t < T; ++t) {
+                float acc = 0.0f;
+                for (int64_t i = 0; i < hd; ++i) acc += qh[i] * kh[t * hd + i];
+                sc[t] = acc * scale;
+                if (sc[t] > mx) mx = sc[t];
+            }
+            float tot = 0.0f;
+            for (int64_t t = 0; t < T; ++t) { sc[t] = expf(sc[t] - mx); tot += sc[t]; }
+            float inv = 1.0f / tot;
+            float* out = att + j * hd;
+            for (int64_t i = 0; i < hd; ++i) out[i] = 0.0f;
+            for (int64_t t = 0; t < T; ++t) {
+                float p = sc[t] * inv;
+                for (int64_t i = 0; i < hd; ++i) out[i] += p * vh[t * hd + i];
+            }
+        }
+        lb_proj_apply(&ly->o, att, tmp, a8, qscratch, d, X, nthreads);
+        for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
+        lb_rms_norm(h, ly->post_norm, x, H, eps);
+        lb_proj_apply(&ly->gu, x, gu, a8, qscratch, d, X, nthreads);
+        for (int64_t i = 0; i < I; ++i) {
+            float g = gu[i];
+            x[i] = g / (1.0f + expf(-g)) * gu[I + i];
+        }
+        lb_proj_apply(&ly->down, x, tmp, a8, qscratch, d, X, nthreads);
+        for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
+    }
+}
+"""
+
+_SOURCE = block_gemv._C_SOURCE + _STEP_SOURCE
+
+
+class Proj(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("b", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64), ("g", ctypes.c_int64),
+                ("bits", ctypes.c_int64)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", Proj), ("o", Proj),
+                ("gu", Proj), ("down", Proj), ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p)]
+
+
+def library():
+    """The compiled step (with the block GEMV kernels), or ``(None, why)``."""
+    vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    return native.native_library("decode_step", _SOURCE, {
+        "lowbit_llama_token": [vp, i64, vp, i64, vp, vp, i64, i64, i64, i64, i64, i64, f32, i32, vp, vp, i32],
+    }, cflags=("-ffp-contract=off",))
+
+
+def proj_record(packed, s, b, bias, bits: int, in_features: int, group_size: int) -> Proj:
+    """The C record of one projection (the tensors must outlive it: the decoder holds them)."""
+    g = group_size or in_features
+    return Proj(packed.data_ptr(), s.data_ptr(), b.data_ptr(), None if bias is None else bias.data_ptr(),
+                packed.shape[0], in_features, s.shape[1], g, bits)
+
+
+def scratch_floats(hidden: int, inter: int, n_heads: int, n_kv: int, head_dim: int, max_len: int) -> int:
+    """Floats of scratch :func:`llama_token_step` needs (see the C source's layout)."""
+    wide = max(hidden, inter)
+    return wide + (n_heads + 2 * n_kv) * head_dim + n_heads * head_dim + 2 * inter + hidden + n_heads * max_len \
+        + 2 * (wide // 32 + 1)
