@@ -127,3 +127,26 @@ def test_a_wrong_key_is_refused_and_shown(page_server, browser_page):
     expect(page.locator("#msg")).to_contain_text("401", timeout=UI_WAIT_MS)
     assert service.active.current().model_id == before
     assert [p for p in problems if "401" not in p] == []  # the browser logs the refused fetch itself
+
+
+def test_the_switch_asks_for_the_key_when_none_is_typed(page_server, browser_page):
+    service, url = page_server
+    page, problems = browser_page
+    expect = sync_api.expect
+    page.goto(url + "/")
+    page.fill("#key", "")
+    asked: list[str] = []
+
+    def answer(dialog):
+        asked.append(dialog.message)
+        dialog.accept(API_KEY)
+
+    page.once("dialog", answer)
+    before = service.active.current().model_id
+    other = ENC_ID if before != ENC_ID else TARGET_ID
+    btn = page.locator(f'#store tr[data-id="{other}"] button.activate')
+    expect(btn).to_be_enabled(timeout=UI_WAIT_MS)
+    btn.click()
+    expect(page.locator("#active-encoder")).to_have_text(other, timeout=UI_WAIT_MS)
+    assert asked and "API key" in asked[0]
+    assert service.active.current().model_id == other
