@@ -345,3 +345,22 @@ def test_decode_loop_equals_transformers_greedy_generate(lm_server):
     want = model.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
     got = generate(model, ids, SamplingParams(max_tokens=12), "none")
     assert got.text == want and got.completion_tokens == out.shape[1] - len(ids)
+
+
+def test_per_layer_error_of_a_quantized_lm_orders_bit_widths(lm_server):
+    """The quantize job's per-layer record (the operator page's chart): every quantized layer of a causal
+    LM, 8-bit weights closer to the source than 4-bit ones at every layer."""
+    import copy
+
+    from lowbit.config import build_config
+    from lowbit.service.quantize_job import layer_errors
+
+    _, _, model = lm_server
+    db = {}
+    for bits in (4, 8):
+        q = copy.deepcopy(model)
+        lowbit.quantize(q, build_config("rtn", {"bits": bits, "group_size": 32}))
+        db[bits] = layer_errors(q, model)
+    assert db[4] and db[4].keys() == db[8].keys()
+    assert all(db[8][k] > db[4][k] > 0 for k in db[4]), (db[4], db[8])
+    assert layer_errors(copy.deepcopy(model), model) == {}  # nothing quantized: nothing to chart
