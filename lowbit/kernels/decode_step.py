@@ -29,7 +29,7 @@ from lowbit.kernels import block_gemv, native
 _STEP_SOURCE = r"""
 typedef struct {
     const uint8_t* w; const float* s; const float* b; const float* bias;
-    int64_t N, K, G, g; int64_t bits;
+    int64_t N, K, G, g; int64_t bits; float boff;
 } lb_proj;
 
 typedef struct {
@@ -43,11 +43,11 @@ static void lb_proj_apply(const lb_proj* p, const float* x, float* y, int a8, in
                           int nthreads) {
     if (a8 && p->bits == 4) {
         lowbit_quantize_blocks(x, xq, d, X, 1, p->K, p->G, p->g);
-        lowbit_q4a8_linear(xq, d, X, p->w, p->s, p->b, p->bias, y, 1, p->N, p->K, p->G, p->g, nthreads);
+        lowbit_q4a8_linear(xq, d, X, p->w, p->s, p->b, p->boff, p->bias, y, 1, p->N, p->K, p->G, p->g, nthreads);
     } else if (p->bits == 4) {
-        lowbit_q4_linear(x, p->w, p->s, p->b, p->bias, y, X, 1, p->N, p->K, p->G, p->g, nthreads);
+        lowbit_q4_linear(x, p->w, p->s, p->b, p->boff, p->bias, y, X, 1, p->N, p->K, p->G, p->g, nthreads);
     } else {
-        lowbit_q8_linear(x, p->w, p->s, p->b, p->bias, y, X, 1, p->N, p->K, p->G, p->g, nthreads);
+        lowbit_q8_linear(x, p->w, p->s, p->b, p->boff, p->bias, y, X, 1, p->N, p->K, p->G, p->g, nthreads);
     }
 }
 
@@ -139,7 +139,7 @@ _SOURCE = block_gemv._C_SOURCE + _STEP_SOURCE
 class Proj(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("b", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64), ("g", ctypes.c_int64),
-                ("bits", ctypes.c_int64)]
+                ("bits", ctypes.c_int64), ("boff", ctypes.c_float)]
 
 
 class Layer(ctypes.Structure):
@@ -158,8 +158,9 @@ def library():
 def proj_record(packed, s, b, bias, bits: int, in_features: int, group_size: int) -> Proj:
     """The C record of one projection (the tensors must outlive it: the decoder holds them)."""
     g = group_size or in_features
-    return Proj(packed.data_ptr(), s.data_ptr(), b.data_ptr(), None if bias is None else bias.data_ptr(),
-                packed.shape[0], in_features, s.shape[1], g, bits)
+    return Proj(packed.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(),
+                None if bias is None else bias.data_ptr(), packed.shape[0], in_features, s.shape[1], g, bits,
+                block_gemv.offset_constant(bits))
 
 
 def scratch_floats(hidden: int, inter: int, n_heads: int, n_kv: int, head_dim: int, max_len: int) -> int:

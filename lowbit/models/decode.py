@@ -48,7 +48,7 @@ class BlockWeights:
 
     packed: torch.Tensor  # uint8 (N, K/2) for 4 bits, (N, K) for 8
     s: torch.Tensor  # fp32 (N, G)
-    b: torch.Tensor  # fp32 (N, G)
+    b: torch.Tensor | None  # fp32 (N, G); None for symmetric codes: b = -2^(bits-1) s, not stored
     bits: int
     group_size: int  # 0 = the whole row
     in_features: int
@@ -73,7 +73,7 @@ class BlockWeights:
         return block_gemv.block_rows(ids, self.packed, self.s, self.b, self.bits, self.in_features, self.group_size)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.s, self.b) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.s, self.b, self.bias) if t is not None)
 
 
 def block_weights(module: nn.Module) -> BlockWeights | None:
@@ -101,11 +101,13 @@ def block_weights(module: nn.Module) -> BlockWeights | None:
     qp = module.qparams()
     offset = 2 ** (f.bits - 1) if q.dtype == torch.int8 else 0  # signed codes are stored as u = q + offset
     u = (q.to(torch.int16) + offset).to(torch.uint8)
-    s = qp.scale.float().reshape(module.out_features, -1)  # (N, G); per channel: G = 1
-    zp = torch.zeros_like(s) if qp.zero_point is None else qp.zero_point.float().reshape(s.shape)
-    b = -s * (zp + offset)  # W = s (q - zp) = s u - s (offset + zp)
-    return BlockWeights(block_gemv.pack_codes(u, f.bits), s.contiguous(), b.contiguous(), f.bits,
-                        module.group_size, module.in_features, bias)
+    s = qp.scale.float().reshape(module.out_features, -1).contiguous()  # (N, G); per channel: G = 1
+    if qp.zero_point is None and offset:  # symmetric: b = -offset s is implied, not stored (fewer bytes per token)
+        b = None
+    else:
+        zp = torch.zeros_like(s) if qp.zero_point is None else qp.zero_point.float().reshape(s.shape)
+        b = (-s * (zp + offset)).contiguous()  # W = s (q - zp) = s u - s (offset + zp)
+    return BlockWeights(block_gemv.pack_codes(u, f.bits), s, b, f.bits, module.group_size, module.in_features, bias)
 
 
 def fuse(parts: list[BlockWeights]) -> BlockWeights | None:
@@ -118,9 +120,12 @@ def fuse(parts: list[BlockWeights]) -> BlockWeights | None:
     bias = None
     if any(bb is not None for bb in biases):
         bias = torch.cat([bb if bb is not None else torch.zeros(p.out_features) for bb, p in zip(biases, parts)])
+    b = None  # implied offsets stay implied only when every part has them
+    if any(p.b is not None for p in parts):
+        c = block_gemv.offset_constant(first.bits)
+        b = torch.cat([p.b if p.b is not None else p.s * c for p in parts]).contiguous()
     return BlockWeights(torch.cat([p.packed for p in parts]), torch.cat([p.s for p in parts]).contiguous(),
-                        torch.cat([p.b for p in parts]).contiguous(), first.bits, first.group_size,
-                        first.in_features, bias)
+                        b, first.bits, first.group_size, first.in_features, bias)
 
 
 class _Projection:
