@@ -184,3 +184,19 @@ def test_c_step_matches_the_torch_forward(scheme, activations):
             token = torch.argmax(b, dim=-1, keepdim=True)
             a, b = fast.forward(token, p), ref.forward(token, p)
             assert _rel(a, b) < LOGIT_TOL, (scheme, activations, p)
+
+
+def test_cache_grows_on_demand(monkeypatch):
+    """The cache starts small and doubles; logits across the growth points equal the full forward."""
+    import lowbit.models.decode as decode
+
+    monkeypatch.setattr(decode, "INITIAL_CAPACITY", 4)
+    m = _model("int4-g32-sym")
+    ids = tiny_batches(1, length=19)[0]
+    d = Decoder(m, max_len=64)
+    assert d.capacity == 4
+    full = Decoder(m, max_len=64, kernel="reference").logits(ids)
+    with torch.inference_mode():
+        steps = [d.forward(ids[:, :3], 0)] + [d.forward(ids[:, p:p + 1], p) for p in range(3, 19)]
+    assert d.capacity == 32  # 4 -> 8 -> 16 -> 32
+    assert _rel(torch.stack(steps[1:], dim=1), full[:, 3:19]) < LOGIT_TOL

@@ -35,7 +35,7 @@ typedef struct {
 typedef struct {
     const float* in_norm; const float* post_norm;
     lb_proj qkv, o, gu, down;
-    float* kc; float* vc;   /* (n_kv, max_len, head_dim) */
+    float* kc; float* vc;   /* (n_kv, max_len, head_dim): max_len is the cache's current capacity */
 } lb_layer;
 
 /* y = W x (+ bias) for one row x of K inputs; xq/d/X are scratch for the int8-activation path. */

@@ -10,7 +10,7 @@ for the families whose layer is the Llama block (``llama``, ``mistral``, ``qwen2
                 x = rms(h) ;  g, u = x W_gu^T ;  h = h + (silu(g) * u) W_d^T
     logits = rms(h) W_head^T
 
-with the cache preallocated once (``max_len`` positions, no per-token allocation), q/k/v and
+with the cache allocated in a few doublings up to ``max_len`` positions (no per-token allocation), q/k/v and
 gate/up each computed as one product over the concatenated rows, and every 4- or 8-bit linear run
 through :mod:`lowbit.kernels.block_gemv` (fp32 activations, codes read once per token). A tied
 quantized head doubles as the embedding table (rows unpacked on lookup). Linears the block kernels
@@ -37,6 +37,7 @@ from lowbit.kernels import block_gemv
 log = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2")
+INITIAL_CAPACITY = 256  # KV-cache positions allocated first; doubled on demand up to max_len
 PREFILL_CHUNK = 16  # rows per block-kernel call; larger prompts go through a dequantized fp32 GEMM
 
 
@@ -163,7 +164,8 @@ class Decoder:
     """Static-cache decoding of a Llama-layout causal LM (``CausalLM`` wrapper or bare HF model).
 
     The decoder reads the model's modules once (derived kernel layouts; the model itself is not
-    changed) and preallocates a KV cache of ``batch x max_len`` positions in fp32. Single tokens of
+    changed) and keeps an fp32 KV cache for ``batch`` sequences that grows by doubling (from 256
+    positions) up to ``max_len``, so memory follows the context used. Single tokens of
     one sequence (decoding) go through the one-call C step of :mod:`lowbit.kernels.decode_step`
     when every projection is on the block kernels (``kernel="reference"`` keeps this module's torch
     forward, the step's reference twin); prompts and batches run the torch forward.
@@ -217,7 +219,8 @@ class Decoder:
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, head_dim)
         scaling = float(getattr(rot, "attention_scaling", 1.0))
         self.cos, self.sin = emb.cos() * scaling, emb.sin() * scaling
-        shape = (len(self.layers), batch, self.n_kv, max_len, self.head_dim)
+        self.capacity = min(max_len, INITIAL_CAPACITY)
+        shape = (len(self.layers), batch, self.n_kv, self.capacity, self.head_dim)
         self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
         self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
         self._step = self._build_step(kernel)
@@ -243,6 +246,15 @@ class Decoder:
                 raise ConfigError(f"the C decoding step is unavailable: {why}")
             log.info("decoder: torch forward for every token (%s)", why)
             return None
+        n = decode_step.scratch_floats(self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim, self.max_len)
+        self._scratch = torch.zeros(n)
+        self._qscratch = torch.zeros(max(self.hidden, self.inter), dtype=torch.int8)
+        return lib, self._records()
+
+    def _records(self):
+        """The C records of every layer (projections, norms, this cache's pointers)."""
+        from lowbit.kernels import decode_step
+
         records = []
         for i, L in enumerate(self.layers):
             rec = [L["in_norm"].data_ptr(), L["post_norm"].data_ptr()]
@@ -251,17 +263,28 @@ class Decoder:
                 rec.append(decode_step.proj_record(w.packed, w.s, w.b, w.bias, w.bits, w.in_features, w.group_size))
             rec += [self.k_cache[i, 0].data_ptr(), self.v_cache[i, 0].data_ptr()]
             records.append(decode_step.Layer(*rec))
-        n = decode_step.scratch_floats(self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim, self.max_len)
-        self._scratch = torch.zeros(n)
-        self._qscratch = torch.zeros(max(self.hidden, self.inter), dtype=torch.int8)
-        return lib, (decode_step.Layer * len(records))(*records)
+        return (decode_step.Layer * len(records))(*records)
+
+    def _reserve(self, end: int) -> None:
+        """Grow the KV cache (doubling, at most max_len positions) so that it holds ``end`` positions."""
+        if end <= self.capacity:
+            return
+        new = min(self.max_len, max(end, 2 * self.capacity))
+        old_k, old_v = self.k_cache, self.v_cache
+        shape = (*old_k.shape[:3], new, self.head_dim)
+        self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
+        self.k_cache[:, :, :, :self.capacity] = old_k
+        self.v_cache[:, :, :, :self.capacity] = old_v
+        self.capacity = new
+        if self._step is not None:
+            self._step = (self._step[0], self._records())
 
     def _token_step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """Hidden state (1, 1, H) after every layer for one token, through the C step."""
         lib, layers = self._step
         h = self.embed(ids).reshape(self.hidden).float().contiguous()  # (H,), updated in place
         lib.lowbit_llama_token(layers, len(layers), h.data_ptr(), pos, self.cos.data_ptr(), self.sin.data_ptr(),
-                               self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim, self.max_len, self.eps,
+                               self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim, self.capacity, self.eps,
                                int(self.activations == "int8"), self._scratch.data_ptr(), self._qscratch.data_ptr(),
                                torch.get_num_threads())
         return h.view(1, 1, self.hidden)
@@ -289,6 +312,7 @@ class Decoder:
         bsz, t = ids.shape
         if bsz > self.batch or pos + t > self.max_len:
             raise ConfigError(f"{bsz} x {pos + t} positions exceed the decoder's cache of {self.batch} x {self.max_len}")
+        self._reserve(pos + t)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         if self._step is not None and bsz == 1 and t == 1:
             h = self._token_step(ids, pos)
