@@ -200,3 +200,24 @@ def test_cache_grows_on_demand(monkeypatch):
         steps = [d.forward(ids[:, :3], 0)] + [d.forward(ids[:, p:p + 1], p) for p in range(3, 19)]
     assert d.capacity == 32  # 4 -> 8 -> 16 -> 32
     assert _rel(torch.stack(steps[1:], dim=1), full[:, 3:19]) < LOGIT_TOL
+
+
+def test_generate_command_streams_text_from_a_saved_quantized_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.models.hf import load_hf
+    from tests._tiny_hf import tiny_folder
+
+    m = load_hf(tiny_folder("llama", tmp_path / "llama"))
+    lowbit.quantize(m, WeightOnlyConfig(bits=4, group_size=32, tie_embeddings=True))
+    lowbit.save(m, tmp_path / "q")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["generate", str(tmp_path / "q"), "-p", "hello world", "--max-tokens", "5",
+                             "--activations", "int8", "--stats"])
+    assert ok.exit_code == 0, ok.output
+    assert "decode" in ok.output and "tokens/s" in ok.output
+    bad = runner.invoke(app, ["generate", str(tmp_path / "q"), "-p", "hello", "--max-tokens", "0"])
+    assert bad.exit_code != 0 and "--max-tokens" in bad.output
+    bad = runner.invoke(app, ["generate", str(tmp_path / "q"), "-p", "hello", "--activations", "int3"])
+    assert bad.exit_code != 0 and "activations" in bad.output
