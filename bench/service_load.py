@@ -137,10 +137,16 @@ def admin(url: str, seconds: float, log: list[str], t0: float, state: dict) -> N
         wait_until(0.2 * seconds)
         r = c.post("/models/minilm-w8/activate", headers=auth)
         note(f"swap 1 -> minilm-w8: {r.status_code}")
-        wait_until(0.35 * seconds)
-        state["calib_at"] = time.time()
-        r = c.post("/calibration/run", headers=auth)
-        note(f"recalibration requested: {r.status_code}")
+        wait_until(0.3 * seconds)
+        while time.monotonic() - t0 < 0.65 * seconds:  # until the buffer holds enough distinct inputs
+            state["calib_at"] = time.time()
+            r = c.post("/calibration/run", headers=auth)
+            time.sleep(1.0)
+            last = (c.get("/calibration").json()["history"] or [{}])[-1]
+            if r.status_code != 202 or last.get("outcome") != "skipped" or "need" not in last.get("reason", ""):
+                break
+            time.sleep(2.0)
+        note(f"recalibration requested: {r.status_code} ({c.get('/calibration').json()['buffer']} buffered)")
         wait_until(0.7 * seconds)
         j = c.get(f"/jobs/{job}").json() if job else {}
         target = "minilm-job" if j.get("status") == "succeeded" else "minilm"
