@@ -422,7 +422,7 @@ def test_allreduce_bytes_flat_in_world_size():
     n = 1_000_000
     for c in (OneBit(chunk=2048), TernGrad(), QSGD(levels=7, chunk=512), TopK(ratio=0.01)):
         full = c.nbytes(n)
-        per_w = {w: compressed_bytes(c, n, w) for w in (2, 4, 8, 64)}
+        per_w = {w: compressed_bytes(c, n, w, "allreduce") for w in (2, 4, 8, 64)}
         for w, sent in per_w.items():
             assert sent == 2 * (w - 1) * c.nbytes(-(-n // w))
             # within 1% of 2 (W-1)/W P(n): a few bytes of per-chunk scales and rounding
@@ -491,9 +491,10 @@ def _exact_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         # a bad bucket raises on every rank before any collective: the exchanges below would hang otherwise
         with pytest.raises(ConfigError, match="int32"):
-            compression_hook(CompressionState(OneBit()), _FakeBucket(torch.ones(8, dtype=torch.int32)))
+            bad = _FakeBucket(torch.ones(8, dtype=torch.int32))
+            compression_hook(CompressionState(OneBit(), mode="allreduce"), bad)
         for name, make in EXACT.items():
-            state = CompressionState(make(rank), record=True)
+            state = CompressionState(make(rank), mode="allreduce", record=True)
             outs, wires = [], []
             for step in range(EXACT_STEPS):
                 for index, g in enumerate(_step_grads(rank, step)):

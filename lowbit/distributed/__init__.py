@@ -9,10 +9,11 @@ Compressors (plain objects, usable without DDP): ``encode(g, key) -> Payload`` w
 - :class:`TopK`, :class:`RandomK` sparsification with memory (Stich et al. 2018)  ``topk.py``, ``randk.py``
 
 DDP hooks (``hooks.py``): :func:`register_compression_hook` / :func:`compression_hook` over gloo, in two
-modes: ``"allreduce"`` (default), a two-phase compressed all-reduce (compressed chunks to their owners,
-averaged, re-compressed with their own error feedback, all-gathered) whose bytes per rank stay flat in
-the world size; ``"allgather"``, every rank's whole payload to every rank. :class:`CompressionState`
-counts bytes; :func:`compressed_bytes` is the formula.
+modes: ``"allgather"`` (default), every rank's whole payload to every rank, bytes growing with ``W - 1``;
+``"allreduce"``, a two-phase compressed all-reduce (compressed chunks to their owners, averaged,
+re-compressed with their own error feedback, all-gathered) whose bytes per rank stay flat in ``W``
+(within 1 pt of fp32 for 1-bit EF and QSGD, 2 pt below it for Top-K: see hooks.py).
+:class:`CompressionState` counts bytes; :func:`compressed_bytes` is the formula.
 """
 
 from lowbit.distributed.hooks import (
