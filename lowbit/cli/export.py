@@ -1,4 +1,9 @@
-"""`lowbit export DIR --format gguf --type q4_0|q4_1|q8_0 --out FILE.gguf`: a quantized causal LM for llama.cpp."""
+"""`lowbit export DIR --format gguf|onnx --out FILE`: a quantized model for llama.cpp or ONNX Runtime.
+
+- gguf: a quantized causal LM (``--type q4_0|q4_1|q8_0``), ``lowbit.io.gguf_export``.
+- onnx: a quantized encoder (W8A8-dynamic, int8 embeddings; ``lowbit.io.onnx_encoder``) or a weight-only
+  causal LM with MatMulNBits linears (``lowbit.io.onnx_nbits``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import typer
 
 from lowbit.cli._common import clean_errors
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "onnx")
 
 
 def _load_source(target: str):
@@ -39,7 +44,7 @@ def register(app: typer.Typer) -> None:
     def export_command(
         target: str = typer.Argument(..., metavar="DIR",
                                      help="A saved lowbit model folder (or a .gguf file / model name to convert)."),
-        fmt: str = typer.Option("gguf", "--format", help="Output format: gguf."),
+        fmt: str = typer.Option("gguf", "--format", help="Output format: gguf | onnx."),
         qtype: str = typer.Option("q4_0", "--type", help="GGUF type of the linear layers: q4_0 | q4_1 | q8_0."),
         out: Path = typer.Option(..., "--out", "-o", help="The file to write (atomically)."),
         embedding_type: str = typer.Option("q8_0", "--embedding-type",
@@ -50,13 +55,21 @@ def register(app: typer.Typer) -> None:
         tokenizer_pre: str = typer.Option("default", "--tokenizer-pre",
                                           help="llama.cpp pre-tokenizer name when the tokenizer comes from the HF "
                                                "tokenizer (e.g. smollm); ignored with a source GGUF."),
+        activations: str = typer.Option("per-token", "--activations",
+                                        help="onnx, W8A8 encoders: per-token (lowbit's arithmetic) | per-tensor "
+                                             "(ORT's DynamicQuantizeLinear)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     ) -> None:
-        """Export a quantized causal LM; layers already on the target grid keep their codes bit for bit."""
+        """Export a quantized model; layers already on the target grid keep their codes bit for bit."""
         from lowbit.errors import ConfigError
 
         if fmt not in FORMATS:
             raise ConfigError(f"unknown export format {fmt!r}; this command writes: {', '.join(FORMATS)}")
+        if out.exists() and not force:
+            raise ConfigError(f"{out} exists (use --force to replace it)")
+        if fmt == "onnx":
+            _export_onnx(_load_source(target), out, activations, force)
+            return
         from lowbit.io.gguf_export import export_gguf
 
         model = _load_source(target)
@@ -65,3 +78,28 @@ def register(app: typer.Typer) -> None:
         hows = {h: report.count(h) for h in ("exact", "exact-codes", "requantized", "quantized", "float")}
         typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {qtype}): "
                    + ", ".join(f"{n} {h}" for h, n in hows.items() if n))
+
+
+def _export_onnx(model, out: Path, activations: str, force: bool) -> None:
+    """An encoder -> lowbit.io.onnx_encoder (then checked in onnxruntime); a causal LM -> MatMulNBits."""
+    from lowbit.errors import ConfigError
+
+    task = getattr(model, "task", None)
+    if task == "encoder":
+        from lowbit.data import eval_sentences
+        from lowbit.io.onnx_encoder import export_encoder_onnx, verify_encoder_onnx
+
+        report = export_encoder_onnx(model, out, activations=activations, overwrite=force)
+        check = verify_encoder_onnx(model, out, eval_sentences(16))
+        typer.echo(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB): {report['int8_linears']} int8 linears "
+                   f"({activations} activations), {report['int4_linears']} MatMulNBits linears, "
+                   f"{report['int8_embeddings']} int8 embeddings; onnxruntime vs lowbit on {check['n']} sentences: "
+                   f"cosine min {check['cos_min']:.5f}")
+    elif task == "causal-lm":
+        from lowbit.io.onnx_nbits import export_causal_lm_onnx
+
+        report = export_causal_lm_onnx(model, out, overwrite=force)
+        typer.echo(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB): {report['matmulnbits_layers']} MatMulNBits linears")
+    else:
+        raise ConfigError(f"--format onnx exports encoders and weight-only causal LMs; got {type(model).__name__} "
+                          f"(task {task!r}); a static-quantized model exports with lowbit.io.onnx_export.export_onnx")
