@@ -1,6 +1,8 @@
-"""`lowbit export DIR --format gguf|onnx --out FILE`: a quantized model for llama.cpp or ONNX Runtime.
+"""`lowbit export DIR --format gguf|onnx|hf --out PATH`: a quantized model for llama.cpp, ONNX Runtime or HF.
 
 - gguf: a quantized causal LM (``--type q4_0|q4_1|q8_0``), ``lowbit.io.gguf_export``.
+- hf: a weight-only causal LM as a Hugging Face folder with a compressed-tensors ``quantization_config``
+  (``lowbit.io.hf_export``), which transformers and vLLM load.
 - onnx: a quantized encoder (W8A8-dynamic, int8 embeddings; ``lowbit.io.onnx_encoder``) or a weight-only
   causal LM with MatMulNBits linears (``lowbit.io.onnx_nbits``).
 """
@@ -14,7 +16,7 @@ import typer
 
 from lowbit.cli._common import clean_errors
 
-FORMATS = ("gguf", "onnx")
+FORMATS = ("gguf", "onnx", "hf")
 
 
 def _load_source(target: str):
@@ -44,7 +46,7 @@ def register(app: typer.Typer) -> None:
     def export_command(
         target: str = typer.Argument(..., metavar="DIR",
                                      help="A saved lowbit model folder (or a .gguf file / model name to convert)."),
-        fmt: str = typer.Option("gguf", "--format", help="Output format: gguf | onnx."),
+        fmt: str = typer.Option("gguf", "--format", help="Output format: gguf | onnx | hf (a compressed-tensors folder)."),
         qtype: str = typer.Option("q4_0", "--type", help="GGUF type of the linear layers: q4_0 | q4_1 | q8_0."),
         out: Path = typer.Option(..., "--out", "-o", help="The file to write (atomically)."),
         embedding_type: str = typer.Option("q8_0", "--embedding-type",
@@ -69,6 +71,13 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"{out} exists (use --force to replace it)")
         if fmt == "onnx":
             _export_onnx(_load_source(target), out, activations, force)
+            return
+        if fmt == "hf":
+            from lowbit.io.hf_export import export_hf
+
+            report = export_hf(_load_source(target), out, overwrite=force)
+            typer.echo(f"wrote {out}/ ({report['bytes'] / 1e6:.1f} MB safetensors): {report['quantized_linears']} "
+                       f"pack-quantized linears (compressed-tensors), {len(report['float_linears'])} float linears")
             return
         from lowbit.io.gguf_export import export_gguf
 
