@@ -260,6 +260,10 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
     batches, source = lm_calibration(model, calibration_data, config.n_calib or DEFAULT_CALIB_WINDOWS)
     prefix = layer_prefix(model)
     check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
+    from lowbit.algorithms.gptq_ranks import quantize_gptq_ranks, ranks_active
+
+    if ranks_active():  # one rank of a torchrun job: sharded calibration, fixed-order Hessian reduce
+        return quantize_gptq_ranks(model, config, batches, source)
     report = QuantizeReport()
     stats: dict[str, dict] = {}
     t0 = time.perf_counter()

@@ -75,6 +75,36 @@ def _quantize_low_memory(model: str, config, calib: int | None, log):
     return quantize_from_disk(folder, config, n_calib=calib)
 
 
+def _join_ranks(config, low_memory: bool, log) -> int | None:
+    """Under ``torchrun`` (``WORLD_SIZE`` set): join the gloo process group and return this rank, else None.
+
+    Only GPTQ runs across ranks (the calibration windows are sharded, Hessians reduced in a fixed
+    order, solves split; see ``lowbit.algorithms.gptq_ranks``). A collective waits at most
+    ``LOWBIT_RANK_TIMEOUT_S`` seconds (default 600) for a peer; torchrun stops the other ranks when one dies.
+    """
+    import atexit
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from lowbit.algorithms.gptq import GPTQConfig
+    from lowbit.errors import ConfigError
+
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return None
+    if type(config) is not GPTQConfig:
+        raise ConfigError(f"across ranks (torchrun) `lowbit quantize` runs --scheme gptq only, not {config.scheme}; "
+                          "run other schemes in one process")
+    if low_memory:
+        raise ConfigError("--low-memory is not supported across ranks yet; drop --low-memory or run one process")
+    timeout = float(os.environ.get("LOWBIT_RANK_TIMEOUT_S", "600"))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+    atexit.register(dist.destroy_process_group)
+    log.info("rank %d of %d (gloo)", dist.get_rank(), dist.get_world_size())
+    return dist.get_rank()
+
+
 def _builtin_eval(model) -> list[str]:
     """lowbit's own evaluation texts for ``model``'s task (what --calib-data is checked against)."""
     from lowbit.data import eval_sentences, lm_eval_text, lm_heldout_text
@@ -155,6 +185,9 @@ def register(app: typer.Typer) -> None:
         from lowbit.io.open import open_model
 
         log = logging.getLogger("lowbit.cli")
+        rank = _join_ranks(config, low_memory, log)
+        if rank:  # ranks other than 0 quantize only: rank 0 measures and writes the folder (atomically)
+            no_eval, out = True, None
         calib_samples = calib_record = eval_samples = None
         if calib_data is not None:
             calib_samples, calib_record = read_samples(calib_data)
