@@ -48,6 +48,35 @@ from bench._llm_common import machine, quiet, write_results  # noqa: E402
 PROMPT = "The licence grants permission to use, copy and modify the software provided that"
 THREADS = 2
 
+MEMORY_CHILD = """
+import ctypes, gc, json, sys
+import torch, transformers, lowbit
+def status():
+    d = {}
+    for line in open('/proc/self/status'):
+        if line.startswith(('VmRSS', 'VmHWM')):
+            d[line.split(':')[0]] = int(line.split()[1]) / 1024
+    return d
+libs = status()
+from lowbit.models.decode import Decoder
+m = lowbit.load(sys.argv[1])
+ids = m.tokenizer('The licence grants permission to use', return_tensors='pt').input_ids
+d = Decoder(m, max_len=256, activations=sys.argv[2])
+del m
+gc.collect()
+ctypes.CDLL('libc.so.6').malloc_trim(0)
+d.generate(ids, 32)
+print(json.dumps({'libs': libs, 'decoding': status(), 'layout_mb': d.nbytes() / 1e6}))
+"""
+
+
+def decoder_memory(folder: Path, activations: str) -> dict:
+    """RSS of a fresh process that loads the saved folder, builds the decoder, frees the model and
+    decodes 32 tokens: libraries alone, then while decoding (VmRSS) and its peak (VmHWM), in MB."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(folder), activations], capture_output=True,
+                         text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
 
 def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     """Best of ``repeats`` read-only passes (``torch.sum``) over ``mb`` MB of fp32."""
@@ -148,6 +177,9 @@ def main(argv=None) -> None:
 
     llama_error = None
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-decode-bench-"))
+    lowbit.save(g128, tmp / "int4-g128")
+    meta["memory"] = decoder_memory(tmp / "int4-g128", "int8")
+    meta["memory"]["disk_mb"] = sum(f.stat().st_size for f in (tmp / "int4-g128").iterdir()) / 1e6
     try:
         from llama_cpp import Llama
 
@@ -204,10 +236,15 @@ def main(argv=None) -> None:
                   f"{r['x_fp32']:.2f} | {f(r['x_llama_q4_0'], '.2f')} | {r['prefill_tps']:.0f} | "
                   f"{f(r['bytes_per_token_mb'], '.1f')} | {f(r.get('ceiling_tps'), '.0f')} | "
                   f"{f(r.get('roofline_share'), '.0%')} |")
+    mem = meta["memory"]
+    md += ["", f"**Memory** (int4 g128 tied, saved folder {mem['disk_mb']:.1f} MB on disk): a fresh process that loads "
+           f"it, builds the decoder (kernel layouts {mem['layout_mb']:.1f} MB), frees the model and decodes 32 tokens "
+           f"holds {mem['decoding']['VmRSS']:.0f} MB RSS (peak {mem['decoding']['VmHWM']:.0f} MB), of which "
+           f"{mem['libs']['VmRSS']:.0f} MB is torch + transformers + lowbit imported before loading."]
     write_results("decode", out, "\n".join(md) + "\n", meta)
-    for pth in tmp.iterdir():
-        pth.unlink()
-    tmp.rmdir()
+    import shutil
+
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

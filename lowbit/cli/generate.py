@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("--prompt encodes to no tokens")
         limit = getattr(getattr(getattr(model, "lm", None), "config", None), "max_position_embeddings", None) or 2048
         decoder = Decoder(model, max_len=min(int(limit), ids.shape[1] + max_tokens), activations=activations)
+        del model  # the decoder holds its own kernel layouts; the stored form is no longer needed
         eos = getattr(tok, "eos_token_id", None)
         start = time.perf_counter()
         first = None

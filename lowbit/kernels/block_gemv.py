@@ -5,7 +5,8 @@ HQQ's float zero-points, GGUF's Q4_0 / Q4_1 / Q8_0). A weight row ``n`` of ``K``
 
     W[n, k] = s[n, j] * u[n, k] + b[n, j]        j = k // g  (the group of k; g a multiple of 32)
 
-with unsigned codes ``u`` (0..15 or 0..255), per-group scale ``s`` and offset ``b`` in fp32: a
+with unsigned codes ``u`` (0..15 or 0..255), per-group scale ``s`` (fp16, as lowbit's modules and
+GGUF store it) and offset ``b`` (fp32, or not stored for symmetric codes): a
 symmetric code ``q = u - 8`` has ``b = -8 s``, an affine one ``s (q - z)`` has ``b = -z s``, Q4_1's
 ``d u + m`` has ``b = m``. The product of a row of ``x`` with it is then
 
@@ -46,7 +47,26 @@ _C_SOURCE = r"""
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LB_AVX2 1
+#elif defined(__F16C__)
+#include <immintrin.h>
 #endif
+
+/* Scales are stored in fp16 (as the modules hold them): 2 bytes per group read per token. */
+static inline float lb_h2f(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, f;
+    if (e == 0) {
+        float v = ldexpf((float)m, -24);  /* zero or subnormal */
+        return sign ? -v : v;
+    }
+    f = e == 31 ? (sign | 0x7f800000u | (m << 13)) : (sign | ((e + 112) << 23) | (m << 13));
+    float out;
+    memcpy(&out, &f, sizeof out);
+    return out;
+#endif
+}
 
 static inline float lb_hsum(
 #ifdef LB_AVX2
@@ -78,12 +98,22 @@ static void lb_group_sums(const float* x, float* X, int64_t M, int64_t K, int64_
 }
 
 #define LB_MAX_M 16
+#define LB_ROW_GROUPS 1024  /* rows of up to 1024 groups convert their scales up front */
+
+#ifdef LB_AVX2
+static inline void lb_scales_row(const uint16_t* h, float* out, int64_t G) {
+    int64_t j = 0;
+    for (; j + 8 <= G; j += 8) _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + j))));
+    for (; j < G; ++j) out[j] = lb_h2f(h[j]);
+}
+#endif
 /* The offset of group idx: stored, or boff * s for symmetric codes (boff = -2^(bits-1), b = NULL). */
-#define LB_B(idx) (b ? b[idx] : boff * s[idx])
+#define LB_S(idx) lb_h2f(s[idx])
+#define LB_B(idx) (b ? b[idx] : boff * LB_S(idx))
 
 #ifdef LB_AVX2
 /* One row of x (M = 1, decoding): four independent accumulators per group hide the FMA latency. */
-static void lb_q4_row(const float* x, const uint8_t* w, const float* s, const float* b, float boff, const float* bias,
+static void lb_q4_row(const float* x, const uint8_t* w, const uint16_t* s, const float* b, float boff, const float* bias,
                       float* y, const float* X, int64_t N, int64_t K, int64_t G, int64_t g, int nthreads) {
     const int64_t nb = K / 32, bpg = g / 32;
     const __m128i low = _mm_set1_epi8(0x0F);
@@ -107,14 +137,14 @@ static void lb_q4_row(const float* x, const uint8_t* w, const float* s, const fl
                                      _mm256_loadu_ps(xr + 24), a3);
             }
             __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-            vt = _mm256_fmadd_ps(a, _mm256_set1_ps(s[n * G + j]), vt);
+            vt = _mm256_fmadd_ps(a, _mm256_set1_ps(LB_S(n * G + j)), vt);
             tot += LB_B(n * G + j) * X[j];
         }
         y[n] = tot + lb_hsum(vt);
     }
 }
 
-static void lb_q8_row(const float* x, const uint8_t* w, const float* s, const float* b, float boff, const float* bias,
+static void lb_q8_row(const float* x, const uint8_t* w, const uint16_t* s, const float* b, float boff, const float* bias,
                       float* y, const float* X, int64_t N, int64_t K, int64_t G, int64_t g, int nthreads) {
     const int64_t nb = K / 32, bpg = g / 32;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -138,7 +168,7 @@ static void lb_q8_row(const float* x, const uint8_t* w, const float* s, const fl
                                      _mm256_loadu_ps(xr + 24), a3);
             }
             __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-            vt = _mm256_fmadd_ps(a, _mm256_set1_ps(s[n * G + j]), vt);
+            vt = _mm256_fmadd_ps(a, _mm256_set1_ps(LB_S(n * G + j)), vt);
             tot += LB_B(n * G + j) * X[j];
         }
         y[n] = tot + lb_hsum(vt);
@@ -147,7 +177,7 @@ static void lb_q8_row(const float* x, const uint8_t* w, const float* s, const fl
 #endif
 
 /* 4-bit: w is (N, K/2) bytes, blocks of 32 inputs as 16 bytes (low nibble i, high nibble i + 16). */
-void lowbit_q4_linear(const float* x, const uint8_t* w, const float* s, const float* b, float boff, const float* bias,
+void lowbit_q4_linear(const float* x, const uint8_t* w, const uint16_t* s, const float* b, float boff, const float* bias,
                       float* y, float* X, int64_t M, int64_t N, int64_t K, int64_t G, int64_t g, int nthreads) {
     lb_group_sums(x, X, M, K, G, g);
     const int64_t nb = K / 32, bpg = g / 32;
@@ -186,7 +216,7 @@ void lowbit_q4_linear(const float* x, const uint8_t* w, const float* s, const fl
                         va[i] = a;
                     }
                 }
-                __m256 vs = _mm256_set1_ps(s[n * G + j]);
+                __m256 vs = _mm256_set1_ps(LB_S(n * G + j));
                 float bj = LB_B(n * G + j);
                 for (int64_t i = 0; i < mc; ++i) {
                     vt[i] = _mm256_fmadd_ps(va[i], vs, vt[i]);
@@ -205,7 +235,7 @@ void lowbit_q4_linear(const float* x, const uint8_t* w, const float* s, const fl
                             uint8_t c = wr[blk * 16 + t];
                             a += (float)(c & 15) * xr[blk * 32 + t] + (float)(c >> 4) * xr[blk * 32 + t + 16];
                         }
-                    tot[i] += s[n * G + j] * a + LB_B(n * G + j) * X[(m0 + i) * G + j];
+                    tot[i] += LB_S(n * G + j) * a + LB_B(n * G + j) * X[(m0 + i) * G + j];
                 }
             }
             for (int64_t i = 0; i < mc; ++i) y[(m0 + i) * N + n] = tot[i];
@@ -215,7 +245,7 @@ void lowbit_q4_linear(const float* x, const uint8_t* w, const float* s, const fl
 }
 
 /* 8-bit: w is (N, K) unsigned codes. */
-void lowbit_q8_linear(const float* x, const uint8_t* w, const float* s, const float* b, float boff, const float* bias,
+void lowbit_q8_linear(const float* x, const uint8_t* w, const uint16_t* s, const float* b, float boff, const float* bias,
                       float* y, float* X, int64_t M, int64_t N, int64_t K, int64_t G, int64_t g, int nthreads) {
     lb_group_sums(x, X, M, K, G, g);
     const int64_t nb = K / 32, bpg = g / 32;
@@ -253,7 +283,7 @@ void lowbit_q8_linear(const float* x, const uint8_t* w, const float* s, const fl
                         va[i] = a;
                     }
                 }
-                __m256 vs = _mm256_set1_ps(s[n * G + j]);
+                __m256 vs = _mm256_set1_ps(LB_S(n * G + j));
                 float bj = LB_B(n * G + j);
                 for (int64_t i = 0; i < mc; ++i) {
                     vt[i] = _mm256_fmadd_ps(va[i], vs, vt[i]);
@@ -268,7 +298,7 @@ void lowbit_q8_linear(const float* x, const uint8_t* w, const float* s, const fl
                     const float* xr = x + (m0 + i) * K;
                     float a = 0.0f;
                     for (int64_t k = k0; k < k1; ++k) a += (float)wr[k] * xr[k];
-                    tot[i] += s[n * G + j] * a + LB_B(n * G + j) * X[(m0 + i) * G + j];
+                    tot[i] += LB_S(n * G + j) * a + LB_B(n * G + j) * X[(m0 + i) * G + j];
                 }
             }
             for (int64_t i = 0; i < mc; ++i) y[(m0 + i) * N + n] = tot[i];
@@ -302,7 +332,7 @@ void lowbit_quantize_blocks(const float* x, int8_t* xq, float* d, float* Xq, int
     }
 }
 
-void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const uint8_t* w, const float* s,
+void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const uint8_t* w, const uint16_t* s,
                         const float* b, float boff, const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
                         int64_t g, int nthreads) {
     const int64_t nb = K / 32, bpg = g / 32;
@@ -331,7 +361,7 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
                     LB_ROW(0, a0); LB_ROW(1, a1); LB_ROW(2, a2); LB_ROW(3, a3);
 #undef LB_ROW
                 }
-                __m256 vs = _mm256_set1_ps(s[n * G + j]);
+                __m256 vs = _mm256_set1_ps(LB_S(n * G + j));
                 float bj = LB_B(n * G + j);
                 vt0 = _mm256_fmadd_ps(a0, vs, vt0); t0 += bj * Xq[m * G + j];
                 vt1 = _mm256_fmadd_ps(a1, vs, vt1); t1 += bj * Xq[(m + 1) * G + j];
@@ -348,13 +378,14 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
             const int8_t* xr = xq + m * K;
             const float* dm = d + m * nb;
 #ifdef LB_AVX2
-            if (bpg <= 2) {
+            if (bpg <= 2 && G <= LB_ROW_GROUPS) {
                 /* Small groups (Q4_0's 32): the group scale goes into each block's factor s * d, so
                    there is no per-group reduction; the offsets are one dot of length G at the end. */
                 const __m128i low = _mm_set1_epi8(0x0F);
                 const __m256i ones = _mm256_set1_epi16(1);
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-                const float* sr = s + n * G;
+                float sr[LB_ROW_GROUPS];  /* this row's scales in fp32, converted 8 at a time */
+                lb_scales_row(s + n * G, sr, G);
                 const int sh = bpg == 2;  /* block -> group without a division */
                 int64_t blk = 0;
                 for (; blk + 1 < nb; blk += 2) {
@@ -374,7 +405,8 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
                     a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(sr[blk >> sh] * dm[blk]), a0);
                 }
                 float tot = bias ? bias[n] : 0.0f;
-                for (int64_t j = 0; j < G; ++j) tot += LB_B(n * G + j) * Xq[m * G + j];
+                if (b) for (int64_t j = 0; j < G; ++j) tot += b[n * G + j] * Xq[m * G + j];
+                else for (int64_t j = 0; j < G; ++j) tot += boff * sr[j] * Xq[m * G + j];
                 y[m * N + n] = tot + lb_hsum(_mm256_add_ps(a0, a1));
                 continue;
             }
@@ -404,7 +436,7 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
                     __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32))), ones);
                     a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dm[blk]), a0);
                 }
-                vt = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s[n * G + j]), vt);
+                vt = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(LB_S(n * G + j)), vt);
                 tot += LB_B(n * G + j) * Xq[m * G + j];
             }
             y[m * N + n] = tot + lb_hsum(vt);
@@ -420,7 +452,7 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
                     }
                     a += dm[blk] * (float)dot;
                 }
-                tot += s[n * G + j] * a + LB_B(n * G + j) * Xq[m * G + j];
+                tot += LB_S(n * G + j) * a + LB_B(n * G + j) * Xq[m * G + j];
             }
             y[m * N + n] = tot;
 #endif
@@ -429,7 +461,7 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
 }
 
 /* Rows of a 4-bit table: out[r, k] = s[row, j] * u[row, k] + b[row, j] (an embedding lookup). */
-void lowbit_q4_rows(const int64_t* rows, const uint8_t* w, const float* s, const float* b, float boff, float* out,
+void lowbit_q4_rows(const int64_t* rows, const uint8_t* w, const uint16_t* s, const float* b, float boff, float* out,
                     int64_t R, int64_t K, int64_t G, int64_t g) {
     for (int64_t r = 0; r < R; ++r) {
         const uint8_t* wr = w + rows[r] * (K / 2);
@@ -438,18 +470,18 @@ void lowbit_q4_rows(const int64_t* rows, const uint8_t* w, const float* s, const
             uint8_t c = wr[blk * 16 + (i & 15)];
             int u = i < 16 ? (c & 15) : (c >> 4);
             int64_t j = k / g;
-            out[r * K + k] = s[rows[r] * G + j] * (float)u + LB_B(rows[r] * G + j);
+            out[r * K + k] = LB_S(rows[r] * G + j) * (float)u + LB_B(rows[r] * G + j);
         }
     }
 }
 
 /* Rows of an 8-bit table. */
-void lowbit_q8_rows(const int64_t* rows, const uint8_t* w, const float* s, const float* b, float boff, float* out,
+void lowbit_q8_rows(const int64_t* rows, const uint8_t* w, const uint16_t* s, const float* b, float boff, float* out,
                     int64_t R, int64_t K, int64_t G, int64_t g) {
     for (int64_t r = 0; r < R; ++r)
         for (int64_t k = 0; k < K; ++k) {
             int64_t j = k / g;
-            out[r * K + k] = s[rows[r] * G + j] * (float)w[rows[r] * K + k] + LB_B(rows[r] * G + j);
+            out[r * K + k] = LB_S(rows[r] * G + j) * (float)w[rows[r] * K + k] + LB_B(rows[r] * G + j);
         }
 }
 """
@@ -513,6 +545,7 @@ def dequantize_ref(packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None
     """``W = s u + b`` per group, fp32 (N, K); ``b = None`` means ``b = -2^(bits-1) s`` (symmetric codes)."""
     g = group_size or k
     u = unpack_codes(packed, bits, k).float()
+    s = s.float()
     if b is None:
         b = s * offset_constant(bits)
     s_k = s.repeat_interleave(g, dim=1)[:, :k]  # (N, G*g) -> (N, K): the last group may be short
@@ -535,6 +568,8 @@ def _check(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torch.Tens
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != width:
         raise ConfigError(f"packed codes must be uint8 (N, {width}) for K={k} at {bits} bits, "
                           f"got {packed.dtype} {tuple(packed.shape)}")
+    if s.dtype != torch.float16:
+        raise ConfigError(f"block kernels take fp16 scales, got {s.dtype}")
     want = (packed.shape[0], n_groups)
     if tuple(s.shape) != want or (b is not None and tuple(b.shape) != want):
         raise ConfigError(f"scale/offset must be {want}, got {tuple(s.shape)} / {None if b is None else tuple(b.shape)}")
@@ -642,8 +677,8 @@ def _example(seed: int, bits: int, group_size: int, m: int, k: int = 320, n: int
     g = torch.Generator().manual_seed(seed)
     n_groups = -(-k // (group_size or k))
     u = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.uint8)
-    s = torch.rand(n, n_groups, generator=g) * 0.1 + 0.01
-    b = -s * (2 ** (bits - 1)) + torch.randn(n, n_groups, generator=g) * 0.01
+    s = (torch.rand(n, n_groups, generator=g) * 0.1 + 0.01).half()
+    b = -s.float() * (2 ** (bits - 1)) + torch.randn(n, n_groups, generator=g) * 0.01
     x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
     return x, pack_codes(u, bits), s.contiguous(), b.contiguous(), bias
 

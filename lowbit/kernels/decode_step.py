@@ -28,7 +28,7 @@ from lowbit.kernels import block_gemv, native
 
 _STEP_SOURCE = r"""
 typedef struct {
-    const uint8_t* w; const float* s; const float* b; const float* bias;
+    const uint8_t* w; const uint16_t* s; const float* b; const float* bias;
     int64_t N, K, G, g; int64_t bits; float boff;
 } lb_proj;
 

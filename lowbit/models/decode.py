@@ -48,7 +48,7 @@ class BlockWeights:
     """One linear in the block-kernel layout: ``W = s u + b`` per group (see :mod:`lowbit.kernels.block_gemv`)."""
 
     packed: torch.Tensor  # uint8 (N, K/2) for 4 bits, (N, K) for 8
-    s: torch.Tensor  # fp32 (N, G)
+    s: torch.Tensor  # fp16 (N, G), the module's own scales
     b: torch.Tensor | None  # fp32 (N, G); None for symmetric codes: b = -2^(bits-1) s, not stored
     bits: int
     group_size: int  # 0 = the whole row
@@ -88,7 +88,7 @@ def block_weights(module: nn.Module) -> BlockWeights | None:
         if block_gemv.check_layout(module.bits, module.in_features, module.group_size):
             return None
         u = module.codes().to(torch.uint8)
-        s, b = module.scale.float(), module.offset.float()
+        s, b = module.scale.half(), module.offset.float()
         return BlockWeights(block_gemv.pack_codes(u, module.bits), s.contiguous(), b.contiguous(), module.bits,
                             module.group_size, module.in_features, bias)
     if not isinstance(module, WeightOnlyQLinear):
@@ -102,12 +102,12 @@ def block_weights(module: nn.Module) -> BlockWeights | None:
     qp = module.qparams()
     offset = 2 ** (f.bits - 1) if q.dtype == torch.int8 else 0  # signed codes are stored as u = q + offset
     u = (q.to(torch.int16) + offset).to(torch.uint8)
-    s = qp.scale.float().reshape(module.out_features, -1).contiguous()  # (N, G); per channel: G = 1
+    s = module.scale.reshape(module.out_features, -1).contiguous()  # fp16 (N, G); per channel: G = 1
     if qp.zero_point is None and offset:  # symmetric: b = -offset s is implied, not stored (fewer bytes per token)
         b = None
     else:
-        zp = torch.zeros_like(s) if qp.zero_point is None else qp.zero_point.float().reshape(s.shape)
-        b = (-s * (zp + offset)).contiguous()  # W = s (q - zp) = s u - s (offset + zp)
+        zp = torch.zeros(s.shape) if qp.zero_point is None else qp.zero_point.float().reshape(s.shape)
+        b = (-s.float() * (zp + offset)).contiguous()  # W = s (q - zp) = s u - s (offset + zp)
     return BlockWeights(block_gemv.pack_codes(u, f.bits), s, b, f.bits, module.group_size, module.in_features, bias)
 
 
@@ -124,7 +124,7 @@ def fuse(parts: list[BlockWeights]) -> BlockWeights | None:
     b = None  # implied offsets stay implied only when every part has them
     if any(p.b is not None for p in parts):
         c = block_gemv.offset_constant(first.bits)
-        b = torch.cat([p.b if p.b is not None else p.s * c for p in parts]).contiguous()
+        b = torch.cat([p.b if p.b is not None else p.s.float() * c for p in parts]).contiguous()
     return BlockWeights(torch.cat([p.packed for p in parts]), torch.cat([p.s for p in parts]).contiguous(),
                         b, first.bits, first.group_size, first.in_features, bias)
 
@@ -164,7 +164,8 @@ class Decoder:
     """Static-cache decoding of a Llama-layout causal LM (``CausalLM`` wrapper or bare HF model).
 
     The decoder reads the model's modules once (derived kernel layouts; the model itself is not
-    changed) and keeps an fp32 KV cache for ``batch`` sequences that grows by doubling (from 256
+    changed; it keeps no reference to it, so deleting the model afterwards leaves only the derived
+    layouts, the norms and what runs as modules in memory) and keeps an fp32 KV cache for ``batch`` sequences that grows by doubling (from 256
     positions) up to ``max_len``, so memory follows the context used. Single tokens of
     one sequence (decoding) go through the one-call C step of :mod:`lowbit.kernels.decode_step`
     when every projection is on the block kernels (``kernel="reference"`` keeps this module's torch
@@ -192,7 +193,7 @@ class Decoder:
         self.activations = activations
         if max_len < 1 or batch < 1:
             raise ConfigError(f"max_len and batch must be >= 1, got {max_len}, {batch}")
-        self.model, self.lm, self.cfg = model, lm, cfg
+        self.cfg = cfg  # no reference to the model itself: `del model` frees what the decoder does not use
         self.tokenizer = getattr(model, "tokenizer", None)
         inner = lm.model
         self.eps = float(cfg.rms_norm_eps)
