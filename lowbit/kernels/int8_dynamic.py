@@ -7,15 +7,26 @@ For activations ``x`` (M, K) and weights ``W`` (N, K):
     y      = acc * s_x[:, None] * s_W[None, :] + bias
 
 An optional per-input-channel ``smooth_inv`` (SmoothQuant, ``1 / s``) multiplies ``x`` first; the
-weights were multiplied by ``s`` when quantized. The fast path runs the product through ``torch._int_mm`` on
-AVX-512 CPUs and through exact fp32 GEMM chunks on AVX2 ones (:func:`int_product`); the reference
-computes the same integer product in int64 with a plain matmul. Codes and accumulators agree
-bit-exactly; the float epilogue uses identical ops so outputs agree too.
+weights were multiplied by ``s`` when quantized.
+
+The fast path is one C call per linear (:mod:`lowbit.kernels.int8_gemm`: quantization, the integer
+product with AVX-512 VNNI or AVX2 ``maddubs``, the epilogue), registered as the custom op
+``lowbit::w8a8_dynamic_linear`` so ``torch.compile`` keeps it whole and fuses what surrounds it.
+Without a C compiler (or for weights holding -128 on AVX2) it runs in torch: the product through
+``torch._int_mm`` on AVX-512 CPUs and through exact fp32 GEMM chunks on AVX2 ones
+(:func:`int_product`). The reference computes the same integer product in int64 with a plain
+matmul. Codes and accumulators agree bit-exactly; the float epilogue uses identical ops so outputs
+agree too.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from lowbit.kernels import int8_gemm
 
 # Scale floor for an all-zero token (keeps the division finite; the token quantizes to zeros).
 ACT_SCALE_EPS = torch.finfo(torch.float32).eps
@@ -58,16 +69,63 @@ def quantize_per_token_ref(x: torch.Tensor, smooth_inv: torch.Tensor | None = No
     return quantize(x.float(), qp), qp.scale.reshape(-1, 1)
 
 
-def int8_dynamic_linear(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor,
-                        bias: torch.Tensor | None, smooth_inv: torch.Tensor | None = None) -> torch.Tensor:
-    """Fast path. ``qweight_t`` is the int8 weight transposed to (K, N); ``w_scale`` is (N,)."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])  # (M, K)
+def _torch_linear(x2: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  smooth_inv: torch.Tensor | None) -> torch.Tensor:
+    """(M, K) -> (M, N) fp32 with torch ops (the path inductor fuses when no C kernel is available)."""
     q, s_x = quantize_per_token(x2, smooth_inv)
     acc = int_product(q, qweight_t)  # (M, N) int32
     y = acc.float() * (s_x * w_scale)
     if bias is not None:
         y = y + bias
+    return y
+
+
+# Packed weights, one per qweight_t tensor (dropped with it), rebuilt if the tensor is modified in place.
+_packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def packed_weight(qweight_t: torch.Tensor) -> int8_gemm.Packed:
+    version = -1 if qweight_t.is_inference() else qweight_t._version  # inference tensors have no counter
+    entry = _packed.get(qweight_t)
+    if entry is None or entry[0] != version:
+        entry = (version, int8_gemm.pack(qweight_t))
+        _packed[qweight_t] = entry
+    return entry[1]
+
+
+def _native_linear(x2: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                   smooth_inv: Optional[torch.Tensor]) -> torch.Tensor:
+    """(M, K) -> (M, N) fp32 through the C kernel, or the torch ops where it is unavailable or inexact."""
+    lib, _ = int8_gemm.library()
+    if lib is not None:
+        packed = packed_weight(qweight_t)
+        if int8_gemm.packable(packed):
+            return int8_gemm.w8a8_linear(lib, x2.float().contiguous(), packed, w_scale, bias, smooth_inv)
+    return _torch_linear(x2, qweight_t, w_scale, bias, smooth_inv)
+
+
+@torch.library.custom_op("lowbit::w8a8_dynamic_linear", mutates_args=())
+def _native_op(x2: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               smooth_inv: Optional[torch.Tensor]) -> torch.Tensor:
+    return _native_linear(x2, qweight_t, w_scale, bias, smooth_inv)
+
+
+@_native_op.register_fake
+def _(x2, qweight_t, w_scale, bias, smooth_inv):
+    return x2.new_empty(x2.shape[0], qweight_t.shape[1], dtype=torch.float32)
+
+
+def int8_dynamic_linear(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor,
+                        bias: torch.Tensor | None, smooth_inv: torch.Tensor | None = None) -> torch.Tensor:
+    """Fast path. ``qweight_t`` is the int8 weight transposed to (K, N); ``w_scale`` is (N,)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])  # (M, K)
+    if x.requires_grad and torch.is_grad_enabled():
+        y = _torch_linear(x2, qweight_t, w_scale, bias, smooth_inv)
+    elif torch.compiler.is_compiling():
+        y = _native_op(x2, qweight_t, w_scale, bias, smooth_inv)  # opaque to inductor
+    else:
+        y = _native_linear(x2, qweight_t, w_scale, bias, smooth_inv)  # eager: no dispatcher round trip
     return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 

@@ -1,0 +1,365 @@
+"""Fused W8A8-dynamic linear in C: per-token int8 quantization, exact int8 x int8 -> int32 product and
+the float epilogue in one call (the fast path of :func:`lowbit.kernels.int8_dynamic.int8_dynamic_linear`).
+
+Math (identical to :func:`lowbit.kernels.int8_dynamic.int8_dynamic_linear_ref`), for x (M, K) and
+int8 weights W^T = ``qweight_t`` (K, N):
+
+    v      = x * smooth_inv                       (when smoothed; fp32)
+    s_x[m] = max(max_k |v[m, k]| / 127, eps),     q = clamp(round_half_even(v / s_x), -127, 127)
+    acc    = sum_k q[m, k] W^T[k, n]              (int32, exact)
+    y      = float(acc) * (s_x[m] * s_W[n]) + bias[n]     (two roundings: a multiply, then an add)
+
+The products are integer and exact on every path, so outputs equal the reference bit for bit
+(the library is built with ``-ffp-contract=off`` so the epilogue's multiply and add round apart):
+
+- AVX-512 VNNI (``vpdpbusd``: u8 x s8, four products summed into an int32 lane): the activation
+  codes are offset to unsigned, ``a = q + 128``; then ``sum a w = sum q w + 128 sum_k w[k, n]`` and
+  the column sums of the weights, computed once when packing, are subtracted.
+- AVX2 (``vpmaddubsw``, u8 x s8 -> pairs summed in int16): the offset trick would saturate int16
+  (255 * 127 * 2 > 32767), so the sign moves to the weights instead: ``|q| * sign(w, q)`` with
+  ``|q|, |w| <= 127`` gives pairs of at most 2 * 127^2 = 32258 < 2^15, exact; ``vpmaddwd`` with ones
+  widens to int32. This needs weight codes in [-127, 127] (``sign(-128)`` overflows): weights
+  holding -128 take the torch path (:func:`packable`).
+- otherwise a plain C loop.
+
+Weights are packed once per weight tensor into blocks of 16 output channels ``(N/16, K/4, 16, 4)``
+(four consecutive inputs of one channel in one 32-bit lane), N padded to 64 and K to 4 with zeros;
+the packing is cached beside the module's buffer, never saved. Tiles of 6 tokens x 64 channels
+(VNNI: 24 zmm accumulators) or 4 x 16 (AVX2) keep activations and weights in registers; OpenMP
+splits the quantization over tokens and the tiles over both threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import native
+
+log = logging.getLogger(__name__)
+
+PACK_N = 64  # output channels are padded to a multiple of the VNNI tile's 64
+BLOCK_N = 16  # channels per packed block (one zmm of int32 lanes)
+
+_C_SOURCE = r"""
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LB_VNNI 1
+#define LB_MR 6
+#elif defined(__AVX2__)
+#define LB_AVX2 1
+#define LB_MR 4
+#else
+#define LB_MR 4
+#endif
+
+#define LB_EPS FLT_EPSILON
+
+int lowbit_w8a8_variant(void) {
+#if defined(LB_VNNI)
+    return 2;
+#elif defined(LB_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Quantize one token: q (int8, K4 entries, zero beyond K), returns s_x. Every op is the torch
+   fast path's: v = x * si, amax |v|, s = max(amax / 127, eps), q = clamp(rint(v / s), -127, 127). */
+static float lb_quant_row(const float* x, const float* si, int64_t K, int64_t K4, int8_t* q) {
+    int64_t k = 0;
+    float amax = 0.0f;
+#ifdef __AVX2__
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vm = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_loadu_ps(x + k);
+        if (si) v = _mm256_mul_ps(v, _mm256_loadu_ps(si + k));
+        vm = _mm256_max_ps(vm, _mm256_and_ps(v, absmask));
+    }
+    float t[8];
+    _mm256_storeu_ps(t, vm);
+    for (int i = 0; i < 8; ++i) amax = t[i] > amax ? t[i] : amax;
+#endif
+    for (; k < K; ++k) {
+        float v = si ? x[k] * si[k] : x[k];
+        v = fabsf(v);
+        amax = v > amax ? v : amax;
+    }
+    float s = amax / 127.0f;
+    if (s < LB_EPS) s = LB_EPS;
+    k = 0;
+#ifdef __AVX2__
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; k + 32 <= K; k += 32) {
+        __m256i c[4];
+        for (int j = 0; j < 4; ++j) {
+            __m256 v = _mm256_loadu_ps(x + k + 8 * j);
+            if (si) v = _mm256_mul_ps(v, _mm256_loadu_ps(si + k + 8 * j));
+            v = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            c[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+        }
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+        _mm256_storeu_si256((__m256i*)(q + k), _mm256_permutevar8x32_epi32(p, perm));
+    }
+#endif
+    for (; k < K; ++k) {
+        float v = si ? x[k] * si[k] : x[k];
+        float r = nearbyintf(v / s);
+        r = r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r);
+        q[k] = (int8_t)r;
+    }
+    for (; k < K4; ++k) q[k] = 0;
+    return s;
+}
+
+/* y[m, n] = float(acc) * (s_x[m] * s_W[n]) (+ bias[n]) for the channels n0 .. n0 + cnt - 1. */
+static inline void lb_store(const int32_t* acc, float sx, const float* ws, const float* bias, float* y, int64_t cnt) {
+    for (int64_t c = 0; c < cnt; ++c) {
+        float t = sx * ws[c];
+        float v = (float)acc[c] * t;
+        y[c] = bias ? v + bias[c] : v;
+    }
+}
+
+#ifdef LB_VNNI
+/* mr tokens x 64 channels; a: unsigned codes (q + 128), rows of K4 bytes; w: four packed blocks. */
+static inline __attribute__((always_inline)) void lb_tile(const uint8_t* a, int64_t K4, const int8_t* w,
+        const int32_t* corr, const float* sx, const float* ws, const float* bias, float* y, int64_t N,
+        int64_t n0, int mr) {
+    __m512i acc[LB_MR][4];
+    for (int i = 0; i < mr; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+    const int64_t bs = K4 * 16;  /* bytes per packed block of 16 channels */
+    for (int64_t k = 0; k < K4; k += 4) {
+        __m512i w0 = _mm512_loadu_si512(w + 16 * k), w1 = _mm512_loadu_si512(w + bs + 16 * k);
+        __m512i w2 = _mm512_loadu_si512(w + 2 * bs + 16 * k), w3 = _mm512_loadu_si512(w + 3 * bs + 16 * k);
+        for (int i = 0; i < mr; ++i) {
+            int32_t a4;
+            memcpy(&a4, a + i * K4 + k, 4);
+            __m512i b = _mm512_set1_epi32(a4);
+            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], b, w0);
+            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], b, w1);
+            acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], b, w2);
+            acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], b, w3);
+        }
+    }
+    for (int j = 0; j < 4; ++j) {
+        int64_t n = n0 + 16 * j;
+        if (n >= N) break;
+        __m512i c = _mm512_loadu_si512(corr + n);
+        if (n + 16 <= N) {
+            __m512 vw = _mm512_loadu_ps(ws + n), vb = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
+            for (int i = 0; i < mr; ++i) {
+                __m512 t = _mm512_mul_ps(_mm512_set1_ps(sx[i]), vw);
+                __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], c)), t);
+                if (bias) v = _mm512_add_ps(v, vb);
+                _mm512_storeu_ps(y + i * N + n, v);
+            }
+        } else {
+            int32_t tmp[16];
+            for (int i = 0; i < mr; ++i) {
+                _mm512_storeu_si512(tmp, _mm512_sub_epi32(acc[i][j], c));
+                lb_store(tmp, sx[i], ws + n, bias ? bias + n : 0, y + i * N + n, N - n);
+            }
+        }
+    }
+}
+#elif defined(LB_AVX2)
+/* mr tokens x 16 channels; a: |q| and s: q, rows of K4 bytes; w: one packed block. */
+static inline __attribute__((always_inline)) void lb_tile16(const uint8_t* a, const int8_t* s, int64_t K4,
+        const int8_t* w, const float* sx, const float* ws, const float* bias, float* y, int64_t N, int64_t n,
+        int mr) {
+    __m256i acc[LB_MR][2];
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < mr; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K4; k += 4) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i*)(w + 16 * k));
+        __m256i w1 = _mm256_loadu_si256((const __m256i*)(w + 16 * k + 32));
+        for (int i = 0; i < mr; ++i) {
+            int32_t a4, s4;
+            memcpy(&a4, a + i * K4 + k, 4);
+            memcpy(&s4, s + i * K4 + k, 4);
+            __m256i ab = _mm256_set1_epi32(a4), sb = _mm256_set1_epi32(s4);
+            __m256i p0 = _mm256_maddubs_epi16(ab, _mm256_sign_epi8(w0, sb));
+            __m256i p1 = _mm256_maddubs_epi16(ab, _mm256_sign_epi8(w1, sb));
+            acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(p0, ones));
+            acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(p1, ones));
+        }
+    }
+    if (n + 16 <= N) {
+        __m256 vw0 = _mm256_loadu_ps(ws + n), vw1 = _mm256_loadu_ps(ws + n + 8);
+        for (int i = 0; i < mr; ++i) {
+            __m256 t0 = _mm256_mul_ps(_mm256_set1_ps(sx[i]), vw0), t1 = _mm256_mul_ps(_mm256_set1_ps(sx[i]), vw1);
+            __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][0]), t0);
+            __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][1]), t1);
+            if (bias) {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(bias + n));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(bias + n + 8));
+            }
+            _mm256_storeu_ps(y + i * N + n, v0);
+            _mm256_storeu_ps(y + i * N + n + 8, v1);
+        }
+    } else {
+        int32_t tmp[16];
+        for (int i = 0; i < mr; ++i) {
+            _mm256_storeu_si256((__m256i*)tmp, acc[i][0]);
+            _mm256_storeu_si256((__m256i*)(tmp + 8), acc[i][1]);
+            lb_store(tmp, sx[i], ws + n, bias ? bias + n : 0, y + i * N + n, N - n);
+        }
+    }
+}
+#endif
+
+/* x (M, K) fp32, si (K,) or NULL, w packed (NP/16, K4/4, 16, 4) int8, colsum (NP,) int32 (128 * the
+   column sums, VNNI only), ws (N,), bias (N,) or NULL, y (M, N) fp32; scratch: codes (2, M, K4)
+   int8 and sx (M,) fp32. */
+void lowbit_w8a8_linear(const float* x, const float* si, const int8_t* w, const int32_t* corr, const float* ws,
+                        const float* bias, float* y, int8_t* codes, float* sx, int64_t M, int64_t N, int64_t K,
+                        int nthreads) {
+    const int64_t K4 = (K + 3) / 4 * 4, NP = (N + 63) / 64 * 64;
+    int8_t* q = codes;
+    uint8_t* a = (uint8_t*)(codes + M * K4);
+    (void)corr; (void)a;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
+            sx[m] = lb_quant_row(x + m * K, si, K, K4, q + m * K4);
+#if defined(LB_VNNI)
+            for (int64_t k = 0; k < K4; ++k) a[m * K4 + k] = (uint8_t)(q[m * K4 + k] + 128);
+#elif defined(LB_AVX2)
+            for (int64_t k = 0; k < K4; ++k) a[m * K4 + k] = (uint8_t)abs(q[m * K4 + k]);
+#endif
+        }
+#if defined(LB_VNNI)
+        const int64_t nt = NP / 64, mt = (M + LB_MR - 1) / LB_MR;
+        #pragma omp for collapse(2) schedule(static)
+        for (int64_t jb = 0; jb < nt; ++jb)
+            for (int64_t it = 0; it < mt; ++it) {
+                int64_t m0 = it * LB_MR, n0 = jb * 64;
+                int mr = M - m0 < LB_MR ? (int)(M - m0) : LB_MR;
+                const uint8_t* ar = a + m0 * K4;
+                const int8_t* wb = w + (n0 / 16) * K4 * 16;
+                float* yr = y + m0 * N;
+                switch (mr) {
+                    case 6: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 6); break;
+                    case 5: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 5); break;
+                    case 4: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 4); break;
+                    case 3: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 3); break;
+                    case 2: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 2); break;
+                    default: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 1); break;
+                }
+            }
+#elif defined(LB_AVX2)
+        const int64_t nt = (N + 15) / 16, mt = (M + LB_MR - 1) / LB_MR;
+        #pragma omp for collapse(2) schedule(static)
+        for (int64_t jb = 0; jb < nt; ++jb)
+            for (int64_t it = 0; it < mt; ++it) {
+                int64_t m0 = it * LB_MR, n = jb * 16;
+                int mr = M - m0 < LB_MR ? (int)(M - m0) : LB_MR;
+                const uint8_t* ar = a + m0 * K4;
+                const int8_t* sr = q + m0 * K4;
+                const int8_t* wb = w + jb * K4 * 16;
+                float* yr = y + m0 * N;
+                switch (mr) {
+                    case 4: lb_tile16(ar, sr, K4, wb, sx + m0, ws, bias, yr, N, n, 4); break;
+                    case 3: lb_tile16(ar, sr, K4, wb, sx + m0, ws, bias, yr, N, n, 3); break;
+                    case 2: lb_tile16(ar, sr, K4, wb, sx + m0, ws, bias, yr, N, n, 2); break;
+                    default: lb_tile16(ar, sr, K4, wb, sx + m0, ws, bias, yr, N, n, 1); break;
+                }
+            }
+#else
+        const int64_t nt = (N + 15) / 16;
+        #pragma omp for schedule(static)
+        for (int64_t jb = 0; jb < nt; ++jb)
+            for (int64_t m = 0; m < M; ++m) {
+                int32_t acc[16] = {0};
+                const int8_t* wb = w + jb * K4 * 16;
+                for (int64_t k = 0; k < K4; k += 4)
+                    for (int c = 0; c < 16; ++c)
+                        for (int t = 0; t < 4; ++t) acc[c] += (int32_t)q[m * K4 + k + t] * wb[16 * k + 4 * c + t];
+                int64_t n = jb * 16;
+                lb_store(acc, sx[m], ws + n, bias ? bias + n : 0, y + m * N + n, N - n < 16 ? N - n : 16);
+            }
+#endif
+    }
+    (void)NP;
+}
+"""
+
+_VP = ctypes.c_void_p
+_ARGS = [_VP] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+# Build variants: "native" (-march=native) and "avx2" (the AVX2 path forced, for tests on VNNI CPUs).
+VARIANT_FLAGS = {
+    "native": ("-ffp-contract=off",),
+    "avx2": ("-ffp-contract=off", "-mno-avx512f", "-mno-avxvnni"),
+    "portable": ("-ffp-contract=off", "-mno-avx2"),  # the plain C loop
+}
+
+
+def library(variant: str = "native"):
+    """The compiled kernel (``(lib, "")``) or ``(None, why)``."""
+    name = "int8_gemm" if variant == "native" else f"int8_gemm_{variant}"
+    lib, why = native.native_library(name, _C_SOURCE, {"lowbit_w8a8_linear": _ARGS}, cflags=VARIANT_FLAGS[variant])
+    if lib is not None and not getattr(lib, "_lowbit_typed", False):
+        lib.lowbit_w8a8_variant.argtypes, lib.lowbit_w8a8_variant.restype = [], ctypes.c_int
+        lib._lowbit_typed = True
+    return lib, why
+
+
+def path_name(variant: str = "native") -> str:
+    """Which integer product the built library runs: ``vnni512``, ``avx2``, ``scalar`` or ``unavailable``."""
+    lib, _ = library(variant)
+    return "unavailable" if lib is None else ("scalar", "avx2", "vnni512")[lib.lowbit_w8a8_variant()]
+
+
+class Packed:
+    """A weight in the kernel's layout: ``w`` (NP/16, K4/4, 16, 4) int8, ``corr`` (NP,) int32 = 128 * column sums."""
+
+    def __init__(self, qweight_t: torch.Tensor):
+        k, n = qweight_t.shape
+        k4, np_ = -(-k // 4) * 4, -(-n // PACK_N) * PACK_N
+        w = F.pad(qweight_t.to(torch.int8), (0, np_ - n, 0, k4 - k))  # (K4, NP), zeros appended
+        self.w = w.reshape(k4 // 4, 4, np_ // BLOCK_N, BLOCK_N).permute(2, 0, 3, 1).contiguous()  # (NP/16, K4/4, 16, 4)
+        self.corr = (w.sum(0, dtype=torch.int32) * 128).contiguous()  # (NP,)
+        self.has_min = bool((qweight_t == -128).any())  # -128 breaks the AVX2 sign trick
+        self.k, self.n = k, n
+
+
+def pack(qweight_t: torch.Tensor) -> Packed:
+    return Packed(qweight_t)
+
+
+def packable(packed: Packed, variant: str = "native") -> bool:
+    """Whether the library's integer product is exact for these codes (AVX2 needs no -128)."""
+    return not (packed.has_min and path_name(variant) == "avx2")
+
+
+def w8a8_linear(lib, x2: torch.Tensor, packed: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                smooth_inv: torch.Tensor | None, nthreads: int | None = None) -> torch.Tensor:
+    """(M, K) fp32 contiguous -> (M, N) fp32 through the C kernel (see the module docstring)."""
+    m, k = x2.shape
+    k4 = -(-k // 4) * 4
+    y = torch.empty(m, packed.n)
+    codes = torch.empty(2, m, k4, dtype=torch.int8)  # signed codes, then the product's unsigned operand
+    sx = torch.empty(m)
+    ws = w_scale.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    si = None if smooth_inv is None else smooth_inv.float().contiguous()
+    lib.lowbit_w8a8_linear(x2.data_ptr(), None if si is None else si.data_ptr(), packed.w.data_ptr(),
+                           packed.corr.data_ptr(), ws.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                           codes.data_ptr(), sx.data_ptr(), m, packed.n, k, nthreads or torch.get_num_threads())
+    return y
