@@ -379,35 +379,50 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
             const float* dm = d + m * nb;
 #ifdef LB_AVX2
             if (bpg <= 2 && G <= LB_ROW_GROUPS) {
-                /* Small groups (Q4_0's 32): the group scale goes into each block's factor s * d, so
-                   there is no per-group reduction; the offsets are one dot of length G at the end. */
-                const __m128i low = _mm_set1_epi8(0x0F);
+                /* Small groups (Q4_0's 32): the group scale goes into each block's factor s * d,
+                   computed for the whole row first (8 blocks per instruction when g = 32), so the
+                   block loop has no per-group reduction and no scalar work; the offsets are one
+                   dot of length G at the end. */
+                const __m256i low = _mm256_set1_epi8(0x0F);
                 const __m256i ones = _mm256_set1_epi16(1);
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-                float sr[LB_ROW_GROUPS];  /* this row's scales in fp32, converted 8 at a time */
+                float sr[LB_ROW_GROUPS];      /* this row's scales in fp32 */
+                float sd[2 * LB_ROW_GROUPS];  /* per block: s[group] * d[block] */
                 lb_scales_row(s + n * G, sr, G);
-                const int sh = bpg == 2;  /* block -> group without a division */
                 int64_t blk = 0;
-                for (; blk + 1 < nb; blk += 2) {
+                if (bpg == 1) {
+                    for (; blk + 8 <= nb; blk += 8)
+                        _mm256_storeu_ps(sd + blk, _mm256_mul_ps(_mm256_loadu_ps(sr + blk), _mm256_loadu_ps(dm + blk)));
+                    for (; blk < nb; ++blk) sd[blk] = sr[blk] * dm[blk];
+                } else {
+                    for (; blk < nb; ++blk) sd[blk] = sr[blk >> 1] * dm[blk];
+                }
+                for (blk = 0; blk + 1 < nb; blk += 2) {
                     __m128i q0 = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
                     __m128i q1 = _mm_loadu_si128((const __m128i*)(wr + blk * 16 + 16));
-                    __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q0, 4), low), _mm_and_si128(q0, low));
-                    __m256i u1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q1, 4), low), _mm_and_si128(q1, low));
+                    __m256i u0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q0, 4), q0), low);
+                    __m256i u1 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q1, 4), q1), low);
                     __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32))), ones);
                     __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i*)(xr + blk * 32 + 32))), ones);
-                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(sr[blk >> sh] * dm[blk]), a0);
-                    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(sr[(blk + 1) >> sh] * dm[blk + 1]), a1);
+                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(sd + blk), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(sd + blk + 1), a1);
                 }
                 for (; blk < nb; ++blk) {
                     __m128i q0 = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
-                    __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q0, 4), low), _mm_and_si128(q0, low));
+                    __m256i u0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q0, 4), q0), low);
                     __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32))), ones);
-                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(sr[blk >> sh] * dm[blk]), a0);
+                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(sd + blk), a0);
                 }
-                float tot = bias ? bias[n] : 0.0f;
-                if (b) for (int64_t j = 0; j < G; ++j) tot += b[n * G + j] * Xq[m * G + j];
-                else for (int64_t j = 0; j < G; ++j) tot += boff * sr[j] * Xq[m * G + j];
-                y[m * N + n] = tot + lb_hsum(_mm256_add_ps(a0, a1));
+                /* offsets: sum_j b_j X_j, with b_j = boff * s_j for symmetric codes */
+                const float* bo = b ? b + n * G : sr;
+                const float* Xm = Xq + m * G;
+                __m256 vo = _mm256_setzero_ps();
+                int64_t j = 0;
+                for (; j + 8 <= G; j += 8) vo = _mm256_fmadd_ps(_mm256_loadu_ps(bo + j), _mm256_loadu_ps(Xm + j), vo);
+                float off = lb_hsum(vo);
+                for (; j < G; ++j) off += bo[j] * Xm[j];
+                if (!b) off *= boff;
+                y[m * N + n] = (bias ? bias[n] : 0.0f) + off + lb_hsum(_mm256_add_ps(a0, a1));
                 continue;
             }
 #endif

@@ -53,9 +53,63 @@ static void lb_proj_apply(const lb_proj* p, const float* x, float* y, int a8, in
 
 static void lb_rms_norm(const float* h, const float* w, float* out, int64_t H, float eps) {
     float ss = 0.0f;
-    for (int64_t i = 0; i < H; ++i) ss += h[i] * h[i];
+    int64_t i = 0;
+#ifdef LB_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= H; i += 8) { __m256 v = _mm256_loadu_ps(h + i); acc = _mm256_fmadd_ps(v, v, acc); }
+    ss = lb_hsum(acc);
+#endif
+    for (; i < H; ++i) ss += h[i] * h[i];
     float r = 1.0f / sqrtf(ss / (float)H + eps);
-    for (int64_t i = 0; i < H; ++i) out[i] = w[i] * (h[i] * r);
+    for (i = 0; i < H; ++i) out[i] = w[i] * (h[i] * r);
+}
+
+/* x[i] = silu(g[i]) * u[i] = g / (1 + e^-g) * u. The AVX2 path evaluates e^t as 2^n e^r with
+   n = round(t / ln 2), r = t - n ln 2 (|r| <= ln2 / 2, ln 2 split in two for exactness) and e^r by
+   its Taylor series to degree 7 (relative error < 1e-7 on that interval), t clamped to [-87, 88]. */
+static void lb_silu_mul(const float* g, const float* u, float* x, int64_t I) {
+    int64_t i = 0;
+#ifdef LB_AVX2
+    const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+    for (; i + 8 <= I; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), lo), hi);
+        __m256 n = _mm256_round_ps(_mm256_mul_ps(t, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fnmadd_ps(n, ln2_lo, _mm256_fnmadd_ps(n, ln2_hi, t));
+        __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+        p = _mm256_fmadd_ps(p, r, one);
+        p = _mm256_fmadd_ps(p, r, one);
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        __m256 ex = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+        __m256 sg = _mm256_div_ps(gv, _mm256_add_ps(one, ex));
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(sg, _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < I; ++i) x[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* q . k over one head (hd values). */
+static inline float lb_dot(const float* a, const float* b, int64_t n) {
+    int64_t i = 0;
+    float acc = 0.0f;
+#ifdef LB_AVX2
+    __m256 v0 = _mm256_setzero_ps(), v1 = v0;
+    for (; i + 16 <= n; i += 16) {
+        v0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), v0);
+        v1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), v1);
+    }
+    for (; i + 8 <= n; i += 8) v0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), v0);
+    acc = lb_hsum(_mm256_add_ps(v0, v1));
+#endif
+    for (; i < n; ++i) acc += a[i] * b[i];
+    return acc;
 }
 
 static void lb_rope(float* x, const float* cos, const float* sin, int64_t hd) {
@@ -104,9 +158,7 @@ void lowbit_llama_token(const lb_layer* layers, int64_t L, float* h, int64_t pos
             float* sc = scores + j * max_len;
             float mx = -INFINITY;
             for (int64_t t = 0; t < T; ++t) {
-                float acc = 0.0f;
-                for (int64_t i = 0; i < hd; ++i) acc += qh[i] * kh[t * hd + i];
-                sc[t] = acc * scale;
+                sc[t] = lb_dot(qh, kh + t * hd, hd) * scale;
                 if (sc[t] > mx) mx = sc[t];
             }
             float tot = 0.0f;
@@ -123,10 +175,7 @@ void lowbit_llama_token(const lb_layer* layers, int64_t L, float* h, int64_t pos
         for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
         lb_rms_norm(h, ly->post_norm, x, H, eps);
         lb_proj_apply(&ly->gu, x, gu, a8, qscratch, d, X, nthreads);
-        for (int64_t i = 0; i < I; ++i) {
-            float g = gu[i];
-            x[i] = g / (1.0f + expf(-g)) * gu[I + i];
-        }
+        lb_silu_mul(gu, gu + I, x, I);
         lb_proj_apply(&ly->down, x, tmp, a8, qscratch, d, X, nthreads);
         for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
     }
