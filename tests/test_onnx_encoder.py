@@ -239,3 +239,14 @@ def test_matmulnbits_refuses_what_it_cannot_hold(tmp_path):
         export_causal_lm_onnx(tiny_llama(), tmp_path / "fp.onnx")
     with pytest.raises(ConfigError, match="causal LM"):
         export_causal_lm_onnx(copy.deepcopy(torch.nn.Linear(4, 4)), tmp_path / "lin.onnx")
+
+
+def test_int4_weight_only_encoder_exports_as_matmulnbits(minilm, tmp_path):
+    q = lowbit.quantize(copy.deepcopy(minilm), WeightOnlyConfig(bits=4, group_size=32, kernel="reference"))
+    summary = export_encoder_onnx(q, tmp_path / "w4.onnx")
+    assert summary["int4_linears"] == 36 and summary["ops"]["MatMulNBits"] == 36
+    f = q.tokenize(["Quantization keeps the model small.", "Weight-only int4 runs through MatMulNBits."])
+    with torch.inference_mode():
+        want = q(f["input_ids"], f["attention_mask"])
+    # float activations throughout: only fp32 accumulation order differs from lowbit's reference kernel
+    assert float((run_encoder_onnx(tmp_path / "w4.onnx", f) - want).abs().max()) <= NBITS_LOGIT_MAX_ABS_REF
