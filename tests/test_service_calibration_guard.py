@@ -76,10 +76,14 @@ def test_only_configured_clients_feed_the_buffer(server):
     service, client = server
     cal = service.calibrator
 
-    def fed(headers=None) -> int:
+    calls = iter(range(100))
+
+    def fed(headers=None) -> int:  # fresh sentences each call: a repeated input is not buffered again
+        i = next(calls)
         n = sum(client.get("/calibration").json()["buffer"].values())
-        assert client.post("/embed", json={"inputs": ["one sentence", "another one"]}, headers=headers).status_code == 200
-        assert client.post("/v1/embeddings", json={"input": "a third"}, headers=headers).status_code == 200
+        assert client.post("/embed", json={"inputs": [f"one sentence {i}", f"another one {i}"]},
+                           headers=headers).status_code == 200
+        assert client.post("/v1/embeddings", json={"input": f"a third {i}"}, headers=headers).status_code == 200
         return sum(client.get("/calibration").json()["buffer"].values()) - n
 
     base = dataclasses.replace(cal.config)
@@ -137,3 +141,11 @@ def test_accepted_recalibration_is_a_new_version_and_rollback_is_one_call(server
     r = client.post("/calibration/rollback", headers=AUTH)
     assert r.status_code == 409 and "no parent version" in r.json()["detail"]
     assert client.post("/calibration/rollback").status_code == 401
+
+
+def test_repeated_inputs_are_buffered_once(server):
+    service, client = server
+    n = sum(client.get("/calibration").json()["buffer"].values())
+    for _ in range(5):
+        assert client.post("/embed", json={"inputs": ["the same words", "the same words"]}).status_code == 200
+    assert sum(client.get("/calibration").json()["buffer"].values()) - n == 1

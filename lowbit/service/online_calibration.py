@@ -141,7 +141,7 @@ RECALIBRATORS["w8a8-static"] = requantize
 @dataclass
 class OnlineCalibrationConfig:
     enabled: bool = False
-    buffer_size: int = 512  # most recent calibration inputs kept
+    buffer_size: int = 512  # most recent distinct calibration inputs kept (repeats are not buffered again)
     holdout_size: int = 64  # most recent held-out inputs kept (validation only, never calibrated on)
     holdout_every: int = 5  # every 5th input goes to the held-out buffer
     max_chars: int = 2000  # characters kept per input (memory bound: sizes x max_chars characters)
@@ -248,8 +248,11 @@ class OnlineCalibrator:
             return
         with self._lock:
             for s in sentences:
+                s = s[: c.max_chars]
+                if s in self.calib or s in self.holdout:
+                    continue  # a repeated input adds nothing: the buffers hold distinct inputs only
                 self.seen += 1
-                (self.holdout if self.seen % c.holdout_every == 0 else self.calib).append(s[: c.max_chars])
+                (self.holdout if self.seen % c.holdout_every == 0 else self.calib).append(s)
                 self.since_last += 1
             due = c.every and self.since_last >= c.every
         if due:
