@@ -20,6 +20,18 @@ double-quantized scales), so the int4 kernels and save/load apply.
 
 Decoder layers are processed sequentially (``sequential.py``): each layer's statistics come from the
 outputs of the already-quantized layers before it.
+
+Across ``torch.distributed`` ranks (``torchrun ... -m lowbit quantize --scheme awq``; helpers in
+``ranks.py``): rank ``r`` runs windows ``r, r + W, ...``. The search windows' per-channel ``sum |x|``
+and token counts are summed in window order (each window's term broadcast by its owner); each alpha's
+loss is the window-ordered sum of per-window squared errors (every rank evaluates the block on its
+windows for all alphas, then one gather per search); the clipping search's token sample is drawn by
+global row index from one seeded generator on every rank and its rows gathered from their owners;
+the clipping searches of a layer's linears go round-robin to ranks (linear ``k`` on rank ``k mod W``)
+and the clipped weights are broadcast; folding and RTN storage run on every rank (the same inputs,
+the same result). So 1 and W ranks give bit-identical layers; they differ from one plain process by
+float summation order (a mean over the concatenated windows there), which can move a chosen alpha.
+``rounding="gptq"`` continues with ``gptq_ranks.py``'s step.
 """
 
 from __future__ import annotations
@@ -39,6 +51,8 @@ from lowbit.algorithms._llm import (effective_group_size, layer_linears, layer_p
                                    widest_input)
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
+from lowbit.algorithms.ranks import (broadcast_from, collective_guard, gather_batches, local_indices, ordered_sum,
+                                    ranks_active, require_batches, shard, with_world_size, world_rank)
 from lowbit.algorithms.sequential import process_layerwise, run_layer
 from lowbit.api import QuantizeReport, register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
@@ -118,24 +132,39 @@ def awq_scales(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def search_scale(x_mean: torch.Tensor, linears: list[nn.Linear], block, ref: torch.Tensor, config: AWQConfig,
-                 groups: list[int]) -> tuple[torch.Tensor, float, float]:
-    """Grid search of alpha: the (K,) scales minimising the block's output MSE, the alpha and its loss."""
+def search_scale(x_mean: torch.Tensor, linears: list[nn.Linear], block, ref, config: AWQConfig,
+                 groups: list[int], reduce=None) -> tuple[torch.Tensor, float, float]:
+    """Grid search of alpha: the (K,) scales minimising the block's output MSE, the alpha and its loss.
+
+    ``reduce`` (across ranks): ``block()`` and ``ref`` are lists of this rank's per-window outputs, and
+    ``reduce(sse)`` turns the per-window sums of squared errors of every alpha, ``sse`` (n_grid, windows
+    here), into the n_grid losses over every rank's windows (:meth:`_Spread.losses`)."""
     originals = [m.weight.detach().clone() for m in linears]
-    best = (None, float("inf"), 0.0)
+    losses: list = []
     try:
         for k in range(config.n_grid):
-            alpha = k / config.n_grid
-            s = awq_scales(x_mean, alpha)
+            s = awq_scales(x_mean, k / config.n_grid)
             for m, w, g in zip(linears, originals, groups):
                 m.weight.data = fake_quant_weight(w * s, config, g) / s
-            loss = float(((block() - ref) ** 2).mean())
-            if loss < best[1]:
-                best = (s, loss, alpha)
+            out = block()
+            if reduce is None:
+                losses.append(float(((out - ref) ** 2).mean()))
+            else:  # (windows here,)
+                losses.append(torch.stack([((o - r) ** 2).sum() for o, r in zip(out, ref)]) if out
+                              else torch.zeros(0))
     finally:
         for m, w in zip(linears, originals):
             m.weight.data = w
-    return best[0], best[2], best[1]
+    if reduce is not None:
+        losses = reduce(torch.stack(losses))
+    best = (None, float("inf"))
+    for k, loss in enumerate(losses):  # the first of equal losses, as a running strict minimum
+        if loss < best[1]:
+            best = (k, loss)
+    if best[0] is None:
+        return None, 0.0, float("inf")
+    alpha = best[0] / config.n_grid
+    return awq_scales(x_mean, alpha), alpha, best[1]
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, config: AWQConfig, group_size: int) -> torch.Tensor:
@@ -162,8 +191,54 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, config: AWQConfig, group_size:
 # ------------------------------------------------------------------------------- the handler
 
 
-def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, stats: dict, norm_offset: float = 0.0):
-    """The per-layer AWQ step for Llama-layout blocks; ``norm_offset`` 1.0 for norms computing ``x (1 + w)``."""
+class _Spread:
+    """Where AWQ's search windows live: all in this process (``n_search`` None: statistics over the
+    concatenated windows, as always), or spread over ranks (window ``b`` on rank ``b mod W``; every
+    statistic reduced in window order, :mod:`lowbit.algorithms.ranks`)."""
+
+    def __init__(self, n_search: int | None = None):
+        self.n = n_search
+
+    @property
+    def ranks(self) -> bool:
+        return self.n is not None
+
+    def mean_abs(self, xs: list[torch.Tensor], channels: int) -> torch.Tensor:
+        """Per-channel ``mean |x|`` (C,) over every search window's tokens."""
+        if not self.ranks:
+            return torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).abs().mean(dim=0)
+        flat = [t.reshape(-1, channels) for t in xs]  # (tokens, C) per window
+        total = ordered_sum([t.abs().sum(dim=0) for t in flat], self.n, (channels,))
+        count = ordered_sum([torch.tensor(t.shape[0], dtype=torch.int64) for t in flat], self.n, (), torch.int64)
+        return total / int(count)
+
+    def losses(self, sse: torch.Tensor, numel: int) -> list[float]:
+        """Per-alpha mean squared error from ``sse`` (n_grid, windows here); ``numel``: one window's output size."""
+        total = ordered_sum(list(sse.T), self.n, (sse.shape[0],))  # (n_grid,)
+        return [float(v) for v in total / (numel * self.n)]
+
+    def sample_rows(self, xs, gen: torch.Generator, k: int, channels: int) -> torch.Tensor:
+        """``k`` token rows (k, C) drawn uniformly from every search window's tokens, windows concatenated in
+        order (``xs``: the concatenation (M, C) in one process, this rank's windows across ranks): the same
+        rows (and generator state) on every rank and at every world size."""
+        if not self.ranks:
+            return xs[torch.randperm(xs.shape[0], generator=gen)[:k]].float()
+        per = xs[0].shape[0] if xs else None  # tokens per window (one window length: sequential.py)
+        per = int(broadcast_from(torch.tensor(per or 0, dtype=torch.int64), 0))  # rank 0 always has a window
+        idx = torch.randperm(per * self.n, generator=gen)[:k]  # global row r: window r // per, row r % per
+        mine = [x[idx[idx // per == b] % per] for b, x in zip(local_indices(self.n), xs)]
+        out = torch.empty(idx.shape[0], channels)
+        for b, rows in enumerate(gather_batches(mine, self.n)):
+            out[(idx // per == b).nonzero().squeeze(1)] = rows
+        return out
+
+
+def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, stats: dict, norm_offset: float = 0.0,
+                     n_batches: int | None = None):
+    """The per-layer AWQ step for Llama-layout blocks; ``norm_offset`` 1.0 for norms computing ``x (1 + w)``.
+
+    ``n_batches``: across ranks, the number of calibration windows over all ranks (the layer receives
+    this rank's windows ``r, r + W, ...``); None in one process."""
 
     def selected(name: str) -> bool:
         return (any(fnmatch.fnmatchcase(name, p) for p in config.include)
@@ -176,63 +251,86 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
             return
         attn, mlp = layer.self_attn, layer.mlp
         # Whole windows for the search (attention needs full sequences), up to search_tokens.
-        n_win = max(1, min(len(inputs), config.search_tokens // max(1, inputs[0].shape[-2] * inputs[0].shape[0])))
+        per_window = max(1, inputs[0].shape[-2] * inputs[0].shape[0])
+        if n_batches is None:
+            spread = _Spread()
+            n_win = max(1, min(len(inputs), config.search_tokens // per_window))
+        else:  # the first n_search windows over all ranks; this rank's share of them
+            spread = _Spread(max(1, min(n_batches, config.search_tokens // per_window)))
+            n_win = len(local_indices(spread.n))
         watch = {"self_attn.q_proj": attn.q_proj, "self_attn.o_proj": attn.o_proj,
                  "mlp.gate_proj": mlp.gate_proj, "mlp.down_proj": mlp.down_proj}
         seen: dict[str, list] = {n: [] for n in watch}
         with capture_inputs({f"{prefix}.{i}.{n}": m for n, m in watch.items()},
                             lambda f, x: seen[f[len(f"{prefix}.{i}."):]].append(x)):
             run_layer(layer, inputs[:n_win], kwargs, i, keep=False)
+        hidden, inter = mlp.gate_proj.in_features, mlp.down_proj.in_features
         x_attn = seen["self_attn.q_proj"]  # normed inputs (B, T, C) per window
-        x_mlp = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen["mlp.gate_proj"]])  # (M, C)
-        x_down = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen["mlp.down_proj"]])  # (M, I)
-        x_o = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen["self_attn.o_proj"]])  # (M, C)
-        mean_abs = lambda x: torch.cat([t.reshape(-1, t.shape[-1]) for t in x]).abs().mean(dim=0) \
-            if isinstance(x, list) else x.abs().mean(dim=0)  # noqa: E731
+        flat = lambda xs: [x.reshape(-1, x.shape[-1]) for x in xs]  # noqa: E731  (tokens, K) per window
+        if spread.ranks:  # per window: each window's terms are reduced in window order
+            x_mlp, x_down, x_o = (flat(seen[n]) for n in ("mlp.gate_proj", "mlp.down_proj", "self_attn.o_proj"))
+            apply = lambda f, xs: [f(x) for x in xs]  # noqa: E731
+        else:  # one process: the windows concatenated, (M, K)
+            x_mlp, x_down, x_o = (torch.cat(flat(seen[n])) for n in ("mlp.gate_proj", "mlp.down_proj",
+                                                                      "self_attn.o_proj"))
+            apply = lambda f, x: f(x)  # noqa: E731
         g = lambda m: effective_group_size(m.in_features, config.group_size)  # noqa: E731
         info: dict = {}
-        s_qkv = torch.ones(x_mlp.shape[-1])  # what q/k/v's input is divided by once folded
-        s_gu = torch.ones(x_mlp.shape[-1])
+        s_qkv = torch.ones(hidden)  # what q/k/v's input is divided by once folded
+        s_gu = torch.ones(hidden)
 
-        with torch.no_grad():
+        with torch.no_grad(), collective_guard(f"AWQ at decoder layer {i}"):
+            def reducer(numel: int):
+                return (lambda sse: spread.losses(sse, numel)) if spread.ranks else None
+
             # 1. input_layernorm -> q, k, v, judged on the attention output.
             qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
             if all(n in linears for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
                 def attn_block():
-                    return torch.cat([attn(hidden_states=x, **_attn_kwargs(kwargs))[0] for x in x_attn])
+                    outs = [attn(hidden_states=x, **_attn_kwargs(kwargs))[0] for x in x_attn]
+                    return outs if spread.ranks else torch.cat(outs)
                 ref = attn_block()
-                s, alpha, loss = search_scale(mean_abs(x_attn), qkv, attn_block, ref, config, [g(m) for m in qkv])
+                s, alpha, loss = search_scale(spread.mean_abs(x_attn, hidden), qkv, attn_block, ref, config,
+                                              [g(m) for m in qkv], reducer(per_window * attn.o_proj.out_features))
                 _fold(layer.input_layernorm.weight, qkv, s, norm_offset)
                 s_qkv = s
                 info["qkv_alpha"] = alpha
             # 2. post_attention_layernorm -> gate, up, judged on the MLP output.
             gu = [mlp.gate_proj, mlp.up_proj]
             if all(n in linears for n in ("mlp.gate_proj", "mlp.up_proj")):
-                ref = mlp(x_mlp)
-                s, alpha, loss = search_scale(mean_abs(x_mlp), gu, lambda: mlp(x_mlp), ref, config, [g(m) for m in gu])
+                ref = apply(mlp, x_mlp)
+                s, alpha, loss = search_scale(spread.mean_abs(x_mlp if spread.ranks else [x_mlp], hidden), gu,
+                                              lambda: apply(mlp, x_mlp), ref, config, [g(m) for m in gu],
+                                              reducer(per_window * mlp.down_proj.out_features))
                 _fold(layer.post_attention_layernorm.weight, gu, s, norm_offset)
                 s_gu = s
                 info["gate_up_alpha"] = alpha
             # 3. up -> down, judged on down_proj's output (the input seen by down is act(gate) * up / s).
             if "mlp.down_proj" in linears and "mlp.up_proj" in linears:
                 dn = mlp.down_proj
-                ref = dn(x_down)
-                s, alpha, loss = search_scale(mean_abs(x_down), [dn], lambda: dn(x_down), ref, config, [g(dn)])
+                ref = apply(dn, x_down)
+                s, alpha, loss = search_scale(spread.mean_abs(x_down if spread.ranks else [x_down], inter), [dn],
+                                              lambda: apply(dn, x_down), ref, config, [g(dn)],
+                                              reducer(per_window * dn.out_features))
                 mlp.up_proj.weight.data /= s[:, None]  # rows of up = channels of down's input
                 dn.weight.data *= s[None, :]
-                x_down = x_down / s
+                x_down = apply(lambda x: x / s, x_down)
                 info["down_alpha"] = alpha
-            # 4. clipping search, then RTN storage.
-            x_qkv = torch.cat([t.reshape(-1, t.shape[-1]) for t in x_attn]) / s_qkv  # (M, C)
-            xs = {"self_attn.v_proj": x_qkv, "self_attn.o_proj": x_o, "mlp.gate_proj": x_mlp / s_gu,
-                  "mlp.up_proj": x_mlp / s_gu, "mlp.down_proj": x_down}
+            # 4. clipping search (across ranks: linear k's on rank k mod W, then broadcast), then RTN storage.
+            x_qkv = apply(lambda x: x / s_qkv, flat(x_attn) if spread.ranks else torch.cat(flat(x_attn)))
+            x_gu = apply(lambda x: x / s_gu, x_mlp)
+            xs = {"self_attn.v_proj": x_qkv, "self_attn.o_proj": x_o, "mlp.gate_proj": x_gu,
+                  "mlp.up_proj": x_gu, "mlp.down_proj": x_down}
             gen = torch.Generator().manual_seed(i)
-            for n, m in linears.items():
+            world, rank = world_rank()
+            for k, (n, m) in enumerate(linears.items()):
                 w = m.weight.detach().float()
                 if config.clip and n not in NO_CLIP:
-                    x = xs[n]
-                    idx = torch.randperm(x.shape[0], generator=gen)[: config.clip_tokens]
-                    w = search_clip(w, x[idx].float(), config, g(m))
+                    x = spread.sample_rows(xs[n], gen, config.clip_tokens, m.in_features)
+                    if k % world == rank:
+                        w = search_clip(w, x, config, g(m))
+                    if spread.ranks:
+                        w = broadcast_from(w.contiguous(), k % world)
                 m.weight.data = w
                 if config.rounding == "rtn":
                     layer.set_submodule(n, _store(m, config, g(m)))
@@ -244,7 +342,14 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
         return process
     # rounding="gptq": the layer stays float after scaling and clipping; GPTQ then collects Hessians
     # of its (now scaled) inputs in one more pass and rounds with error compensation.
-    gptq_step = make_gptq_process(config.gptq_config(), prefix, report, stats)
+    if n_batches is None:
+        gptq_step = make_gptq_process(config.gptq_config(), prefix, report, stats)
+    else:
+        from lowbit.algorithms._llm import LLAMA_INPUT_GROUPS
+        from lowbit.algorithms.gptq_ranks import make_gptq_ranks_process
+
+        gptq_step = make_gptq_ranks_process(config.gptq_config(), prefix, report, stats, n_batches,
+                                            LLAMA_INPUT_GROUPS)
 
     def scale_then_gptq(i: int, layer: nn.Module, inputs: list, kwargs: dict) -> None:
         process(i, layer, inputs, kwargs)
@@ -281,9 +386,16 @@ def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) ->
     report = QuantizeReport()
     stats: dict = {}
     t0 = time.perf_counter()
-    process_layerwise(model, batches, make_awq_process(config, prefix, report, stats, offset), desc=config.scheme)
-    report.extra["awq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats}
-    model.lowbit_calibration = calibration_info(batches, source)
+    if ranks_active():  # one rank of a torchrun job: this rank's windows, window-ordered reductions
+        require_batches(len(batches), "AWQ")
+        process = make_awq_process(config, prefix, report, stats, offset, n_batches=len(batches))
+        process_layerwise(model, shard(batches), process, desc=config.scheme)
+    else:
+        process_layerwise(model, batches, make_awq_process(config, prefix, report, stats, offset),
+                          desc=config.scheme)
+    report.extra["awq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats,
+                           "world_size": world_rank()[0]}
+    model.lowbit_calibration = with_world_size(calibration_info(batches, source))
     return report
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, capture_inputs
 from lowbit.algorithms._llm import effective_group_size, input_groups, layer_linears, layer_prefix, n_tokens
+from lowbit.algorithms.ranks import ordered_sum, ranks_active  # noqa: F401 (ranks_active: gptq.py imports it here)
 from lowbit.algorithms.sequential import process_layerwise, run_layer
 from lowbit.core import Kind, QParams, get_format, per_channel, per_group
 from lowbit.errors import ConfigError, LowbitError
@@ -43,35 +44,15 @@ from lowbit.errors import ConfigError, LowbitError
 log = logging.getLogger(__name__)
 
 
-def ranks_active() -> bool:
-    """True when a torch.distributed process group is initialized (the run is one rank of several)."""
-    return dist.is_available() and dist.is_initialized()
-
-
 def reduce_hessian(sums: list[torch.Tensor], counts: list[int], n_batches: int, in_features: int):
-    """A ``GPTQ`` whose ``H = 2 / sum(m_b) * sum_b S_b``, summed in window order over every rank's windows.
+    """A ``GPTQ`` whose ``H = 2 / sum(m_b) * sum_b S_b``, summed in window order over every rank's windows
+    (:func:`lowbit.algorithms.ranks.ordered_sum`).
 
     ``sums`` / ``counts``: this rank's windows ``rank, rank + W, ...`` in that order."""
     from lowbit.algorithms.gptq import GPTQ
 
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if len(sums) != len(range(rank, n_batches, world)):
-        raise LowbitError(f"rank {rank}: captured {len(sums)} calibration windows, expected "
-                          f"{len(range(rank, n_batches, world))}")
-    total = torch.zeros(in_features, in_features, dtype=torch.float32)
-    buf = torch.empty(in_features, in_features, dtype=torch.float32)  # (K, K) window b's x^T x
-    count = torch.zeros(1, dtype=torch.int64)
-    n = 0
-    for b in range(n_batches):
-        owner = b % world
-        if owner == rank:
-            buf.copy_(sums[b // world])
-            count[0] = counts[b // world]
-        if world > 1:
-            dist.broadcast(buf, src=owner)
-            dist.broadcast(count, src=owner)
-        total += buf
-        n += int(count[0])
+    total = ordered_sum(sums, n_batches, (in_features, in_features))  # (K, K)
+    n = int(ordered_sum([torch.tensor(c, dtype=torch.int64) for c in counts], n_batches, (), torch.int64))
     g = GPTQ(in_features)
     g.H = total.mul_(2.0 / n)
     g.n = n
@@ -113,8 +94,11 @@ def _broadcast_solution(config, weight, g, owner: int, solved):
 
 
 def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches: int,
-                            groups: tuple[tuple[str, ...], ...]):
-    """The per-layer step of :func:`quantize_gptq_ranks`: sharded Hessians, fixed-order reduce, split solve."""
+                            groups: tuple[tuple[str, ...], ...], wrap=None):
+    """The per-layer step of :func:`quantize_gptq_ranks`: sharded Hessians, fixed-order reduce, split solve.
+
+    ``wrap(name, linear, codes, qparams, group_size) -> module`` as in ``make_gptq_process`` (default:
+    ``WeightOnlyQLinear``); the W/A presets pass one that builds ``WAQLinear``."""
     import fnmatch
 
     from lowbit.algorithms.gptq import wrap_quantized
@@ -166,7 +150,8 @@ def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches:
                 m = linears[n]
                 g = effective_group_size(m.in_features, config.group_size)
                 codes, qp, loss = _broadcast_solution(config, m.weight, g, k % world, solved.get(n))
-                new = wrap_quantized(m, codes, qp, g, config.kernel, config.double_quant)
+                new = (wrap(n, m, codes, qp, g) if wrap is not None
+                       else wrap_quantized(m, codes, qp, g, config.kernel, config.double_quant))
                 layer.set_submodule(n, new)
                 name = f"{prefix}.{i}.{n}"
                 report.layers[name] = new.spec()

@@ -15,6 +15,12 @@ The residual stream itself is never rescaled. Then every decoder linear gets int
 per-token integer activations: ``DynamicQLinear`` for W8A8 (the ``smoothquant`` scheme), otherwise
 ``WAQLinear`` with b-bit group-wise weights from RTN or GPTQ (the presets in ``presets.py``).
 Non-Llama models (MiniLM) get the same recipe with every smoothing factor kept in the module.
+
+Across ``torch.distributed`` ranks (``torchrun ... -m lowbit quantize --scheme smoothquant``): the
+activation maxima come from each rank's share of the batches, all-reduced with ``max`` (exact,
+``smoothing.py``); the GPTQ weight step of the W/A presets runs as ``gptq_ranks.py`` (windows
+sharded, Hessians summed in window order, solves split); RTN weights are computed on every rank.
+1 and W ranks give bit-identical modules; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from lowbit.algorithms._llm import (decoder_layers, effective_group_size, layer_
                                    require_llama_layout)
 from lowbit.models.adapters import fold_scale_into_norm
 from lowbit.algorithms._swap import Skip, swap_modules
+from lowbit.algorithms.ranks import ranks_active, shard, with_world_size
 from lowbit.algorithms.smoothing import input_absmax, smoothing_factors
 from lowbit.api import QuantizeReport, register_handler, select_modules
 from lowbit.config import BaseConfig, register_config, register_scheme
@@ -142,9 +149,16 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
             return WAQLinear.from_quantized(linear, codes, qp, g, config.act_bits, None, config.kernel)
 
         stats: dict = {}
-        process_layerwise(model, batches, make_gptq_process(gcfg, layer_prefix(model), report, stats, wrap,
-                                                            groups=input_groups(model)),
-                          desc=config.scheme)
+        if ranks_active():  # sharded windows, fixed-order Hessians, solves split (gptq_ranks.py)
+            from lowbit.algorithms.gptq_ranks import make_gptq_ranks_process
+
+            process = make_gptq_ranks_process(gcfg, layer_prefix(model), report, stats, len(batches),
+                                              input_groups(model), wrap)
+            process_layerwise(model, shard(batches), process, desc=config.scheme)
+        else:
+            process_layerwise(model, batches, make_gptq_process(gcfg, layer_prefix(model), report, stats, wrap,
+                                                                groups=input_groups(model)),
+                              desc=config.scheme)
         report.extra["gptq"] = {"layers": stats}
     else:
         prefix = layer_prefix(model) + "."
@@ -160,7 +174,7 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
 
         swap_modules(model, config, (nn.Linear,), convert, report)
     report.extra["wa"] = {"seconds": time.perf_counter() - t0, "weight_method": method, "alpha": config.alpha}
-    model.lowbit_calibration = calibration_info(batches, source)
+    model.lowbit_calibration = with_world_size(calibration_info(batches, source))
     return report
 
 
@@ -175,7 +189,7 @@ def _quantize_generic(model: nn.Module, config: WAConfig, calibration_data) -> Q
         layers = dict(select_modules(model, (nn.Linear,), config.include, config.exclude))
         stats = input_absmax(model, layers, batches)
         smooth = {n: smoothing_factors(stats[n], layers[n].weight, config.alpha) for n in layers if n in stats}
-        model.lowbit_calibration = calibration_info(batches, source)
+        model.lowbit_calibration = with_world_size(calibration_info(batches, source))
 
     def convert(name: str, m: nn.Linear):
         g = effective_group_size(m.in_features, config.group_size)

@@ -17,6 +17,23 @@ Recipe (Jacob et al. 2018; Krishnamoorthi 2018 whitepaper; Nagel et al. 2021):
 LayerNorm, softmax, embeddings and other layers stay in float and are listed in the report.
 Activations are per tensor; ``granularity`` is the weights' (per_channel or per_tensor);
 ``symmetric`` picks the activation scheme (weights are always symmetric).
+
+Across ``torch.distributed`` ranks (``torchrun ... -m lowbit quantize --scheme w8a8-static``) each
+rank runs batches ``r, r + W, ...`` (``lowbit.algorithms.ranks``), and the result does not depend on W:
+
+- SmoothQuant maxima: all-reduce ``max``; the alpha search's sampled rows are drawn per batch with a
+  generator seeded by the batch index and gathered in batch order (one process draws from one
+  generator across batches, so 1 rank under torchrun and a plain process sample different rows);
+- ``minmax`` / ``ema`` / ``output`` observers: each batch's per-channel (min, max) is gathered in
+  batch order and replayed into the observer (``[min, max]`` is all these observers read of a batch),
+  so the ranges equal one process's bit for bit (a layer called twice per batch is the exception for
+  ``ema``: its two calls become one);
+- histogram observers (``percentile`` / ``mse`` / ``kl``): a first pass fixes each histogram's range
+  to the global one (min / max over ranks), a second fills it with no re-binning, and the integer
+  counts are summed over ranks (exact): 1 and W ranks agree, but one process re-bins as its range
+  grows, so its histogram (and range) differ slightly;
+- the ``output`` search's loss is a per-batch sum gathered in batch order: each rank runs its share
+  of the subset, and the chosen ratios equal one process's.
 """
 
 from __future__ import annotations
@@ -29,13 +46,16 @@ import torch
 from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, capture_inputs, default_calibration, run_batches
+from lowbit.algorithms.ranks import (all_max, all_sum_counts, collective_guard, gather_batches,
+                                    gather_scalars, local_indices, ranks_active, require_batches, with_world_size)
 from lowbit.algorithms.smoothing import smoothing_factors
 from lowbit.api import QuantizeReport, register_handler, select_modules, set_submodule
 from lowbit.config import BaseConfig, register_config, register_scheme
 from lowbit.core import choose_qparams, fake_quantize, int_format, per_channel, qparams_from_range
 from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.static import FakeQuantConv2d, FakeQuantLinear, StaticQConv2d, StaticQLinear
-from lowbit.observers import OBSERVERS
+from lowbit.observers import OBSERVERS, HistogramObserver, MinMaxObserver
+from lowbit.observers.histogram import RANGE_EPS
 from lowbit.observers.output import DEFAULT_RATIOS, search_output_ranges
 
 log = logging.getLogger(__name__)
@@ -212,6 +232,105 @@ def smoothing_stats(model: nn.Module, targets: dict[str, nn.Module], batches: li
     return stats, {n: torch.cat(r) for n, r in rows.items()}
 
 
+def smoothing_stats_ranks(model: nn.Module, targets: dict[str, nn.Module], batches: list,
+                          keep_rows: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`smoothing_stats` across ranks: this rank's batches ``r, r + W, ...``, maxima all-reduced
+    (exact); batch ``b``'s sampled rows drawn with a generator seeded ``b`` and gathered in batch order,
+    so the result does not depend on W."""
+    linears = {n: m for n, m in targets.items() if isinstance(m, nn.Linear)}
+    stats: dict[str, torch.Tensor] = {}
+    mine: dict[str, list[torch.Tensor]] = {n: [] for n in linears}  # per local batch: (rows, K)
+    now: dict = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        if name in linears:
+            x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, K)
+            m = x2.abs().amax(dim=0)  # (K,)
+            stats[name] = torch.maximum(stats[name], m) if name in stats else m
+            if keep_rows:
+                idx = torch.randperm(x2.shape[0], generator=now["gen"])[:keep_rows]
+                now["rows"].setdefault(name, []).append(x2[idx].clone())
+
+    with capture_inputs(targets, record):
+        for b in local_indices(len(batches)):
+            now.update(gen=torch.Generator().manual_seed(b), rows={})
+            guarded_pass(model, targets, [batches[b]], "smoothing stats")
+            for n, m in linears.items():
+                got = now["rows"].get(n)
+                mine[n].append(torch.cat(got) if got else torch.zeros(0, m.in_features))
+    rows: dict[str, torch.Tensor] = {}
+    with collective_guard("static calibration (smoothing statistics)"):
+        seen = all_max(torch.tensor([float(n in stats) for n in linears]))
+        for k, (n, m) in enumerate(linears.items()):
+            if not seen[k]:
+                continue
+            stats[n] = all_max(stats[n] if n in stats else torch.zeros(m.in_features))  # |x| >= 0
+            if keep_rows:
+                rows[n] = torch.cat(gather_batches(mine[n], len(batches)))
+    return stats, rows
+
+
+def calibrate_ranges_ranks(model: nn.Module, wrappers: dict[str, nn.Module], batches: list) -> list[str]:
+    """The observers' calibration pass across ranks; returns the wrappers' forward order.
+
+    Pass 1 (this rank's batches, one at a time): each quantizer sees the batch through a fresh min-max
+    observer, giving that batch's per-channel ``[min, max]`` (C, 2) (``(0, 2)``: not reached). These are
+    gathered in batch order; min-max / EMA / output observers replay them (exact). Histogram observers
+    get the global range (``min`` / ``max`` over every batch, as their ``_observe`` computes it), then
+    pass 2 fills the fixed-range histograms and the counts are summed over ranks."""
+    real = {n: w.act.observer for n, w in wrappers.items()}
+    mine: dict[str, list[torch.Tensor]] = {n: [] for n in wrappers}
+    order: list[str] = []
+    local = local_indices(len(batches))
+    try:
+        for b in local:
+            for w in wrappers.values():
+                w.act.observer = MinMaxObserver(w.act.fmt, w.act.symmetric, w.act.axis)
+            reached = guarded_pass(model, wrappers, [batches[b]], "calibrating ranges")
+            order = order or reached
+            for n, w in wrappers.items():
+                o = w.act.observer
+                mine[n].append(torch.stack([o.min_val, o.max_val], dim=1) if o.n_batches else torch.zeros(0, 2))
+    finally:
+        for n, w in wrappers.items():
+            w.act.observer = real[n]
+    hist: dict[str, HistogramObserver] = {}
+    with collective_guard("static calibration (activation ranges)"):
+        for n in wrappers:
+            seq = [t for t in gather_batches(mine[n], len(batches)) if t.numel()]  # (C, 2) per batch reached
+            obs = real[n]
+            if isinstance(obs, HistogramObserver):
+                if seq:
+                    lo_b = torch.stack([t[:, 0] for t in seq])  # (batches, C)
+                    hi_b = torch.stack([t[:, 1] for t in seq])
+                    if obs.symmetric:  # the histogram of |x| over [0, max |x|]
+                        lo_b, hi_b = torch.zeros_like(lo_b), torch.maximum(hi_b.abs(), lo_b.abs())
+                    else:
+                        lo_b, hi_b = lo_b.clamp(max=0.0), hi_b.clamp(min=0.0)
+                    hi_b = torch.maximum(hi_b, lo_b + RANGE_EPS)
+                    obs.hist = torch.zeros(lo_b.shape[1], obs.bins)
+                    obs.lo, obs.hi = lo_b.amin(dim=0), hi_b.amax(dim=0)
+                    hist[n] = obs
+                continue
+            for t in seq:  # amin / amax of [min, max] are the batch's own: the same update as the batch
+                obs._observe(t)
+                obs.n_batches += 1
+        if not hist:
+            return order
+        for n, w in wrappers.items():  # pass 2: only histograms observe; "float" passes x through as observe does
+            if n not in hist:
+                w.act.set_mode("float")
+        for b in local:
+            guarded_pass(model, wrappers, [batches[b]], "calibrating histograms")
+        for n, w in wrappers.items():
+            if n in hist:
+                all_sum_counts(hist[n].hist)
+                hist[n].n_batches = 1  # observed (every rank's counts are in)
+            else:
+                w.act.set_mode("observe")
+    return order
+
+
 def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weight: torch.Tensor, grid, act_bits: int = 8,
                  weight_bits: int = 8) -> tuple[float, dict]:
     """The SmoothQuant strength of ``grid`` with the least ``||x W^T - fq(x / s) fq(W s)^T||^2`` on sampled
@@ -246,6 +365,9 @@ def _quantize_static(model: nn.Module, config: StaticConfig, calibration_data=No
     batches = list(batches)
     if not batches:
         raise CalibrationError("calibration data is empty: static PTQ needs at least one batch")
+    distributed = ranks_active()
+    if distributed:
+        require_batches(len(batches), "static calibration")
     model.eval()
 
     if config.fold_bn:
@@ -269,7 +391,8 @@ def _quantize_static(model: nn.Module, config: StaticConfig, calibration_data=No
     linears = {n: m for n, m in targets.items() if isinstance(m, nn.Linear)}
     if config.smooth_alpha is not None and linears:
         auto = config.smooth_alpha == "auto"
-        stats, rows = smoothing_stats(model, targets, batches, SAMPLE_ROWS if auto else 0)
+        stats, rows = (smoothing_stats_ranks if distributed else smoothing_stats)(
+            model, targets, batches, SAMPLE_ROWS if auto else 0)
         alphas = {}
         for n in linears:
             if n not in stats:
@@ -292,7 +415,10 @@ def _quantize_static(model: nn.Module, config: StaticConfig, calibration_data=No
         set_submodule(model, name, w)
         wrappers[name] = w
 
-    order = guarded_pass(model, wrappers, batches, "calibrating ranges")
+    if distributed:
+        order = calibrate_ranges_ranks(model, wrappers, batches)
+    else:
+        order = guarded_pass(model, wrappers, batches, "calibrating ranges")
     for name, w in wrappers.items():
         w.act.calibrate()
 
@@ -314,7 +440,7 @@ def _quantize_static(model: nn.Module, config: StaticConfig, calibration_data=No
         for t, why in FLOAT_LAYERS.items():
             if type(module) is t and name not in report.skipped:
                 report.skipped[name] = why
-    model.lowbit_calibration = calibration_info(batches, source)
+    model.lowbit_calibration = with_world_size(calibration_info(batches, source))
     report.extra["calibration_seconds"] = time.perf_counter() - start
     log.info("%s (%s observer): %d layers quantized, %d left in float, calibration %.1f s", config.scheme,
              config.observer, len(report.layers), len(report.skipped), report.extra["calibration_seconds"])
@@ -323,19 +449,24 @@ def _quantize_static(model: nn.Module, config: StaticConfig, calibration_data=No
 
 def _output_search(model: nn.Module, wrappers: dict[str, nn.Module], order: list[str], batches: list,
                    config: StaticConfig) -> dict:
-    """Reference outputs with every quantizer off, then the per-layer greedy search of clipping ratios."""
+    """Reference outputs with every quantizer off, then the per-layer greedy search of clipping ratios.
+
+    Across ranks each rank evaluates its share of the subset's batches; the per-batch losses are
+    gathered in batch order and summed as one process sums them (the same floats, the same order)."""
     subset = _subset(batches, config.output_samples)
+    mine = local_indices(len(subset))
     task = getattr(model, "task", None)
     for w in wrappers.values():
         w.act.set_mode("float")
     with torch.inference_mode():
-        refs = [model_outputs(model, b).float() for b in subset]
+        refs = {j: model_outputs(model, subset[j]).float() for j in mine}
     for w in wrappers.values():
         w.act.set_mode("quantize")
 
     def loss() -> float:
-        with torch.inference_mode():
-            return sum(output_loss(task, r, model_outputs(model, b)) for r, b in zip(refs, subset)) / len(subset)
+        with torch.inference_mode(), collective_guard("static calibration (output search)"):
+            values = [output_loss(task, refs[j], model_outputs(model, subset[j])) for j in mine]
+            return sum(gather_scalars(values, len(subset))) / len(subset)
 
     before = loss()
     chosen = search_output_ranges([(n, wrappers[n].act) for n in order], loss, config.output_ratios)

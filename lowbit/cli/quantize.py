@@ -78,8 +78,9 @@ def _quantize_low_memory(model: str, config, calib: int | None, log):
 def _join_ranks(config, low_memory: bool, log) -> int | None:
     """Under ``torchrun`` (``WORLD_SIZE`` set): join the gloo process group and return this rank, else None.
 
-    Only GPTQ runs across ranks (the calibration windows are sharded, Hessians reduced in a fixed
-    order, solves split; see ``lowbit.algorithms.gptq_ranks``). A collective waits at most
+    GPTQ, AWQ, SmoothQuant / the W/A presets and static calibration run across ranks (the calibration
+    batches are sharded and their statistics reduced in a fixed order, so 1 and N ranks agree; see
+    ``lowbit.algorithms.ranks``, ``gptq_ranks``); other schemes are refused. A collective waits at most
     ``LOWBIT_RANK_TIMEOUT_S`` seconds (default 600) for a peer; torchrun stops the other ranks when one dies.
     """
     import atexit
@@ -88,14 +89,17 @@ def _join_ranks(config, low_memory: bool, log) -> int | None:
 
     import torch.distributed as dist
 
+    from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
+    from lowbit.algorithms.smoothquant import WAConfig
+    from lowbit.algorithms.static import StaticConfig
     from lowbit.errors import ConfigError
 
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return None
-    if type(config) is not GPTQConfig:
-        raise ConfigError(f"across ranks (torchrun) `lowbit quantize` runs --scheme gptq only, not {config.scheme}; "
-                          "run other schemes in one process")
+    if type(config) not in (GPTQConfig, AWQConfig, WAConfig, StaticConfig):
+        raise ConfigError(f"across ranks (torchrun) `lowbit quantize` runs gptq, awq, awq-gptq, smoothquant, the "
+                          f"w/a presets and w8a8-static, not {config.scheme}; run other schemes in one process")
     if low_memory:
         raise ConfigError("--low-memory is not supported across ranks yet; drop --low-memory or run one process")
     timeout = float(os.environ.get("LOWBIT_RANK_TIMEOUT_S", "600"))
