@@ -221,3 +221,14 @@ def test_generate_command_streams_text_from_a_saved_quantized_folder(tmp_path):
     assert bad.exit_code != 0 and "--max-tokens" in bad.output
     bad = runner.invoke(app, ["generate", str(tmp_path / "q"), "-p", "hello", "--activations", "int3"])
     assert bad.exit_code != 0 and "activations" in bad.output
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_w4a8_kernel_paths_match_reference(seed):
+    """Every path of the W4A8 kernel (decoding row, small-group tiles with and without stored offsets,
+    the general tile) against its reference twin."""
+    from lowbit.kernels.block_gemv import block_linear_a8, block_linear_a8_ref, example_block_linear_a8
+
+    ex = example_block_linear_a8(seed)
+    fast, ref = block_linear_a8(*ex["fast"]), block_linear_a8_ref(*ex["reference"])
+    assert ((fast - ref).norm() / ref.norm()) <= ex["tol"]

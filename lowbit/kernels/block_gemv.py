@@ -341,6 +341,51 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
         const uint8_t* wr = w + n * (K / 2);
         int64_t m = 0;
 #ifdef LB_AVX2
+        if (M >= 4 && bpg <= 2 && G <= LB_ROW_GROUPS) {
+            /* Prompts with small groups (Q4_0's 32): four rows of x per decoded block of codes, each
+               block's factor s[group] * d[row, block] computed up front for the four rows (8 blocks per
+               instruction), so the block loop is integer dot products and one FMA per row; the offsets
+               are one dot of length G per row at the end. */
+            const __m256i low = _mm256_set1_epi8(0x0F);
+            const __m256i ones = _mm256_set1_epi16(1);
+            float sr[LB_ROW_GROUPS];           /* this weight row's scales in fp32 */
+            float sw[2 * LB_ROW_GROUPS];       /* per block: s[group] */
+            float sd[4][2 * LB_ROW_GROUPS];    /* per tile row and block: s[group] * d[row, block] */
+            lb_scales_row(s + n * G, sr, G);
+            for (int64_t blk = 0; blk < nb; ++blk) sw[blk] = sr[bpg == 1 ? blk : blk >> 1];
+            const float* bo = b ? b + n * G : sr;
+            for (; m + 4 <= M; m += 4) {
+                const int8_t* x0 = xq + m * K;
+                for (int i = 0; i < 4; ++i) {
+                    const float* di = d + (m + i) * nb;
+                    int64_t blk = 0;
+                    for (; blk + 8 <= nb; blk += 8)
+                        _mm256_storeu_ps(sd[i] + blk, _mm256_mul_ps(_mm256_loadu_ps(sw + blk), _mm256_loadu_ps(di + blk)));
+                    for (; blk < nb; ++blk) sd[i][blk] = sw[blk] * di[blk];
+                }
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t blk = 0; blk < nb; ++blk) {
+                    __m128i q = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
+                    __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
+#define LB_ROW(i, acc) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, \
+                    _mm256_loadu_si256((const __m256i*)(x0 + (i) * K + blk * 32))), ones)), \
+                    _mm256_broadcast_ss(sd[i] + blk), acc)
+                    LB_ROW(0, a0); LB_ROW(1, a1); LB_ROW(2, a2); LB_ROW(3, a3);
+#undef LB_ROW
+                }
+                __m256 acc[4] = {a0, a1, a2, a3};
+                for (int i = 0; i < 4; ++i) {
+                    const float* Xm = Xq + (m + i) * G;
+                    __m256 vo = _mm256_setzero_ps();
+                    int64_t j = 0;
+                    for (; j + 8 <= G; j += 8) vo = _mm256_fmadd_ps(_mm256_loadu_ps(bo + j), _mm256_loadu_ps(Xm + j), vo);
+                    float off = lb_hsum(vo);
+                    for (; j < G; ++j) off += bo[j] * Xm[j];
+                    if (!b) off *= boff;
+                    y[(m + i) * N + n] = (bias ? bias[n] : 0.0f) + off + lb_hsum(acc[i]);
+                }
+            }
+        }
         /* Prompts: four rows of x per decoded block of codes (the nibble unpacking is shared). */
         for (; m + 4 <= M; m += 4) {
             const __m128i low = _mm_set1_epi8(0x0F);
@@ -721,10 +766,12 @@ def example_block_linear_q8(seed: int) -> dict:
 
 def example_block_linear_a8(seed: int) -> dict:
     """W4A8: M = 1 (decoding) with g = 96 (three blocks per group, a ragged tail) for seed 0; M = 7
-    (a tile of 4 rows and 3 single rows) with g = 32 (the small-group path) for seed 1."""
-    g = 96 if seed % 2 == 0 else 32
-    x, packed, s, b, bias = _example(seed, 4, g, 1 if seed % 2 == 0 else 7)
-    args = (x, packed, s, b if seed % 2 == 0 else None, 4, g, bias)
+    (a tile of 4 rows and 3 single rows) with g = 32 (the small-group paths) for seed 1; seeds 2 and 3
+    add M = 6 at g = 64 with stored offsets (small groups, two blocks each) and at g = 96 (the
+    general tile)."""
+    g, m, offsets = {0: (96, 1, True), 1: (32, 7, False), 2: (64, 6, True), 3: (96, 6, True)}[seed % 4]
+    x, packed, s, b, bias = _example(seed, 4, g, m)
+    args = (x, packed, s, b if offsets else None, 4, g, bias)
     return {"fast": args, "reference": args, "exact": False, "tol": 1e-5}
 
 
