@@ -135,27 +135,25 @@ static inline void lb_store(const int32_t* acc, float sx, const float* ws, const
 }
 
 #ifdef LB_VNNI
-/* mr tokens x 64 channels; a: unsigned codes (q + 128), rows of K4 bytes; w: four packed blocks. */
-static inline __attribute__((always_inline)) void lb_tile(const uint8_t* a, int64_t K4, const int8_t* w,
-        const int32_t* corr, const float* sx, const float* ws, const float* bias, float* y, int64_t N,
-        int64_t n0, int mr) {
-    __m512i acc[LB_MR][4];
-    for (int i = 0; i < mr; ++i)
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+static inline int32_t lb_ld4(const uint8_t* p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* 6 tokens x 64 channels, 24 zmm accumulators named so they stay in registers; a: unsigned codes
+   (q + 128), rows of K4 bytes (rows past M are padding and are not stored); w: four packed blocks. */
+#define LB_ROW(i) { __m512i b = _mm512_set1_epi32(lb_ld4(a + (i) * K4 + k)); \
+    c##i##0 = _mm512_dpbusd_epi32(c##i##0, b, w0); c##i##1 = _mm512_dpbusd_epi32(c##i##1, b, w1); \
+    c##i##2 = _mm512_dpbusd_epi32(c##i##2, b, w2); c##i##3 = _mm512_dpbusd_epi32(c##i##3, b, w3); }
+#define LB_Z(i) __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+static void lb_tile(const uint8_t* a, int64_t K4, const int8_t* w, const int32_t* corr, const float* sx,
+                    const float* ws, const float* bias, float* y, int64_t N, int64_t n0, int mr) {
+    LB_Z(0) LB_Z(1) LB_Z(2) LB_Z(3) LB_Z(4) LB_Z(5)
     const int64_t bs = K4 * 16;  /* bytes per packed block of 16 channels */
     for (int64_t k = 0; k < K4; k += 4) {
         __m512i w0 = _mm512_loadu_si512(w + 16 * k), w1 = _mm512_loadu_si512(w + bs + 16 * k);
         __m512i w2 = _mm512_loadu_si512(w + 2 * bs + 16 * k), w3 = _mm512_loadu_si512(w + 3 * bs + 16 * k);
-        for (int i = 0; i < mr; ++i) {
-            int32_t a4;
-            memcpy(&a4, a + i * K4 + k, 4);
-            __m512i b = _mm512_set1_epi32(a4);
-            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], b, w0);
-            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], b, w1);
-            acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], b, w2);
-            acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], b, w3);
-        }
+        LB_ROW(0) LB_ROW(1) LB_ROW(2) LB_ROW(3) LB_ROW(4) LB_ROW(5)
     }
+    __m512i acc[6][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23},
+                         {c30, c31, c32, c33}, {c40, c41, c42, c43}, {c50, c51, c52, c53}};
     for (int j = 0; j < 4; ++j) {
         int64_t n = n0 + 16 * j;
         if (n >= N) break;
@@ -178,27 +176,24 @@ static inline __attribute__((always_inline)) void lb_tile(const uint8_t* a, int6
     }
 }
 #elif defined(LB_AVX2)
-/* mr tokens x 16 channels; a: |q| and s: q, rows of K4 bytes; w: one packed block. */
-static inline __attribute__((always_inline)) void lb_tile16(const uint8_t* a, const int8_t* s, int64_t K4,
-        const int8_t* w, const float* sx, const float* ws, const float* bias, float* y, int64_t N, int64_t n,
-        int mr) {
-    __m256i acc[LB_MR][2];
+static inline int32_t lb_ld4(const void* p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* 4 tokens x 16 channels; a: |q| and s: q, rows of K4 bytes (rows past M are zero padding); w: one
+   packed block. |q| * sign(w, q) = q w per byte, pairs summed in int16 (<= 32258), then int32. */
+#define LB_ROW2(i) { __m256i ab = _mm256_set1_epi32(lb_ld4(a + (i) * K4 + k)), sb = _mm256_set1_epi32(lb_ld4(s + (i) * K4 + k)); \
+    c##i##0 = _mm256_add_epi32(c##i##0, _mm256_madd_epi16(_mm256_maddubs_epi16(ab, _mm256_sign_epi8(w0, sb)), ones)); \
+    c##i##1 = _mm256_add_epi32(c##i##1, _mm256_madd_epi16(_mm256_maddubs_epi16(ab, _mm256_sign_epi8(w1, sb)), ones)); }
+#define LB_Z2(i) __m256i c##i##0 = _mm256_setzero_si256(), c##i##1 = c##i##0;
+static void lb_tile16(const uint8_t* a, const int8_t* s, int64_t K4, const int8_t* w, const float* sx,
+                      const float* ws, const float* bias, float* y, int64_t N, int64_t n, int mr) {
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int i = 0; i < mr; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    LB_Z2(0) LB_Z2(1) LB_Z2(2) LB_Z2(3)
     for (int64_t k = 0; k < K4; k += 4) {
         __m256i w0 = _mm256_loadu_si256((const __m256i*)(w + 16 * k));
         __m256i w1 = _mm256_loadu_si256((const __m256i*)(w + 16 * k + 32));
-        for (int i = 0; i < mr; ++i) {
-            int32_t a4, s4;
-            memcpy(&a4, a + i * K4 + k, 4);
-            memcpy(&s4, s + i * K4 + k, 4);
-            __m256i ab = _mm256_set1_epi32(a4), sb = _mm256_set1_epi32(s4);
-            __m256i p0 = _mm256_maddubs_epi16(ab, _mm256_sign_epi8(w0, sb));
-            __m256i p1 = _mm256_maddubs_epi16(ab, _mm256_sign_epi8(w1, sb));
-            acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(p0, ones));
-            acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(p1, ones));
-        }
+        LB_ROW2(0) LB_ROW2(1) LB_ROW2(2) LB_ROW2(3)
     }
+    __m256i acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
     if (n + 16 <= N) {
         __m256 vw0 = _mm256_loadu_ps(ws + n), vw1 = _mm256_loadu_ps(ws + n + 8);
         for (int i = 0; i < mr; ++i) {
@@ -223,21 +218,27 @@ static inline __attribute__((always_inline)) void lb_tile16(const uint8_t* a, co
 }
 #endif
 
-/* x (M, K) fp32, si (K,) or NULL, w packed (NP/16, K4/4, 16, 4) int8, colsum (NP,) int32 (128 * the
-   column sums, VNNI only), ws (N,), bias (N,) or NULL, y (M, N) fp32; scratch: codes (2, M, K4)
-   int8 and sx (M,) fp32. */
-void lowbit_w8a8_linear(const float* x, const float* si, const int8_t* w, const int32_t* corr, const float* ws,
-                        const float* bias, float* y, int8_t* codes, float* sx, int64_t M, int64_t N, int64_t K,
-                        int nthreads) {
-    const int64_t K4 = (K + 3) / 4 * 4, NP = (N + 63) / 64 * 64;
+/* x (M, K) fp32, si (K,) or NULL, w packed (NP/16, K4/4, 16, 4) int8, corr (NP,) int32 (128 * the
+   column sums, VNNI only), ws (N,), bias (N,) or NULL, y (M, N) fp32. Scratch (malloc'd here): the
+   codes (2, MP, K4) int8 with MP = M rounded up to whole tiles (padding rows are zero codes) and sx (MP,). */
+int lowbit_w8a8_linear(const float* x, const float* si, const int8_t* w, const int32_t* corr, const float* ws,
+                       const float* bias, float* y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    const int64_t K4 = (K + 3) / 4 * 4, MP = (M + 11) / 12 * 12;
+    int8_t* codes = (int8_t*)malloc((size_t)(2 * MP * K4) + (size_t)MP * sizeof(float));
+    if (!codes) return -1;
+    float* sx = (float*)(codes + 2 * MP * K4);  /* 2 * MP * K4 is a multiple of 4 */
     int8_t* q = codes;
-    uint8_t* a = (uint8_t*)(codes + M * K4);
+    uint8_t* a = (uint8_t*)(codes + MP * K4);
     (void)corr; (void)a;
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; ++m) {
-            sx[m] = lb_quant_row(x + m * K, si, K, K4, q + m * K4);
+        for (int64_t m = 0; m < MP; ++m) {
+            if (m < M) {
+                sx[m] = lb_quant_row(x + m * K, si, K, K4, q + m * K4);
+            } else {
+                memset(q + m * K4, 0, K4);
+            }
 #if defined(LB_VNNI)
             for (int64_t k = 0; k < K4; ++k) a[m * K4 + k] = (uint8_t)(q[m * K4 + k] + 128);
 #elif defined(LB_AVX2)
@@ -245,41 +246,22 @@ void lowbit_w8a8_linear(const float* x, const float* si, const int8_t* w, const 
 #endif
         }
 #if defined(LB_VNNI)
-        const int64_t nt = NP / 64, mt = (M + LB_MR - 1) / LB_MR;
+        const int64_t nt = (N + 63) / 64, mt = (M + LB_MR - 1) / LB_MR;
         #pragma omp for collapse(2) schedule(static)
         for (int64_t jb = 0; jb < nt; ++jb)
             for (int64_t it = 0; it < mt; ++it) {
                 int64_t m0 = it * LB_MR, n0 = jb * 64;
                 int mr = M - m0 < LB_MR ? (int)(M - m0) : LB_MR;
-                const uint8_t* ar = a + m0 * K4;
-                const int8_t* wb = w + (n0 / 16) * K4 * 16;
-                float* yr = y + m0 * N;
-                switch (mr) {
-                    case 6: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 6); break;
-                    case 5: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 5); break;
-                    case 4: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 4); break;
-                    case 3: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 3); break;
-                    case 2: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 2); break;
-                    default: lb_tile(ar, K4, wb, corr, sx + m0, ws, bias, yr, N, n0, 1); break;
-                }
+                lb_tile(a + m0 * K4, K4, w + (n0 / 16) * K4 * 16, corr, sx + m0, ws, bias, y + m0 * N, N, n0, mr);
             }
 #elif defined(LB_AVX2)
         const int64_t nt = (N + 15) / 16, mt = (M + LB_MR - 1) / LB_MR;
         #pragma omp for collapse(2) schedule(static)
         for (int64_t jb = 0; jb < nt; ++jb)
             for (int64_t it = 0; it < mt; ++it) {
-                int64_t m0 = it * LB_MR, n = jb * 16;
+                int64_t m0 = it * LB_MR;
                 int mr = M - m0 < LB_MR ? (int)(M - m0) : LB_MR;
-                const uint8_t* ar = a + m0 * K4;
-                const int8_t* sr = q + m0 * K4;
-                const int8_t* wb = w + jb * K4 * 16;
-                float* yr = y + m0 * N;
-                switch (mr) {
-                    case 4: lb_tile16(ar, sr, K4, wb, sx + m0, ws, bias, yr, N, n, 4); break;
-                    case 3: lb_tile16(ar, sr, K4, wb, sx + m0, ws, bias, yr, N, n, 3); break;
-                    case 2: lb_tile16(ar, sr, K4, wb, sx + m0, ws, bias, yr, N, n, 2); break;
-                    default: lb_tile16(ar, sr, K4, wb, sx + m0, ws, bias, yr, N, n, 1); break;
-                }
+                lb_tile16(a + m0 * K4, q + m0 * K4, K4, w + jb * K4 * 16, sx + m0, ws, bias, y + m0 * N, N, jb * 16, mr);
             }
 #else
         const int64_t nt = (N + 15) / 16;
@@ -296,13 +278,14 @@ void lowbit_w8a8_linear(const float* x, const float* si, const int8_t* w, const 
             }
 #endif
     }
-    (void)NP;
+    free(codes);
+    return 0;
 }
 """
 
 _VP = ctypes.c_void_p
-_ARGS = [_VP] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-# Build variants: "native" (-march=native) and "avx2" (the AVX2 path forced, for tests on VNNI CPUs).
+_ARGS = [_VP] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+# Build variants: "native" (-march=native); "avx2" and "portable" force the other paths (tests).
 VARIANT_FLAGS = {
     "native": ("-ffp-contract=off",),
     "avx2": ("-ffp-contract=off", "-mno-avx512f", "-mno-avxvnni"),
@@ -315,6 +298,7 @@ def library(variant: str = "native"):
     name = "int8_gemm" if variant == "native" else f"int8_gemm_{variant}"
     lib, why = native.native_library(name, _C_SOURCE, {"lowbit_w8a8_linear": _ARGS}, cflags=VARIANT_FLAGS[variant])
     if lib is not None and not getattr(lib, "_lowbit_typed", False):
+        lib.lowbit_w8a8_linear.restype = ctypes.c_int
         lib.lowbit_w8a8_variant.argtypes, lib.lowbit_w8a8_variant.restype = [], ctypes.c_int
         lib._lowbit_typed = True
     return lib, why
@@ -327,9 +311,10 @@ def path_name(variant: str = "native") -> str:
 
 
 class Packed:
-    """A weight in the kernel's layout: ``w`` (NP/16, K4/4, 16, 4) int8, ``corr`` (NP,) int32 = 128 * column sums."""
+    """A weight in the kernel's layout: ``w`` (NP/16, K4/4, 16, 4) int8, ``corr`` (NP,) int32 = 128 * column
+    sums, and ``fn``: the library function that computes with it exactly (None: use the torch path)."""
 
-    def __init__(self, qweight_t: torch.Tensor):
+    def __init__(self, qweight_t: torch.Tensor, variant: str = "native"):
         k, n = qweight_t.shape
         k4, np_ = -(-k // 4) * 4, -(-n // PACK_N) * PACK_N
         w = F.pad(qweight_t.to(torch.int8), (0, np_ - n, 0, k4 - k))  # (K4, NP), zeros appended
@@ -337,10 +322,12 @@ class Packed:
         self.corr = (w.sum(0, dtype=torch.int32) * 128).contiguous()  # (NP,)
         self.has_min = bool((qweight_t == -128).any())  # -128 breaks the AVX2 sign trick
         self.k, self.n = k, n
+        lib, _ = library(variant)
+        self.fn = lib.lowbit_w8a8_linear if lib is not None and packable(self, variant) else None
 
 
-def pack(qweight_t: torch.Tensor) -> Packed:
-    return Packed(qweight_t)
+def pack(qweight_t: torch.Tensor, variant: str = "native") -> Packed:
+    return Packed(qweight_t, variant)
 
 
 def packable(packed: Packed, variant: str = "native") -> bool:
@@ -348,18 +335,19 @@ def packable(packed: Packed, variant: str = "native") -> bool:
     return not (packed.has_min and path_name(variant) == "avx2")
 
 
-def w8a8_linear(lib, x2: torch.Tensor, packed: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None,
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.float().contiguous()
+
+
+def w8a8_linear(x2: torch.Tensor, packed: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 smooth_inv: torch.Tensor | None, nthreads: int | None = None) -> torch.Tensor:
-    """(M, K) fp32 contiguous -> (M, N) fp32 through the C kernel (see the module docstring)."""
-    m, k = x2.shape
-    k4 = -(-k // 4) * 4
+    """(M, K) -> (M, N) fp32 through the C kernel (see the module docstring); ``packed.fn`` must be set."""
+    x2, ws, b, si = _f32(x2), _f32(w_scale), _f32(bias), _f32(smooth_inv)
+    m = x2.shape[0]
     y = torch.empty(m, packed.n)
-    codes = torch.empty(2, m, k4, dtype=torch.int8)  # signed codes, then the product's unsigned operand
-    sx = torch.empty(m)
-    ws = w_scale.float().contiguous()
-    b = None if bias is None else bias.float().contiguous()
-    si = None if smooth_inv is None else smooth_inv.float().contiguous()
-    lib.lowbit_w8a8_linear(x2.data_ptr(), None if si is None else si.data_ptr(), packed.w.data_ptr(),
-                           packed.corr.data_ptr(), ws.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                           codes.data_ptr(), sx.data_ptr(), m, packed.n, k, nthreads or torch.get_num_threads())
+    rc = packed.fn(x2.data_ptr(), None if si is None else si.data_ptr(), packed.w.data_ptr(), packed.corr.data_ptr(),
+                   ws.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), m, packed.n, packed.k,
+                   nthreads or torch.get_num_threads())
+    if rc:
+        raise MemoryError(f"w8a8 kernel: no memory for the scratch codes of {m} x {packed.k}")
     return y

@@ -46,7 +46,7 @@ class DynamicQLinear(nn.Module):
         self.register_buffer("w_scale", torch.ones(out_features))  # (N,)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("smooth_inv", torch.ones(in_features) if smooth else None)  # (K,)
-        self._fn = None
+        self._fn = self._resolve()  # now, not in the first forward: under torch.compile that would break the graph
 
     @classmethod
     def from_float(cls, linear: nn.Linear, kernel: str = "auto", smooth: torch.Tensor | None = None) -> "DynamicQLinear":
@@ -77,10 +77,12 @@ class DynamicQLinear(nn.Module):
         w = self.qweight_t.t().float() * self.w_scale[:, None]
         return w if self.smooth_inv is None else w * self.smooth_inv
 
+    def _resolve(self):
+        return kernels.KERNELS["int8_dynamic_linear"][kernels.resolve("int8_dynamic_linear", self.kernel)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fn is None:
-            choice = kernels.resolve("int8_dynamic_linear", self.kernel)
-            self._fn = kernels.KERNELS["int8_dynamic_linear"][choice]
+            self._fn = self._resolve()
         return self._fn(x, self.qweight_t, self.w_scale, self.bias, self.smooth_inv)
 
     def extra_repr(self) -> str:
