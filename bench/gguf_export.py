@@ -1,21 +1,37 @@
-"""GGUF export on SmolLM2-135M: lowbit's Q4_0 / Q4_1 files against the gguf package's own quantization
-of the same fp32 weights, and the memory of importing a GGUF file into lowbit's packed modules.
+"""GGUF export on SmolLM2-135M: lowbit's Q4_0 / Q4_1 files against llama.cpp's own quantization of the
+same fp32 weights (the gguf package's reference quantizer, ``gguf.quants.quantize``), perplexity measured
+INSIDE llama.cpp and in lowbit, and the memory of importing a GGUF file into lowbit's packed modules.
 
-    nice -n 10 .venv/bin/python bench/gguf_export.py [--memory-only]
+    flock /tmp/lowbit-heavy.lock nice -n 10 .venv/bin/python bench/gguf_export.py [--part abcde]
+    .venv/bin/python bench/gguf_export.py --memory-only | --merge-memory
 
-Every file is written by ``lowbit.io.gguf_export.export_gguf`` and evaluated by importing it back with
-``lowbit.io.gguf_import.load_gguf`` (kernel="reference": the file's weights dequantized exactly, fp32
-matmuls; llama.cpp itself is not installed), then ``evaluate(model, fp32, quick=True)``: perplexity at
-context 512 on 2 windows of the licence text and 1 window of the held-out docs text, and the mean KL
-to fp32 on the same tokens. In every file ``token_embd`` (also the tied output head) is Q8_0 from the
-fp32 table, as in SmolLM2's own Q4_1 file; only the decoder linears differ between rows.
+Every file is written by ``lowbit.io.gguf_export.export_gguf`` and evaluated twice on the same token ids
+(lowbit's tokenizer, ``lm_windows`` at context 512: 2 windows of the licence text, 1 window of the held-out
+docs text, as ``evaluate(quick=True)``):
+
+- in llama.cpp (``llama-cpp-python``, an optional bench peer imported only here; its columns stay empty
+  when it is missing): ``Llama(n_ctx=512, logits_all=True)``, each window evaluated from an empty cache,
+  mean NLL computed by :func:`llama_cpp_scores` from the returned logits; also llama.cpp's prefill and
+  greedy decode tokens/s (2 threads);
+- in lowbit: imported back with ``lowbit.io.gguf_import.load_gguf`` (kernel="reference": the file's
+  weights dequantized exactly, fp32 matmuls), then ``evaluate(model, fp32, quick=True)`` (ppl and mean KL
+  to fp32).
+
+In every file ``token_embd`` (also the tied output head) is Q8_0 from the fp32 table, as in SmolLM2's own
+Q4_1 file; only the decoder linears differ between rows. Parts (``--part``, one locked run each; the
+default runs all and re-measures memory): a = fp32, llama.cpp's Q4_0, lowbit rtn / GPTQ on the Q4_0 grid;
+b = AWQ and AWQ+GPTQ on the Q4_0 grid (see :func:`awq_on_q4_0_grid`); c = Q4_1 (llama.cpp's, SmolLM2's
+own file, rtn on the Q4_1 grid, GPTQ affine); d, e = files off ggml's rounding (codes [-7, 7], g128).
+Each part writes bench/results/gguf_part_<p>.json; every write merges the part files present into
+bench/results/gguf.md and .json.
 
 Peak memory: max RSS of a separate process that imports the libraries, then loads the model (the
-libraries alone are measured too). Writes bench/results/gguf.md and .json.
+libraries alone are measured too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -74,106 +90,286 @@ def peak_memory(what: str) -> dict:
 
 
 sha = sha256_file
+PARTS = "abcde"  # a: Q4_0 rtn/gptq; b: Q4_0 awq/awq-gptq; c: Q4_1; d, e: off-grid files (codes [-7, 7], requantized)
+LLAMA_THREADS = 2
+DECODE_TOKENS = 64
+
+
+def llama_cpp_scores(path: Path, windows: dict[str, torch.Tensor]) -> dict:
+    """Perplexity of the GGUF file at ``path`` computed inside llama.cpp (llama-cpp-python), on the same
+    token windows lowbit's evaluation uses; prefill and decode tokens/s of llama.cpp on this machine.
+
+    Each window (T = 512 ids, no BOS added) is evaluated from an empty KV cache with ``logits_all``; the
+    NLL is ``-log_softmax(logits[t])[ids[t + 1]]`` summed over t < T - 1, and ``ppl = exp(sum NLL / count)``
+    per text, exactly ``lowbit.analysis.evaluate.lm_scores``'s formula. Decode: greedy, DECODE_TOKENS
+    single-token evals after the first 16 ids of the first window. Returns ``{}`` when llama_cpp is missing.
+    """
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {}
+    import time
+
+    import numpy as np
+
+    ctx = max(w.shape[1] for w in windows.values())
+    llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+                n_threads=LLAMA_THREADS, n_threads_batch=LLAMA_THREADS, verbose=False)
+    out, prefill = {}, []
+    for key, ws in windows.items():
+        nll, count = 0.0, 0
+        for window in ws:
+            ids = window.tolist()
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(ids)
+            prefill.append(time.perf_counter() - t0)
+            logits = torch.from_numpy(np.array(llm.scores[: len(ids) - 1], dtype=np.float32))  # (T-1, V)
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            nll += float(-logp.gather(1, window[1:, None]).sum())
+            count += len(ids) - 1
+        out[key] = float(np.exp(nll / count))
+    llm.reset()
+    prompt = windows["ppl"][0][:16].tolist()
+    llm.eval(prompt)
+    t0 = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    decode = DECODE_TOKENS / (time.perf_counter() - t0)
+    timed = sorted(prefill[1:] or prefill)
+    out.update({"llama_prefill_tps": ctx / timed[len(timed) // 2], "llama_decode_tps": decode})
+    del llm
+    return {"llama_ppl": out["ppl"], "llama_ppl_heldout": out["ppl_heldout"],
+            "llama_prefill_tps": out["llama_prefill_tps"], "llama_decode_tps": out["llama_decode_tps"]}
+
+
+@contextlib.contextmanager
+def awq_on_q4_0_grid():
+    """AWQ / awq-gptq run on ggml's Q4_0 grid (``AWQConfig`` has no ``gguf`` field yet, so the bench patches
+    it in for the duration): the scale and clipping searches fake-quantize with ggml's Q4_0 rounding
+    (``d = w[argmax |w|] / -8``, codes -8..7, fp16 d), the final linears are stored by
+    ``linear_on_ggml_grid(m, "q4_0")`` (rounding rtn) or by GPTQ with ``gguf="q4_0"`` (rounding gptq)."""
+    from lowbit.algorithms import awq
+    from lowbit.algorithms.gptq import GPTQConfig
+    from lowbit.nn.gguf_linear import GGML_BLOCK, ggml_quantize, linear_on_ggml_grid
+
+    def fake_quant(w, config, group_size):
+        if group_size != GGML_BLOCK:
+            raise ValueError(f"Q4_0 grid needs groups of {GGML_BLOCK}, got {group_size}")
+        n, k = w.shape
+        codes, d, _ = ggml_quantize(w, "q4_0")
+        deq = codes.float().reshape(n, k // GGML_BLOCK, GGML_BLOCK) * d.float()[..., None]  # (N, K/32, 32)
+        return deq.reshape(n, k).to(w.dtype)
+
+    def store(m, config, group_size):
+        return linear_on_ggml_grid(m, "q4_0", config.kernel)
+
+    def gptq_config(self):
+        return GPTQConfig(bits=4, group_size=GGML_BLOCK, symmetric=True, gguf="q4_0", kernel=self.kernel,
+                          include=self.include, exclude=self.exclude)
+
+    saved = awq.fake_quant_weight, awq._store, awq.AWQConfig.gptq_config
+    awq.fake_quant_weight, awq._store, awq.AWQConfig.gptq_config = fake_quant, store, gptq_config
+    try:
+        yield
+    finally:
+        awq.fake_quant_weight, awq._store, awq.AWQConfig.gptq_config = saved
 
 
 def main() -> None:
-    if "--merge-memory" in sys.argv:  # rewrite the tables from gguf.json and gguf_memory.json, measuring nothing
-        old = json.loads((RESULTS / "gguf.json").read_text())
-        write(old["rows"], json.loads((RESULTS / "gguf_memory.json").read_text()),
-              {k: v for k, v in old["meta"].items() if k != "memory"})
+    if "--merge-memory" in sys.argv:  # rewrite the tables from the part files and gguf_memory.json, measuring nothing
+        write(json.loads((RESULTS / "gguf_memory.json").read_text()))
         return
-    if "--memory-only" in sys.argv:  # re-measure memory, keep the perplexity rows of the last run
+    if "--memory-only" in sys.argv:  # re-measure memory, keep the perplexity rows of the last runs
         mem = {w: peak_memory(w) for w in ("libs", "gguf-notok", "gguf", "fp32", "hf-gguf")}
         (RESULTS / "gguf_memory.json").write_text(json.dumps(mem, indent=2))
-        old = json.loads((RESULTS / "gguf.json").read_text())
-        write(old["rows"], mem, {k: v for k, v in old["meta"].items() if k != "memory"})
+        write(mem)
         return
+    parts = PARTS
+    if "--part" in sys.argv:
+        parts = sys.argv[sys.argv.index("--part") + 1]
+        if not set(parts) <= set(PARTS):
+            raise SystemExit(f"--part takes letters of {PARTS!r}, got {parts!r}")
     quiet()
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
     from lowbit.algorithms.rtn import WeightOnlyConfig
-    from lowbit.analysis.evaluate import evaluate
+    from lowbit.analysis.evaluate import evaluate, lm_context, lm_windows
+    from lowbit.data import lm_eval_text, lm_heldout_text
     from lowbit.io.gguf_export import export_gguf
     from lowbit.io.gguf_import import load_gguf
     from lowbit.models import load_model
     from lowbit.models.smollm2 import smollm2_gguf
 
-    meta = {"machine": machine(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
-    mem = {w: peak_memory(w) for w in ("libs", "gguf-notok", "gguf", "fp32", "hf-gguf")}
-    print("memory", mem, flush=True)
+    if parts == PARTS:  # the whole run re-measures memory too
+        mem = {w: peak_memory(w) for w in ("libs", "gguf-notok", "gguf", "fp32", "hf-gguf")}
+        (RESULTS / "gguf_memory.json").write_text(json.dumps(mem, indent=2))
+    mem = json.loads((RESULTS / "gguf_memory.json").read_text())
 
     fp = load_model("smollm2")
     ref = CachedReference(fp)
     tok = fp.tokenizer
+    ctx = lm_context(fp)
+    windows = {"ppl": lm_windows(tok, lm_eval_text(), ctx, max_windows=2),  # evaluate(quick=True)'s windows
+               "ppl_heldout": lm_windows(tok, lm_heldout_text(), ctx, max_windows=1)}
     src = smollm2_gguf()
-    rows: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-gguf-bench-"))
-
-    def measure(label: str, qtype: str, path: Path, how: str) -> dict:
-        m = load_gguf(path, kernel="reference", tokenizer=False)
-        m.tokenizer = tok  # the same tokenizer (the files carry SmolLM2's)
-        r = evaluate(m, ref, quick=True)
-        row = {"row": label, "type": qtype, "file_mb": path.stat().st_size / 1e6, "how": how, "sha256": sha(path)[:12],
-               **{k: r[k] for k in ("ppl", "kl", "ppl_heldout", "kl_heldout")}}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        write(rows, mem, meta)
-        return row
-
-    def lowbit_file(label: str, qtype: str, config, calib=None) -> dict:
-        model = lowbit.quantize(copy.deepcopy(fp), config, calib)
-        path = tmp / f"{len(rows)}.gguf"
-        rep = export_gguf(model, path, qtype, source_gguf=src, embedding_type="q8_0")
-        lin = [t["how"] for n, t in rep.tensors.items() if n.startswith("blk.") and t["type"] == qtype]
-        how = ", ".join(f"{lin.count(h)} {h}" for h in ("exact", "exact-codes", "requantized", "quantized") if h in lin)
-        return measure(label, qtype, path, how)
-
-    def reference_file(qtype: str) -> dict:
-        path = tmp / f"ref-{qtype}.gguf"
-        export_gguf(fp, path, qtype, source_gguf=src, embedding_type="q8_0")
-        return measure(f"gguf reference quantize of fp32 (gguf.quants.quantize)", qtype, path, "210 quantized")
-
-    base = evaluate(fp, ref, quick=True)
-    rows.append({"row": "fp32 (transformers' dequantization of the Q4_1 file)", "type": "fp32",
-                 **{k: base[k] for k in ("ppl", "kl", "ppl_heldout", "kl_heldout")}})
     head = ("lm.lm_head",)  # every file keeps the tied Q8_0 token_embd as its head
-    reference_file("q4_0")
-    lowbit_file("lowbit rtn on ggml's Q4_0 grid (--gguf q4_0)", "q4_0", WeightOnlyConfig(gguf="q4_0", exclude=head))
-    lowbit_file("lowbit rtn w4 g32 sym (codes [-7, 7])", "q4_0", WeightOnlyConfig(bits=4, group_size=32, exclude=head))
-    lowbit_file("lowbit gptq on the Q4_0 grid (--gguf q4_0)", "q4_0", GPTQConfig(bits=4, group_size=32, gguf="q4_0"))
-    reference_file("q4_1")
-    measure("SmolLM2's own Q4_1 file (imported as is)", "q4_1", src, "the source")
-    lowbit_file("lowbit rtn on ggml's Q4_1 grid (--gguf q4_1)", "q4_1",
-                WeightOnlyConfig(gguf="q4_1", bits=4, group_size=32, symmetric=False, exclude=head))
-    lowbit_file("lowbit awq w4 g32 sym (codes [-7, 7])", "q4_0", AWQConfig(bits=4, group_size=32))
-    lowbit_file("lowbit gptq w4 g32 affine", "q4_1", GPTQConfig(bits=4, group_size=32, symmetric=False))
-    lowbit_file("lowbit gptq w4 g128 sym (requantized to Q4_0)", "q4_0", GPTQConfig(bits=4, group_size=128))
-    meta["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    write(rows, mem, meta)
-    for p in tmp.iterdir():
-        p.unlink()
+
+    for part in parts:
+        rows: list[dict] = []
+        meta = {"machine": machine(), "part": part, "command": f"flock /tmp/lowbit-heavy.lock nice -n 10 "
+                f".venv/bin/python bench/gguf_export.py --part {part}",
+                "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+
+        def save():
+            write_part(part, rows, meta)
+            write(mem)
+
+        def measure(label: str, qtype: str, path: Path, how: str, seconds: float | None = None) -> dict:
+            m = load_gguf(path, kernel="reference", tokenizer=False)
+            m.tokenizer = tok  # the same tokenizer (the files carry SmolLM2's)
+            r = evaluate(m, ref, quick=True)
+            del m
+            row = {"row": label, "type": qtype, "file_mb": path.stat().st_size / 1e6, "how": how,
+                   "sha256": sha(path)[:12], **{k: r[k] for k in ("ppl", "kl", "ppl_heldout", "kl_heldout")},
+                   **llama_cpp_scores(path, windows)}
+            if seconds is not None:
+                row["quantize_s"] = seconds
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save()
+            return row
+
+        def lowbit_file(label: str, qtype: str, config, calib=None) -> dict:
+            import time
+
+            t0 = time.perf_counter()
+            model = lowbit.quantize(copy.deepcopy(fp), config, calib)
+            seconds = time.perf_counter() - t0
+            path = tmp / f"{part}{len(rows)}.gguf"
+            rep = export_gguf(model, path, qtype, source_gguf=src, embedding_type="q8_0")
+            del model
+            lin = [t["how"] for n, t in rep.tensors.items() if n.startswith("blk.") and t["type"] == qtype]
+            how = ", ".join(f"{lin.count(h)} {h}" for h in ("exact", "exact-codes", "requantized", "quantized")
+                            if h in lin)
+            out = measure(label, qtype, path, how, seconds)
+            path.unlink()
+            return out
+
+        def reference_file(qtype: str) -> dict:
+            path = tmp / f"ref-{qtype}.gguf"
+            export_gguf(fp, path, qtype, source_gguf=src, embedding_type="q8_0")
+            out = measure("llama.cpp's own: gguf.quants.quantize of fp32", qtype, path, "210 quantized")
+            path.unlink()
+            return out
+
+        if part == "a":
+            base = evaluate(fp, ref, quick=True)
+            rows.append({"row": "fp32 (transformers' dequantization of the Q4_1 file)", "type": "fp32",
+                         **{k: base[k] for k in ("ppl", "kl", "ppl_heldout", "kl_heldout")}})
+            reference_file("q4_0")
+            lowbit_file("lowbit rtn on the Q4_0 grid (--scheme rtn --gguf q4_0)", "q4_0",
+                        WeightOnlyConfig(gguf="q4_0", exclude=head))
+            lowbit_file("lowbit gptq on the Q4_0 grid (--scheme gptq --gguf q4_0)", "q4_0",
+                        GPTQConfig(bits=4, group_size=32, gguf="q4_0"))
+        elif part == "b":
+            with awq_on_q4_0_grid():
+                lowbit_file("lowbit awq on the Q4_0 grid (bench: AWQConfig g32 + ggml Q4_0 rounding)", "q4_0",
+                            AWQConfig(bits=4, group_size=32))
+                lowbit_file("lowbit awq-gptq on the Q4_0 grid (bench: AWQConfig g32 rounding=gptq + gguf q4_0)",
+                            "q4_0", AWQConfig(bits=4, group_size=32, rounding="gptq"))
+        elif part == "c":
+            reference_file("q4_1")
+            measure("SmolLM2's own Q4_1 file (imported as is)", "q4_1", src, "the source")
+            lowbit_file("lowbit rtn on the Q4_1 grid (--scheme rtn --gguf q4_1)", "q4_1",
+                        WeightOnlyConfig(gguf="q4_1", bits=4, group_size=32, symmetric=False, exclude=head))
+            lowbit_file("lowbit gptq w4 g32 affine (int zero-point -> Q4_1 min)", "q4_1",
+                        GPTQConfig(bits=4, group_size=32, symmetric=False))
+        elif part == "d":
+            lowbit_file("lowbit rtn w4 g32 sym (codes [-7, 7])", "q4_0",
+                        WeightOnlyConfig(bits=4, group_size=32, exclude=head))
+            lowbit_file("lowbit gptq w4 g128 sym (each g128 scale repeated over its Q4_0 blocks)", "q4_0", GPTQConfig(bits=4, group_size=128))
+        elif part == "e":
+            lowbit_file("lowbit awq w4 g32 sym (codes [-7, 7])", "q4_0", AWQConfig(bits=4, group_size=32))
+        meta["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        save()
     tmp.rmdir()
 
 
-def write(rows: list[dict], mem: dict, meta: dict) -> None:
-    newer = RESULTS / "gguf_memory.json"  # from a --memory-only run (with the forward column)
-    if newer.exists() and not all("max_rss_forward_mb" in v for v in mem.values()):
-        mem = json.loads(newer.read_text())
-    md = ["# GGUF export on SmolLM2-135M", "",
-          "Perplexity @512 (quick: 2 windows of the licence text `ppl`, 1 window of the held-out docs text "
-          "`ppl_heldout`) and mean KL to fp32, of each GGUF file imported back with `load_gguf` "
-          "(reference kernel: the file's weights dequantized exactly). Decoder linears at the row's type; "
-          "`token_embd` (= tied head) Q8_0 in every file. `how`: decoder linears written with lowbit's own "
-          "codes (`exact`), codes kept with Q4_1's min rounded to fp16 (`exact-codes`), or dequantized and "
-          "requantized by gguf's reference quantizer (`requantized`).", "",
-          f"Load: {meta.get('uptime', '')} (perplexity does not depend on load).", "",
-          "| file | type | MB | ppl | KL | ppl held-out | KL held-out | how | sha256 |",
-          "|---|---|---:|---:|---:|---:|---:|---|---|"]
+def write_part(part: str, rows: list[dict], meta: dict) -> None:
+    (RESULTS / f"gguf_part_{part}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+def _fmt(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """Per type and text: each lowbit file's llama.cpp perplexity against llama.cpp's own quantization."""
+    out = []
+    for qtype in ("q4_0", "q4_1"):
+        own = next((r for r in rows if r["type"] == qtype and r["row"].startswith("llama.cpp's own")), None)
+        if own is None or "llama_ppl" not in own:
+            continue
+        for r in rows:
+            if r["type"] != qtype or not r["row"].startswith("lowbit") or "llama_ppl" not in r:
+                continue
+            verdicts = []
+            for key, text in (("llama_ppl", "licence"), ("llama_ppl_heldout", "held-out")):
+                d = r[key] / own[key] - 1
+                word = ("the same file" if r.get("sha256") == own.get("sha256") else
+                        "lower: met" if r[key] < own[key] else "NOT lower: missed")
+                verdicts.append(f"{text} {r[key]:.3f} vs {own[key]:.3f} ({100 * d:+.2f}%, {word})")
+            out.append(f"- {qtype.upper()} {r['row']}: " + "; ".join(verdicts))
+    return out
+
+
+def write(mem: dict) -> None:
+    rows, metas = [], []
+    for part in PARTS:
+        f = RESULTS / f"gguf_part_{part}.json"
+        if f.exists():
+            d = json.loads(f.read_text())
+            rows += d["rows"]
+            metas.append(d["meta"])
+    md = ["# GGUF export on SmolLM2-135M: perplexity inside llama.cpp and in lowbit", "",
+          "Perplexity @512 on the same token ids in both runtimes (lowbit's tokenizer, `lm_windows`: 2 windows "
+          "of the licence text `ppl`, 1 window of the held-out docs text `ppl_heldout`, as `evaluate(quick=True)`). "
+          "`llama.cpp` columns: the file run by llama.cpp (llama-cpp-python 0.3.36, CPU, 2 threads, n_ctx 512, "
+          "`logits_all`, mean NLL computed from its logits by the bench); `lowbit` columns: the same file "
+          "imported back with `load_gguf` (reference kernel: the file's weights dequantized exactly, fp32 "
+          "matmuls), KL = mean next-token KL to fp32 there. `gap` = llama.cpp ppl / lowbit ppl - 1 (licence, "
+          "held-out): the two runtimes' arithmetic differs (llama.cpp quantizes activations to Q8_0 for its Q4 dot "
+          "products), the weights are the same. Decoder linears at the row's type; `token_embd` (= tied head) "
+          "Q8_0 in every file. `how`: decoder linears written with lowbit's own codes (`exact`), codes kept with "
+          "Q4_1's min rounded to fp16 (`exact-codes`), or requantized / quantized by gguf's reference quantizer. "
+          "Decode tok/s: llama.cpp, greedy, 64 tokens after a 16-token prompt, 2 threads (shared machine: "
+          "indicative, the same by construction for every file of one type).", "",
+          "SmolLM2-135M's published weights came from a Q4_1 file (4-bit, blocks of 32, asymmetric), so Q4_1 at "
+          "blocks of 32 reproduces them almost exactly (gguf's Q4_1 quantization of fp32 = the fp32 row) and "
+          "there is nothing left for a better method to win: **the headline comparison is Q4_0** (symmetric), "
+          "where every file loses information.", "",
+          "| file | type | MB | llama.cpp ppl | llama.cpp ppl held-out | lowbit ppl | lowbit ppl held-out | gap | "
+          "KL | KL held-out | prefill tok/s | decode tok/s | quantize s | how | sha256 |",
+          "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        mb = f"{r['file_mb']:.1f}" if "file_mb" in r else ""
-        md.append(f"| {r['row']} | {r['type']} | {mb} | {r['ppl']:.4f} | {r['kl']:.4f} | {r['ppl_heldout']:.4f} | "
-                  f"{r['kl_heldout']:.4f} | {r.get('how', '')} | {r.get('sha256', '')} |")
+        gap = (f"{100 * (r['llama_ppl'] / r['ppl'] - 1):+.2f}% / {100 * (r['llama_ppl_heldout'] / r['ppl_heldout'] - 1):+.2f}%"
+               if "llama_ppl" in r else "")
+        md.append(f"| {r['row']} | {r['type']} | {_fmt(r.get('file_mb'), '.1f')} | {_fmt(r.get('llama_ppl'), '.4f')} | "
+                  f"{_fmt(r.get('llama_ppl_heldout'), '.4f')} | {r['ppl']:.4f} | {r['ppl_heldout']:.4f} | {gap} | "
+                  f"{r['kl']:.4f} | {r['kl_heldout']:.4f} | {_fmt(r.get('llama_prefill_tps'), '.0f')} | "
+                  f"{_fmt(r.get('llama_decode_tps'), '.0f')} | {_fmt(r.get('quantize_s'), '.0f')} | "
+                  f"{r.get('how', '')} | {r.get('sha256', '')} |")
+    verdict = target_lines(rows)
+    if verdict:
+        md += ["", "Target (issue 15: lowbit's file has the lower llama.cpp perplexity at the same type, on both "
+               "texts):", ""] + verdict
+    md += ["", "Runs (one per part; perplexity does not depend on load, the tok/s columns do):", ""]
+    for meta in metas:
+        md.append(f"- part {meta['part']}: `{meta['command']}`; load at start `{meta['uptime']}`"
+                  + (f"; at end `{meta['uptime_end']}`" if "uptime_end" in meta else " (run did not finish)"))
     md += ["", "Peak memory (max RSS of a separate process; `libs` = torch + transformers + lowbit + gguf imported):",
            "", "| process | max RSS MB after loading | after one 4-token forward | model MB |",
            "|---|---:|---:|---:|"]
@@ -185,7 +381,7 @@ def write(rows: list[dict], mem: dict, meta: dict) -> None:
             fwd = mem[w].get("max_rss_forward_mb")
             md.append(f"| {label} | {mem[w]['max_rss_mb']:.0f} | {'' if fwd is None else f'{fwd:.0f}'} | "
                       f"{mem[w]['model_mb']:.1f} |")
-    write_results("gguf", rows, "\n".join(md) + "\n", {**meta, "memory": mem})
+    write_results("gguf", rows, "\n".join(md) + "\n", {"parts": metas, "memory": mem})
 
 
 if __name__ == "__main__":
