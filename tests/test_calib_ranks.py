@@ -24,6 +24,8 @@ AWQ = dict(bits=4, group_size=16, n_grid=5, search_tokens=96, clip_tokens=40)
 CONFIGS = {
     "awq": AWQConfig(**AWQ),
     "awq-gptq": AWQConfig(**AWQ, rounding="gptq"),
+    # one search window (32 tokens): rank 1 holds none of it and still takes part in every reduction
+    "awq-one-window": AWQConfig(bits=4, group_size=16, n_grid=3, search_tokens=32, clip_tokens=16),
     "smoothquant": WAConfig(alpha=0.6),
     "w4a8-gptq": WAConfig(weight_bits=4, act_bits=8, group_size=16, alpha=0.5, weight_method="gptq"),
     "static-minmax-auto": StaticConfig(observer="minmax"),  # smooth_alpha "auto": sampled rows gathered
