@@ -77,7 +77,7 @@ class Tally:
             if status is not None and 200 <= status < 300:
                 self.ok[kind] += 1
             else:
-                self.bad.append(f"{kind}: {status} {detail[:200]}")
+                self.bad.append(f"{kind}: {status} {detail[:1500]}")
 
 
 def embed_client(url: str, stop: threading.Event, tally: Tally, seed: int, sentences: list[str]) -> None:
@@ -159,6 +159,49 @@ def admin(url: str, seconds: float, log: list[str], t0: float, state: dict) -> N
         note(f"swap 2 -> {target}: {r.status_code}")
 
 
+def write_report(args, load_start: float, log: list[str], recal: list[dict], tally: Tally, gen_lines: list[str],
+                 rss: list[tuple[float, float]], rss_at_quarter: float) -> None:
+    """bench/results/service_load.{md,json}: what the run printed, as a table and as data."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _llm_common import machine, write_results
+
+    total = sum(tally.ok.values())
+    # the admin thread's events are "t= 42.3s ..."; memory after the last one shows the steady state
+    last_event = max((float(e.split("s", 1)[0].removeprefix("t=")) for e in log if e.startswith("t=")), default=0.0)
+    tail = [r for t, r in rss if t >= last_event] or [rss[-1][1]]
+    peak = max(r for _, r in rss)
+    meta = {"machine": machine(), "clients": args.clients, "gen_clients": args.gen_clients, "seconds": args.seconds,
+            "load_start": load_start, "load_end": os.getloadavg()[0], "events": log, "recalibration": recal,
+            "ok_by_kind": dict(tally.ok), "embeddings_by_model": dict(tally.models), "failures": tally.bad,
+            "generation_metrics": gen_lines, "rss_mib": rss}
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(tally.ok.items()))
+    outcome = (recal[-1].get("outcome") if recal else None) or "none"
+    md = "\n".join([
+        "# lowbit serve under load: embeddings + generations through a quantize job, a recalibration and two swaps",
+        "",
+        f"`python bench/service_load.py --clients {args.clients} --seconds {args.seconds:.0f}` — {args.clients} clients "
+        f"({args.gen_clients} generating, the rest embedding) on 127.0.0.1 for {args.seconds:.0f} s; 2 CPUs shared by "
+        f"server and clients; 1-min load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| responses 2xx | {total} ({kinds}) |",
+        f"| failures (non-2xx or transport errors) | {len(tally.bad)} |",
+        f"| embeddings by serving model | {', '.join(f'{k} {v}' for k, v in tally.models.items())} |",
+        f"| recalibration | {outcome} |",
+        f"| server RSS MiB: start / at 25 % / end / max | {rss[0][1]:.0f} / {rss_at_quarter:.0f} / {rss[-1][1]:.0f} / {peak:.0f} |",
+        f"| RSS growth from 25 % to the end | {rss[-1][1] - rss_at_quarter:+.0f} MiB |",
+        f"| after the last admin event (t = {last_event:.0f} s): RSS min / max / end | "
+        f"{min(tail):.0f} / {max(tail):.0f} / {rss[-1][1]:.0f} MiB over {rss[-1][0] - last_event:.0f} s |",
+        "",
+        "Events: " + "; ".join(log),
+        "",
+        "Server RSS over time (s: MiB): " + " ".join(f"{t:.0f}: {r:.0f}" for t, r in rss),
+        "",
+    ])
+    write_results("service_load", [], md, meta)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=16, help="clients in all (default 16)")
@@ -198,6 +241,7 @@ def main() -> None:
         active = httpx.get(url + "/models/active").json()
         print(f"serving {active['id']} and {active['lm']['id']} (kv {active['lm']['kv_cache']}); "
               f"RSS {rss_mib(proc.pid):.0f} MiB", flush=True)
+        load_start = os.getloadavg()[0]
         tally, stop, log, state = Tally(), threading.Event(), [], {}
         sentences = traffic()
         t0 = time.monotonic()
@@ -241,6 +285,7 @@ def main() -> None:
         print("server RSS MiB over time:", " ".join(f"{t:.0f}s:{r:.0f}" for t, r in rss))
         first = [r for t, r in rss if t >= 0.25 * args.seconds][:1] or [rss[0][1]]
         print(f"RSS start {rss[0][1]:.0f}, at 25% {first[0]:.0f}, end {rss[-1][1]:.0f}, max {max(r for _, r in rss):.0f} MiB")
+        write_report(args, load_start, log, cal["history"][-1:], tally, gen_lines, rss, first[0])
     finally:
         if proc is not None:
             proc.terminate()
