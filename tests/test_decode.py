@@ -232,3 +232,25 @@ def test_w4a8_kernel_paths_match_reference(seed):
     ex = example_block_linear_a8(seed)
     fast, ref = block_linear_a8(*ex["fast"]), block_linear_a8_ref(*ex["reference"])
     assert ((fast - ref).norm() / ref.norm()) <= ex["tol"]
+
+
+def test_w4a8_without_vnni_gives_identical_outputs(monkeypatch):
+    """The maddubs build (no VNNI) and the default build (vpdpbusd where the CPU has it) compute the
+    same integers, so every W4A8 path returns identical floats."""
+    from lowbit.kernels import block_gemv, native
+
+    default, why = block_gemv.library()
+    if default is None:
+        pytest.skip(f"no C compiler: {why}")
+    plain, why = native.native_library("block_gemv_no_vnni", block_gemv._C_SOURCE, {
+        "lowbit_quantize_blocks": block_gemv._QUANT_ARGS, "lowbit_q4a8_linear": block_gemv._A8_ARGS,
+    }, cflags=("-ffp-contract=off", "-mno-avxvnni", "-mno-avx512vnni"))
+    if plain is None:
+        pytest.skip(f"the compiler cannot build without VNNI: {why}")
+    for seed in range(4):
+        ex = block_gemv.example_block_linear_a8(seed)
+        want = block_gemv.block_linear_a8(*ex["fast"])
+        monkeypatch.setattr(block_gemv, "library", lambda: (plain, ""))
+        got = block_gemv.block_linear_a8(*ex["fast"])
+        monkeypatch.undo()
+        assert torch.equal(got, want), seed

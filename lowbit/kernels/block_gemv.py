@@ -107,6 +107,20 @@ static inline void lb_scales_row(const uint16_t* h, float* out, int64_t G) {
     for (; j < G; ++j) out[j] = lb_h2f(h[j]);
 }
 #endif
+#ifdef LB_AVX2
+/* Sums of four u8 x s8 products into each int32 lane (lane j: bytes 4j..4j+3), exact here (|u x| <=
+   15 * 127): one vpdpbusd with VNNI, else maddubs (pairs to int16, no saturation at these ranges)
+   and madd with ones. Identical integers either way. */
+static inline __m256i lb_dot4(__m256i u, __m256i x) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+#endif
+}
+#endif
 /* The offset of group idx: stored, or boff * s for symmetric codes (boff = -2^(bits-1), b = NULL). */
 #define LB_S(idx) lb_h2f(s[idx])
 #define LB_B(idx) (b ? b[idx] : boff * LB_S(idx))
@@ -367,8 +381,8 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
                 for (int64_t blk = 0; blk < nb; ++blk) {
                     __m128i q = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
                     __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
-#define LB_ROW(i, acc) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, \
-                    _mm256_loadu_si256((const __m256i*)(x0 + (i) * K + blk * 32))), ones)), \
+#define LB_ROW(i, acc) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lb_dot4(u, \
+                    _mm256_loadu_si256((const __m256i*)(x0 + (i) * K + blk * 32)))), \
                     _mm256_broadcast_ss(sd[i] + blk), acc)
                     LB_ROW(0, a0); LB_ROW(1, a1); LB_ROW(2, a2); LB_ROW(3, a3);
 #undef LB_ROW
@@ -400,8 +414,8 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
                 for (int64_t blk = b0; blk < b1; ++blk) {
                     __m128i q = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
                     __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
-#define LB_ROW(i, acc) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, \
-                    _mm256_loadu_si256((const __m256i*)(x0 + (i) * K + blk * 32))), ones)), \
+#define LB_ROW(i, acc) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lb_dot4(u, \
+                    _mm256_loadu_si256((const __m256i*)(x0 + (i) * K + blk * 32)))), \
                     _mm256_set1_ps(d0[(i) * nb + blk]), acc)
                     LB_ROW(0, a0); LB_ROW(1, a1); LB_ROW(2, a2); LB_ROW(3, a3);
 #undef LB_ROW
@@ -447,15 +461,15 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
                     __m128i q1 = _mm_loadu_si128((const __m128i*)(wr + blk * 16 + 16));
                     __m256i u0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q0, 4), q0), low);
                     __m256i u1 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q1, 4), q1), low);
-                    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32))), ones);
-                    __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i*)(xr + blk * 32 + 32))), ones);
+                    __m256i p0 = lb_dot4(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32)));
+                    __m256i p1 = lb_dot4(u1, _mm256_loadu_si256((const __m256i*)(xr + blk * 32 + 32)));
                     a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(sd + blk), a0);
                     a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(sd + blk + 1), a1);
                 }
                 for (; blk < nb; ++blk) {
                     __m128i q0 = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
                     __m256i u0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q0, 4), q0), low);
-                    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32))), ones);
+                    __m256i p0 = lb_dot4(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32)));
                     a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(sd + blk), a0);
                 }
                 /* offsets: sum_j b_j X_j, with b_j = boff * s_j for symmetric codes */
@@ -485,15 +499,15 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
                     __m128i q1 = _mm_loadu_si128((const __m128i*)(wr + blk * 16 + 16));
                     __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q0, 4), low), _mm_and_si128(q0, low));
                     __m256i u1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q1, 4), low), _mm_and_si128(q1, low));
-                    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32))), ones);
-                    __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i*)(xr + blk * 32 + 32))), ones);
+                    __m256i p0 = lb_dot4(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32)));
+                    __m256i p1 = lb_dot4(u1, _mm256_loadu_si256((const __m256i*)(xr + blk * 32 + 32)));
                     a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dm[blk]), a0);
                     a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(dm[blk + 1]), a1);
                 }
                 for (; blk < b1; ++blk) {
                     __m128i q0 = _mm_loadu_si128((const __m128i*)(wr + blk * 16));
                     __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q0, 4), low), _mm_and_si128(q0, low));
-                    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32))), ones);
+                    __m256i p0 = lb_dot4(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32)));
                     a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dm[blk]), a0);
                 }
                 vt = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(LB_S(n * G + j)), vt);
