@@ -20,7 +20,7 @@ docs text, as ``evaluate(quick=True)``):
 In every file ``token_embd`` (also the tied output head) is Q8_0 from the fp32 table, as in SmolLM2's own
 Q4_1 file; only the decoder linears differ between rows. Parts (``--part``, one locked run each; the
 default runs all and re-measures memory): a = fp32, llama.cpp's Q4_0, lowbit rtn / GPTQ on the Q4_0 grid;
-b = AWQ and AWQ+GPTQ on the Q4_0 grid (see :func:`awq_on_q4_0_grid`); c = Q4_1 (llama.cpp's, SmolLM2's
+b = AWQ and AWQ+GPTQ on the Q4_0 grid (``AWQConfig(gguf="q4_0")``, rounding rtn / gptq); c = Q4_1 (llama.cpp's, SmolLM2's
 own file, rtn on the Q4_1 grid, GPTQ affine); d, e = files off ggml's rounding (codes [-7, 7], g128).
 Each part writes bench/results/gguf_part_<p>.json; every write merges the part files present into
 bench/results/gguf.md and .json.
@@ -31,7 +31,6 @@ libraries alone are measured too).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -143,39 +142,6 @@ def llama_cpp_scores(path: Path, windows: dict[str, torch.Tensor]) -> dict:
             "llama_prefill_tps": out["llama_prefill_tps"], "llama_decode_tps": out["llama_decode_tps"]}
 
 
-@contextlib.contextmanager
-def awq_on_q4_0_grid():
-    """AWQ / awq-gptq run on ggml's Q4_0 grid (``AWQConfig`` has no ``gguf`` field yet, so the bench patches
-    it in for the duration): the scale and clipping searches fake-quantize with ggml's Q4_0 rounding
-    (``d = w[argmax |w|] / -8``, codes -8..7, fp16 d), the final linears are stored by
-    ``linear_on_ggml_grid(m, "q4_0")`` (rounding rtn) or by GPTQ with ``gguf="q4_0"`` (rounding gptq)."""
-    from lowbit.algorithms import awq
-    from lowbit.algorithms.gptq import GPTQConfig
-    from lowbit.nn.gguf_linear import GGML_BLOCK, ggml_quantize, linear_on_ggml_grid
-
-    def fake_quant(w, config, group_size):
-        if group_size != GGML_BLOCK:
-            raise ValueError(f"Q4_0 grid needs groups of {GGML_BLOCK}, got {group_size}")
-        n, k = w.shape
-        codes, d, _ = ggml_quantize(w, "q4_0")
-        deq = codes.float().reshape(n, k // GGML_BLOCK, GGML_BLOCK) * d.float()[..., None]  # (N, K/32, 32)
-        return deq.reshape(n, k).to(w.dtype)
-
-    def store(m, config, group_size):
-        return linear_on_ggml_grid(m, "q4_0", config.kernel)
-
-    def gptq_config(self):
-        return GPTQConfig(bits=4, group_size=GGML_BLOCK, symmetric=True, gguf="q4_0", kernel=self.kernel,
-                          include=self.include, exclude=self.exclude)
-
-    saved = awq.fake_quant_weight, awq._store, awq.AWQConfig.gptq_config
-    awq.fake_quant_weight, awq._store, awq.AWQConfig.gptq_config = fake_quant, store, gptq_config
-    try:
-        yield
-    finally:
-        awq.fake_quant_weight, awq._store, awq.AWQConfig.gptq_config = saved
-
-
 def main() -> None:
     if "--merge-memory" in sys.argv:  # rewrite the tables from the part files and gguf_memory.json, measuring nothing
         write(json.loads((RESULTS / "gguf_memory.json").read_text()))
@@ -275,11 +241,10 @@ def main() -> None:
             lowbit_file("lowbit gptq on the Q4_0 grid (--scheme gptq --gguf q4_0)", "q4_0",
                         GPTQConfig(bits=4, group_size=32, gguf="q4_0"))
         elif part == "b":
-            with awq_on_q4_0_grid():
-                lowbit_file("lowbit awq on the Q4_0 grid (bench: AWQConfig g32 + ggml Q4_0 rounding)", "q4_0",
-                            AWQConfig(bits=4, group_size=32))
-                lowbit_file("lowbit awq-gptq on the Q4_0 grid (bench: AWQConfig g32 rounding=gptq + gguf q4_0)",
-                            "q4_0", AWQConfig(bits=4, group_size=32, rounding="gptq"))
+            lowbit_file("lowbit awq on the Q4_0 grid (--scheme awq --gguf q4_0)", "q4_0",
+                        AWQConfig(bits=4, group_size=32, gguf="q4_0"))
+            lowbit_file("lowbit awq-gptq on the Q4_0 grid (--scheme awq-gptq --gguf q4_0)", "q4_0",
+                        AWQConfig(bits=4, group_size=32, gguf="q4_0", rounding="gptq"))
         elif part == "c":
             reference_file("q4_1")
             measure("SmolLM2's own Q4_1 file (imported as is)", "q4_1", src, "the source")

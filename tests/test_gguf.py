@@ -313,6 +313,83 @@ def test_gptq_on_q4_0_grid_exports_its_own_codes(tmp_path):
     assert min(low) == -8  # the full Q4_0 range is used, not lowbit's restricted [-7, 7]
 
 
+AWQ_ON_GRID = [  # (label, AWQConfig fields, target type, module class)
+    ("awq q4_0", dict(gguf="q4_0", bits=4, group_size=32), "q4_0", WeightOnlyQLinear),
+    ("awq q4_1", dict(gguf="q4_1", bits=4, group_size=32, symmetric=False), "q4_1", BlockMinQLinear),
+    ("awq q8_0", dict(gguf="q8_0", bits=8, group_size=32), "q8_0", WeightOnlyQLinear),
+    ("awq-gptq q4_0", dict(gguf="q4_0", bits=4, group_size=32, rounding="gptq"), "q4_0", WeightOnlyQLinear),
+]
+
+
+@pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls, one thread
+@pytest.mark.parametrize("label,fields,qtype,cls", AWQ_ON_GRID, ids=[c[0] for c in AWQ_ON_GRID])
+def test_awq_on_ggml_grid_exports_its_own_codes(tmp_path, label, fields, qtype, cls):
+    """AWQConfig(gguf=...): every decoder linear holds ggml codes (blocks of 32, fp16 d) and the export
+    writes them unchanged ("exact": the file dequantizes to the module's weight bit for bit)."""
+    from lowbit.algorithms.awq import AWQConfig
+
+    model = lowbit.quantize(tiny_llama(), AWQConfig(n_grid=4, clip_tokens=64, **fields), tiny_batches(4, 64))
+    assert model.lowbit_scheme.endswith("-ggml")
+    path = tmp_path / "m.gguf"
+    report = export_gguf(model, path, qtype, embedding_type="f32")
+    reader = gguf.GGUFReader(str(path))
+    low = []
+    for name, _, mod in _lm_modules(model):
+        assert type(mod) is cls and mod.group_size == 32 and mod.scale.dtype == torch.float16, name
+        assert report.tensors[name]["how"] == "exact", (name, report.tensors[name])
+        assert torch.equal(_file_weight(reader, name, model.lm.config), mod.dequantized_weight()), name
+        codes = mod.codes()
+        if qtype == "q4_0":
+            assert -8 <= int(codes.min()) and int(codes.max()) <= 7, name
+            low.append(int(codes.min()))
+            if "rounding" not in fields:  # ggml's own rounding: re-rounding the stored weight is the identity
+                c2, d2, _ = ggml_quantize(mod.dequantized_weight(), "q4_0")
+                assert torch.equal(c2, codes) and torch.equal(d2, mod.scale), name
+    if qtype == "q4_0":
+        assert min(low) == -8  # Q4_0's full [-8, 7], not lowbit's symmetric [-7, 7]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_awq_gguf_option_validates_and_cli_accepts_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.algorithms.awq import AWQConfig
+    from lowbit.cli import app
+    from lowbit.config import build_config, config_from_json, config_to_json
+    from tests._tiny_hf import tiny_folder
+
+    cfg = build_config("awq", {"gguf": "q4_1"})
+    assert (cfg.bits, cfg.group_size, cfg.symmetric, cfg.gguf, cfg.rounding) == (4, 32, False, "q4_1", "rtn")
+    assert config_from_json(config_to_json(cfg)) == cfg
+    cfg = build_config("awq-gptq", {"gguf": "q4_0"})
+    assert (cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding) == (4, 32, True, "gptq")
+    assert cfg.gptq_config().gguf == "q4_0" and cfg.scheme == "awq-gptq-w4-g32-sym-ggml"
+    for bad in (dict(gguf="q5_k"), dict(gguf="q4_0"), dict(gguf="q4_0", group_size=32, symmetric=False),
+                dict(gguf="q8_0", bits=4, group_size=32), dict(gguf="q4_0", group_size=32, fmt="nf4"),
+                dict(gguf="q8_0", bits=8, group_size=32, rounding="gptq")):
+        with pytest.raises(ConfigError, match="gguf"):
+            AWQConfig(**bad)
+    with pytest.raises(ConfigError, match="'q4_0' only"):
+        build_config("awq-gptq", {"gguf": "q4_1"})
+    with pytest.raises(ConfigError, match="multiple of"):  # q/k/v read 48 inputs: no blocks of 32
+        lowbit.quantize(tiny_llama(hidden=48, layers=1), AWQConfig(gguf="q4_0", group_size=32, n_grid=2),
+                        tiny_batches(1, 16))
+
+    src = tiny_folder("llama", tmp_path / "src")
+    run = CliRunner().invoke
+    res = run(app, ["quantize", "--model", str(src), "--scheme", "awq-gptq", "--gguf", "q8_0", "--no-eval"])
+    assert res.exit_code == 2 and "'q4_0' only" in res.output
+    out = tmp_path / "q"
+    res = run(app, ["quantize", "--model", str(src), "--scheme", "awq", "--gguf", "q4_0", "--calib", "1",
+                    "--no-eval", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    model = lowbit.load(out)
+    assert (model.lowbit_config.gguf, model.lowbit_config.group_size) == ("q4_0", 32)
+    model.tokenizer = None  # the tiny folder's word-level tokenizer has no GGUF form; the weights are the point
+    report = export_gguf(model, tmp_path / "m.gguf", "q4_0", embedding_type="f32")
+    assert all(report.tensors[name]["how"] == "exact" for name, _, _ in _lm_modules(model))
+
+
 @pytest.mark.slow
 def test_smollm2_q4_1_file_imports_bit_exact():
     """SmolLM2's own file: a Q4_1 layer (rows permuted back for attn_q) and the Q8_0 embedding table."""

@@ -32,6 +32,16 @@ and the clipped weights are broadcast; folding and RTN storage run on every rank
 the same result). So 1 and W ranks give bit-identical layers; they differ from one plain process by
 float summation order (a mean over the concatenated windows there), which can move a chosen alpha.
 ``rounding="gptq"`` continues with ``gptq_ranks.py``'s step.
+
+``gguf="q4_0" | "q4_1" | "q8_0"`` runs AWQ on llama.cpp's grid from the start (blocks of 32 along the
+input): the scale and clipping searches fake-quantize with ggml's reference rounding
+(:func:`lowbit.nn.gguf_linear.ggml_quantize`: Q4_0 ``d = w[argmax |w|] / -8``, codes ``[-8, 7]``; Q4_1
+``d = (max - min) / 15`` with the float min; Q8_0 ``d = absmax / 127``; ``d`` and the min stored fp16),
+and the final linears are stored by :func:`~lowbit.nn.gguf_linear.linear_on_ggml_grid`, so ``lowbit export
+--format gguf`` writes their codes unchanged ("exact"). With ``rounding="gptq"`` only ``q4_0`` (GPTQ's
+``gguf`` option): GPTQ then picks Q4_0's scales and codes itself. ``bits`` / ``group_size`` /
+``symmetric`` must be the type's (4 / 32 / True for q4_0, 4 / 32 / False for q4_1, 8 / 32 / True for q8_0),
+as ``GPTQConfig(gguf=...)`` requires; every quantized linear needs ``in_features % 32 == 0``.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ from lowbit.core import choose_qparams, dequantize, per_channel, per_group, quan
 from lowbit.errors import ConfigError
 from lowbit.nn import WeightOnlyQLinear, weight_format
 from lowbit.nn.double_quant import DoubleQuantQLinear, double_quant_roundtrip
+from lowbit.nn.gguf_linear import GGML_BLOCK, GGML_TYPES, ggml_quantize, linear_on_ggml_grid
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +78,8 @@ CLIP_RATIOS = 20  # shrink ratios 1.0, 0.975, ..., 0.525 (the paper's grid: 0.5.
 CLIP_MIN_RATIO = 0.5
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
 ROUNDINGS = ("rtn", "gptq")
+# gguf type -> the (bits, group_size, symmetric) it is; fmt None and double_quant False for all
+GGUF_FIELDS = {"q4_0": (4, GGML_BLOCK, True), "q4_1": (4, GGML_BLOCK, False), "q8_0": (8, GGML_BLOCK, True)}
 
 
 @register_config("awq")
@@ -84,6 +97,7 @@ class AWQConfig(BaseConfig):
     n_calib: int | None = None  # None: the windows search_tokens needs (GPTQ's default with rounding="gptq")
     kernel: str = "auto"
     rounding: str = "rtn"  # "gptq": GPTQ's error-compensating rounding of the scaled, clipped layer
+    gguf: str | None = None  # "q4_0" | "q4_1" | "q8_0": ggml's grid and rounding (rounding="gptq": "q4_0" only)
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -91,6 +105,19 @@ class AWQConfig(BaseConfig):
             raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.gguf is not None:
+            if self.gguf not in GGUF_FIELDS:
+                raise ConfigError(f"awq gguf must be one of {', '.join(GGML_TYPES)}, got {self.gguf!r}")
+            bits, group, sym = GGUF_FIELDS[self.gguf]
+            if (self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant) != (bits, group, sym, None,
+                                                                                             False):
+                raise ConfigError(f"awq gguf={self.gguf!r} needs bits={bits}, group_size={group}, "
+                                  f"{'symmetric' if sym else 'affine'}, no fmt or double_quant; got bits={self.bits}, "
+                                  f"group_size={self.group_size}, symmetric={self.symmetric}, fmt={self.fmt!r}, "
+                                  f"double_quant={self.double_quant}")
+            if self.rounding == "gptq" and self.gguf != "q4_0":
+                raise ConfigError(f"awq-gptq gguf={self.gguf!r}: GPTQ rounds on ggml's grid for 'q4_0' only "
+                                  "(q8_0 and q4_1 need no option: --bits 8 / --affine at --group-size 32)")
 
     def calibration_windows(self) -> int:
         """512-token windows to calibrate on: n_calib, else what the scale search (and GPTQ) need."""
@@ -103,7 +130,7 @@ class AWQConfig(BaseConfig):
         """The GPTQ settings of the ``rounding="gptq"`` step (same bits, groups, format, layers)."""
         return GPTQConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, fmt=self.fmt,
                           double_quant=self.double_quant, kernel=self.kernel, include=self.include,
-                          exclude=self.exclude)
+                          exclude=self.exclude, gguf=self.gguf)
 
     @property
     def format_name(self) -> str:
@@ -112,14 +139,26 @@ class AWQConfig(BaseConfig):
     @property
     def scheme(self) -> str:
         method = "awq" if self.rounding == "rtn" else "awq-gptq"
-        return weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
+        name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
+        return f"{name}-ggml" if self.gguf else name
 
 
 # ------------------------------------------------------------------------------- the math
 
 
 def fake_quant_weight(w: torch.Tensor, config: AWQConfig, group_size: int) -> torch.Tensor:
-    """RTN ``dequantize(quantize(w))`` (N, K) with the stored scale precision (fp16 or double-quant)."""
+    """RTN ``dequantize(quantize(w))`` (N, K) with the stored scale precision (fp16 or double-quant);
+    with ``config.gguf``, ggml's reference rounding: ``d * q`` (Q4_0, Q8_0) or ``d * u + m`` (Q4_1) per
+    block of 32, ``d`` and ``m`` fp16 (:func:`ggml_quantize`)."""
+    if config.gguf:
+        if group_size != GGML_BLOCK:
+            raise ConfigError(f"{config.gguf} needs groups of {GGML_BLOCK}, got {group_size}")
+        n, k = w.shape
+        codes, d, m = ggml_quantize(w, config.gguf)
+        deq = codes.float().reshape(n, k // GGML_BLOCK, GGML_BLOCK) * d.float()[..., None]  # (N, K/32, 32)
+        if m is not None:
+            deq = deq + m.float()[..., None]
+        return deq.reshape(n, k).to(w.dtype)
     gran = per_group(group_size) if group_size else per_channel(0)
     qp = choose_qparams(w, config.format_name, config.symmetric, gran)
     qp.scale = double_quant_roundtrip(qp.scale) if config.double_quant else qp.scale.to(torch.float16).float()
@@ -249,6 +288,10 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
         linears = {n: m for n, m in layer_linears(layer).items() if selected(f"{prefix}.{i}.{n}")}
         if not linears:
             return
+        for n, m in linears.items():
+            if config.gguf and m.in_features % GGML_BLOCK:
+                raise ConfigError(f"awq gguf={config.gguf!r}: {prefix}.{i}.{n} has in_features={m.in_features}, "
+                                  f"not a multiple of ggml's block of {GGML_BLOCK}; exclude it or drop --gguf")
         attn, mlp = layer.self_attn, layer.mlp
         # Whole windows for the search (attention needs full sequences), up to search_tokens.
         per_window = max(1, inputs[0].shape[-2] * inputs[0].shape[0])
@@ -370,6 +413,8 @@ def _fold(norm_weight: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor, 
 
 
 def _store(m: nn.Linear, config: AWQConfig, group_size: int) -> nn.Module:
+    if config.gguf:  # ggml's codes and fp16 d (and m): WeightOnlyQLinear, or BlockMinQLinear for q4_1
+        return linear_on_ggml_grid(m, config.gguf, config.kernel)
     if config.double_quant:
         return DoubleQuantQLinear.from_float(m, config.bits, group_size, config.symmetric, config.fmt, config.kernel)
     return WeightOnlyQLinear.from_float(m, config.bits, group_size, config.symmetric, config.fmt, config.kernel)
@@ -400,15 +445,23 @@ def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) ->
 
 
 @register_scheme("awq", "AWQ weight-only: activation-aware channel scales folded into the norms + clipping "
-                 "search, decoder layers one at a time: --bits --group-size --symmetric/--affine; causal LMs only",
-                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+                 "search, decoder layers one at a time: --bits --group-size --symmetric/--affine; --gguf "
+                 "q4_0|q4_1|q8_0 fits llama.cpp's grid; causal LMs only",
+                 options=("bits", "group_size", "symmetric", "kernel", "gguf"), models=("smollm2",))
 def _awq_scheme(options: dict) -> AWQConfig:
+    if options.get("gguf"):  # --gguf: llama.cpp's grid (blocks of 32; bits and symmetry follow the type)
+        gguf = options["gguf"]
+        if gguf not in GGUF_FIELDS:
+            raise ConfigError(f"awq gguf must be one of {', '.join(GGML_TYPES)}, got {gguf!r}")
+        bits, group, sym = GGUF_FIELDS[gguf]
+        return AWQConfig(bits=bits, group_size=group, symmetric=sym, gguf=gguf, kernel=options.get("kernel", "auto"))
     return AWQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
                      symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
 
 
 @register_scheme("awq-gptq", "AWQ's channel scales and clipping, then GPTQ's error-compensating rounding of the "
-                 "transformed layer: --bits --group-size --symmetric/--affine; causal LMs only",
-                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+                 "transformed layer: --bits --group-size --symmetric/--affine; --gguf q4_0 fits llama.cpp's Q4_0 "
+                 "grid; causal LMs only",
+                 options=("bits", "group_size", "symmetric", "kernel", "gguf"), models=("smollm2",))
 def _awq_gptq_scheme(options: dict) -> AWQConfig:
     return dataclasses.replace(_awq_scheme(options), rounding="gptq")

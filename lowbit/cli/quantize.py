@@ -146,8 +146,9 @@ def register(app: typer.Typer) -> None:
         budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="mixed precision: size budget in MB"),
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="mixed precision: latency budget"),
         kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache quantization for generation: int8 | int4"),
-        gguf: Optional[str] = typer.Option(None, "--gguf", help="rtn/gptq on llama.cpp's grid (q4_0 | q4_1 | q8_0: "
-                                                                 "blocks of 32), so `lowbit export` keeps the codes"),
+        gguf: Optional[str] = typer.Option(None, "--gguf", help="rtn/gptq/awq/awq-gptq on llama.cpp's grid (q4_0 | "
+                                                                 "q4_1 | q8_0: blocks of 32; gptq and awq-gptq: q4_0), "
+                                                                 "so `lowbit export` keeps the codes"),
         tie_embeddings: bool = typer.Option(False, "--tie-embeddings",
                                             help="rtn on a tied LM: the token embedding reads the quantized head's "
                                                  "table (stored once, at the head's width)"),
