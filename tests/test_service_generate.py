@@ -364,3 +364,53 @@ def test_per_layer_error_of_a_quantized_lm_orders_bit_widths(lm_server):
     assert db[4] and db[4].keys() == db[8].keys()
     assert all(db[8][k] > db[4][k] > 0 for k in db[4]), (db[4], db[8])
     assert layer_errors(copy.deepcopy(model), model) == {}  # nothing quantized: nothing to chart
+
+
+def _w4(model):
+    import copy
+
+    from lowbit.algorithms.rtn import WeightOnlyConfig
+
+    return lowbit.quantize(copy.deepcopy(model), WeightOnlyConfig(bits=4, group_size=32, kernel="reference"))
+
+
+def test_fast_decoder_generates_what_the_forward_loop_does(lm_server):
+    """--kv-cache fast: the same greedy text as the model's own forward loop; concurrent generations
+    each decode on their own fork (same seeded text as one alone)."""
+    import threading
+
+    from lowbit.service.generate import build_fast_decoder
+
+    q = _w4(lm_server[2])
+    build_fast_decoder(q)
+    ids = encode_prompt(q.tokenizer, " ".join(_words(q.tokenizer, 6)), False)
+    want = generate(q, ids, SamplingParams(max_tokens=12), "none")
+    got = generate(q, ids, SamplingParams(max_tokens=12), "fast")
+    assert got.text == want.text and got.completion_tokens == want.completion_tokens
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=3)
+    alone = generate(q, ids, sampled, "fast").text
+    texts = [None, None]
+
+    def run(i: int) -> None:
+        texts[i] = generate(q, ids, sampled, "fast").text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=WAIT_S)
+    assert texts == [alone, alone]
+
+
+def test_served_with_the_fast_decoder(lm_server, tmp_path):
+    q = _w4(lm_server[2])
+    lowbit.save(q, tmp_path / "store" / "tiny-w4")
+    prompt = " ".join(_words(q.tokenizer, 5))
+    want = generate(q, encode_prompt(q.tokenizer, prompt, False), SamplingParams(max_tokens=12), "none")
+    with running_service(tmp_path / "store", limits=LIMITS, register_default=False, kv_cache="fast",
+                         lm="tiny-w4") as (service, url):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            assert client.get("/models/active").json()["lm"]["kv_cache"] == "fast"
+            r = _complete(client, prompt=prompt, max_tokens=12)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want.text

@@ -21,6 +21,7 @@ class KVCache(str, Enum):
     int4 = "int4"
     int2 = "int2"
     none = "none"
+    fast = "fast"
 
 
 def register(app: typer.Typer) -> None:
@@ -53,7 +54,9 @@ def register(app: typer.Typer) -> None:
         max_generations: int = typer.Option(2, "--max-generations", min=1,
                                             help="generations running at once; more get 429"),
         kv_cache: KVCache = typer.Option(KVCache.int8, "--kv-cache", help="KV cache for generation: int8, int4, int2 (KIVI-style "
-                                                                "quantized) or none"),
+                                                                "quantized), none, or fast: lowbit's fast decoder (fp32 "
+                                                                "cache, one C call per token; Llama/Mistral/Qwen2 with "
+                                                                "4/8-bit weights)"),
         lm: Optional[str] = typer.Option(None, "--lm", help="causal LM of the store to serve at start (default: the "
                                                            "one recorded in .active.json, if any)"),
         online_calibration: bool = typer.Option(False, "--online-calibration/--no-online-calibration",

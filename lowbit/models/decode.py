@@ -22,6 +22,7 @@ the full-sequence logits that the tests compare with the model's own forward.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -229,6 +230,18 @@ class Decoder:
         log.info("decoder: %d layers, %d of %d projections on the block kernels, head %s, cache %d x %d",
                  len(self.layers), kernel_layers, 4 * len(self.layers),
                  "block" if self.head.uses_kernel else "module", batch, max_len)
+
+    def fork(self) -> "Decoder":
+        """A decoder sharing this one's weights (kernel layouts, norms, rotary tables) with an empty KV
+        cache and scratch of its own: concurrent generations each decode on a fork."""
+        new = copy.copy(self)
+        new.capacity = min(self.max_len, INITIAL_CAPACITY)
+        shape = (len(self.layers), self.batch, self.n_kv, new.capacity, self.head_dim)
+        new.k_cache, new.v_cache = torch.zeros(shape), torch.zeros(shape)
+        if self._step is not None:
+            new._scratch, new._qscratch = torch.zeros_like(self._scratch), torch.zeros_like(self._qscratch)
+            new._step = (self._step[0], new._records())
+        return new
 
     def _build_step(self, kernel: str):
         """The one-call C step for single tokens (:mod:`lowbit.kernels.decode_step`), when every

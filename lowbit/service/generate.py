@@ -12,7 +12,10 @@ of most likely tokens whose probability sums to at least ``top_p`` (nucleus samp
 
 The KV cache is ``lowbit.nn.kv_cache``'s KIVI-style :class:`~lowbit.nn.kv_cache.QuantizedKVCache`
 (``--kv-cache int8|int4|int2``) or a plain cache (``none``); a model whose warm-up fails with the
-quantized cache is served with the plain one (reported in ``/models/active``).
+quantized cache is served with the plain one (reported in ``/models/active``). ``--kv-cache fast``
+decodes with :class:`lowbit.models.decode.Decoder` instead (built once at warm-up; each generation
+runs on a fork of it with its own fp32 cache): the same weight-only arithmetic, one C call per token
+(Llama / Mistral / Qwen2 with 4/8-bit block layouts; other models fall back to the int8 cache).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from lowbit.service.errors import InputTooLarge, Overloaded
 
 log = logging.getLogger(__name__)
 
-KV_CHOICES = ("int8", "int4", "int2", "none")
+KV_CHOICES = ("int8", "int4", "int2", "none", "fast")
+FAST = "fast"  # lowbit.models.decode.Decoder: fp32 KV cache, one C call per token over all layers
 PLAIN_ROLES = ("system", "user", "assistant")
 WARMUP_PROMPT = "lowbit warm-up"
 
@@ -102,6 +106,14 @@ def eos_ids(model: nn.Module) -> set[int]:
 
 # ---- decoding -----------------------------------------------------------------------------------
 
+def build_fast_decoder(model: nn.Module) -> None:
+    """Attach lowbit's fast decoder (:class:`lowbit.models.decode.Decoder`, exact weight-only math) to
+    ``model``; generations decode on forks of it. ConfigError for families it does not run."""
+    from lowbit.models.decode import Decoder
+
+    model._lowbit_decoder = Decoder(model, max_len=context_length(model))
+
+
 def make_kv_cache(model: nn.Module, kv: str):
     from lowbit.nn.kv_cache import make_cache
 
@@ -143,13 +155,22 @@ def generate(model: nn.Module, prompt_ids: list[int], p: SamplingParams, kv: str
     gen = None
     if p.temperature > 0:
         gen = torch.Generator().manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    cache = make_kv_cache(model, kv)
+    decoder = model._lowbit_decoder.fork() if kv == FAST else None
+    cache = None if decoder is not None else make_kv_cache(model, kv)
+    pos = len(prompt_ids)
+
+    def step(ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits (V,) after ``ids`` (1, T) placed at positions ``start ..`` of this generation's cache."""
+        if decoder is not None:
+            return decoder.forward(ids, start)[0]
+        return lm(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+
     out_ids: list[int] = []
     text, sent, finish = "", 0, "length"
     start = time.perf_counter()
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids], dtype=torch.long)  # (1, T)
-        logits = lm(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]  # (V,)
+        logits = step(ids, 0)  # (V,)
         while len(out_ids) < p.max_tokens:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
@@ -171,7 +192,8 @@ def generate(model: nn.Module, prompt_ids: list[int], p: SamplingParams, kv: str
                 sent = max(sent, final)
             if len(out_ids) >= p.max_tokens:
                 break
-            logits = lm(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits[0, -1]  # (V,)
+            logits = step(torch.tensor([[t]]), pos)  # (V,)
+            pos += 1
     if finish == "length":  # cut inside a multi-byte character: drop the incomplete tail
         text = text.rstrip("\ufffd")
     if finish != "cancelled" and on_text is not None and len(text) > sent:
@@ -184,6 +206,12 @@ def warmup(model: nn.Module, kv: str) -> str:
     if getattr(model, "tokenizer", None) is None:
         raise ConfigError("the model has no tokenizer; a served causal LM needs one to read prompts")
     ids = encode_prompt(model.tokenizer, WARMUP_PROMPT, False) or [0]
+    if kv == FAST:
+        try:
+            build_fast_decoder(model)
+        except ConfigError as exc:
+            log.warning("the fast decoder does not run this model (%s); serving it with the int8 KV cache", exc)
+            kv = "int8"
     try:
         generate(model, ids, SamplingParams(max_tokens=2), kv)
         return kv
@@ -241,4 +269,4 @@ def check_prompt(n_prompt: int, max_tokens: int | None, limit_prompt: int, limit
 
 
 __all__ = ["SamplingParams", "GenerationResult", "generate", "warmup", "chat_prompt", "encode_prompt",
-           "GenerationGate", "check_prompt", "context_length", "KV_CHOICES"]
+           "GenerationGate", "check_prompt", "context_length", "KV_CHOICES", "FAST", "build_fast_decoder"]
