@@ -120,6 +120,16 @@ static inline __m256i lb_dot4(__m256i u, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
 #endif
 }
+/* The offsets' share of one output, sum_j b_j X_j over a row's G groups (X: the activation block
+   sums per group), times mul = boff when the offsets are implied (bo = the scales, b_j = boff s_j). */
+static inline float lb_offset_dot(const float* bo, const float* X, int64_t G, float mul) {
+    __m256 vo = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= G; j += 8) vo = _mm256_fmadd_ps(_mm256_loadu_ps(bo + j), _mm256_loadu_ps(X + j), vo);
+    float off = lb_hsum(vo);
+    for (; j < G; ++j) off += bo[j] * X[j];
+    return off * mul;
+}
 #endif
 /* The offset of group idx: stored, or boff * s for symmetric codes (boff = -2^(bits-1), b = NULL). */
 #define LB_S(idx) lb_h2f(s[idx])
@@ -388,16 +398,9 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
 #undef LB_ROW
                 }
                 __m256 acc[4] = {a0, a1, a2, a3};
-                for (int i = 0; i < 4; ++i) {
-                    const float* Xm = Xq + (m + i) * G;
-                    __m256 vo = _mm256_setzero_ps();
-                    int64_t j = 0;
-                    for (; j + 8 <= G; j += 8) vo = _mm256_fmadd_ps(_mm256_loadu_ps(bo + j), _mm256_loadu_ps(Xm + j), vo);
-                    float off = lb_hsum(vo);
-                    for (; j < G; ++j) off += bo[j] * Xm[j];
-                    if (!b) off *= boff;
-                    y[(m + i) * N + n] = (bias ? bias[n] : 0.0f) + off + lb_hsum(acc[i]);
-                }
+                for (int i = 0; i < 4; ++i)
+                    y[(m + i) * N + n] = (bias ? bias[n] : 0.0f) + lb_offset_dot(bo, Xq + (m + i) * G, G, b ? 1.0f : boff)
+                                         + lb_hsum(acc[i]);
             }
         }
         /* Prompts: four rows of x per decoded block of codes (the nibble unpacking is shared). */
@@ -472,16 +475,9 @@ void lowbit_q4a8_linear(const int8_t* xq, const float* d, const float* Xq, const
                     __m256i p0 = lb_dot4(u0, _mm256_loadu_si256((const __m256i*)(xr + blk * 32)));
                     a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(sd + blk), a0);
                 }
-                /* offsets: sum_j b_j X_j, with b_j = boff * s_j for symmetric codes */
                 const float* bo = b ? b + n * G : sr;
-                const float* Xm = Xq + m * G;
-                __m256 vo = _mm256_setzero_ps();
-                int64_t j = 0;
-                for (; j + 8 <= G; j += 8) vo = _mm256_fmadd_ps(_mm256_loadu_ps(bo + j), _mm256_loadu_ps(Xm + j), vo);
-                float off = lb_hsum(vo);
-                for (; j < G; ++j) off += bo[j] * Xm[j];
-                if (!b) off *= boff;
-                y[m * N + n] = (bias ? bias[n] : 0.0f) + off + lb_hsum(_mm256_add_ps(a0, a1));
+                y[m * N + n] = (bias ? bias[n] : 0.0f) + lb_offset_dot(bo, Xq + m * G, G, b ? 1.0f : boff)
+                               + lb_hsum(_mm256_add_ps(a0, a1));
                 continue;
             }
 #endif
