@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -15,6 +14,7 @@ import lowbit
 from lowbit.algorithms.awq import AWQConfig
 from lowbit.algorithms.smoothquant import WAConfig
 from lowbit.algorithms.static import StaticConfig
+from tests._ranks import TIMEOUT_S, free_port, run_ranks
 from tests._tiny_llama import tiny_batches, tiny_llama
 
 N_WINDOWS = 4  # of 32 tokens: rank 0 runs windows 0 and 2, rank 1 windows 1 and 3
@@ -39,13 +39,8 @@ SAME_AS_ONE_PROCESS = ("smoothquant", "static-minmax", "static-ema", "static-out
 # AWQ's means and losses are summed per window across ranks, over the concatenated windows in one
 # process: float order only; the 4-bit logits of the two stay this close
 AWQ_LOGIT_ATOL = 0.05
-TIMEOUT_S = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _logits(model) -> torch.Tensor:
@@ -96,20 +91,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, die: bool = False) -
 
 
 def _run(world: int, out_dir: str, die: bool = False) -> list[int]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir, die)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S * 3)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    return codes
+    return run_ranks(_worker, world, out_dir, die)
 
 
 def test_one_and_two_ranks_bit_identical_for_awq_smoothquant_static(tmp_path):
@@ -158,7 +140,7 @@ def test_cli_joins_ranks_for_awq_smoothquant_static(monkeypatch):
 
     monkeypatch.setattr(atexit, "register", lambda *a, **k: None)
     for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(_free_port())).items():
+                     MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
     log = logging.getLogger("test")
     with pytest.raises(ConfigError, match="w8a8-static"):

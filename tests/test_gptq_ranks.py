@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import lowbit
 from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.errors import LowbitError
+from tests._ranks import TIMEOUT_S, free_port, run_ranks
 from tests._tiny_llama import tiny_batches, tiny_llama
 
 CONFIG = GPTQConfig(bits=4, group_size=16)
@@ -20,13 +20,8 @@ N_WINDOWS = 4
 # float32 logits of the tiny model after 4-bit GPTQ: the distributed path sums the Hessian in another
 # order than the single-process running mean, which can flip a few codes; outputs stay this close
 LOGIT_ATOL = 0.05
-TIMEOUT_S = 60  # a collective waiting on a dead peer gives up after this (gloo usually notices at once)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _quantized_tensors(model) -> dict[str, torch.Tensor]:
@@ -73,20 +68,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, die_at_layer: int | 
 
 
 def _run(world: int, out_dir: str, die_at_layer: int | None = None) -> list[int]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir, die_at_layer)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S * 3)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    return codes
+    return run_ranks(_worker, world, out_dir, die_at_layer)
 
 
 def test_one_and_two_ranks_bit_identical(tmp_path):
@@ -112,7 +94,7 @@ def test_hessian_reduce_matches_running_mean(tmp_path):
     from lowbit.algorithms.gptq import GPTQ
     from lowbit.algorithms.gptq_ranks import reduce_hessian
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         xs = [torch.randn(1, 32, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
         ref = GPTQ(16)
