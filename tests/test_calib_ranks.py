@@ -145,6 +145,8 @@ def test_cli_joins_ranks_for_awq_smoothquant_static(monkeypatch):
     log = logging.getLogger("test")
     with pytest.raises(ConfigError, match="w8a8-static"):
         _join_ranks(WeightOnlyConfig(), False, log)
+    with pytest.raises(ConfigError, match="--low-memory across ranks runs gptq"):
+        _join_ranks(CONFIGS["awq"], True, log)
     for config in (CONFIGS["awq"], CONFIGS["smoothquant"], CONFIGS["static-minmax"]):
         assert _join_ranks(config, False, log) == 0
         dist.destroy_process_group()

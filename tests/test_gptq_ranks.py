@@ -140,3 +140,29 @@ def test_torchrun_cli_one_and_two_ranks_write_the_same_folder(tmp_path):
     digest = [hashlib.sha256((tmp_path / f"q{n}" / "model.safetensors").read_bytes()).hexdigest() for n in (1, 2)]
     assert digest[0] == digest[1]
     assert not [p for p in tmp_path.iterdir() if p.name not in ("src", "q1", "q2")]  # no stray partial folders
+
+
+def _disk_worker(rank: int, world: int, port: int, folder: str, out_dir: str) -> None:
+    from lowbit.algorithms.from_disk import quantize_from_disk
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        model = quantize_from_disk(folder, CONFIG, tiny_batches(N_WINDOWS))
+        if rank == 0:
+            torch.save({"tensors": _quantized_tensors(model), "calib": model.lowbit_calibration},
+                       os.path.join(out_dir, f"disk{world}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_low_memory_across_ranks_equals_in_memory(tmp_path):
+    """GPTQ a layer at a time from safetensors on 2 ranks gives the in-memory distributed result bit for bit."""
+    tiny_llama().lm.save_pretrained(str(tmp_path / "fp"))
+    assert run_ranks(_disk_worker, 2, str(tmp_path / "fp"), str(tmp_path)) == [0, 0]
+    assert _run(1, str(tmp_path)) == [0]
+    disk, mem = (torch.load(tmp_path / name, weights_only=True) for name in ("disk2.pt", "world1.pt"))
+    quantized = [k for k in mem["tensors"] if k.endswith("qweight")]
+    assert quantized and all(torch.equal(disk["tensors"][k], mem["tensors"][k]) for k in quantized)
+    assert disk["calib"]["world_size"] == 2 and disk["calib"]["sha256"] == mem["calib"]["sha256"]

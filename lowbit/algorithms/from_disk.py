@@ -37,8 +37,14 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
     with a GPTQ or AWQ ``config``, one decoder layer in memory at a time; returns the quantized model.
 
     Calibration: ``calibration_data`` (token-id batches) or the built-in text, ``n_calib`` windows."""
+    from lowbit.algorithms.gptq_ranks import make_gptq_ranks_process, ranks_active
+
     if not isinstance(config, SUPPORTED):
         raise ConfigError(f"low-memory (layer-from-disk) quantization supports gptq and awq, not {config.scheme}")
+    distributed = ranks_active()  # one rank of a torchrun job: GPTQ with this rank's share of the windows
+    if distributed and not isinstance(config, GPTQConfig):
+        raise ConfigError(f"across ranks, low-memory quantization runs gptq, not {config.scheme}; run it in one "
+                          "process or drop --low-memory")
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
         raise ConfigError(f"{folder}: no model.safetensors to read layers from")
@@ -56,18 +62,30 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
     t0 = time.perf_counter()
     if isinstance(config, GPTQConfig) or config.rounding == "gptq":
         check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
-    if isinstance(config, GPTQConfig):
+    mine, world = batches, 1
+    if distributed:
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if len(batches) < world:
+            raise ConfigError(f"distributed GPTQ needs at least one calibration window per rank: {len(batches)} "
+                              f"windows for {world} ranks (raise --calib or use fewer ranks)")
+        mine = batches[rank::world]  # windows r, r + W, ...: Hessians reduced in window order (gptq_ranks)
+        process = make_gptq_ranks_process(config, layers_prefix, report, stats, len(batches), input_groups(model))
+    elif isinstance(config, GPTQConfig):
         process = make_gptq_process(config, layers_prefix, report, stats, groups=input_groups(model))
     else:
         process = make_awq_process(config, layers_prefix, report, stats, require_llama_layout(model, config.scheme))
     with torch.no_grad():
-        quantize_from_safetensors(folder, process, batches, skeleton=model)
+        quantize_from_safetensors(folder, process, mine, skeleton=model)
     report.extra[config.kind] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches),
-                                 "layers": stats, "from_disk": True}
+                                 "layers": stats, "from_disk": True, **({"world_size": world} if distributed else {})}
     if not report.layers:
         raise ConfigError(f"{config.scheme}: no layer matched (include={list(config.include)}, "
                           f"exclude={list(config.exclude)}); nothing was quantized")
     model.lowbit_calibration = calibration_info(batches, source)
+    if distributed:
+        model.lowbit_calibration = dict(model.lowbit_calibration, world_size=world)
     model.lowbit_config = config
     model.lowbit_scheme = config.scheme
     model.lowbit_report = report

@@ -64,9 +64,15 @@ def _quantize_low_memory(model: str, config, calib: int | None, log):
 
     if model == "smollm2":
         folder = _cache_path(smollm2_gguf())
-        if not folder.is_dir():  # the GGUF -> fp32 safetensors conversion itself needs the whole model once
+        import torch.distributed as dist
+
+        ranks = dist.is_available() and dist.is_initialized()
+        if not folder.is_dir() and (not ranks or dist.get_rank() == 0):
+            # the GGUF -> fp32 safetensors conversion itself needs the whole model once (rank 0 alone)
             log.info("building the fp32 safetensors cache once (this step loads the whole model)")
             load_smollm2()  # writes the cache; the returned model is dropped at once
+        if ranks:
+            dist.barrier()  # the other ranks read the cache once rank 0 has written it
     elif Path(model).is_dir() and (Path(model) / "config.json").is_file():
         folder = Path(model)
     else:
@@ -100,8 +106,9 @@ def _join_ranks(config, low_memory: bool, log) -> int | None:
     if type(config) not in (GPTQConfig, AWQConfig, WAConfig, StaticConfig):
         raise ConfigError(f"across ranks (torchrun) `lowbit quantize` runs gptq, awq, awq-gptq, smoothquant, the "
                           f"w/a presets and w8a8-static, not {config.scheme}; run other schemes in one process")
-    if low_memory:
-        raise ConfigError("--low-memory is not supported across ranks yet; drop --low-memory or run one process")
+    if low_memory and type(config) is not GPTQConfig:
+        raise ConfigError(f"--low-memory across ranks runs gptq, not {config.scheme}; drop --low-memory or run "
+                          "one process")
     timeout = float(os.environ.get("LOWBIT_RANK_TIMEOUT_S", "600"))
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     atexit.register(dist.destroy_process_group)
