@@ -35,11 +35,12 @@ the saving against fp32 halves each time ``W`` doubles. At ``W = 1`` both modes 
 once and send nothing.
 
 Why all-gather stays the default (``bench/results/grad_compression.md``, digits CNN, 2 / 4 / 8 ranks,
-one seed, 10 epochs): the all-reduce mode keeps 1-bit EF (-0.44..+0.44 pt) and QSGD s=7 (-0.67..-0.44
-pt) within 1 pt of fp32 DDP at a flat 31x / 7.9x, but loses 2.0-2.2 pt with Top-K 1% (phase 2 keeps
-``k`` of the averaged chunk's up to ``W k`` non-zeros, so the update is W times sparser than the
-all-gather's) and 1.1-1.3 pt with TernGrad at 2 and 8 ranks (a second stochastic rounding without
-error feedback adds variance). Choose ``mode="allreduce"`` for 1-bit EF and QSGD at 4 ranks or more.
+the full 20-epoch recipe, 3 seeds): both modes keep every compressor within 1 pt of fp32 DDP, but the
+all-reduce is the less accurate of the two for Top-K 1% (-0.37..-0.81 pt vs -0.07..+0.15; phase 2
+keeps ``k`` of the averaged chunk's up to ``W k`` non-zeros, so the update is W times sparser than the
+all-gather's) and TernGrad (-0.74..-0.96 vs -0.30..-0.74; a second stochastic rounding without error
+feedback adds variance), and with a shortened 10-epoch schedule they lose 2 pt there. At 2 ranks both
+send the same bytes; from 4 ranks on choose ``mode="allreduce"``: its bytes stay flat in ``W``.
 
 DDP's own fp32 all-reduce (gloo ring: reduce-scatter then all-gather) sends ``2 (W - 1) / W * 4 n``
 (:func:`allreduce_bytes`), so the all-reduce mode's saving is ``4 n / P(n)`` at any ``W``. The counts
