@@ -274,6 +274,28 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
     return report
 
 
+def selected_linears(config, layer: nn.Module, layer_name: str,
+                     groups: tuple[tuple[str, ...], ...]) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The linears of ``layer`` that ``config.include`` / ``exclude`` select (by full name
+    ``layer_name.<linear>``), and for each the linear whose Hessian it uses: one Hessian per distinct
+    input (q/k/v share one, gate/up share one, the first present linear of each group owns it)."""
+    import fnmatch
+
+    def selected(full: str) -> bool:
+        return (any(fnmatch.fnmatchcase(full, p) for p in config.include)
+                and not any(fnmatch.fnmatchcase(full, p) for p in config.exclude))
+
+    linears = {n: m for n, m in layer_linears(layer).items() if selected(f"{layer_name}.{n}")}
+    owner: dict[str, str] = {}
+    for group in groups:
+        present = [n for n in group if n in linears]
+        for n in present:
+            owner[n] = present[0]
+    for n in linears:
+        owner.setdefault(n, n)
+    return linears, owner
+
+
 def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, stats: dict, wrap=None,
                       groups: tuple[tuple[str, ...], ...] = LLAMA_INPUT_GROUPS):
     """The per-layer step of sequential GPTQ: Hessians from one float pass, solve, swap modules.
@@ -283,24 +305,10 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
     the layer's linears by shared input (one Hessian each), from the family's adapter row."""
     from lowbit.algorithms.sequential import run_layer
 
-    def selected(full: str) -> bool:
-        import fnmatch
-
-        return (any(fnmatch.fnmatchcase(full, p) for p in config.include)
-                and not any(fnmatch.fnmatchcase(full, p) for p in config.exclude))
-
     def process(i: int, layer: nn.Module, inputs: list, kwargs: dict) -> None:
-        linears = {n: m for n, m in layer_linears(layer).items() if selected(f"{prefix}.{i}.{n}")}
+        linears, owner = selected_linears(config, layer, f"{prefix}.{i}", groups)
         if not linears:
             return
-        # One Hessian per distinct input (q/k/v share one, gate/up share one).
-        owner = {}
-        for group in groups:
-            present = [n for n in group if n in linears]
-            for n in present:
-                owner[n] = present[0]
-        for n in linears:
-            owner.setdefault(n, n)
         hess = {n: GPTQ(linears[n].in_features) for n in set(owner.values())}
         full = {f"{prefix}.{i}.{n}": n for n in hess}  # hooks name the full layer on NaN
         with capture_inputs({f: linears[n] for f, n in full.items()}, lambda f, x: hess[full[f]].add_batch(x)):

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, capture_inputs
-from lowbit.algorithms._llm import effective_group_size, input_groups, layer_linears, layer_prefix, n_tokens
+from lowbit.algorithms._llm import effective_group_size, input_groups, layer_prefix, n_tokens
 from lowbit.algorithms.ranks import ordered_sum, ranks_active  # noqa: F401 (ranks_active: gptq.py imports it here)
 from lowbit.algorithms.sequential import process_layerwise, run_layer
 from lowbit.core import Kind, QParams, get_format, per_channel, per_group
@@ -99,25 +99,12 @@ def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches:
 
     ``wrap(name, linear, codes, qparams, group_size) -> module`` as in ``make_gptq_process`` (default:
     ``WeightOnlyQLinear``); the W/A presets pass one that builds ``WAQLinear``."""
-    import fnmatch
-
-    from lowbit.algorithms.gptq import wrap_quantized
-
-    def selected(full: str) -> bool:
-        return (any(fnmatch.fnmatchcase(full, p) for p in config.include)
-                and not any(fnmatch.fnmatchcase(full, p) for p in config.exclude))
+    from lowbit.algorithms.gptq import selected_linears, wrap_quantized
 
     def process(i: int, layer: nn.Module, inputs: list, kwargs: dict) -> None:
-        linears = {n: m for n, m in layer_linears(layer).items() if selected(f"{prefix}.{i}.{n}")}
+        linears, owner = selected_linears(config, layer, f"{prefix}.{i}", groups)
         if not linears:
             return
-        owner = {}  # one Hessian per distinct input (q/k/v share one, gate/up share one)
-        for group in groups:
-            present = [n for n in group if n in linears]
-            for n in present:
-                owner[n] = present[0]
-        for n in linears:
-            owner.setdefault(n, n)
         # Hessian groups in the adapter's linear order: every rank issues the same collectives in the
         # same order (a set's order depends on each process's string hash seed)
         sums: dict[str, list[torch.Tensor]] = {n: [] for n in dict.fromkeys(owner[n] for n in linears)}
