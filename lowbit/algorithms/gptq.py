@@ -62,21 +62,38 @@ DEFAULT_BLOCK = 128  # lazy-batch width (sec. 4, step 2)
 
 
 class GPTQ:
-    """Accumulates ``H = 2/M sum x x^T`` over calibration inputs of one linear, then solves."""
+    """Accumulates ``H = 2/M sum_b x_b^T x_b`` over calibration windows of one linear, then solves.
+
+    The window sums are added in the order the windows arrive, ``S = ((S_0 + S_1) + S_2) + ...`` with
+    ``S_b = x_b^T x_b`` computed alone, and scaled once at the end: the same float operations as the
+    across-ranks reduction (``gptq_ranks.reduce_hessian``), so one process and any number of torchrun
+    ranks build bit-identical Hessians from the same windows (at the same GEMM thread count)."""
 
     def __init__(self, in_features: int):
         self.in_features = in_features
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.S = torch.zeros(in_features, in_features, dtype=torch.float32)  # sum_b x_b^T x_b, window order
         self.n = 0
+        self._H: torch.Tensor | None = None
         self._factor: tuple | None = None  # (key, perm, U): shared by the linears that read this input
 
+    @property
+    def H(self) -> torch.Tensor:
+        """The Hessian ``2 / n * S`` (K, K), computed once after the last window."""
+        if self._H is None:
+            self._H = self.S * (2.0 / max(self.n, 1))
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor) -> None:
+        self._H = value
+        self._factor = None
+
     def add_batch(self, x: torch.Tensor) -> None:
-        """Fold inputs ``x`` (..., K) into the running mean of ``2 x x^T``."""
-        x = x.reshape(-1, self.in_features).to(self.H.dtype)  # (M, K)
-        m = x.shape[0]
-        # H <- H n/(n+m) + 2/(n+m) x^T x, in place: no (K, K) temporary
-        self.H.addmm_(x.T, x, beta=self.n / (self.n + m), alpha=2.0 / (self.n + m))
-        self.n += m
+        """Add one window's inputs ``x`` (..., K): ``S += x^T x`` (the product first, then the sum)."""
+        x = x.reshape(-1, self.in_features).to(self.S.dtype)  # (M, K)
+        self.S += x.T @ x
+        self.n += x.shape[0]
+        self._H = None
         self._factor = None
 
     def inverse_factor(self, percdamp: float, act_order: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ Used by the GPTQ handler when a process group is initialized (``torchrun ... -m 
   in window order, ``H = 2 / (sum_b m_b) * (((S_0 + S_1) + S_2) + ...)``. The float result depends
   only on the windows, not on ``W`` or on timing: 1 and 2 ranks build bit-identical Hessians (each
   window's forward is computed alone, so ``S_b`` does not depend on which rank ran it, given the same
-  thread count);
+  thread count), and so does one plain process (``GPTQ.add_batch`` adds the windows in that order);
 - solves split: the layer's linears, in the adapter's order, go round-robin to ranks (linear ``k`` on
   rank ``k mod W``); each rank solves its own, then every result (codes (N, K), scale, zero_point,
   qmin/qmax, loss) is broadcast from its owner, and every rank swaps in the same modules, so the next
@@ -54,8 +54,7 @@ def reduce_hessian(sums: list[torch.Tensor], counts: list[int], n_batches: int, 
     total = ordered_sum(sums, n_batches, (in_features, in_features))  # (K, K)
     n = int(ordered_sum([torch.tensor(c, dtype=torch.int64) for c in counts], n_batches, (), torch.int64))
     g = GPTQ(in_features)
-    g.H = total.mul_(2.0 / n)
-    g.n = n
+    g.S, g.n = total, n  # GPTQ.H scales it by 2 / n, as the single-process path does
     return g
 
 
