@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from lowbit.data import calib_sentences, eval_sentences  # noqa: E402
 from lowbit.mixed.adaptive import (ComplexityRouter, adaptive_encode, make_adaptive,  # noqa: E402
                                    per_sentence_error, sentence_features, set_mode)
-from lowbit.mixed.profile import torch_threads  # noqa: E402
+from lowbit.core.threads import torch_threads  # noqa: E402
 from lowbit.models import load_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -170,3 +170,27 @@ def test_low_memory_across_ranks_equals_in_memory(tmp_path):
     quantized = [k for k in mem["tensors"] if k.endswith("qweight")]
     assert quantized and all(torch.equal(disk["tensors"][k], mem["tensors"][k]) for k in quantized)
     assert disk["calib"]["world_size"] == 2 and disk["calib"]["sha256"] == mem["calib"]["sha256"]
+
+
+def test_factor_does_not_depend_on_the_thread_count():
+    """GPTQ's factorisation runs at one thread (LAPACK's Cholesky sums by thread: at SmolLM2's widest
+    input, K = 1536, MKL's 1- and 2-thread factors differ by ~1e-5), so the inverse factor and the
+    codes are the same at 1 and 2 torch threads."""
+    from lowbit.algorithms.gptq import GPTQ
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 1536, generator=gen)
+    w = torch.randn(64, 1536, generator=gen)
+    threads = torch.get_num_threads()
+    factors, codes = [], []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            g = GPTQ(1536)
+            g.add_batch(x)
+            factors.append(g.inverse_factor(0.1, True, torch.float32)[1])
+            codes.append(g.solve(w, "int4", True, 128)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(factors[0], factors[1])
+    assert torch.equal(codes[0], codes[1])

@@ -38,14 +38,14 @@ import platform
 import statistics
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
+from lowbit.core.threads import torch_threads
 from lowbit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -171,16 +171,6 @@ def check_machine(profile: "HardwareProfile") -> list[str]:
 
 
 # ------------------------------------------------------------------------------ timing
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
 
 def time_us(fn: Callable[[], object], repeats: int = 15, warmup: int = 3, clock: str = "thread") -> dict:
     """Median and quartiles (µs) of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""

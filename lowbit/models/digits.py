@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from lowbit.core.threads import torch_threads
 from lowbit.models._cache import atomic_write_file, cache_dir, recipe_key
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,13 @@ def digits_data(recipe: DigitsRecipe = RECIPE):
 
 @contextmanager
 def _deterministic_single_thread():
-    threads = torch.get_num_threads()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     try:
-        yield
+        with torch_threads(1):
+            yield
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(threads)
 
 
 def train_digits_cnn(recipe: DigitsRecipe = RECIPE) -> DigitsCNN:
