@@ -78,21 +78,26 @@ def _config(method: str, calib: int):
     return WAConfig(alpha=SCHEME_ALPHA, n_calib=calib, name="smoothquant-w8a8")  # the smoothquant scheme
 
 
-def _worker(rank: int, world: int, port: int, out: str, calib: int, method: str = "gptq") -> None:
+def _worker(rank: int, world: int, port: int, out: str, calib: int, method: str = "gptq",
+            plain_threads: int = 0) -> None:
+    """One rank of a ``world``-rank gloo group, or (``plain_threads`` > 0) one plain process with no
+    process group at that many torch threads: the path ``lowbit quantize`` takes without torchrun."""
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(plain_threads or 1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lowbit
     from lowbit.algorithms._llm import lm_calibration
     from lowbit.models.smollm2 import load_smollm2
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if not plain_threads:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model = load_smollm2()
     lm_calibration(model, None, calib)  # tokenizer and calibration text warmed up before the baseline
     loaded_mb = _rss_mb()
-    dist.barrier()  # every rank loaded: the wall clock starts together
+    if not plain_threads:
+        dist.barrier()  # every rank loaded: the wall clock starts together
     cpu0, w0, t0 = _cpu_s(), _wchar(), time.perf_counter()
     lowbit.quantize(model, _config(method, calib))  # built-in calibration
     cpu, wrote, wall = _cpu_s() - cpu0, _wchar() - w0, time.perf_counter() - t0
@@ -106,9 +111,13 @@ def _worker(rank: int, world: int, port: int, out: str, calib: int, method: str 
               "solves": sum(1 for s in layers.values() if s.get("rank") == rank and "seconds" in s) if layers else None,
               "n_layers": len({k.rsplit(".", 2)[0] for k in layers}) or None, "method": method,
               "sha256": digest.hexdigest(),
-              "world_size_recorded": model.lowbit_calibration.get("world_size")}
-    dist.barrier()
-    dist.destroy_process_group()
+              "world_size_recorded": model.lowbit_calibration.get("world_size"), "plain_threads": plain_threads,
+              "calibration_sha256": model.lowbit_calibration.get("sha256")}
+    if plain_threads:
+        result["world"] = 0  # rows sort plain processes first
+    else:
+        dist.barrier()
+        dist.destroy_process_group()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
@@ -132,29 +141,37 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=None, help="512-token calibration windows (default: "
                     + ", ".join(f"{m} {n}" for m, n in DEFAULT_CALIB.items()) + ")")
     ap.add_argument("--method", choices=METHODS, default="gptq")
+    ap.add_argument("--plain", type=int, nargs="*", default=[],
+                    help="also run one plain process (no process group) at each of these torch thread counts")
     args = ap.parse_args()
     args.calib = args.calib or DEFAULT_CALIB[args.method]
     stem = "distributed_quantize" + ("" if args.method == "gptq" else f"_{args.method}")
     saved = RESULTS / f"{stem}.json"
     old = json.loads(saved.read_text()) if saved.exists() else {}
     # rows of world sizes not rerun now are kept (so each world size can run in its own short locked command)
-    rows = [r for r in old.get("rows", []) if r["world"] not in args.worlds] if old.get("calib") == args.calib else []
-    for world in args.worlds:
+    rows = [r for r in old.get("rows", []) if (r["world"], r.get("plain_threads", 0)) not in
+            {(w, 0) for w in args.worlds} | {(0, t) for t in args.plain}] if old.get("calib") == args.calib else []
+    runs = [(0, t) for t in args.plain] + [(w, 0) for w in args.worlds]
+    for world, threads in runs:
         load0 = os.getloadavg()[0]
         with tempfile.TemporaryDirectory() as out:
-            mp.spawn(_worker, args=(world, _free_port(), out, args.calib, args.method), nprocs=world, join=True)
-            new = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
+            mp.spawn(_worker, args=(world, _free_port(), out, args.calib, args.method, threads),
+                     nprocs=max(world, 1), join=True)
+            new = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(max(world, 1))]
         for r in new:  # the machine's 1-minute load average before and after (other agents' jobs included)
             r["loadavg_1m"] = [load0, os.getloadavg()[0]]
         rows += new
-        print(rows[-world:], flush=True)
-    rows.sort(key=lambda r: (r["world"], r["rank"]))
-    ref = rows[0]["sha256"]  # the smallest world size's rank 0
+        print(new, flush=True)
+    rows.sort(key=lambda r: (r["world"], r.get("plain_threads", 0), r["rank"]))
+    ranked = [r for r in rows if r["world"] > 0]
+    ref = ranked[0]["sha256"] if ranked else None  # the smallest world size's rank 0
     title = {"gptq": "GPTQ W4 g128", "awq": "AWQ W4 g128", "smoothquant": "SmoothQuant W8A8 (alpha 0.6)"}
     gptq = args.method == "gptq"
     md = [f"# SmolLM2-135M {title[args.method]} across gloo ranks (this machine: 2 shared cores)", "",
           f"Command: `.venv/bin/python bench/distributed_quantize.py --method {args.method} --worlds "
-          f"{' '.join(str(w) for w in sorted({r['world'] for r in rows}))}` — "
+          f"{' '.join(str(w) for w in sorted({r['world'] for r in rows if r['world']}))}"
+          + (f" --plain {' '.join(str(t) for t in sorted({r['plain_threads'] for r in rows if not r['world']}))}"
+             if any(not r["world"] for r in rows) else "") + "` — "
           f"{args.calib} calibration windows of 512 tokens, torch threads 1 per rank, ranks as processes on "
           "127.0.0.1. This machine has 2 cores shared with other agents' jobs: 2 ranks take both, so wall time "
           "measures contention as much as the method, and more ranks than 2 would only time-slice; CPU seconds "
@@ -163,13 +180,14 @@ def main() -> None:
           "Hessian broadcast formula MB | linears solved | tensors equal to 1 rank | load avg 1 min before / after |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        formula = f"{hessian_broadcast_bytes(r['world'], args.calib) / 1e6:,.1f}" if gptq else "-"
-        md.append(f"| {r['world']} | {r['rank']} | {r['peak_rss_mb']:.0f} | {r['growth_mb']:.0f} | {r['cpu_s']:.1f} | "
+        formula = (f"{hessian_broadcast_bytes(r['world'], args.calib) / 1e6:,.1f}" if gptq and r["world"] else "-")
+        who = r["world"] if r["world"] else f"plain process, {r['plain_threads']} thread(s)"
+        md.append(f"| {who} | {r['rank']} | {r['peak_rss_mb']:.0f} | {r['growth_mb']:.0f} | {r['cpu_s']:.1f} | "
                   f"{r.get('wall_s', float('nan')):.1f} | {r['bytes_written'] / 1e6:,.1f} | "
                   f"{formula} | "
-                  f"{r['solves'] if gptq else '-'} | {'yes' if r['sha256'] == ref else 'NO'} | "
+                  f"{r['solves'] if gptq and r['world'] else '-'} | {'yes' if r['sha256'] == ref else 'NO'} | "
                   f"{r['loadavg_1m'][0]:.2f} / {r['loadavg_1m'][1]:.2f} |")
-    walls = {w: max(r.get("wall_s", float("nan")) for r in rows if r["world"] == w) for w in {r["world"] for r in rows}}
+    walls = {w: max(r.get("wall_s", float("nan")) for r in rows if r["world"] == w) for w in {r["world"] for r in ranked}}
     cpus = {w: sum(r["cpu_s"] for r in rows if r["world"] == w) for w in walls}
     md += ["", "Per world size (slowest rank's wall, all ranks' CPU): " + "; ".join(
         f"W={w}: wall {walls[w]:.1f} s, CPU {cpus[w]:.1f} s" for w in sorted(walls)) + ".", "",
@@ -186,6 +204,9 @@ def main() -> None:
                   "window's per-channel sums, per-alpha squared errors, the clip sample's rows and the clipped "
                   "weights of the linears a rank searched; SmoothQuant one max all-reduce per linear input. The "
                   "Hessian and solve columns apply to GPTQ only.")
+    if any(not r["world"] for r in rows):
+        md.append("- *plain process*: `lowbit quantize` without torchrun (no process group) at that many torch threads; "
+                  "'equal' compares the sha256 of every tensor of the quantized model with 1 rank's.")
     md += ["- Each rank loads the whole fp32 model (`--low-memory` is not combined with ranks yet), so peak RSS "
            "per rank does not fall with W; only the calibration activations and per-window statistics are split.", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
