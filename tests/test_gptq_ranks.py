@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import lowbit
+from lowbit.algorithms.awq import AWQConfig
 from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.errors import LowbitError
 from tests._ranks import TIMEOUT_S, free_port, run_ranks
@@ -146,6 +147,9 @@ def test_torchrun_cli_one_and_two_ranks_write_the_same_folder(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name not in ("src", "q1", "q2")]  # no stray partial folders
 
 
+AWQ_CONFIG = AWQConfig(bits=4, group_size=16, n_grid=3, search_tokens=64, clip_tokens=16, rounding="gptq")
+
+
 def _disk_worker(rank: int, world: int, port: int, folder: str, out_dir: str) -> None:
     from lowbit.algorithms.from_disk import quantize_from_disk
 
@@ -153,23 +157,32 @@ def _disk_worker(rank: int, world: int, port: int, folder: str, out_dir: str) ->
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
-        model = quantize_from_disk(folder, CONFIG, tiny_batches(N_WINDOWS))
-        if rank == 0:
-            torch.save({"tensors": _quantized_tensors(model), "calib": model.lowbit_calibration},
-                       os.path.join(out_dir, f"disk{world}.pt"))
+        for name, config in (("gptq", CONFIG), ("awq", AWQ_CONFIG)):
+            model = quantize_from_disk(folder, config, tiny_batches(N_WINDOWS))
+            if rank == 0:
+                torch.save({"tensors": _quantized_tensors(model), "calib": model.lowbit_calibration},
+                           os.path.join(out_dir, f"disk{world}_{name}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_low_memory_across_ranks_equals_in_memory(tmp_path):
-    """GPTQ a layer at a time from safetensors on 2 ranks gives the in-memory distributed result bit for bit."""
+    """GPTQ and AWQ(+GPTQ) a layer at a time from safetensors on 2 ranks give the in-memory result of one
+    plain process bit for bit."""
     tiny_llama().lm.save_pretrained(str(tmp_path / "fp"))
     assert run_ranks(_disk_worker, 2, str(tmp_path / "fp"), str(tmp_path)) == [0, 0]
-    assert _run(1, str(tmp_path)) == [0]
-    disk, mem = (torch.load(tmp_path / name, weights_only=True) for name in ("disk2.pt", "world1.pt"))
-    quantized = [k for k in mem["tensors"] if k.endswith("qweight")]
-    assert quantized and all(torch.equal(disk["tensors"][k], mem["tensors"][k]) for k in quantized)
-    assert disk["calib"]["world_size"] == 2 and disk["calib"]["sha256"] == mem["calib"]["sha256"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, config in (("gptq", CONFIG), ("awq", AWQ_CONFIG)):
+            mem = lowbit.quantize(tiny_llama(), config, tiny_batches(N_WINDOWS))
+            disk = torch.load(tmp_path / f"disk2_{name}.pt", weights_only=True)
+            mem_tensors = _quantized_tensors(mem)
+            quantized = [k for k in mem_tensors if k.endswith("qweight")]
+            assert quantized and all(torch.equal(disk["tensors"][k], mem_tensors[k]) for k in quantized), name
+            assert disk["calib"]["world_size"] == 2 and disk["calib"]["sha256"] == mem.lowbit_calibration["sha256"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_factor_does_not_depend_on_the_thread_count():

@@ -385,7 +385,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
         return process
     # rounding="gptq": the layer stays float after scaling and clipping; GPTQ then collects Hessians
     # of its (now scaled) inputs in one more pass and rounds with error compensation.
-    if n_batches is None:
+    if n_batches is None or not ranks_active():
         gptq_step = make_gptq_process(config.gptq_config(), prefix, report, stats)
     else:
         from lowbit.algorithms._llm import LLAMA_INPUT_GROUPS
@@ -431,13 +431,11 @@ def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) ->
     report = QuantizeReport()
     stats: dict = {}
     t0 = time.perf_counter()
-    if ranks_active():  # one rank of a torchrun job: this rank's windows, window-ordered reductions
-        require_batches(len(batches), "AWQ")
-        process = make_awq_process(config, prefix, report, stats, offset, n_batches=len(batches))
-        process_layerwise(model, shard(batches), process, desc=config.scheme)
-    else:
-        process_layerwise(model, batches, make_awq_process(config, prefix, report, stats, offset),
-                          desc=config.scheme)
+    # One process is world size 1 of the same path (every ranks helper is the identity without a process
+    # group): per-window statistics summed in window order, so 1 process and N ranks are bit-identical.
+    require_batches(len(batches), "AWQ")
+    process = make_awq_process(config, prefix, report, stats, offset, n_batches=len(batches))
+    process_layerwise(model, shard(batches), process, desc=config.scheme)
     report.extra["awq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats,
                            "world_size": world_rank()[0]}
     model.lowbit_calibration = with_world_size(calibration_info(batches, source))

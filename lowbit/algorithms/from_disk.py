@@ -41,10 +41,7 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
 
     if not isinstance(config, SUPPORTED):
         raise ConfigError(f"low-memory (layer-from-disk) quantization supports gptq and awq, not {config.scheme}")
-    distributed = ranks_active()  # one rank of a torchrun job: GPTQ with this rank's share of the windows
-    if distributed and not isinstance(config, GPTQConfig):
-        raise ConfigError(f"across ranks, low-memory quantization runs gptq, not {config.scheme}; run it in one "
-                          "process or drop --low-memory")
+    distributed = ranks_active()  # one rank of a torchrun job: this rank's share of the windows
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
         raise ConfigError(f"{folder}: no model.safetensors to read layers from")
@@ -68,14 +65,16 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
 
         world, rank = dist.get_world_size(), dist.get_rank()
         if len(batches) < world:
-            raise ConfigError(f"distributed GPTQ needs at least one calibration window per rank: {len(batches)} "
-                              f"windows for {world} ranks (raise --calib or use fewer ranks)")
-        mine = batches[rank::world]  # windows r, r + W, ...: Hessians reduced in window order (gptq_ranks)
+            raise ConfigError(f"distributed {config.scheme} needs at least one calibration window per rank: "
+                              f"{len(batches)} windows for {world} ranks (raise --calib or use fewer ranks)")
+        mine = batches[rank::world]  # windows r, r + W, ...: statistics reduced in window order (ranks.py)
+    if isinstance(config, GPTQConfig) and distributed:
         process = make_gptq_ranks_process(config, layers_prefix, report, stats, len(batches), input_groups(model))
     elif isinstance(config, GPTQConfig):
         process = make_gptq_process(config, layers_prefix, report, stats, groups=input_groups(model))
-    else:
-        process = make_awq_process(config, layers_prefix, report, stats, require_llama_layout(model, config.scheme))
+    else:  # AWQ: the same per-window, window-ordered path in one process and across ranks
+        process = make_awq_process(config, layers_prefix, report, stats, require_llama_layout(model, config.scheme),
+                                   n_batches=len(batches))
     with torch.no_grad():
         quantize_from_safetensors(folder, process, mine, skeleton=model)
     report.extra[config.kind] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches),

@@ -106,9 +106,9 @@ def _join_ranks(config, low_memory: bool, log) -> int | None:
     if type(config) not in (GPTQConfig, AWQConfig, WAConfig, StaticConfig):
         raise ConfigError(f"across ranks (torchrun) `lowbit quantize` runs gptq, awq, awq-gptq, smoothquant, the "
                           f"w/a presets and w8a8-static, not {config.scheme}; run other schemes in one process")
-    if low_memory and type(config) is not GPTQConfig:
-        raise ConfigError(f"--low-memory across ranks runs gptq, not {config.scheme}; drop --low-memory or run "
-                          "one process")
+    if low_memory and type(config) not in (GPTQConfig, AWQConfig):
+        raise ConfigError(f"--low-memory (across ranks too) runs gptq, awq and awq-gptq, not {config.scheme}; "
+                          "drop --low-memory")
     timeout = float(os.environ.get("LOWBIT_RANK_TIMEOUT_S", "600"))
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     atexit.register(dist.destroy_process_group)
