@@ -38,9 +38,15 @@ def test_evaluate_encoder(minilm):
 
 def test_evaluate_causal_lm(smollm2_quick_eval):
     result = smollm2_quick_eval
-    assert COMMON_FIELDS | {"ppl", "kl", "prefill_tps", "ppl_heldout", "kl_heldout"} <= result.keys()
+    assert COMMON_FIELDS | {"ppl", "kl", "prefill_tps", "ppl_heldout", "kl_heldout", "ppl_science",
+                            "kl_science"} <= result.keys()
     assert math.isfinite(result["ppl"]) and result["kl"] == 0.0 and result["prefill_tps"] > 0
-    assert math.isfinite(result["ppl_heldout"]) and result["kl_heldout"] == 0.0 and result["n_windows_heldout"] == 1
+    assert result["n_windows"] == 2
+    # all three texts reported: licence, held-out docs, science (quick: 1 window each for the last two)
+    for suffix in ("_heldout", "_science"):
+        assert math.isfinite(result[f"ppl{suffix}"]) and result[f"kl{suffix}"] == 0.0
+        assert result[f"n_windows{suffix}"] == 1
+    assert len({result["ppl"], result["ppl_heldout"], result["ppl_science"]}) == 3  # three different texts
     # tied input/output embeddings are one storage: counted once
     assert abs(result["bits_per_weight"] - 32.0) < 0.01
 

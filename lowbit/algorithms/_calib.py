@@ -29,10 +29,12 @@ LM_CALIB_WINDOW = 512
 CLASSIFIER_CALIB_IMAGES = 256
 
 
-def default_calibration(model: nn.Module, n: int | None = None) -> list:
+def default_calibration(model: nn.Module, n: int | None = None, lm_text: str = "mix") -> list:
     """The built-in calibration batches for a model loaded by ``lowbit.models``.
 
     ``n`` counts samples: sentences (encoders), 512-token windows (causal LMs), images (classifiers).
+    ``lm_text`` names the causal-LM text (:func:`lowbit.data.lm_calib_text`: ``"mix"``, the
+    default, or ``"docs"``, the docs-only text older results used); windows are cut from its start.
     """
     task = getattr(model, "task", None)
     if n is not None and n < 1:
@@ -46,7 +48,7 @@ def default_calibration(model: nn.Module, n: int | None = None) -> list:
         from lowbit.data import lm_calib_text
 
         want = (n or LM_CALIB_TOKENS // LM_CALIB_WINDOW) * LM_CALIB_WINDOW
-        ids = model.tokenizer(lm_calib_text(), return_tensors="pt").input_ids[0][:want]
+        ids = model.tokenizer(lm_calib_text(lm_text), return_tensors="pt").input_ids[0][:want]
         k = ids.numel() // LM_CALIB_WINDOW
         if n is not None and k < n:
             raise CalibrationError(f"the built-in LM calibration text has only {k} windows of {LM_CALIB_WINDOW} tokens")
@@ -132,7 +134,17 @@ def calibration_info(batches: list, source: str) -> dict:
             for k in sorted(b):
                 h.update(k.encode() + b.get(k).detach().cpu().contiguous().numpy().tobytes())
             n_samples += next(iter(b.values())).shape[0]
-    return {"source": source, "n_samples": n_samples, "n_tokens": n_tokens or None, "sha256": h.hexdigest()}
+    info = {"source": source, "n_samples": n_samples, "n_tokens": n_tokens or None, "sha256": h.hexdigest()}
+    if source.startswith("lowbit.data.lm_calib_text"):
+        # which built-in text the windows were cut from: bytes per domain of the whole text (every
+        # prefix of the mix holds the domains in the same proportions) and its sha256
+        from lowbit.data import lm_calib_composition
+
+        name = "docs" if source.startswith("lowbit.data.lm_calib_text('docs')") else "mix"
+        comp = lm_calib_composition(name)
+        info["calib_text"] = {"name": name, "bytes": comp["bytes"], "sha256": comp.get("sha256"),
+                              "domain_bytes": {d: v["bytes"] for d, v in comp["domains"].items()}}
+    return info
 
 
 @contextmanager

@@ -8,7 +8,8 @@
 - ``causal-lm``: perplexity at context 512 on the licence text (non-overlapping windows), mean
   KL(p_fp32 || p_model) of next-token distributions on the same tokens, the same two on 16 windows
   of held-out docs text (``ppl_heldout``, ``kl_heldout``: the docs topics LM calibration never
-  uses), prefill tokens/s;
+  uses) and on all windows of scikit-learn's dataset descriptions (``ppl_science``,
+  ``kl_science``: scientific prose, a third domain), prefill tokens/s;
 - ``classifier``: top-1 accuracy (%) on the held-out digits split, samples/s.
 
 Every result also carries ``model``, ``scheme``, ``task``, ``size_bytes`` (exact, see
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 LM_CONTEXT = 512
 LM_HELDOUT_WINDOWS = 16  # 8k tokens of the held-out docs text (quick: 1)
+LM_SCIENCE_WINDOWS = None  # every window of the science text (23 x 512 with SmolLM2's tokenizer; quick: 1)
+# The causal-LM texts evaluate() reports: (key suffix, lowbit.data function, windows, quick windows).
+LM_TEXTS = (("", "lm_eval_text", None, 2), ("_heldout", "lm_heldout_text", LM_HELDOUT_WINDOWS, 1),
+            ("_science", "lm_science_text", LM_SCIENCE_WINDOWS, 1))
 ENCODER_SENTENCES = 256  # the fixed evaluation corpus size
 TOPK = 10
 
@@ -171,10 +176,12 @@ def _user_lm_windows(tokenizer, texts: list[str], context: int) -> torch.Tensor:
 
 def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: bool,
                        eval_data: list[str] | None = None) -> dict:
-    """ppl and mean next-token KL at context 512 on the licence text (``ppl``, ``kl``) and on the
-    held-out docs text (``ppl_heldout``, ``kl_heldout``), and prefill tokens/s; with ``eval_data``
-    (the user's texts) ``ppl`` / ``kl`` are measured on those instead and the built-in texts skipped."""
-    from lowbit.data import lm_eval_text, lm_heldout_text
+    """ppl and mean next-token KL at context 512 on the licence text (``ppl``, ``kl``), the held-out
+    docs text (``ppl_heldout``, ``kl_heldout``) and the science text (``ppl_science``,
+    ``kl_science``), window counts ``n_windows*``, and prefill tokens/s (licence windows); with
+    ``eval_data`` (the user's texts) ``ppl`` / ``kl`` are measured on those instead and the built-in
+    texts skipped."""
+    import lowbit.data
 
     if reference is None and not (_is_fp32(model) and getattr(model, "model_name", None) == "smollm2"):
         reference = _fp32_smollm2() if getattr(model, "model_name", None) == "smollm2" else None
@@ -183,20 +190,15 @@ def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: boo
         user = lm_scores(model, reference, _user_lm_windows(model.tokenizer, eval_data, ctx))
         return {"n_windows": user["n_windows"], "context": ctx, "ppl": user["ppl"], "kl": user["kl"],
                 "prefill_tps": ctx / user["seconds_per_window"], "eval_data": "user"}
-    lic = lm_scores(model, reference, lm_windows(model.tokenizer, lm_eval_text(), ctx,
-                                                 max_windows=2 if quick else None))
-    held = lm_scores(model, reference, lm_windows(model.tokenizer, lm_heldout_text(), ctx,
-                                                  max_windows=1 if quick else LM_HELDOUT_WINDOWS))
-    return {
-        "n_windows": lic["n_windows"],
-        "context": ctx,
-        "ppl": lic["ppl"],
-        "kl": lic["kl"],
-        "n_windows_heldout": held["n_windows"],
-        "ppl_heldout": held["ppl"],
-        "kl_heldout": held["kl"],
-        "prefill_tps": ctx / lic["seconds_per_window"],
-    }
+    out: dict = {"context": ctx}
+    for suffix, fn, windows, quick_windows in LM_TEXTS:
+        text = getattr(lowbit.data, fn)()
+        r = lm_scores(model, reference, lm_windows(model.tokenizer, text, ctx,
+                                                   max_windows=quick_windows if quick else windows))
+        out.update({f"n_windows{suffix}": r["n_windows"], f"ppl{suffix}": r["ppl"], f"kl{suffix}": r["kl"]})
+        if not suffix:
+            out["prefill_tps"] = ctx / r["seconds_per_window"]
+    return out
 
 
 # -------------------------------------------------------------------------------- classifier

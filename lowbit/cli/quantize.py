@@ -42,7 +42,8 @@ def print_comparison(rows: list[dict]) -> None:
     from rich.table import Table
 
     base = rows[0]
-    keys = [k for k in ("cos_mean", "cos_min", "top10_agreement", "ppl", "kl", "ppl_heldout", "kl_heldout", "accuracy")
+    keys = [k for k in ("cos_mean", "cos_min", "top10_agreement", "ppl", "kl", "ppl_heldout", "kl_heldout",
+                        "ppl_science", "kl_science", "accuracy")
             if k in base or k in rows[-1]]
     speed = [k for k in ("sps_b1", "sps_b32", "prefill_tps", "decode_tps", "sps") if k in base]
     t = Table(title=f"{base.get('model')}: measured on this machine")
@@ -118,10 +119,10 @@ def _join_ranks(config, low_memory: bool, log) -> int | None:
 
 def _builtin_eval(model) -> list[str]:
     """lowbit's own evaluation texts for ``model``'s task (what --calib-data is checked against)."""
-    from lowbit.data import eval_sentences, lm_eval_text, lm_heldout_text
+    from lowbit.data import eval_sentences, lm_eval_text, lm_heldout_text, lm_science_text
 
     if getattr(model, "task", None) == "causal-lm":
-        return [lm_eval_text(), lm_heldout_text()]
+        return [lm_eval_text(), lm_heldout_text(), lm_science_text()]
     return eval_sentences(256)
 
 

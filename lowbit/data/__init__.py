@@ -1,20 +1,25 @@
 """Fixed, deterministic evaluation and calibration data, built from text that ships with CPython.
 
 Sentences (encoders) come from the Python documentation topics; evaluation and calibration draw
-from disjoint halves of those topics, so calibration never sees evaluation text. The causal-LM
-perplexity text is the Python licence, with the evaluation half of the docs as a second, held-out
-perplexity text; the LM calibration text is the calibration half of the docs.
+from disjoint halves of those topics, so calibration never sees evaluation text. Causal LMs are
+evaluated on three texts of three domains: the Python licence (legal, :func:`lm_eval_text`), the
+evaluation half of the docs (:func:`lm_heldout_text`) and scikit-learn's dataset descriptions
+(scientific prose, :func:`lm_science_text`, used for no choice of defaults). The LM calibration
+text is a mix of docs prose, stdlib code, package licences and package READMEs
+(:mod:`lowbit.data.mix`), none of it evaluation text; ``lm_calib_text("docs")`` is the older
+docs-only text.
 Same install → same data on every call; ``overlap`` measures contamination between two sets.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 
 from lowbit.data.overlap import overlap
 from lowbit.data.sentences import clean_sentences
-from lowbit.data.sources import docs_prose, license_text
+from lowbit.data.sources import dataset_descriptions, docs_prose, license_text
 from lowbit.errors import ConfigError
 
 _EVAL_SEED = 0  # order of the evaluation pool (so any n is a spread over all eval topics)
@@ -65,9 +70,51 @@ def lm_heldout_text() -> str:
 
 
 @functools.cache
-def lm_calib_text() -> str:
-    """Calibration text for causal LMs (~110 kB): the calibration half of the docs prose, paragraphs joined."""
+def lm_science_text() -> str:
+    """The third perplexity text for causal LMs (~42 kB): scikit-learn's dataset descriptions
+    (scientific prose about measured data sets, with statistics tables and references), files in
+    sorted order joined by blank lines.
+
+    Another domain than the licence and the docs; no calibration source reads scikit-learn, and
+    no default of lowbit was chosen on it (it only reports)."""
+    return "\n\n".join(text for _, text in dataset_descriptions())
+
+
+LM_CALIB_SOURCES = ("mix", "docs")
+
+
+def lm_calib_text(source: str = "mix") -> str:
+    """Calibration text for causal LMs.
+
+    - ``"mix"`` (default, ~216 kB): docs prose, stdlib code, package licences and package READMEs
+      interleaved with fixed per-domain budgets, every evaluation text excluded
+      (:mod:`lowbit.data.mix`; its composition: :func:`lm_calib_composition`);
+    - ``"docs"`` (~110 kB): the calibration half of the docs prose, paragraphs joined (the
+      default before issue 18; older results were calibrated on it).
+    """
+    if source == "mix":
+        from lowbit.data.mix import mix_text
+
+        return mix_text()
+    if source == "docs":
+        return _docs_calib_text()
+    raise ConfigError(f"unknown LM calibration source {source!r}; valid: {', '.join(LM_CALIB_SOURCES)}")
+
+
+@functools.cache
+def _docs_calib_text() -> str:
     return "\n\n".join(docs_prose("calib"))
+
+
+def lm_calib_composition(source: str = "mix") -> dict:
+    """What :func:`lm_calib_text` holds, for metadata: domain → bytes (and sources, for the mix)."""
+    if source == "docs":
+        raw = _docs_calib_text().encode("utf-8")
+        return {"domains": {"docs": {"bytes": len(raw)}}, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    lm_calib_text(source)  # validates the name
+    from lowbit.data.mix import mix_composition
+
+    return mix_composition()
 
 
 def max_sentences(half: str = "eval") -> int:
@@ -75,4 +122,5 @@ def max_sentences(half: str = "eval") -> int:
     return len(_pool(half))
 
 
-__all__ = ["eval_sentences", "calib_sentences", "lm_eval_text", "lm_heldout_text", "lm_calib_text", "overlap", "max_sentences"]
+__all__ = ["eval_sentences", "calib_sentences", "lm_eval_text", "lm_heldout_text", "lm_science_text", "lm_calib_text",
+           "lm_calib_composition", "LM_CALIB_SOURCES", "overlap", "max_sentences"]

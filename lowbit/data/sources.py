@@ -5,6 +5,9 @@
   feeds evaluation, the other calibration, so calibrating on one never sees the other's text.
 - The Python licence (``LICENSE.txt`` in the stdlib folder), ~14 kB of legal English: the
   perplexity text for causal LMs (PEERS.md's "licence text").
+- scikit-learn's dataset descriptions (``sklearn/datasets/descr/*.rst``, ~43 kB of scientific
+  prose about measured data sets, with summary-statistics tables and references): the third
+  perplexity text for causal LMs, of another domain. scikit-learn is a dependency (BSD-3-Clause).
 
 The exact text depends on the CPython version installed (3.11 here); within one install every
 function below returns the same value on every call.
@@ -81,3 +84,31 @@ def license_text() -> str:
     except OSError as exc:
         raise ConfigError(f"cannot read the Python licence text at {path}: {exc}") from None
     return "\n".join(line.rstrip() for line in raw.splitlines()).strip() + "\n"
+
+
+_RST_TARGET = re.compile(r"^\.\. _[^:]*:.*$")  # ".. _iris_dataset:" anchors (no text of their own)
+
+
+@functools.cache
+def dataset_descriptions() -> tuple[tuple[str, str], ...]:
+    """(file name, text) of scikit-learn's dataset descriptions, sorted by name; anchor lines
+    (``.. _name:``) removed, lines right-stripped, otherwise as shipped."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # located, not imported (importing sklearn takes seconds)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the science evaluation text needs scikit-learn's dataset descriptions; "
+                          "scikit-learn is not installed")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "descr")
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".rst"))
+    except OSError as exc:
+        raise ConfigError(f"cannot list scikit-learn's dataset descriptions in {folder}: {exc}") from None
+    if not names:
+        raise ConfigError(f"no dataset descriptions (*.rst) in {folder}")
+    out = []
+    for name in names:
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            lines = [ln.rstrip() for ln in f.read().splitlines() if not _RST_TARGET.match(ln)]
+        out.append((name, "\n".join(lines).strip() + "\n"))
+    return tuple(out)
