@@ -11,9 +11,13 @@ asymmetric RTN reproduces them almost exactly; methods are judged at **g128 symm
 576-wide q/k/v/o/gate/up inputs (576 is not a multiple of 128): the same for every method.
 Only decoder-layer linears are quantized (embeddings / tied LM head stay fp32, 28% of the weights).
 Calibration: each method's default on lowbit.data.lm_calib_text (GPTQ 16 x 512 tokens, AWQ the
-4 windows its search uses), disjoint from both evaluation texts; --calib overrides it for all.
-Metrics: perplexity at context 512 and KL(fp32 || model) per token on two texts (held-out docs:
-the docs topics calibration never uses; the licence: another domain), exact size,
+4 windows its search uses): since issue 18 the mix of docs prose, stdlib code, package licences and
+package READMEs (docs/data.md), disjoint from the three evaluation texts; --calib overrides the
+window count for all. Results files from before the mix were calibrated on the docs-only text
+(``lm_calib_text("docs")``); --merge tags their calibrated rows "(docs calib)".
+Metrics: perplexity at context 512 and KL(fp32 || model) per token on three texts (held-out docs:
+the docs topics calibration never uses; the licence: legal text; science: scikit-learn's dataset
+descriptions, a domain no calibration source and no default touches), exact size,
 quantization time (wall and CPU seconds: the machine is shared, CPU time is the steadier figure),
 and for GPTQ/AWQ the share of RTN's perplexity increase they remove.
 
@@ -93,7 +97,8 @@ def main() -> None:
     ref = CachedReference(fp)
     base = evaluate(fp, ref, quick=args.quick)
     rows = [{"name": "fp32", **base, "quant_wall_s": 0.0, "quant_cpu_s": 0.0}]
-    meta = {"machine": machine(), "calib_windows": args.calib, "quick": args.quick, "percdamp": args.percdamp}
+    meta = {"machine": machine(), "calib_windows": args.calib, "quick": args.quick, "percdamp": args.percdamp,
+            "calib_text": _calib_text_record()}
     for name, family, kw in ROWS:
         if args.only and not any(f.strip().lower() in name.lower() for f in args.only.split(",")):
             continue
@@ -101,8 +106,8 @@ def main() -> None:
         model, t = quantize_row(fp, family, kw, args.calib, args.percdamp)
         r = evaluate(model, ref, quick=args.quick)
         rows.append({"name": name, "family": family, **kw, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu})
-        print(f"    ppl held-out {r['ppl_heldout']:.3f} (kl {r['kl_heldout']:.4f})  licence {r['ppl']:.3f} (kl {r['kl']:.4f})  {r['size_mb']:.1f} MB  {t.wall:.0f} s wall / "
-              f"{t.cpu:.0f} s CPU", flush=True)
+        print("    " + "  ".join(f"{label} {r[p]:.3f} (kl {r[k]:.4f})" for label, p, k, _ in TEXTS if p in r)
+              + f"  {r['size_mb']:.1f} MB  {t.wall:.0f} s wall / {t.cpu:.0f} s CPU", flush=True)
         del model
         write_results(out_name, rows, render(rows, meta), meta)  # partial results survive a cut-off
     meta["machine_end"] = machine()
@@ -118,24 +123,35 @@ def merge() -> None:
     from bench._llm_common import RESULTS
 
     files = [RESULTS / "llm_methods.json"] + sorted(RESULTS.glob("llm_methods_part_*.json"))
-    rows, meta = [], None
+    rows, fp32 = [], []
     for f in files:
         if f.is_file():
             d = json.loads(f.read_text())
-            meta = meta or d["meta"]
             tag = ""
             if d["meta"].get("percdamp") is not None:
                 tag += f" (percdamp {d['meta']['percdamp']})"
             if d["meta"].get("calib_windows"):
                 tag += f" ({d['meta']['calib_windows']} calib windows)"
+            docs_calib = (d["meta"].get("calib_text") or {}).get("name", "docs") == "docs"  # before the mix
             for r in d["rows"]:
-                if r["name"] == "fp32" and rows:
+                if r["name"] == "fp32":
+                    fp32.append((d["meta"], r))
                     continue
-                rows.append({**r, "name": r["name"] + tag} if r["name"] != "fp32" else r)
-    order = ["fp32"] + [name for name, _, _ in ROWS]
+                calibrated = r.get("family", "rtn") != "rtn"
+                rows.append({**r, "name": r["name"] + tag + (" (docs calib)" if docs_calib and calibrated else "")})
+    if not fp32:
+        raise SystemExit("no results files with an fp32 row to merge")
+    # the fp32 row measured on the most texts (files from before the third text lack ppl_science);
+    # full evaluations before quick ones
+    meta, base = max(fp32, key=lambda mr: (sum(p in mr[1] for _, p, _, _ in TEXTS), not mr[0].get("quick")))
+    order = [name for name, _, _ in ROWS]
     best = {r["name"]: r for r in rows}
-    extra = [n for n in best if n not in order]
-    rows = [best[n] for n in order if n in best] + [best[n] for n in extra]
+
+    def position(name: str):  # ROWS order, a row's tagged variants after it, unknown names last
+        plain = name.split(" (")[0]
+        return (order.index(plain) if plain in order else len(order), name != plain, name)
+
+    rows = [base] + [best[n] for n in sorted(best, key=position)]
     md = render(rows, meta)
     write_results("llm_methods_merged", rows, md, meta)  # never overwrite the sources
     print(md)
@@ -146,6 +162,28 @@ def _share(r: dict, rtn: dict | None, fp: dict, key: str) -> str:
     if rtn is None or key not in r or rtn[key] <= fp[key]:
         return ""
     return f"{100 * (rtn[key] - r[key]) / (rtn[key] - fp[key]):.0f}%"
+
+
+# (label, ppl key, KL key, column title) of the three evaluation texts evaluate() reports
+TEXTS = (("held-out", "ppl_heldout", "kl_heldout", "held-out docs"), ("licence", "ppl", "kl", "licence"),
+         ("science", "ppl_science", "kl_science", "science"))
+
+
+def _calib_text_record() -> dict:
+    """Which built-in calibration text the methods' defaults read (name, bytes per domain, sha256)."""
+    from lowbit.data import lm_calib_composition
+
+    comp = lm_calib_composition("mix")
+    return {"name": "mix", "sha256": comp["sha256"], "bytes": comp["bytes"],
+            "domain_bytes": {d: v["bytes"] for d, v in comp["domains"].items()}}
+
+
+def _calib_source(meta: dict) -> str:
+    rec = meta.get("calib_text")
+    if not rec:
+        return "lm_calib_text (the calibration half of the docs topics: the default before the mix)"
+    parts = ", ".join(f"{d} {b / 1000:.0f} kB" for d, b in rec["domain_bytes"].items())
+    return f"lm_calib_text() = the calibration mix ({parts}; sha256 {rec['sha256'][:12]}; docs/data.md)"
 
 
 def _calib_text(meta: dict) -> str:
@@ -169,28 +207,31 @@ def render(rows: list[dict], meta: dict) -> str:
            "Judged at **g128 symmetric / 3-bit / 2-bit** because SmolLM2 came from a Q4_1 (4-bit g32 asym) grid. "
            "g128 = 128 on down_proj, 64 on the 576-wide inputs (576 % 128 != 0), identical for all methods. "
            "Embeddings / tied LM head fp32. Calibration: "
-           f"{_calib_text(meta)} of lm_calib_text (the calibration half of the docs topics). "
-           "Two perplexity texts at context 512: **held-out docs** (16 windows of the docs topics calibration "
-           "never sees: same domain) and the **licence** (7 windows of CPython's LICENSE: legal text, another "
-           f"domain){' (quick: 1 and 2 windows)' if meta.get('quick') else ''}. "
-           "'removed' = share of RTN's perplexity increase over fp32 that the method removes (same bits, group, symmetry).",
+           f"{_calib_text(meta)} of {_calib_source(meta)}. Rows marked '(docs calib)' come from results "
+           "files calibrated on the docs-only text, before the mix. "
+           "Three perplexity texts at context 512: **held-out docs** (16 windows of the docs topics calibration "
+           "never sees), the **licence** (7 windows of CPython's LICENSE: legal text) and **science** (23 windows "
+           "of scikit-learn's dataset descriptions: scientific prose, used for no choice of defaults)"
+           f"{' (quick: 1, 2 and 1 windows)' if meta.get('quick') else ''}. "
+           "'removed' = share of RTN's perplexity increase over fp32 that the method removes (same bits, group, "
+           "symmetry); a negative share means worse than RTN. Empty cells: not measured in that row's run.",
            "",
-           "| method | ppl held-out docs | Δ vs fp32 | removed | KL held-out | ppl licence | Δ vs fp32 | removed | "
-           "KL licence | MB | bits/w (whole model) | quantize wall s | CPU s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| method | " + " | ".join(f"ppl {title} | Δ | removed | KL {label}" for label, _, _, title in TEXTS)
+           + " | MB | bits/w (whole model) | quantize wall s | CPU s |",
+           "|---|" + "---|---|---|---|" * len(TEXTS) + "---|---|---|---|"]
     for r in rows:
         rtn = None
         if r.get("family") in ("gptq", "awq", "awq-gptq"):
             key = r["name"].split(" ", 1)[1].replace(" + double quant", "").split(" (")[0]
             rtn = rtn_by_setting.get(key)
-        held = ""
-        if "ppl_heldout" in r and "ppl_heldout" in fp:
-            held = (f"{r['ppl_heldout']:.3f} | {100 * (r['ppl_heldout'] / fp['ppl_heldout'] - 1):+.2f}% | "
-                    f"{_share(r, rtn, fp, 'ppl_heldout')} | {r.get('kl_heldout', 0):.4f}")
-        else:
-            held = " | | | "
-        out.append(f"| {r['name']} | {held} | {r['ppl']:.3f} | {100 * (r['ppl'] / fp['ppl'] - 1):+.2f}% | "
-                   f"{_share(r, rtn, fp, 'ppl')} | {r.get('kl', 0):.4f} | "
+        cells = []
+        for _, p, k, _ in TEXTS:
+            if p in r and p in fp:
+                cells.append(f"{r[p]:.3f} | {100 * (r[p] / fp[p] - 1):+.2f}% | {_share(r, rtn, fp, p)} | "
+                             f"{r.get(k, 0):.4f}")
+            else:
+                cells.append(" | | | ")
+        out.append(f"| {r['name']} | {' | '.join(cells)} | "
                    f"{r['size_mb']:.1f} | {8 * r['size_bytes'] / fp['fp32_params']:.2f} | {r['quant_wall_s']:.0f} | {r['quant_cpu_s']:.0f} |")
     m = meta["machine"]
     out += ["", f"Machine: {m['cores']} cores, torch threads {m['torch_threads']}, load average at start "
