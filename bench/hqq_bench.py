@@ -127,8 +127,8 @@ def main() -> None:
         if err:
             row["sq_error_vs_rtn"] = err["sq_error"] / err["rtn_sq_error"]
         rows.append(row)
-        print(f"    ppl held-out {r['ppl_heldout']:.3f}  licence {r['ppl']:.3f}  {t.wall:.1f} s wall / "
-              f"{t.cpu:.1f} s CPU", flush=True)
+        print(f"    ppl held-out {r['ppl_heldout']:.3f}  licence {r['ppl']:.3f}  science {r['ppl_science']:.3f}  "
+              f"{t.wall:.1f} s wall / {t.cpu:.1f} s CPU", flush=True)
         del model
         write_results(out_name, rows, render(rows, meta), meta)  # partial results survive a cut-off
     meta["machine_end"] = machine()
@@ -161,7 +161,7 @@ def merge() -> None:
 
 def _removed(r: dict, rtn: dict | None, fp: dict, key: str) -> str:
     """Share of RTN's perplexity increase over fp32 that a method removes, on one text."""
-    if rtn is None or rtn is r or rtn[key] <= fp[key]:
+    if rtn is None or rtn is r or key not in r or key not in rtn or key not in fp or rtn[key] <= fp[key]:
         return ""
     return f"{100 * (rtn[key] - r[key]) / (rtn[key] - fp[key]):.0f}%"
 
@@ -172,25 +172,30 @@ def render(rows: list[dict], meta: dict) -> str:
     out = ["# SmolLM2-135M: RTN vs HQQ (calibration-free), weight-only, decoder linears", "",
            "g128 = 128 on down_proj, 64 on the 576-wide inputs, for every method; embeddings / tied LM head fp32. "
            "Judged at g128 and 3-bit because SmolLM2 came from a Q4_1 grid (4-bit g32 asymmetric), which g32 affine "
-           "RTN reproduces almost exactly. Perplexity at context 512 on **held-out docs** (16 windows) and the "
-           f"**licence** (7 windows){' (quick: 1 and 2 windows)' if meta.get('quick') else ''}. 'removed' = share "
+           "RTN reproduces almost exactly. Perplexity at context 512 on **held-out docs** (16 windows), the "
+           "**licence** (7 windows) and **science** (23 windows of scikit-learn's dataset descriptions)"
+           f"{' (quick: 1, 2 and 1 windows)' if meta.get('quick') else ''}. 'removed' = share "
            "of RTN's perplexity increase over fp32 removed (same bits, group, symmetry). 'sq err' = HQQ's summed "
            "squared weight error / RTN's. HQQ reads no calibration text. HQQ asym = the paper's method (fp16 "
            "zero-point optimised, min-max scale kept); HQQ sym = the scale optimised (no zero-point exists); "
            "'integer zp' = zero-point rounded to an integer, scale fitted with it; 'last iterate' = no per-group "
            "selection by squared error (the paper's iterations as they end).",
            "",
-           "| method | ppl held-out docs | Δ vs fp32 | removed | ppl licence | Δ vs fp32 | removed | KL held-out | "
-           "KL licence | sq err / RTN | MB | quantize wall s | CPU s | load (1 min) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| method | ppl held-out docs | Δ vs fp32 | removed | ppl licence | Δ vs fp32 | removed | ppl science | "
+           "Δ vs fp32 | removed | KL held-out | KL licence | KL science | sq err / RTN | MB | quantize wall s | CPU s | "
+           "load (1 min) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = rtn.get((r.get("bits"), r.get("group_size"), r.get("symmetric")))
         size = f"{r['size_mb']:.1f}" if r.get("size_mb") else ""
         sq = f"{r['sq_error_vs_rtn']:.3f}" if "sq_error_vs_rtn" in r else ""
         load = r["uptime"].split("load average:")[-1].split(",")[0].strip() if "uptime" in r else ""
-        out.append(f"| {r['name']} | {r['ppl_heldout']:.3f} | {100 * (r['ppl_heldout'] / fp['ppl_heldout'] - 1):+.2f}% | "
-                   f"{_removed(r, ref, fp, 'ppl_heldout')} | {r['ppl']:.3f} | {100 * (r['ppl'] / fp['ppl'] - 1):+.2f}% | "
-                   f"{_removed(r, ref, fp, 'ppl')} | {r.get('kl_heldout', 0):.4f} | {r.get('kl', 0):.4f} | {sq} | {size} | "
+        texts = []
+        for key in ("ppl_heldout", "ppl", "ppl_science"):  # files from before the third text lack ppl_science
+            texts.append(f"{r[key]:.3f} | {100 * (r[key] / fp[key] - 1):+.2f}% | {_removed(r, ref, fp, key)}"
+                         if key in r and key in fp else " | | ")
+        kls = " | ".join(f"{r[k]:.4f}" if k in r else "" for k in ("kl_heldout", "kl", "kl_science"))
+        out.append(f"| {r['name']} | {' | '.join(texts)} | {kls} | {sq} | {size} | "
                    f"{r['quant_wall_s']:.1f} | {r['quant_cpu_s']:.1f} | {load} |")
     m = meta["machine"]
     out += ["", f"Machine: {m['cores']} cores shared with other jobs, torch threads {m['torch_threads']}. "

@@ -6,7 +6,8 @@ plus SmoothQuant's effect and LLM.int8 on SmolLM2.
 Every preset = SmoothQuant (alpha 0.5; folded into the RMSNorms on SmolLM2, kept per layer on
 MiniLM) + integer weights + per-token integer activations (``WAQLinear`` / ``DynamicQLinear``).
 Weights: GPTQ on SmolLM2 (4 calibration windows), RTN on MiniLM. Embeddings and the LM head stay
-fp32. SmolLM2: perplexity / KL on 2 eval windows (``--full``: all), prefill tokens/s; MiniLM:
+fp32. SmolLM2: perplexity / KL on the three evaluation texts (licence, held-out docs, science; 2, 1 and
+1 windows, ``--full``: 7, 16 and 23), prefill tokens/s; MiniLM:
 cosine vs fp32 embeddings and sentences/s at batch 32. Speeds are ratios to fp32 in the same run.
 Writes bench/results/presets.md and .json.
 """
@@ -55,7 +56,8 @@ def run(model_name: str, full: bool, calib: int, save=lambda rows: None) -> list
             lowbit.quantize(m, cfg, calib_data)
         r = evaluate(m, ref, quick=not full)
         rows.append({"model": model_name, "name": name, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu})
-        print({k: r.get(k) for k in ("ppl", "kl", "cos_mean", "cos_min", "size_mb")}, flush=True)
+        print({k: r.get(k) for k in ("ppl", "kl", "ppl_heldout", "ppl_science", "cos_mean", "cos_min", "size_mb")},
+              flush=True)
         del m
         save(rows)  # partial results survive a cut-off
     return rows
@@ -65,19 +67,23 @@ def render(rows: list[dict], meta: dict) -> str:
     out = ["# W/A presets: size, fidelity, speed (measured here)", "",
            "SmoothQuant α=0.5 first; weights GPTQ (SmolLM2) / RTN (MiniLM); g128 = 64 on 576-wide inputs of SmolLM2; "
            "embeddings and LM head fp32. Speed = ratio to fp32 measured in the same run"
-           f"{'' if meta['full'] else ' (SmolLM2: 2 eval windows)'}.", ""]
+           f"{'' if meta['full'] else ' (SmolLM2: 2, 1 and 1 eval windows of the licence, held-out docs and science texts)'}.",
+           ""]
     for model in ("smollm2", "minilm"):
         rs = [r for r in rows if r["model"] == model]
         if not rs:
             continue
         base = rs[0]
         if model == "smollm2":
-            out += ["## SmolLM2-135M", "", "| preset | MB | bits/w | ppl | Δppl | KL | prefill tok/s | × fp32 |",
-                    "|---|---|---|---|---|---|---|---|"]
+            out += ["## SmolLM2-135M", "", "| preset | MB | bits/w | ppl licence | Δppl | KL | ppl held-out | Δppl | KL | "
+                    "ppl science | Δppl | KL | prefill tok/s | × fp32 |",
+                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in rs:
-                out.append(f"| {r['name']} | {r['size_mb']:.1f} | {r['bits_per_weight']:.2f} | {r['ppl']:.3f} | "
-                           f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {r['kl']:.4f} | {r['prefill_tps']:.0f} | "
-                           f"{r['prefill_tps'] / base['prefill_tps']:.2f} |")
+                texts = " | ".join(f"{r[p]:.3f} | {100 * (r[p] / base[p] - 1):+.2f}% | {r[k]:.4f}" if p in r and p in base
+                                   else " | | " for p, k in (("ppl", "kl"), ("ppl_heldout", "kl_heldout"),
+                                                              ("ppl_science", "kl_science")))
+                out.append(f"| {r['name']} | {r['size_mb']:.1f} | {r['bits_per_weight']:.2f} | {texts} | "
+                           f"{r['prefill_tps']:.0f} | {r['prefill_tps'] / base['prefill_tps']:.2f} |")
         else:
             out += ["", "## all-MiniLM-L6-v2", "", "| preset | MB | bits/w | cos mean | cos min | top-10 | sent/s b32 | × fp32 |",
                     "|---|---|---|---|---|---|---|---|"]
