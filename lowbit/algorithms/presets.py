@@ -8,13 +8,17 @@
 | ``w2a8`` | int2 g64 affine (GPTQ on causal LMs) | int8 per token | ultra |
 
 Every preset applies SmoothQuant first (alpha 0.5, folded into the norms on Llama) and leaves
-embeddings and the LM head in float. ``bench/presets.py`` prints the trade-off table.
+embeddings and the LM head in float. ``rotate=True`` (CLI ``--rotate``; Llama-layout causal LMs)
+replaces the smoothing by QuaRot's Hadamard rotations folded into the weights
+(``lowbit.algorithms.rotation``; the LM head is untied from the embedding), then GPTQ runs on the
+rotated weights; ``act_clip`` (CLI ``--act-clip``) clips each token's activation range.
+``bench/presets.py`` and ``bench/rotation.py`` print the trade-off tables.
 """
 
 from __future__ import annotations
 
 from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, WAConfig
-from lowbit.config import register_scheme
+from lowbit.config import option_bool, register_scheme
 
 PRESETS = {
     "w8a8": dict(weight_bits=8, act_bits=8, group_size=0, symmetric=True),
@@ -25,16 +29,26 @@ PRESETS = {
 
 
 def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method: str = "auto",
-                  kernel: str = "auto") -> WAConfig:
-    return WAConfig(**PRESETS[name], alpha=alpha, weight_method=weight_method, kernel=kernel, name=name)
+                  kernel: str = "auto", rotate: bool = False, act_clip: float = 1.0, rotate_seed: int = 0,
+                  act_per_group: bool = False, act_symmetric: bool = True) -> WAConfig:
+    """The preset ``name``; ``rotate=True`` turns smoothing off (the rotation replaces it) and names it ``<name>-rot``.
+    ``act_clip`` / ``act_per_group`` / ``act_symmetric``: the activation grid (``WAQLinear``)."""
+    if rotate:
+        alpha = None
+    return WAConfig(**PRESETS[name], alpha=alpha, weight_method=weight_method, kernel=kernel,
+                    name=f"{name}-rot" if rotate else name, rotate=rotate, act_clip=act_clip, rotate_seed=rotate_seed,
+                    act_per_group=act_per_group, act_symmetric=act_symmetric)
 
 
 def _register(name: str, help: str) -> None:
-    @register_scheme(name, help, options=("alpha", "kernel"))
+    @register_scheme(name, help, options=("alpha", "kernel", "rotate", "act_clip", "act_per_group", "act_symmetric"))
     def build(options: dict) -> WAConfig:
         alpha = options.get("alpha", DEFAULT_ALPHA)
         return preset_config(name, None if alpha in (None, "none") else float(alpha),
-                             kernel=options.get("kernel", "auto"))
+                             kernel=options.get("kernel", "auto"), rotate=option_bool(options.get("rotate", False)),
+                             act_clip=float(options.get("act_clip", 1.0)),
+                             act_per_group=option_bool(options.get("act_per_group", False)),
+                             act_symmetric=option_bool(options.get("act_symmetric", True)))
 
 
 _register("w8a8", "preset W8A8 (conservative): SmoothQuant + int8 weights per channel x int8 activations per token")

@@ -68,6 +68,11 @@ class WAConfig(BaseConfig):
     n_calib: int | None = None
     name: str | None = None  # the preset's name, for tables and metadata
     kernel: str = "auto"
+    rotate: bool = False  # QuaRot Hadamard rotations folded in first (lowbit.algorithms.rotation); replaces smoothing
+    rotate_seed: int = 0  # seed of the residual rotation's random sign diagonal
+    act_clip: float = 1.0  # per-token activation grid over act_clip * max|x| (QuaRot clips A4 at 0.9)
+    act_per_group: bool = False  # one activation grid per token and weight group (QuaRot-128G) instead of per token
+    act_symmetric: bool = True  # False: affine per-token activation grids (zero-point corrected in int32)
 
     def __post_init__(self):
         if self.weight_bits not in WEIGHT_BITS or self.act_bits not in ACT_BITS:
@@ -79,13 +84,20 @@ class WAConfig(BaseConfig):
             raise ConfigError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
         if self.group_size < 0:
             raise ConfigError(f"group_size must be >= 0, got {self.group_size}")
+        if not 0 < self.act_clip <= 1:
+            raise ConfigError(f"act_clip must be in (0, 1], got {self.act_clip}")
+        if self.rotate and self.alpha is not None:
+            raise ConfigError("rotate replaces SmoothQuant (the rotation spreads the outlier channels that smoothing "
+                              "migrates); pass alpha=None with rotate=True")
 
     @property
     def scheme(self) -> str:
         if self.name:
             return self.name
         gran = f"g{self.group_size}" if self.group_size else "pc"
-        return f"w{self.weight_bits}a{self.act_bits}-{gran}{'-sq' if self.alpha is not None else ''}"
+        return (f"w{self.weight_bits}a{self.act_bits}-{gran}{'-sq' if self.alpha is not None else ''}"
+                f"{'-rot' if self.rotate else ''}{'-ag' if self.act_per_group else ''}"
+                f"{'-aa' if not self.act_symmetric else ''}")
 
 
 def _is_w8a8(config: WAConfig, g: int) -> bool:
@@ -131,9 +143,14 @@ def fold_llama_smoothing(model: nn.Module, batches: list, alpha: float) -> dict[
 
 def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> QuantizeReport:
     batches, source = lm_calibration(model, calibration_data, config.n_calib)
+    report = QuantizeReport()
+    if config.rotate:  # QuaRot: Hadamard rotations folded into the float weights before any quantization
+        from lowbit.algorithms.rotation import hadamard_mlp_specs, rotate_model
+
+        report.extra["rotation"] = rotate_model(model, config.rotate_seed)
+        report.layers.update(hadamard_mlp_specs(model))  # recorded before their linears: load rebuilds them first
     keep = fold_llama_smoothing(model, batches, config.alpha) if config.alpha is not None else {}
     method = "gptq" if config.weight_method in ("gptq", "auto") else "rtn"
-    report = QuantizeReport()
     t0 = time.perf_counter()
     if method == "gptq" and not (config.weight_bits == 8 and config.group_size == 0):
         from lowbit.algorithms.gptq import GPTQConfig, check_enough_tokens, make_gptq_process
@@ -146,7 +163,8 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
                           include=config.include, exclude=config.exclude)
 
         def wrap(name, linear, codes, qp, g):  # o_proj: GPTQ saw unsmoothed inputs, so no smoothing there
-            return WAQLinear.from_quantized(linear, codes, qp, g, config.act_bits, None, config.kernel)
+            return WAQLinear.from_quantized(linear, codes, qp, g, config.act_bits, None, config.kernel, config.act_clip,
+                                            config.act_per_group, config.act_symmetric)
 
         stats: dict = {}
         if ranks_active():  # sharded windows, fixed-order Hessians, solves split (gptq_ranks.py)
@@ -170,7 +188,8 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
             if _is_w8a8(config, g):
                 return DynamicQLinear.from_float(m, config.kernel, keep.get(name))
             return WAQLinear.from_float(m, config.weight_bits, g, config.symmetric, config.act_bits,
-                                        keep.get(name), config.kernel)
+                                        keep.get(name), config.kernel, config.act_clip, config.act_per_group,
+                                        config.act_symmetric)
 
         swap_modules(model, config, (nn.Linear,), convert, report)
     report.extra["wa"] = {"seconds": time.perf_counter() - t0, "weight_method": method, "alpha": config.alpha}
@@ -196,7 +215,7 @@ def _quantize_generic(model: nn.Module, config: WAConfig, calibration_data) -> Q
         if _is_w8a8(config, g):
             return DynamicQLinear.from_float(m, config.kernel, smooth.get(name))
         return WAQLinear.from_float(m, config.weight_bits, g, config.symmetric, config.act_bits, smooth.get(name),
-                                    config.kernel)
+                                    config.kernel, config.act_clip, config.act_per_group, config.act_symmetric)
 
     return swap_modules(model, config, (nn.Linear,), convert)
 
@@ -206,11 +225,16 @@ def _quantize_wa(model: nn.Module, config: WAConfig, calibration_data=None) -> Q
     """Llama-layout causal LMs: factors folded into the norms; any other model: kept in the modules."""
     if getattr(model, "task", None) == "causal-lm":
         try:
-            require_llama_layout(model, "smoothquant")
+            require_llama_layout(model, "rotation" if config.rotate else "smoothquant")
         except ConfigError as why:
+            if config.rotate:
+                raise
             log.info("%s: generic path, smoothing factors kept inside the modules (%s)", config.scheme, why)
         else:
             return _quantize_llama(model, config, calibration_data)
+    if config.rotate:
+        raise ConfigError(f"rotate=True folds Hadamard rotations into a Llama-layout causal LM; "
+                          f"{getattr(model, 'model_name', type(model).__name__)} is not one")
     return _quantize_generic(model, config, calibration_data)
 
 

@@ -9,6 +9,11 @@ Rules (ids are stable; thresholds are named constants below):
 - ``activation-range`` / ``activation-outliers`` (need calibration batches): the input of a layer
   has a large crest factor, or a few input channels carry values far above the others
   (``absmax_c > OUTLIER_RATIO * median_c absmax_c``), the LLM.int8()/SmoothQuant outlier pattern.
+- ``activation-kurtosis`` (need calibration batches): the per-token kurtosis of a linear's input
+  across its channels, ``E[(x - mean)^4] / var^2`` per token averaged over tokens (3 for Gaussian
+  values; large when a few channels dominate every token, which is what ruins a per-token 4-bit
+  grid). On a Llama-layout float model the lint also measures it after QuaRot's rotations
+  (``lowbit.algorithms.rotation``) on a copy, so the report shows before / after per linear.
 - ``activation-function``: SiLU/Swish, GELU, Hardswish, Mish produce a skewed, unbounded range with a
   small negative lobe (SiLU's minimum is -0.278); a symmetric grid wastes half its levels on it.
   ReLU/ReLU6 outputs are one-signed and (ReLU6) bounded.
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CREST_WARN = 30.0  # max/rms above this: a per-tensor int8 grid gives the typical value < ~4 levels
 CHANNEL_SPREAD_WARN = 10.0  # max/median channel absmax: per-tensor scales waste > 3 bits on most channels
+KURTOSIS_WARN = 10.0  # per-token kurtosis across channels (Gaussian: 3); above this a few channels set the range
 OUTLIER_RATIO = 8.0  # input channel absmax vs the median channel (LLM.int8 uses |x| > 6 absolute)
 NARROW_WIDTH = 16  # channels at or below this count as narrow
 DEEP_LAYERS = 16  # a stack of at least this many narrow weight layers counts as deep
@@ -121,10 +127,12 @@ def _activation_findings(model: nn.Module, batches: list) -> tuple[list[Finding]
         if isinstance(layers[name], (nn.Conv2d, nn.Conv1d)):
             x = x.transpose(1, -1)  # channels last
         x = x.reshape(-1, x.shape[-1])  # (rows, channels)
-        s = stats.setdefault(name, {"absmax": torch.zeros(x.shape[-1]), "sumsq": 0.0, "n": 0})
+        s = stats.setdefault(name, {"absmax": torch.zeros(x.shape[-1]), "sumsq": 0.0, "n": 0, "kurt": 0.0, "rows": 0})
         s["absmax"] = torch.maximum(s["absmax"], x.abs().amax(dim=0))
         s["sumsq"] += float(x.pow(2).sum())
         s["n"] += x.numel()
+        s["kurt"] += float(token_kurtosis(x).sum())
+        s["rows"] += x.shape[0]
 
     with capture_inputs(layers, record):
         run_batches(model, batches, desc="lint")
@@ -136,7 +144,7 @@ def _activation_findings(model: nn.Module, batches: list) -> tuple[list[Finding]
         med = float(absmax.median().clamp_min(1e-12))
         outliers = (absmax > OUTLIER_RATIO * med).nonzero().flatten().tolist()
         summary[name] = {"absmax": float(absmax.max()), "rms": rms, "crest": crest, "outlier_channels": outliers[:16],
-                         "n_outlier_channels": len(outliers)}
+                         "n_outlier_channels": len(outliers), "kurtosis": s["kurt"] / max(s["rows"], 1)}
         if outliers:
             ratio = float(absmax.max()) / med
             sev = "high" if ratio > 4 * OUTLIER_RATIO else "warn"
@@ -153,6 +161,69 @@ def _activation_findings(model: nn.Module, batches: list) -> tuple[list[Finding]
                                "use per-token (dynamic) activation scales or a percentile/MSE observer that "
                                "clips the rare extremes", crest))
     return out, summary
+
+
+def token_kurtosis(x: torch.Tensor) -> torch.Tensor:
+    """Kurtosis of each row of ``x`` (rows, channels) across its channels: ``E[(x - mu)^4] / var^2``."""
+    c = x - x.mean(dim=-1, keepdim=True)
+    var = c.pow(2).mean(dim=-1)
+    return c.pow(4).mean(dim=-1) / var.pow(2).clamp_min(1e-30)
+
+
+def kurtosis_report(model: nn.Module, batches: list, before: dict | None = None) -> dict[str, dict]:
+    """``{linear: {"before": k, "after": k_rotated}}``: per-token input kurtosis of every linear of
+    ``model`` and, when it is a float Llama-layout causal LM, of a copy rotated by QuaRot's Hadamard
+    folds (``after`` is None where no rotation applies). ``before``: this model's activation summary
+    if already measured (``lint`` passes its own)."""
+    import copy
+
+    from lowbit.errors import ConfigError
+
+    if before is None:
+        _, before = _activation_findings(model, batches)
+    rotated = None
+    if getattr(model, "task", None) == "causal-lm" and not getattr(model, "lowbit_rotation", None):
+        from lowbit.algorithms.rotation import rotate_model
+
+        twin = copy.deepcopy(model)
+        try:
+            rotate_model(twin)
+        except ConfigError as why:
+            log.info("kurtosis after rotation not measured: %s", why)
+        else:
+            _, rotated = _activation_findings(twin, batches)
+        del twin
+    rotated = rotated or {}
+    return {n: {"before": s["kurtosis"], "after": rotated.get(n, {}).get("kurtosis")} for n, s in before.items()}
+
+
+def kurtosis_by_kind(kurt: dict[str, dict]) -> dict[str, dict]:
+    """:func:`kurtosis_report` summarised per linear name (``q_proj``, ``down_proj``, ...): count,
+    median and max over the blocks, before and after (None where not measured)."""
+    import statistics
+
+    kinds: dict[str, list] = {}
+    for name, v in kurt.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(v)
+    out = {}
+    for kind, vs in kinds.items():
+        b = [v["before"] for v in vs]
+        a = [v["after"] for v in vs if v["after"] is not None]
+        out[kind] = {"n": len(vs), "median_before": statistics.median(b), "max_before": max(b),
+                     "median_after": statistics.median(a) if a else None, "max_after": max(a) if a else None}
+    return out
+
+
+def _kurtosis_findings(kurt: dict[str, dict]) -> list[Finding]:
+    out = []
+    for name, k in kurt.items():
+        if k["before"] > KURTOSIS_WARN:
+            after = "" if k["after"] is None else f"; {k['after']:.1f} after QuaRot's Hadamard rotation"
+            out.append(Finding("activation-kurtosis", "warn", name,
+                               f"input kurtosis across channels {k['before']:.0f} per token (Gaussian: 3){after}",
+                               "rotate before 4-bit activations (--rotate on w4a4 / w4a8: Hadamard folded into the "
+                               "weights) or keep this input at 8 bits", k["before"]))
+    return out
 
 
 # ------------------------------------------------------------------------------ structure
@@ -298,6 +369,10 @@ def lint(model: nn.Module, batches: list | None = None) -> LintReport:
             found, summary = _activation_findings(model, batches)
         report.findings += found
         report.stats["activations"] = summary
+        with torch.no_grad():
+            kurt = kurtosis_report(model, batches, before=summary)
+        report.stats["kurtosis"] = kurt
+        report.findings += _kurtosis_findings(kurt)
     report.findings += _activation_function_findings(model)
     report.findings += _se_findings(model)
     report.findings += _deep_narrow_findings(model)
@@ -308,4 +383,4 @@ def lint(model: nn.Module, batches: list | None = None) -> LintReport:
     return report
 
 
-__all__ = ["lint", "LintReport", "Finding"]
+__all__ = ["lint", "LintReport", "Finding", "kurtosis_report", "kurtosis_by_kind", "token_kurtosis"]

@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
         no_activations: bool = typer.Option(False, "--no-activations", help="skip the calibration pass"),
         out: Optional[Path] = typer.Option(None, "--json", help="write the findings as JSON here"),
     ) -> None:
-        """Find what will quantize badly (ranges, outliers, SiLU, SE, deep-narrow, softmax, residual joins)."""
+        """Find what will quantize badly (ranges, outliers, kurtosis before/after rotation, SiLU, SE, deep-narrow,
+        softmax, residual joins)."""
         import json
 
         from rich.console import Console
@@ -42,6 +43,18 @@ def register(app: typer.Typer) -> None:
         for f in report.findings:
             t.add_row(f.severity, f.rule, f.where, f.message, f.suggestion)
         Console().print(t)
+        kurt = report.stats.get("kurtosis")
+        if kurt:  # per linear kind: median / max over the blocks, before and after QuaRot's rotation
+            from lowbit.analysis.lint import kurtosis_by_kind
+
+            k = Table(title="activation kurtosis per token across input channels (Gaussian = 3)")
+            for col in ("linear input", "layers", "median before", "max before", "median after", "max after"):
+                k.add_column(col)
+            fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            for kind, v in kurtosis_by_kind(kurt).items():
+                k.add_row(kind, str(v["n"]), fmt(v["median_before"]), fmt(v["max_before"]), fmt(v["median_after"]),
+                          fmt(v["max_after"]))
+            Console().print(k)
         counts = {}
         for f in report.findings:
             counts[f.rule] = counts.get(f.rule, 0) + 1

@@ -122,6 +122,10 @@ def load(folder: str | Path, verify: bool = True, model: nn.Module | None = None
             base = load_model(meta.model)
     except LowbitError as exc:
         raise LoadError(f"{folder / METADATA_FILE}: {exc}") from None
+    if (meta.config or {}).get("rotate"):  # a rotated model's LM head was untied (lowbit.algorithms.rotation)
+        from lowbit.algorithms.rotation import untie_head
+
+        untie_head(base)
     for name, spec in meta.layers.items():
         try:
             base.get_submodule(name)  # the layer must exist in the base architecture

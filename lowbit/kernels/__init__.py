@@ -14,11 +14,16 @@ from typing import Callable
 
 from lowbit.errors import ConfigError
 from lowbit.kernels import xnor
-from lowbit.kernels import block_gemv, int8_dynamic, int8_mm, wa_int, weight_only
+from lowbit.kernels import block_gemv, hadamard, int8_dynamic, int8_mm, wa_int, weight_only
 
 log = logging.getLogger(__name__)
 
 KERNELS: dict[str, dict[str, Callable]] = {
+    "hadamard_transform": {  # x @ H_n / sqrt(n), the online rotations of lowbit.algorithms.rotation
+        "reference": hadamard.hadamard_transform_ref,
+        "fast": hadamard.hadamard_transform,
+        "example": hadamard.example_hadamard,
+    },
     "int8_dynamic_linear": {
         "reference": int8_dynamic.int8_dynamic_linear_ref,
         "fast": int8_dynamic.int8_dynamic_linear,

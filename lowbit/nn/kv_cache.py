@@ -12,6 +12,12 @@ Affine b-bit grid over a range [lo, hi]: ``scale = (hi - lo) / (2^b - 1)``, ``q 
 scale)``, ``x ~ lo + scale * q``; ``lo`` and ``scale`` are stored in fp16, int4 codes two per byte.
 Attention reads the dequantized past (the integer codes are what is held in memory).
 
+``rotate=True`` (QuaRot, Ashkboos et al. 2024): keys and values are quantized in a Hadamard basis,
+``Q(k H)`` with ``H = H_d / sqrt(d)`` over the head dim, which spreads a key's outlier channels over
+all channels; attention reads ``deq(Q(k H)) H^T``. Since ``H H^T = I`` this is the same product as
+QuaRot's online Hadamard on queries and keys after RoPE (``(q H)(deq Q(k H))^T``), done here on the
+cached side so the model is unchanged (a fused kernel would rotate the query instead).
+
 :class:`QuantizedKVCache` is the ``Cache`` to pass as ``cache=``; :class:`KVCacheLM` wraps a
 ``CausalLM`` so that its forward runs the text in chunks through such a cache, which is how
 ``evaluate`` measures the perplexity / KL effect of the cache.
@@ -26,6 +32,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from lowbit.core import pack, unpack
+from lowbit.kernels.hadamard import hadamard_transform, hadamard_transform_t
 from lowbit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,13 +63,14 @@ class QuantizedKVLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, bits: int = 8, group: int = DEFAULT_GROUP, residual: int = DEFAULT_RESIDUAL):
+    def __init__(self, bits: int = 8, group: int = DEFAULT_GROUP, residual: int = DEFAULT_RESIDUAL,
+                 rotate: bool = False):
         super().__init__()
         if bits not in KV_BITS:
             raise ConfigError(f"KV cache bits must be one of {KV_BITS}, got {bits}")
         if group < 1 or residual < 0:
             raise ConfigError(f"KV cache needs group >= 1 and residual >= 0, got group={group}, residual={residual}")
-        self.bits, self.group, self.residual = bits, group, residual
+        self.bits, self.group, self.residual, self.rotate = bits, group, residual, rotate
         self.n_quantized = 0
         self._q: dict[str, torch.Tensor] | None = None
 
@@ -110,6 +118,8 @@ class QuantizedKVLayer(DynamicLayer):
         """Append the new tokens; return all keys/values (dequantized past + full-precision window)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.rotate:  # held in the Hadamard basis (B, H, T, D) @ H_D; returned rotated back below
+            key_states, value_states = hadamard_transform(key_states), hadamard_transform(value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         full_k, full_v = self.keys, self.values
@@ -120,6 +130,8 @@ class QuantizedKVLayer(DynamicLayer):
             g = self.group
             self._append_block(self.keys[..., :g, :], self.values[..., :g, :])
             self.keys, self.values = self.keys[..., g:, :], self.values[..., g:, :]
+        if self.rotate:
+            full_k, full_v = hadamard_transform_t(full_k), hadamard_transform_t(full_v)
         return full_k, full_v
 
     def get_seq_length(self) -> int:
@@ -150,11 +162,12 @@ class QuantizedKVCache(Cache):
     with ``cache=`` and ``use_cache=True`` (transformers >= 5.25; ``past_key_values=`` is deprecated).
     """
 
-    def __init__(self, config, bits: int = 8, group: int = DEFAULT_GROUP, residual: int = DEFAULT_RESIDUAL):
+    def __init__(self, config, bits: int = 8, group: int = DEFAULT_GROUP, residual: int = DEFAULT_RESIDUAL,
+                 rotate: bool = False):
         cfg = config.get_text_config(decoder=True)
-        layers = [QuantizedKVLayer(bits, group, residual) for _ in range(cfg.num_hidden_layers)]
+        layers = [QuantizedKVLayer(bits, group, residual, rotate) for _ in range(cfg.num_hidden_layers)]
         super().__init__(layers=layers)
-        self.bits = bits
+        self.bits, self.rotate = bits, rotate
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -166,15 +179,25 @@ def fp_cache_nbytes(cache: Cache) -> int:
 
 
 def make_cache(config, kv: str | None):
-    """``None``/``"fp"`` -> a plain DynamicCache; ``"int8"``/``"int4"``/``"int2"`` -> QuantizedKVCache."""
+    """``None``/``"fp"`` -> a plain DynamicCache; ``"int8"``/``"int4"``/``"int2"`` -> QuantizedKVCache;
+    a ``-rot`` suffix (``"int4-rot"``) quantizes keys and values in the Hadamard basis (``rotate=True``)."""
     from transformers import DynamicCache
 
     if kv in (None, "fp", "fp32", "none"):
         return DynamicCache(config=config)
-    bits = {"int8": 8, "int4": 4, "int2": 2}.get(str(kv))
+    name = str(kv)
+    rotate = name.endswith("-rot")
+    bits = {"int8": 8, "int4": 4, "int2": 2}.get(name.removesuffix("-rot"))
     if bits is None:
-        raise ConfigError(f"unknown KV cache format {kv!r}; valid: int8, int4, int2 (or none)")
-    return QuantizedKVCache(config, bits)
+        raise ConfigError(f"unknown KV cache format {kv!r}; valid: int8, int4, int2, each optionally with -rot "
+                          "(Hadamard-rotated keys/values), or none")
+    if rotate:
+        cfg = config.get_text_config(decoder=True)
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        from lowbit.core.hadamard import split_order
+
+        split_order(d)  # a clear error when no Hadamard matrix of the head dim is known
+    return QuantizedKVCache(config, bits, rotate=rotate)
 
 
 class KVCacheLM(nn.Module):

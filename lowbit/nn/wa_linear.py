@@ -2,7 +2,10 @@
 
 Weights: b-bit codes per group of ``group_size`` input columns (or per channel), symmetric or
 affine, stored packed like ``WeightOnlyQLinear`` and produced by any method (RTN, GPTQ). Activations:
-a-bit symmetric per token at run time, after an optional SmoothQuant ``smooth_inv`` (1 / s).
+a-bit symmetric per token at run time, after an optional SmoothQuant ``smooth_inv`` (1 / s), on a
+grid of ``act_clip * max|x|`` per token (``act_clip`` < 1 clips the largest values; 1 = no clipping);
+``act_per_group``: one grid per token and weight group instead of per token; ``act_symmetric=False``:
+affine activation grids (zero-point corrected in int32, ``lowbit.kernels.wa_int``).
 The product is integer (``lowbit.kernels.wa_int``): affine codes are centred first,
 ``q - zero_point``, which still fits int8 for b <= 7, so the accumulation stays exact.
 
@@ -33,18 +36,21 @@ class WAQLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 4,
                  group_size: int = 128, symmetric: bool = True, act_bits: int = 8, smooth: bool = False,
-                 kernel: str = "auto"):
+                 kernel: str = "auto", act_clip: float = 1.0, act_per_group: bool = False, act_symmetric: bool = True):
         super().__init__()
         if weight_bits not in WEIGHT_BITS or act_bits not in ACT_BITS:
             raise ConfigError(f"WAQLinear supports weight bits {WEIGHT_BITS} and activation bits {ACT_BITS}, "
                               f"got W{weight_bits}A{act_bits}")
         if weight_bits == 8 and not symmetric:
             raise ConfigError("8-bit weights must be symmetric for the int8 product (centred affine codes overflow)")
+        if not 0 < act_clip <= 1:
+            raise ConfigError(f"act_clip must be in (0, 1], got {act_clip}")
         if group_size and in_features % group_size:
             raise ConfigError(f"group_size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.group_size, self.symmetric = weight_bits, group_size, symmetric
-        self.act_bits, self.kernel = act_bits, kernel
+        self.act_bits, self.kernel, self.act_clip = act_bits, kernel, float(act_clip)
+        self.act_per_group, self.act_symmetric = bool(act_per_group), bool(act_symmetric)
         f = self.weight_format
         n_groups = in_features // group_size if group_size else 1
         self.register_buffer("qweight", torch.zeros(packed_nbytes(in_features * out_features, f.storage_bits),
@@ -66,11 +72,12 @@ class WAQLinear(nn.Module):
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, act_bits: int = 8,
-                       smooth: torch.Tensor | None = None, kernel: str = "auto") -> "WAQLinear":
+                       smooth: torch.Tensor | None = None, kernel: str = "auto", act_clip: float = 1.0,
+                       act_per_group: bool = False, act_symmetric: bool = True) -> "WAQLinear":
         """Wrap signed weight codes (N, K) of any method; ``smooth`` (K,) = SmoothQuant factors already in W."""
         bits = qp.fmt.bits
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
-                qp.zero_point is None, act_bits, smooth is not None, kernel)
+                qp.zero_point is None, act_bits, smooth is not None, kernel, act_clip, act_per_group, act_symmetric)
         m.qweight.copy_(pack(codes.to(torch.int8), m.weight_format.storage_bits, signed=True))
         m.scale.copy_(qp.scale.reshape(m.scale.shape).to(torch.float16))
         if m.zero_point is not None:
@@ -83,7 +90,8 @@ class WAQLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                   act_bits: int = 8, smooth: torch.Tensor | None = None, kernel: str = "auto") -> "WAQLinear":
+                   act_bits: int = 8, smooth: torch.Tensor | None = None, kernel: str = "auto",
+                   act_clip: float = 1.0, act_per_group: bool = False, act_symmetric: bool = True) -> "WAQLinear":
         """RTN weights (of ``W * s`` when SmoothQuant factors ``smooth`` are given)."""
         w = linear.weight.detach().float()
         if smooth is not None:
@@ -91,13 +99,16 @@ class WAQLinear(nn.Module):
         gran = per_group(group_size) if group_size else per_channel(0)
         qp = choose_qparams(w, f"int{weight_bits}", symmetric, gran)
         qp.scale = qp.scale.to(torch.float16).float()
-        return cls.from_quantized(linear, quantize(w, qp), qp, group_size, act_bits, smooth, kernel)
+        return cls.from_quantized(linear, quantize(w, qp), qp, group_size, act_bits, smooth, kernel, act_clip,
+                                  act_per_group, act_symmetric)
 
     def spec(self) -> dict:
         return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "weight_bits": self.weight_bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "act_bits": self.act_bits, "smooth": self.smooth_inv is not None,
-                "kernel": self.kernel}
+                "kernel": self.kernel, **({"act_clip": self.act_clip} if self.act_clip != 1.0 else {}),
+                **({"act_per_group": True} if self.act_per_group else {}),
+                **({"act_symmetric": False} if not self.act_symmetric else {})}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "WAQLinear":
@@ -127,8 +138,9 @@ class WAQLinear(nn.Module):
         if self.zero_point is not None:  # centre affine codes: (q - zp) fits int8 for <= 7 bits
             q = (q.reshape(self.out_features, -1, g) - self.zero_point.to(torch.int16)[..., None]).reshape_as(q)
         choice = kernels.resolve("wa_linear", self.kernel)
-        self._prepared = (q.to(torch.int8).t().contiguous(), self.scale.float(), g,
-                          kernels.KERNELS["wa_linear"][choice])
+        qt = q.to(torch.int8).t().contiguous()  # (K, N)
+        colsum = None if self.act_symmetric else qt.reshape(-1, g, self.out_features).to(torch.int32).sum(1)  # (G, N)
+        self._prepared = (qt, self.scale.float(), g, kernels.KERNELS["wa_linear"][choice], colsum)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -137,22 +149,32 @@ class WAQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared is None:
             self._prepare()
-        qw_t, w_scale, g, fn = self._prepared
-        return fn(x, qw_t, w_scale, g, self.act_bits, self.bias, self.smooth_inv)
+        qw_t, w_scale, g, fn, colsum = self._prepared
+        return fn(x, qw_t, w_scale, g, self.act_bits, self.bias, self.smooth_inv, self.act_clip, self.act_per_group,
+                  self.act_symmetric, colsum)
 
     def fake_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float simulation (fake-quantized activations x dequantized weights), for tests."""
+        from lowbit.kernels.wa_int import quantize_tokens, quantize_tokens_affine
+
         x2 = x.float() if self.smooth_inv is None else x.float() * self.smooth_inv
-        qmax = 2 ** (self.act_bits - 1) - 1
-        s = (x2.abs().amax(-1, keepdim=True) / qmax).clamp_min(torch.finfo(torch.float32).eps)
-        xq = torch.round(x2 / s).clamp(-qmax, qmax) * s
+        g = (self.group_size or self.in_features) if self.act_per_group else self.in_features
+        xg = x2.reshape(*x2.shape[:-1], -1, g)  # (..., G, g)
+        if self.act_symmetric:
+            q, s = quantize_tokens(xg, self.act_bits, self.act_clip)
+            xq = q.float() * s
+        else:
+            q, s, zp = quantize_tokens_affine(xg, self.act_bits, self.act_clip)
+            xq = (q.float() - zp.float()) * s
         w = dequantize(self.codes(), self.qparams())
-        return F.linear(xq, w, self.bias).to(x.dtype)
+        return F.linear(xq.reshape_as(x2), w, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         gran = f"g{self.group_size}" if self.group_size else "per-channel"
         return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{self.act_bits} {gran} "
-                f"{'sym' if self.symmetric else 'affine'}{', smoothed' if self.smooth_inv is not None else ''}")
+                f"{'sym' if self.symmetric else 'affine'}{', smoothed' if self.smooth_inv is not None else ''}"
+                f"{f', act clip {self.act_clip:g}' if self.act_clip != 1.0 else ''}"
+                f"{', act per group' if self.act_per_group else ''}{', act affine' if not self.act_symmetric else ''}")
 
 
 __all__ = ["WAQLinear", "ACT_BITS", "WEIGHT_BITS"]

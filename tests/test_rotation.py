@@ -1,0 +1,146 @@
+"""QuaRot rotations: Hadamard matrices, the fast transform vs its dense twin, folds that keep the
+function, the rotated W/A presets (save / load), the rotated KV cache, the kurtosis lint, and the
+activation-grid options of WAQLinear."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.algorithms.presets import preset_config
+from lowbit.algorithms.rotation import FOLD_ATOL, rotate_model
+from lowbit.core.hadamard import hadamard, hadamard_pm1, paley_hadamard, random_hadamard, split_order
+from lowbit.errors import ConfigError
+from lowbit.kernels.hadamard import hadamard_transform, hadamard_transform_ref, hadamard_transform_t
+from lowbit.nn import WAQLinear
+from lowbit.nn.hadamard import HadamardMLP
+from lowbit.nn.kv_cache import KVCacheLM, make_cache
+from tests._tiny_llama import tiny_batches, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TRANSFORM_RTOL = 1e-5  # fp32 butterflies vs a float64 dense product: a few ulps per log2(n) rounds
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 64, 144, 576, 1536])
+def test_hadamard_orders_are_hadamard(n):
+    h = hadamard_pm1(n)
+    assert torch.equal(h.abs(), torch.ones_like(h))
+    assert torch.equal(h @ h.t(), n * torch.eye(n, dtype=torch.float64))
+    q = random_hadamard(n, seed=3)
+    assert torch.allclose(q @ q.t(), torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+def test_paley_is_identity_plus_skew_and_unknown_orders_refused():
+    s = paley_hadamard(11) - torch.eye(12, dtype=torch.float64)
+    assert torch.equal(s, -s.t())  # Paley I: H = I + S with S skew-symmetric
+    assert split_order(576) == (144, 4) and split_order(1536) == (12, 128) and split_order(64) == (1, 64)
+    for bad in (20, 6, 7, 100):
+        with pytest.raises(ConfigError, match="Hadamard"):
+            split_order(bad)
+
+
+@pytest.mark.parametrize("n", [12, 48, 64, 576, 1536])
+def test_fast_transform_matches_dense_twin_and_inverts(n):
+    x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(n))
+    fast, ref = hadamard_transform(x), hadamard_transform_ref(x)
+    assert ((fast - ref).norm() / ref.norm()) < TRANSFORM_RTOL
+    assert torch.allclose(hadamard_transform_t(fast), x, atol=1e-5)
+    assert torch.allclose(ref, x @ hadamard(n), atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden,inter", [(64, 128), (48, 96)])  # 48 = 12 x 4, 96 = 12 x 8: Paley factors
+def test_rotated_float_model_keeps_its_logits(hidden, inter):
+    fp = tiny_llama(hidden=hidden, inter=inter)
+    rot = copy.deepcopy(fp)
+    info = rotate_model(rot, seed=1)
+    assert info["untied_head"] and rot.lm.lm_head.weight is not rot.lm.model.embed_tokens.weight
+    assert not rot.lm.config.tie_word_embeddings
+    assert all(isinstance(layer.mlp, HadamardMLP) for layer in rot.lm.model.layers)
+    assert torch.equal(rot.lm.model.norm.weight, torch.ones(hidden))
+    x = tiny_batches(2, 24)[0]
+    with torch.no_grad():
+        assert torch.allclose(rot(x), fp(x), atol=FOLD_ATOL)
+    with pytest.raises(ConfigError, match="already rotated"):
+        rotate_model(rot)
+
+
+def test_rotated_preset_saves_loads_and_records_it(tmp_path):
+    m = tiny_llama()
+    cfg = preset_config("w4a4", rotate=True, act_clip=0.9, act_per_group=True, act_symmetric=False)
+    assert cfg.alpha is None and cfg.scheme == "w4a4-rot"
+    lowbit.quantize(m, cfg, tiny_batches(4, 64))
+    layers = list(m.lowbit_report.layers)
+    assert layers[0].endswith(".mlp") and m.lowbit_report.layers[layers[0]]["class"] == "HadamardMLP"
+    down = m.lm.model.layers[0].mlp.down_proj
+    assert isinstance(down, WAQLinear) and down.act_clip == 0.9 and down.act_per_group and not down.act_symmetric
+    x = tiny_batches(1, 32, seed=5)[0]
+    with torch.no_grad():
+        y = m(x)
+    lowbit.save(m, tmp_path / "rot")
+    loaded = lowbit.load(tmp_path / "rot", model=tiny_llama(seed=123))  # a tied architecture: untied on load
+    assert loaded.lowbit_config.rotate and loaded.lowbit_config.act_clip == 0.9
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+
+
+def test_rotate_refuses_smoothing_and_quantized_models():
+    from lowbit.algorithms.smoothquant import WAConfig
+
+    with pytest.raises(ConfigError, match="rotate replaces SmoothQuant"):
+        WAConfig(weight_bits=4, act_bits=4, group_size=128, rotate=True)  # alpha 0.5 by default
+    m = tiny_llama()
+    lowbit.quantize(m, preset_config("w4a8", weight_method="rtn"), tiny_batches(2, 32))
+    with pytest.raises(ConfigError, match="float model"):
+        rotate_model(m)
+
+
+def test_rotated_kv_cache_is_exact_unquantized_and_closer_at_int4():
+    fp = tiny_llama()
+    x = tiny_batches(1, 96, seed=2)[0]
+    with torch.no_grad():
+        full = fp(x)
+        # with a window longer than the text nothing is quantized: the rotation alone must be exact
+        cache = make_cache(fp.lm.config, "int4-rot")
+        for layer in cache.layers:
+            layer.residual = 1000
+        out = fp.lm(input_ids=x, cache=cache, use_cache=True).logits
+        assert torch.allclose(out, full, atol=1e-4)
+        assert KVCacheLM(fp, "int4-rot").lowbit_scheme.endswith("kv-int4-rot")
+        q4 = KVCacheLM(fp, "int4-rot", chunk=16)(x)
+        assert (q4 - full).abs().max() < 0.5 * full.abs().max()
+    with pytest.raises(ConfigError, match="-rot"):
+        make_cache(fp.lm.config, "int3-rot")
+
+
+def test_token_kurtosis_and_lint_report_before_after():
+    from lowbit.analysis.lint import KURTOSIS_WARN, lint, token_kurtosis
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4096, generator=g)
+    assert abs(float(token_kurtosis(x).mean()) - 3.0) < 0.2  # Gaussian
+    x[:, 7] = 80.0
+    assert float(token_kurtosis(x).mean()) > 100  # one outlier channel per token
+    m = tiny_llama()
+    with torch.no_grad():
+        m.lm.model.embed_tokens.weight[:, 3] *= 60  # an outlier channel in the residual stream
+    report = lint(m, tiny_batches(2, 32))
+    k = report.stats["kurtosis"]
+    q = k["lm.model.layers.0.self_attn.q_proj"]
+    assert q["before"] > KURTOSIS_WARN and q["after"] < q["before"] / 3
+    assert any(f.rule == "activation-kurtosis" for f in report.findings)
+
+
+@pytest.mark.parametrize("per_group,symmetric", [(False, True), (True, True), (False, False), (True, False)])
+def test_waqlinear_activation_grids_match_fake_quant_and_spec(per_group, symmetric):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 40)
+    x = torch.randn(2, 7, 128) * 2 + 0.5
+    m = WAQLinear.from_float(lin, 4, 32, True, 4, None, "auto", 0.9, per_group, symmetric)
+    assert torch.allclose(m(x), m.fake_forward(x), atol=1e-4)
+    twin = WAQLinear.from_spec({k: v for k, v in m.spec().items() if k != "class"})
+    twin.load_state_dict(m.state_dict())
+    assert torch.equal(twin(x), m(x))
