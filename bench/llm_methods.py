@@ -37,14 +37,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._llm_common import CachedReference, Timer, machine, quiet, rtn_decoder, write_results  # noqa: E402
 
-# (row name, family, kwargs); family "rtn" | "gptq" | "awq" | "awq-gptq" (AWQ scales + clipping, GPTQ rounding)
+# (row name, family, kwargs); family "rtn" | "gptq" | "awq" | "awq-gptq" (AWQ scales + clipping, GPTQ rounding);
+# GPTQ rows may set guard=True (RTN fallback judged on held-out calibration windows) and asymmetric_calib=True (GPTAQ)
 ROWS = [
     ("RTN W4 g128 sym", "rtn", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True)),
     ("AWQ W4 g128 sym", "awq", dict(bits=4, group_size=128, symmetric=True)),
     ("AWQ+GPTQ W4 g128 sym", "awq-gptq", dict(bits=4, group_size=128, symmetric=True)),
+    ("GPTQ+guard W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, guard=True)),
+    ("GPTAQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True)),
+    ("GPTAQ+guard W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True, guard=True)),
+    ("GPTAQ a0.25 W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True, asym_alpha=0.25)),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True)),
+    ("GPTQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, guard=True)),
+    ("GPTAQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, asymmetric_calib=True)),
+    ("GPTAQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, asymmetric_calib=True, guard=True)),
     ("AWQ W3 g128 sym", "awq", dict(bits=3, group_size=128, symmetric=True)),
     ("AWQ+GPTQ W3 g128 sym", "awq-gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("RTN W2 g64 asym", "rtn", dict(bits=2, group_size=64, symmetric=False)),
@@ -76,7 +84,8 @@ def quantize_row(fp, family: str, kw: dict, n_calib: int, percdamp: float | None
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="", help="comma-separated substrings of row names, e.g. 'W4 g128,NF4'")
+    ap.add_argument("--only", default="", help="comma-separated substrings of row names, e.g. 'W4 g128,NF4'; "
+                    "'=NAME' matches that row name exactly")
     ap.add_argument("--quick", action="store_true", help="2 eval windows instead of all")
     ap.add_argument("--calib", type=int, default=None,
                     help="calibration windows of 512 tokens (default: each method's own, GPTQ 16, AWQ the 4 its search uses)")
@@ -100,11 +109,17 @@ def main() -> None:
     meta = {"machine": machine(), "calib_windows": args.calib, "quick": args.quick, "percdamp": args.percdamp,
             "calib_text": _calib_text_record()}
     for name, family, kw in ROWS:
-        if args.only and not any(f.strip().lower() in name.lower() for f in args.only.split(",")):
+        if args.only and not any(f.strip()[1:].lower() == name.lower() if f.strip().startswith("=")
+                                 else f.strip().lower() in name.lower() for f in args.only.split(",")):
             continue
         print(f"... {name}", flush=True)
         model, t = quantize_row(fp, family, kw, args.calib, args.percdamp)
         r = evaluate(model, ref, quick=args.quick)
+        guard = (getattr(model, "lowbit_calibration", None) or {}).get("guard")
+        if guard is not None:  # the linears whose held-out calibration error was lower with RTN's codes
+            r["guard_reverted"] = sorted(guard["reverted"])
+            print(f"    guard: {len(guard['reverted'])} of {guard['judged']} linears kept RTN's codes: "
+                  f"{', '.join(n.replace('lm.model.layers.', '') for n in sorted(guard['reverted']))}", flush=True)
         rows.append({"name": name, "family": family, **kw, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu})
         print("    " + "  ".join(f"{label} {r[p]:.3f} (kl {r[k]:.4f})" for label, p, k, _ in TEXTS if p in r)
               + f"  {r['size_mb']:.1f} MB  {t.wall:.0f} s wall / {t.cpu:.0f} s CPU", flush=True)

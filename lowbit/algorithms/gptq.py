@@ -17,6 +17,24 @@ is added to the diagonal for stability. Group scales (``group_size`` contiguous 
 so the stored layout is the one of RTN and the int4 kernels apply) are computed from the current,
 error-updated weights when the first column of the group is reached.
 
+GPTAQ (Li et al. 2025, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric Calibration",
+arXiv 2504.02692), ``GPTQConfig(asymmetric_calib=True)``: the layer objective becomes
+``||X_fp W^T - X_q Q^T||^2``, with ``X_fp`` the inputs the fp32 model gives this linear and ``X_q``
+those after the already-quantized earlier layers (``dX = X_fp - X_q``). With the damping
+``lambda ||Q - W||^2`` it is a quadratic in ``Q`` with the same Hessian ``H`` (of ``X_q``) as GPTQ and
+its minimum at
+
+    W* = W + W P H_d^-1,     P = dX^T X_q  (K, K),  H_d = H + lambda I
+
+(set the gradient ``X_q^T (X_q Q^T - X_fp W^T) + lambda (Q - W)^T`` to 0 and use
+``X_q^T X_fp = X_q^T X_q + X_q^T dX``). The loss is ``(Q - W*) H_d (Q - W*)^T`` per row plus a constant,
+so the OBS pass above, started from ``W*`` instead of ``W``, keeps the not-yet-quantized columns at
+the exact minimiser of the asymmetric loss given the quantized ones, step by step: the paper's
+closed form (GPTQ's update plus the ``P`` term), with the whole term applied once up front rather than
+column by column inside the pass. ``dX = 0`` gives ``P = 0`` and ``W* = W``: GPTQ bit for bit.
+``P`` is summed per window in window order like ``S`` (:meth:`GPTQ.add_cross`) and scaled by the
+same ``2 / M``.
+
 Interface: ``g = GPTQ(K); g.add_batch(x)`` per calibration batch, then
 ``codes, qparams, loss = g.solve(W, fmt, symmetric, group_size)``; ``WeightOnlyQLinear.from_quantized``
 wraps the result. The handler runs decoder layers sequentially (``sequential.py``).
@@ -60,6 +78,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PERCDAMP = 0.1
 DEFAULT_CALIB_WINDOWS = 16  # 512-token windows of the built-in text (8k tokens; the widest input has 1536)
 DEFAULT_BLOCK = 128  # lazy-batch width (sec. 4, step 2)
+# The RTN-fallback guard judges each linear on calibration windows it was not fitted on; 4 x 512 tokens
+# (2048) exceed the widest input (1536), and are the held-out set size bench/gptq_damping.py uses (8).
+DEFAULT_GUARD_WINDOWS = 4
 
 
 class GPTQ:
@@ -74,6 +95,8 @@ class GPTQ:
         self.in_features = in_features
         self.S = torch.zeros(in_features, in_features, dtype=torch.float32)  # sum_b x_b^T x_b, window order
         self.n = 0
+        self.P: torch.Tensor | None = None  # GPTAQ: sum_b dx_b^T x_b (K, K), None for plain GPTQ
+        self.alpha = 1.0  # GPTAQ: share of the asymmetric term applied (GPTQConfig.asym_alpha)
         self._H: torch.Tensor | None = None
         self._factor: tuple | None = None  # (key, perm, U): shared by the linears that read this input
 
@@ -96,6 +119,15 @@ class GPTQ:
         self.n += x.shape[0]
         self._H = None
         self._factor = None
+
+    def add_cross(self, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
+        """GPTAQ: add one window's ``(x_fp - x_q)^T x_q`` (K, K) to ``P``; ``x_q`` is the window given to
+        :meth:`add_batch` (which counts the tokens), ``x_fp`` the float model's inputs of the same tokens."""
+        x_q = x_q.reshape(-1, self.in_features).to(self.S.dtype)  # (M, K)
+        dx = x_fp.reshape(-1, self.in_features).to(self.S.dtype) - x_q  # (M, K)
+        if self.P is None:
+            self.P = torch.zeros_like(self.S)
+        self.P += dx.T @ x_q
 
     def inverse_factor(self, percdamp: float, act_order: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The column order ``perm`` (K,) and the upper Cholesky factor ``U`` (K, K) of the damped,
@@ -148,6 +180,9 @@ class GPTQ:
         perm, U = self.inverse_factor(percdamp, act_order, dtype)
         invperm = torch.argsort(perm)
         W = weight.detach().to(dtype)[:, perm]  # (N, K) permuted copy, updated in place below
+        if self.P is not None:  # GPTAQ: start from W* = W + W P H_d^-1 (module docstring), permuted
+            P = (self.P * (2.0 / self.n)).to(dtype)[perm][:, perm]  # (K, K), the scale of H
+            W = W + self.alpha * ((W @ P) @ (U.T @ U))  # U^T U = H_d^-1 (permuted)
         W[:, torch.diag(self.H)[perm] == 0] = 0  # dead inputs
 
         g = group_size or K
@@ -238,6 +273,10 @@ class GPTQConfig(BaseConfig):
     n_calib: int | None = None  # 512-token windows of the built-in set (None = DEFAULT_CALIB_WINDOWS)
     kernel: str = "auto"
     gguf: str | None = None  # "q4_0": round on ggml's Q4_0 grid (int4 sym, group 32, codes [-8, 7])
+    asymmetric_calib: bool = False  # GPTAQ: match the fp32 model's layer outputs (module docstring)
+    asym_alpha: float = 1.0  # GPTAQ: W* = W + alpha W P H_d^-1 (1 = the exact minimiser)
+    guard: bool = False  # a linear whose held-out error is above RTN's keeps RTN's codes (make_gptq_process)
+    guard_windows: int = DEFAULT_GUARD_WINDOWS  # held-out calibration windows the guard judges on
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -249,6 +288,8 @@ class GPTQConfig(BaseConfig):
             raise ConfigError(f"percdamp must be in (0, 1), got {self.percdamp}")
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if self.guard and self.guard_windows < 1:
+            raise ConfigError(f"guard_windows must be >= 1 with guard=True, got {self.guard_windows}")
 
     @property
     def format_name(self) -> str:
@@ -256,8 +297,9 @@ class GPTQConfig(BaseConfig):
 
     @property
     def scheme(self) -> str:
-        name = weight_scheme_name("gptq", self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
-        return f"{name}-ggml" if self.gguf else name
+        method = "gptaq" if self.asymmetric_calib else "gptq"
+        name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
+        return f"{name}{'-ggml' if self.gguf else ''}{'-guard' if self.guard else ''}"
 
 
 def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, kernel: str,
@@ -265,6 +307,31 @@ def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_si
     """A ``WeightOnlyQLinear`` (or its double-quantized-scales variant) holding codes from any method."""
     cls = DoubleQuantQLinear if double_quant else WeightOnlyQLinear
     return cls.from_quantized(linear, codes, qp, group_size, kernel)
+
+
+def rtn_solution(weight: torch.Tensor, fmt: str, symmetric: bool, group_size: int, double_quant: bool = False,
+                 grid: str | None = None) -> tuple[torch.Tensor, QParams]:
+    """Round-to-nearest codes (N, K) and qparams in GPTQ's storage conventions (fp16 or double-quantized
+    group scales, ``grid``, codebooks): :meth:`GPTQ.solve` with ``H = I`` and no act order, whose inverse
+    factor ``U`` is diagonal, so no rounding error reaches another column and the group scales come
+    from the weights as they are. The guard's alternative to a GPTQ solution."""
+    K = weight.shape[1]
+    g = GPTQ(K)
+    g.S, g.n = torch.eye(K, dtype=torch.float32), 2  # H = 2 / 2 * I
+    codes, qp, _ = g.solve(weight, fmt, symmetric, group_size, act_order=False, double_quant=double_quant, grid=grid)
+    return codes, qp
+
+
+def held_out_error(linear: nn.Linear, module: nn.Module, xs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """``sum_b ||T_b W^T - module(X_b)||^2`` over held-out windows: ``X_b`` the linear's inputs through the
+    quantized model, ``T_b`` the inputs the error is measured against (``X_b`` itself for GPTQ, the float
+    model's for GPTAQ), ``W`` / bias the float linear's. The bias cancels."""
+    err = 0.0
+    with torch.inference_mode():
+        for x, t in zip(xs, targets):
+            d = torch.nn.functional.linear(t.float(), linear.weight.float(), linear.bias) - module(x).float()
+            err += float((d.double() ** 2).sum())
+    return err
 
 
 def check_enough_tokens(batches: list[torch.Tensor], in_features: int, window: int) -> None:
@@ -277,22 +344,47 @@ def check_enough_tokens(batches: list[torch.Tensor], in_features: int, window: i
                                f"got {have}. Use at least {need} windows of {window} tokens (--calib {need})")
 
 
+def split_held_out(batches: list, n_held: int, source: str) -> tuple[list, list]:
+    """The guard's split: the last ``n_held`` calibration windows are held out (never fitted)."""
+    if n_held and len(batches) <= n_held:
+        raise CalibrationError(f"the GPTQ guard holds out the last {n_held} calibration windows and needs at least "
+                               f"one more to fit; {source} gave {len(batches)} (give more windows, or guard=False)")
+    return (batches[:-n_held], batches[-n_held:]) if n_held else (batches, [])
+
+
+def guard_record(stats: dict, held: list) -> dict:
+    """What metadata.json's calibration records of the guard: the held-out windows and the linears
+    that kept RTN's codes, with both errors."""
+    reverted = {n: s["guard"] for n, s in stats.items() if s.get("fallback") == "rtn"}
+    return {"held_out": calibration_info(held, "last windows of the calibration data"),
+            "judged": sum(1 for s in stats.values() if "guard" in s), "reverted": reverted}
+
+
 @register_handler(GPTQConfig)
 def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) -> QuantizeReport:
-    batches, source = lm_calibration(model, calibration_data, config.n_calib or DEFAULT_CALIB_WINDOWS)
+    from lowbit.algorithms.gptq_ranks import check_ranks_support, quantize_gptq_ranks, ranks_active
+
+    if ranks_active():
+        check_ranks_support(config)
+    n_held = config.guard_windows if config.guard else 0
+    batches, source = lm_calibration(model, calibration_data, (config.n_calib or DEFAULT_CALIB_WINDOWS) + n_held)
+    batches, held = split_held_out(batches, n_held, source)
     prefix = layer_prefix(model)
     check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
-    from lowbit.algorithms.gptq_ranks import quantize_gptq_ranks, ranks_active
 
     if ranks_active():  # one rank of a torchrun job: sharded calibration, fixed-order Hessian reduce
         return quantize_gptq_ranks(model, config, batches, source)
     report = QuantizeReport()
     stats: dict[str, dict] = {}
     t0 = time.perf_counter()
-    process = make_gptq_process(config, prefix, report, stats, groups=input_groups(model))
-    process_layerwise(model, batches, process, desc=config.scheme)
+    process = make_gptq_process(config, prefix, report, stats, groups=input_groups(model), held_out=len(held))
+    process_layerwise(model, batches + held, process, desc=config.scheme)
     report.extra["gptq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats}
     model.lowbit_calibration = calibration_info(batches, source)
+    if config.guard:
+        model.lowbit_calibration["guard"] = report.extra["gptq"]["guard"] = guard_record(stats, held)
+        log.info("gptq guard: %d of %d linears kept RTN's codes", len(model.lowbit_calibration["guard"]["reverted"]),
+                 len(stats))
     return report
 
 
@@ -319,38 +411,101 @@ def selected_linears(config, layer: nn.Module, layer_name: str,
 
 
 def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, stats: dict, wrap=None,
-                      groups: tuple[tuple[str, ...], ...] = LLAMA_INPUT_GROUPS):
+                      groups: tuple[tuple[str, ...], ...] = LLAMA_INPUT_GROUPS, held_out: int = 0):
     """The per-layer step of sequential GPTQ: Hessians from one float pass, solve, swap modules.
 
     ``wrap(name, linear, codes, qparams, group_size) -> module`` builds the quantized module
     (default: ``WeightOnlyQLinear``; the W/A presets pass one that builds ``WAQLinear``). ``groups``:
-    the layer's linears by shared input (one Hessian each), from the family's adapter row."""
+    the layer's linears by shared input (one Hessian each), from the family's adapter row.
+
+    ``config.asymmetric_calib`` (GPTAQ): the process asks ``process_layerwise`` for the float stream
+    (``process.float_stream``) and is called with the float model's hidden states as a fifth argument;
+    it runs the float layer on them window by window, capturing ``X_fp`` beside ``X_q`` for
+    :meth:`GPTQ.add_cross`, and advances that stream in place.
+
+    ``config.guard``: the last ``held_out`` windows of ``inputs`` are not fitted; for each linear the
+    GPTQ module and the RTN module (:func:`rtn_solution`, same format, group and symmetry, built by the
+    same ``wrap``) are judged by :func:`held_out_error` on them, and RTN's is kept where its error is
+    strictly lower (``stats[name]["fallback"] = "rtn"``)."""
     from lowbit.algorithms.sequential import run_layer
 
-    def process(i: int, layer: nn.Module, inputs: list, kwargs: dict) -> None:
+    asym = config.asymmetric_calib
+    if config.guard and held_out < 1:
+        raise ConfigError(f"{config.scheme}: the RTN-fallback guard needs held-out calibration windows, and this "
+                          "path gives none (low-memory and W/A-preset GPTQ run without it): use guard=False")
+    if held_out and not config.guard:
+        raise ConfigError("held-out windows are given but guard=False")
+
+    def build(n: str, m: nn.Module, codes: torch.Tensor, qp: QParams, g: int) -> nn.Module:
+        return wrap_quantized(m, codes, qp, g, config.kernel, config.double_quant) if wrap is None \
+            else wrap(n, m, codes, qp, g)
+
+    def process(i: int, layer: nn.Module, inputs: list, kwargs: dict, fp_inputs: list | None = None) -> None:
+        if asym and fp_inputs is None:
+            raise ConfigError(f"{config.scheme}: GPTAQ needs the float model's activations beside the quantized "
+                              "ones; run this process through sequential.process_layerwise")
         linears, owner = selected_linears(config, layer, f"{prefix}.{i}", groups)
         if not linears:
+            if fp_inputs is not None:
+                for j in range(len(fp_inputs)):
+                    fp_inputs[j] = run_layer(layer, [fp_inputs[j]], kwargs, i)[0]
             return
         hess = {n: GPTQ(linears[n].in_features) for n in set(owner.values())}
         full = {f"{prefix}.{i}.{n}": n for n in hess}  # hooks name the full layer on NaN
-        with capture_inputs({f: linears[n] for f, n in full.items()}, lambda f, x: hess[full[f]].add_batch(x)):
-            run_layer(layer, inputs, kwargs, i, keep=False)
+        mods = {f: linears[n] for f, n in full.items()}
+        n_fit = len(inputs) - held_out
+        held_q: dict[str, list] = {n: [] for n in hess}  # held-out inputs through the quantized model
+        held_fp: dict[str, list] = {n: [] for n in hess}  # GPTAQ: the float model's, same windows
+        if not asym:
+            with capture_inputs(mods, lambda f, x: hess[full[f]].add_batch(x)):
+                run_layer(layer, inputs[:n_fit] if held_out else inputs, kwargs, i, keep=False)
+            if held_out:
+                with capture_inputs(mods, lambda f, x: held_q[full[f]].append(x)):
+                    run_layer(layer, inputs[n_fit:], kwargs, i, keep=False)
+        else:
+            for j in range(len(inputs)):  # window by window: x_q and x_fp of one window alive at a time
+                xq: dict[str, torch.Tensor] = {}
+                xf: dict[str, torch.Tensor] = {}
+                with capture_inputs(mods, xq.__setitem__):
+                    run_layer(layer, [inputs[j]], kwargs, i, keep=False)
+                with capture_inputs(mods, xf.__setitem__):
+                    fp_inputs[j] = run_layer(layer, [fp_inputs[j]], kwargs, i)[0]  # the float stream advances
+                for f, n in full.items():
+                    if j < n_fit:
+                        hess[n].alpha = config.asym_alpha
+                        hess[n].add_batch(xq[f])
+                        hess[n].add_cross(xf[f], xq[f])
+                    else:
+                        held_q[n].append(xq[f])
+                        held_fp[n].append(xf[f])
         for n, m in linears.items():
             t = time.perf_counter()
             g = effective_group_size(m.in_features, config.group_size)
             codes, qp, loss = hess[owner[n]].solve(
                 m.weight, config.format_name, config.symmetric, g, config.block_size, config.percdamp,
                 config.act_order, double_quant=config.double_quant, grid=config.gguf)
-            if wrap is None:
-                new = wrap_quantized(m, codes, qp, g, config.kernel, config.double_quant)
-            else:
-                new = wrap(n, m, codes, qp, g)
-            layer.set_submodule(n, new)
+            new = build(n, m, codes, qp, g)
             name = f"{prefix}.{i}.{n}"
+            st = {"loss": loss, "seconds": 0.0, "group_size": g}
+            if held_out:
+                rcodes, rqp = rtn_solution(m.weight, config.format_name, config.symmetric, g, config.double_quant,
+                                           config.gguf)
+                alt = build(n, m, rcodes, rqp, g)
+                xs, targets = held_q[owner[n]], (held_fp if asym else held_q)[owner[n]]
+                st["guard"] = {"gptq_error": held_out_error(m, new, xs, targets),
+                               "rtn_error": held_out_error(m, alt, xs, targets)}
+                if st["guard"]["rtn_error"] < st["guard"]["gptq_error"]:
+                    new = alt
+                    st["fallback"] = "rtn"
+                    log.info("gptq guard: %s keeps RTN's codes (held-out error %.4g < GPTQ's %.4g)", name,
+                             st["guard"]["rtn_error"], st["guard"]["gptq_error"])
+            layer.set_submodule(n, new)
             report.layers[name] = new.spec()
-            stats[name] = {"loss": loss, "seconds": time.perf_counter() - t, "group_size": g}
+            st["seconds"] = time.perf_counter() - t
+            stats[name] = st
             log.debug("gptq %s: loss %.4g", name, loss)
 
+    process.float_stream = asym  # process_layerwise keeps the float model's hidden states for it
     return process
 
 
@@ -363,6 +518,24 @@ def _gptq_scheme(options: dict) -> GPTQConfig:
                           kernel=options.get("kernel", "auto"))
     return GPTQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
                       symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+
+
+@register_scheme("gptaq", "GPTAQ: GPTQ calibrated asymmetrically (each linear matches the fp32 model's outputs from "
+                 "the quantized model's inputs) with the RTN-fallback guard on held-out calibration windows",
+                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+def _gptaq_scheme(options: dict) -> GPTQConfig:
+    return GPTQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
+                      symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"),
+                      asymmetric_calib=True, guard=True)
+
+
+@register_scheme("gptq-guard", "GPTQ with the RTN-fallback guard: a linear whose output error on held-out "
+                 "calibration windows is above RTN's keeps RTN's codes (recorded in metadata.json)",
+                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+def _gptq_guard_scheme(options: dict) -> GPTQConfig:
+    return GPTQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
+                      symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"),
+                      guard=True)
 
 
 @register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",

@@ -58,6 +58,14 @@ def reduce_hessian(sums: list[torch.Tensor], counts: list[int], n_batches: int, 
     return g
 
 
+def check_ranks_support(config) -> None:
+    """The across-ranks step runs plain GPTQ: GPTAQ's float activation stream and the guard's held-out
+    windows are not sharded (yet)."""
+    if getattr(config, "asymmetric_calib", False) or getattr(config, "guard", False):
+        raise ConfigError(f"{config.scheme}: GPTAQ (asymmetric_calib) and the RTN-fallback guard run in one process "
+                          "only, not across torchrun ranks; run it without torchrun, or use plain gptq")
+
+
 def _receive_layout(config, weight: torch.Tensor, g: int):
     """Empty codes, scale and zero_point of the shapes and dtypes ``GPTQ.solve`` returns for ``weight``."""
     f = get_format(config.format_name)
@@ -99,6 +107,8 @@ def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches:
     ``wrap(name, linear, codes, qparams, group_size) -> module`` as in ``make_gptq_process`` (default:
     ``WeightOnlyQLinear``); the W/A presets pass one that builds ``WAQLinear``."""
     from lowbit.algorithms.gptq import selected_linears, wrap_quantized
+
+    check_ranks_support(config)
 
     def process(i: int, layer: nn.Module, inputs: list, kwargs: dict) -> None:
         linears, owner = selected_linears(config, layer, f"{prefix}.{i}", groups)

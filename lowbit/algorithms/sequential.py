@@ -137,15 +137,24 @@ def process_layerwise(model: nn.Module, batches: list[torch.Tensor], process: Pr
 
     ``materialize(i, layer)``, when given, loads layer ``i``'s weights just before it is processed.
     Returns the number of layers processed.
+
+    A process with ``float_stream = True`` (GPTAQ) also gets the *float* model's hidden states entering
+    layer ``i`` (one extra activation stream, the same windows): ``process(i, layer, inputs, kwargs,
+    float_inputs)``, and must replace ``float_inputs[j]`` by the float layer's output (it runs the float
+    layer anyway, before swapping in quantized modules). Both streams start from the same embeddings.
     """
     layers = decoder_layers(model)
     hidden, kwargs = capture_layer_inputs(model, batches)
+    float_hidden = list(hidden) if getattr(process, "float_stream", False) else None  # entries replaced, not mutated
     with Progress(transient=True, disable=len(layers) < 4) as bar:
         task = bar.add_task(desc, total=len(layers))
         for i, layer in enumerate(layers):
             if materialize is not None:
                 materialize(i, layer)
-            process(i, layer, hidden, kwargs)
+            if float_hidden is None:
+                process(i, layer, hidden, kwargs)
+            else:
+                process(i, layer, hidden, kwargs, float_hidden)
             for j in range(len(hidden)):  # outputs replace inputs window by window: one copy alive, not two
                 hidden[j] = run_layer(layer, [hidden[j]], kwargs, i)[0]
             for m in layer.modules():  # kernel-layout copies are rebuilt when the model is used
