@@ -50,7 +50,14 @@ Choices of this implementation (each says how it departs from the paper):
   groups, exactly like RTN's ``WeightOnlyQLinear.from_float``, with the padding masked out of every
   fit and score.
 
-Everything is vectorised over the (N, ceil(K/g)) groups of a weight; no calibration data is read.
+- **Early stop per group** (``patience``, off by default): a group leaves the loop after ``patience``
+  rounds in a row without a lower squared error.
+
+Speed: the rounds run in a fused C kernel (:mod:`lowbit.kernels.hqq_fit`: each group's weights stay in
+L1 for all its rounds, groups spread over OpenMP threads); :func:`hqq_quantize_ref` runs the same rounds
+as whole-tensor torch ops (the reference twin, and the fallback without a C compiler). SmolLM2's 210
+decoder linears: 1.4 s wall with the kernel vs 6.7 s with the torch rounds (2 threads, load 1.3).
+No calibration data is read.
 """
 
 from __future__ import annotations
@@ -84,6 +91,7 @@ DEFAULT_BETA = 10.0
 DEFAULT_KAPPA = 1.01
 DEFAULT_ITERS = 10
 DEFAULT_RELAX = 2.0
+DEFAULT_PATIENCE = 0
 _EPS = 1e-12
 
 
@@ -102,7 +110,8 @@ def _sum(x: torch.Tensor) -> torch.Tensor:
 def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
                  iters: int = DEFAULT_ITERS, lp: float = DEFAULT_LP, beta: float = DEFAULT_BETA,
                  kappa: float = DEFAULT_KAPPA, relax: float = DEFAULT_RELAX, optimize_scale: bool = False,
-                 integer_zero_point: bool = False, keep_best: bool = True) -> tuple[torch.Tensor, QParams, dict]:
+                 integer_zero_point: bool = False, keep_best: bool = True, patience: int = DEFAULT_PATIENCE,
+                 backend: str = "auto") -> tuple[torch.Tensor, QParams, dict]:
     """HQQ on one weight ``(N, K)``: codes ``(N, K)``, their ``QParams`` (per group ``(N, ceil(K/g))``
     or per channel ``(N,)`` if ``group_size == 0``) and stats (summed squared error, RTN's and ours).
 
@@ -111,7 +120,16 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
     refits the scale, which is all that can move). Symmetric: ``z = 0`` and the scale is optimised.
     ``keep_best=False`` returns the last iterate (the paper without early stopping) instead of each
     group's best candidate by squared error (for measurement: no guarantee against RTN then).
+    ``patience`` > 0: a group stops after that many rounds in a row without a lower squared error
+    (with ``keep_best``; 0 = always ``iters`` rounds).
+
+    ``backend``: "native" runs the rounds in the fused C kernel (:mod:`lowbit.kernels.hqq_fit`), "torch"
+    as whole-tensor torch ops (the reference, :func:`hqq_quantize_ref`), "auto" the kernel where it
+    builds, else torch. Both start from the same RTN parameters and compute the codes from the chosen
+    ``(s, z)`` with the same torch expression.
     """
+    if backend not in ("auto", "native", "torch"):
+        raise ConfigError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
     fmt = get_format(weight_format(bits, symmetric))
     w = weight.detach().float()
     N, K = w.shape
@@ -122,24 +140,66 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
     gran = per_group(g) if group_size else per_channel(0)
     qp0 = choose_qparams(wp, fmt, symmetric, gran)  # RTN's min-max start
     s0 = _fp16(qp0.scale).reshape(N, G, 1)  # (N, G, 1), as stored
+    z0 = torch.zeros_like(s0) if symmetric else qp0.zero_point.float().reshape(N, G, 1)
     qmax = fmt.qmax
     qmin = -qmax if symmetric else fmt.qmin
     W = wp.reshape(N, G, g)  # (N, G, g): groups of contiguous input columns
+    fit_scale = symmetric or optimize_scale or integer_zero_point
+    fit_zero = not symmetric
+    patience = patience if keep_best else 0
+
+    out = None
+    if backend != "torch":
+        from lowbit.kernels import hqq_fit
+
+        mode = ((hqq_fit.FIT_ZERO if fit_zero else 0) | (hqq_fit.FIT_SCALE if fit_scale else 0)
+                | (hqq_fit.INTEGER_ZERO if integer_zero_point else 0) | (hqq_fit.KEEP_BEST if keep_best else 0))
+        out = hqq_fit.hqq_groups(w, g, s0.reshape(N, G), z0.reshape(N, G), iters, lp, beta, kappa, relax,
+                                 float(qmin), float(qmax), mode, patience)
+        if out is None and backend == "native":
+            raise ConfigError(f"hqq backend 'native': the C kernel is unavailable ({hqq_fit.native_library()[1]})")
+        if out is not None:
+            out = tuple(t.reshape(N, G, 1) for t in out)  # (N, G, 1) each
+    if out is None:
+        out = _hqq_rounds_torch(W, K, s0, z0, qmin, qmax, iters, lp, beta, kappa, relax, fit_zero, fit_scale,
+                                integer_zero_point, keep_best, patience)
+    best_s, best_z, best_err, err0, rounds = out
+
+    codes = torch.clamp(torch.round(W / best_s + best_z), qmin, qmax)  # (N, G, g)
+    codes = codes.reshape(N, G * g)[:, :K].to(torch.int8 if fmt.signed else torch.uint8)  # (N, K)
+    scale = best_s.reshape(N, G) if group_size else best_s.reshape(N)
+    zp = None
+    if not symmetric:
+        zp = best_z.reshape(scale.shape)
+        zp = zp.to(torch.int32) if integer_zero_point else zp
+    qp = QParams(fmt, gran, scale, zp, qmin, qmax)
+    stats = {"rtn_sq_error": float(err0.sum()), "sq_error": float(best_err.sum()),
+             "groups_improved": int((best_err < err0).sum()), "groups": N * G,
+             "rounds_mean": float(rounds.float().mean())}
+    return codes, qp, stats
+
+
+def hqq_quantize_ref(weight: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, QParams, dict]:
+    """:func:`hqq_quantize` with its rounds as plain whole-tensor torch ops (the reference twin of the C kernel)."""
+    return hqq_quantize(weight, *args, **{**kwargs, "backend": "torch"})
+
+
+def _hqq_rounds_torch(W: torch.Tensor, K: int, s0: torch.Tensor, z0: torch.Tensor, qmin: int, qmax: int, iters: int,
+                      lp: float, beta: float, kappa: float, relax: float, fit_zero: bool, fit_scale: bool,
+                      integer_zero_point: bool, keep_best: bool, patience: int) -> tuple[torch.Tensor, ...]:
+    """The half-quadratic rounds on all groups ``W`` (N, G, g) at once (zero padding past column ``K``):
+    each group's chosen scale and zero-point, its squared error, RTN's, and the rounds it ran (N, G, 1)."""
+    N, G, g = W.shape
     mask = None  # (G, g): 1 on real columns, 0 on the padding of a ragged last group
     count = torch.full((G, 1), float(g))  # (G, 1): real columns per group
-    if pad:
+    if G * g > K:
         mask = torch.ones(G * g)
         mask[K:] = 0
         mask = mask.reshape(G, g)
-        count[-1] -= pad
-    fit_scale = symmetric or optimize_scale or integer_zero_point
-    fit_zero = not symmetric
+        count[-1] -= G * g - K
 
-    def codes_of(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(W / s + z), qmin, qmax)  # (N, G, g)
-
-    z0 = torch.zeros_like(s0) if symmetric else qp0.zero_point.float().reshape(N, G, 1)
-    e0 = W - s0 * (codes_of(s0, z0) - z0)  # 0 on the padding (w = 0 -> code z0, an integer)
+    c0 = torch.clamp(torch.round(W / s0 + z0), qmin, qmax)
+    e0 = W - s0 * (c0 - z0)  # 0 on the padding (w = 0 -> code z0, an integer)
     err0 = _sum(e0 * e0)  # (N, G, 1)
     best_s, best_z, best_err = s0.clone(), z0.clone(), err0.clone()
 
@@ -147,6 +207,9 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
     s0sq = s0 * s0
     sigma = torch.ones_like(s0)  # current scale relative to s0; s0 * sigma is fp16-exact
     z = z0.clone()
+    active = torch.ones_like(s0, dtype=torch.bool)  # (N, G, 1): groups still iterating (patience)
+    stall = torch.zeros_like(s0, dtype=torch.int32)
+    rounds = torch.zeros_like(s0, dtype=torch.int32)
     log_beta = math.log(beta)
     for it in range(iters + 1):
         q = torch.addcmul(z, u, 1 / sigma).round_().clamp_(qmin, qmax)  # step 1: round(u / s + z)
@@ -155,10 +218,16 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
             r.mul_(mask)
         if it:  # score the (sigma, z) of the previous round by its squared weight error
             err = torch.linalg.vecdot(r, r)[..., None] * s0sq  # (N, G, 1)
-            better = err < best_err if keep_best else torch.ones_like(err, dtype=torch.bool)
+            better = (err < best_err if keep_best else torch.ones_like(err, dtype=torch.bool)) & active
             best_s = torch.where(better, s0 * sigma, best_s)
             best_z = torch.where(better, z, best_z)
             best_err = torch.where(better, err, best_err)
+            rounds += active.int()
+            if patience > 0:
+                stall = torch.where(better, 0, stall + active.int())
+                active &= stall < patience
+                if not bool(active.any()):
+                    break
         if it == iters:
             break
         # step 2: W_e = sign(r) relu(|r| - |r|^(p-1) / beta); |r|^(p-1) as exp((p-1) log|r|) (3x faster than pow)
@@ -186,24 +255,13 @@ def hqq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
                 new_s = torch.where(den > _EPS, num / den.clamp_min(_EPS), new_s)
         if fit_scale:
             new_s = sigma + relax * (new_s - sigma)
-            sigma = torch.where(new_s > 0, _fp16(s0 * new_s) / s0, sigma)
+            sigma = torch.where((new_s > 0) & active, _fp16(s0 * new_s) / s0, sigma)
         if fit_zero:
             if not integer_zero_point:
                 new_z = _fp16(z + relax * (new_z - z), positive=False)
-            z = new_z.clamp(qmin, qmax)
+            z = torch.where(active, new_z.clamp(qmin, qmax), z)
         log_beta += math.log(kappa)
-
-    codes = codes_of(best_s, best_z).reshape(N, G * g)[:, :K]  # (N, K)
-    codes = codes.to(torch.int8 if fmt.signed else torch.uint8)
-    scale = best_s.reshape(N, G) if group_size else best_s.reshape(N)
-    zp = None
-    if not symmetric:
-        zp = best_z.reshape(scale.shape)
-        zp = zp.to(torch.int32) if integer_zero_point else zp
-    qp = QParams(fmt, gran, scale, zp, qmin, qmax)
-    stats = {"rtn_sq_error": float(err0.sum()), "sq_error": float(best_err.sum()),
-             "groups_improved": int((best_err < err0).sum()), "groups": N * G}
-    return codes, qp, stats
+    return best_s, best_z, best_err, err0, rounds
 
 
 def _fp16(x: torch.Tensor, positive: bool = True) -> torch.Tensor:
@@ -227,6 +285,7 @@ class HQQConfig(BaseConfig):
     beta: float = DEFAULT_BETA  # initial half-quadratic penalty (errors in grid steps)
     kappa: float = DEFAULT_KAPPA  # beta <- kappa * beta each round, >= 1
     relax: float = DEFAULT_RELAX  # parameter step: s <- s + relax * (s_fit - s), in (0, 2]
+    patience: int = DEFAULT_PATIENCE  # a group stops after this many rounds without improving (0 = never)
     kernel: str = "auto"
 
     def __post_init__(self):
@@ -241,6 +300,8 @@ class HQQConfig(BaseConfig):
             raise ConfigError(f"kappa must be >= 1, got {self.kappa}")
         if not 0 < self.relax <= 2:
             raise ConfigError(f"relax must be in (0, 2], got {self.relax}")
+        if self.patience < 0:
+            raise ConfigError(f"patience must be >= 0 (0 = run every round), got {self.patience}")
 
     @property
     def scheme(self) -> str:
@@ -252,7 +313,8 @@ def hqq_linear(linear: nn.Linear, config: HQQConfig, group_size: int | None = No
     """A ``WeightOnlyQLinear`` holding HQQ's codes for ``linear`` (``group_size`` overrides the config's)."""
     g = config.group_size if group_size is None else group_size
     codes, qp, stats = hqq_quantize(linear.weight, config.bits, g, config.symmetric, config.iters, config.lp,
-                                    config.beta, config.kappa, config.relax, config.optimize_scale)
+                                    config.beta, config.kappa, config.relax, config.optimize_scale,
+                                    patience=config.patience)
     return WeightOnlyQLinear.from_quantized(linear, codes, qp, g, config.kernel), stats
 
 
