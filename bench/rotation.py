@@ -151,17 +151,18 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=ROWS, default=None)
     ap.add_argument("--calib", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="rotation", help="results name under bench/results (for side experiments)")
     args = ap.parse_args()
     quiet()
     torch.set_num_threads(args.threads)
     from lowbit.algorithms._calib import default_calibration
     from lowbit.models import load_model
 
-    old = RESULTS / "rotation.json"
+    old = RESULTS / f"{args.out}.json"
     rows, meta = {}, {"quick": args.quick, "calib": args.calib, "runs": {}}
     if args.only is not None and old.is_file():
         prev = json.loads(old.read_text())
-        if prev["meta"].get("quick") == args.quick:
+        if prev["meta"].get("quick") == args.quick and prev["meta"].get("calib") == args.calib:
             rows, meta["runs"] = prev["rows"], prev["meta"].get("runs", {})
     fp = load_model("smollm2")
     ref = CachedReference(fp)
@@ -175,7 +176,7 @@ def main() -> None:
         meta["runs"][name] = machine()
         if name != "kurtosis":
             print({k: round(v, 4) for k, v in rows[name].items() if k.startswith(("ppl", "kl"))}, flush=True)
-        write_results("rotation", rows, render(rows, meta), meta)
+        write_results(args.out, rows, render(rows, meta), meta)
     print(render(rows, meta))
 
 

@@ -144,3 +144,17 @@ def test_waqlinear_activation_grids_match_fake_quant_and_spec(per_group, symmetr
     twin = WAQLinear.from_spec({k: v for k, v in m.spec().items() if k != "class"})
     twin.load_state_dict(m.state_dict())
     assert torch.equal(twin(x), m(x))
+
+
+def test_cli_options_build_the_rotated_preset():
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.config import build_config
+
+    cfg = build_config("w4a4", {"rotate": True, "act_clip": 0.9, "act_per_group": True, "act_symmetric": False})
+    assert cfg.rotate and cfg.alpha is None and cfg.act_clip == 0.9 and cfg.act_per_group and not cfg.act_symmetric
+    with pytest.raises(ConfigError, match="does not take"):
+        build_config("rtn", {"rotate": True})
+    out = CliRunner().invoke(app, ["quantize", "--help"], terminal_width=200).output
+    assert all(flag in out for flag in ("--rotate", "--act-clip", "--act-per-group", "--act-affine"))

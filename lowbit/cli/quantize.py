@@ -150,6 +150,14 @@ def register(app: typer.Typer) -> None:
                                                  help="measure fidelity on your texts (.txt / .jsonl) instead of "
                                                       "lowbit's built-in evaluation texts"),
         alpha: Optional[str] = typer.Option(None, "--alpha", help="SmoothQuant migration strength in [0, 1] or 'none'"),
+        rotate: bool = typer.Option(False, "--rotate", help="W/A presets on Llama-layout LMs: QuaRot Hadamard rotations "
+                                                           "folded into the weights instead of SmoothQuant (unties "
+                                                           "the LM head)"),
+        act_clip: Optional[float] = typer.Option(None, "--act-clip", help="W/A presets: activation grid over this "
+                                                                          "fraction of each token's max |x| (e.g. 0.9)"),
+        act_per_group: bool = typer.Option(False, "--act-per-group", help="W/A presets: one activation grid per "
+                                                                          "token and weight group (not per token)"),
+        act_affine: bool = typer.Option(False, "--act-affine", help="W/A presets: affine (min/max) activation grids"),
         kernel: Optional[str] = typer.Option(None, "--kernel", help="auto | fast | reference"),
         budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="mixed precision: size budget in MB"),
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="mixed precision: latency budget"),
@@ -187,7 +195,8 @@ def register(app: typer.Typer) -> None:
         options = dict(bits=bits, group_size=group_size, symmetric=symmetric, observer=observer,
                        granularity=granularity, alpha=alpha, kernel=kernel, budget_mb=budget_mb,
                        max_latency_ms=max_latency_ms, kv_cache=kv_cache, gguf=gguf,
-                       tie_embeddings=tie_embeddings or None)
+                       tie_embeddings=tie_embeddings or None, rotate=rotate or None, act_clip=act_clip,
+                       act_per_group=act_per_group or None, act_symmetric=False if act_affine else None)
         config = build_config(scheme, options)  # --calib sizes the calibration set for any scheme
         if out is not None and out.exists() and not force:
             raise ConfigError(f"{out} exists; pass --force to replace it")
