@@ -264,6 +264,18 @@ def _hqq_rounds_torch(W: torch.Tensor, K: int, s0: torch.Tensor, z0: torch.Tenso
     return best_s, best_z, best_err, err0, rounds
 
 
+def hqq_group_init(bits: int, symmetric: bool, **kwargs):
+    """``vals (N, g) -> (scale (N,), zero_point (N,) float | None)``: HQQ's parameters for one group of
+    columns (each row one group), the ``group_init`` hook of :meth:`lowbit.algorithms.gptq.GPTQ.solve`
+    (GPTQ's group parameters from HQQ instead of min-max). ``kwargs``: :func:`hqq_quantize`'s options."""
+
+    def init(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _, qp, _ = hqq_quantize(vals, bits, 0, symmetric, **kwargs)  # per channel = one group per row
+        return qp.scale, qp.zero_point
+
+    return init
+
+
 def _fp16(x: torch.Tensor, positive: bool = True) -> torch.Tensor:
     """``x`` rounded to fp16 (how scales and zero-points are stored), back in fp32; scales stay > 0."""
     y = x.to(torch.float16).float()
