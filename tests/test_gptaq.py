@@ -161,6 +161,8 @@ def test_gptaq_with_guard_runs_and_records():
 
 
 def test_clear_errors():
+    with pytest.raises(ConfigError, match="asym_alpha"):
+        GPTQConfig(asymmetric_calib=True, asym_alpha=1.5)
     with pytest.raises(ConfigError, match="guard_windows"):
         GPTQConfig(guard=True, guard_windows=0)
     with pytest.raises(ConfigError, match="torchrun"):
