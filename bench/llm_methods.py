@@ -45,13 +45,10 @@ ROWS = [
     ("AWQ W4 g128 sym", "awq", dict(bits=4, group_size=128, symmetric=True)),
     ("AWQ+GPTQ W4 g128 sym", "awq-gptq", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ+guard W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, guard=True)),
-    ("GPTAQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True)),
     ("GPTAQ+guard W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True, guard=True)),
-    ("GPTAQ a0.25 W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True, asym_alpha=0.25)),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, guard=True)),
-    ("GPTAQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, asymmetric_calib=True)),
     ("GPTAQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, asymmetric_calib=True, guard=True)),
     ("AWQ W3 g128 sym", "awq", dict(bits=3, group_size=128, symmetric=True)),
     ("AWQ+GPTQ W3 g128 sym", "awq-gptq", dict(bits=3, group_size=128, symmetric=True)),
@@ -91,7 +88,10 @@ def main() -> None:
                     help="calibration windows of 512 tokens (default: each method's own, GPTQ 16, AWQ the 4 its search uses)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded box)")
     ap.add_argument("--percdamp", type=float, default=None, help="GPTQ damping (default 0.01)")
+    ap.add_argument("--calib-text", default="mix", choices=("mix", "docs"),
+                    help="built-in calibration text: the mix (default) or the docs-only text of results before it")
     ap.add_argument("--part", default="", help="write results/llm_methods_part_<PART>.json (rows run in parallel)")
+    ap.add_argument("--append", action="store_true", help="keep the rows already in the output file (same name: replaced)")
     ap.add_argument("--merge", action="store_true", help="merge llm_methods.json and the part files into llm_methods_merged.md/.json")
     args = ap.parse_args()
     if args.merge:
@@ -107,13 +107,31 @@ def main() -> None:
     base = evaluate(fp, ref, quick=args.quick)
     rows = [{"name": "fp32", **base, "quant_wall_s": 0.0, "quant_cpu_s": 0.0}]
     meta = {"machine": machine(), "calib_windows": args.calib, "quick": args.quick, "percdamp": args.percdamp,
-            "calib_text": _calib_text_record()}
+            "calib_text": _calib_text_record(args.calib_text)}
+    if args.append:  # rows of earlier runs of this file (one locked run per group of rows)
+        import json
+
+        from bench._llm_common import RESULTS
+
+        old = RESULTS / f"{out_name}.json"
+        if old.is_file():
+            d = json.loads(old.read_text())
+            if d["meta"].get("quick") != args.quick or d["meta"].get("calib_text") != meta["calib_text"]:
+                raise SystemExit(f"--append: {old} was measured with other settings (quick / calibration text)")
+            meta["machine"] = d["meta"]["machine"]
+            meta["runs"] = d["meta"].get("runs", [d["meta"]["machine"]["loadavg_1_5_15"]])
+            meta["runs"].append(machine()["loadavg_1_5_15"])
+            rows += [r for r in d["rows"] if r["name"] != "fp32"]
     for name, family, kw in ROWS:
         if args.only and not any(f.strip()[1:].lower() == name.lower() if f.strip().startswith("=")
                                  else f.strip().lower() in name.lower() for f in args.only.split(",")):
             continue
         print(f"... {name}", flush=True)
-        model, t = quantize_row(fp, family, kw, args.calib, args.percdamp)
+        rows = [r for r in rows if r["name"] != name]
+        from lowbit.data import lm_calib_source
+
+        with lm_calib_source(args.calib_text):
+            model, t = quantize_row(fp, family, kw, args.calib, args.percdamp)
         r = evaluate(model, ref, quick=args.quick)
         guard = (getattr(model, "lowbit_calibration", None) or {}).get("guard")
         if guard is not None:  # the linears whose held-out calibration error was lower with RTN's codes
@@ -184,19 +202,19 @@ TEXTS = (("held-out", "ppl_heldout", "kl_heldout", "held-out docs"), ("licence",
          ("science", "ppl_science", "kl_science", "science"))
 
 
-def _calib_text_record() -> dict:
+def _calib_text_record(name: str = "mix") -> dict:
     """Which built-in calibration text the methods' defaults read (name, bytes per domain, sha256)."""
     from lowbit.data import lm_calib_composition
 
-    comp = lm_calib_composition("mix")
-    return {"name": "mix", "sha256": comp["sha256"], "bytes": comp["bytes"],
+    comp = lm_calib_composition(name)
+    return {"name": name, "sha256": comp["sha256"], "bytes": comp["bytes"],
             "domain_bytes": {d: v["bytes"] for d, v in comp["domains"].items()}}
 
 
 def _calib_source(meta: dict) -> str:
     rec = meta.get("calib_text")
-    if not rec:
-        return "lm_calib_text (the calibration half of the docs topics: the default before the mix)"
+    if not rec or rec.get("name") == "docs":
+        return "lm_calib_text('docs') (the calibration half of the docs topics: the default before the mix)"
     parts = ", ".join(f"{d} {b / 1000:.0f} kB" for d, b in rec["domain_bytes"].items())
     return f"lm_calib_text() = the calibration mix ({parts}; sha256 {rec['sha256'][:12]}; docs/data.md)"
 
@@ -251,8 +269,14 @@ def render(rows: list[dict], meta: dict) -> str:
     m = meta["machine"]
     out += ["", f"Machine: {m['cores']} cores, torch threads {m['torch_threads']}, load average at start "
             f"{m['loadavg_1_5_15']}{', at end ' + str(meta['machine_end']['loadavg_1_5_15']) if 'machine_end' in meta else ''}"
-            " (shared with other engineers' jobs: wall times are inflated; CPU s is the steadier figure).", ""]
-    return "\n".join(out)
+            " (shared with other engineers' jobs: wall times are inflated; CPU s is the steadier figure)."
+            + (f" Rows measured in {len(meta['runs'])} runs (--append), load at each start: {meta['runs']}."
+               if meta.get("runs") else ""), ""]
+    for r in rows:  # GPTQ's RTN-fallback guard: which linears kept RTN's codes (held-out calibration windows)
+        if "guard_reverted" in r:
+            names = ", ".join(n.replace("lm.model.layers.", "") for n in r["guard_reverted"]) or "none"
+            out.append(f"- {r['name']}: guard kept RTN's codes for {len(r['guard_reverted'])} linears: {names}")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
