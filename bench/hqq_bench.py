@@ -57,11 +57,31 @@ ROWS = [
     ("HQQ integer zp W3 g128 asym", "hqq-int", dict(bits=3, group_size=128, symmetric=False)),
     ("HQQ last iterate W4 g128 asym", "hqq-last", dict(bits=4, group_size=128, symmetric=False)),
     ("HQQ last iterate W3 g128 asym", "hqq-last", dict(bits=3, group_size=128, symmetric=False)),
+    # the torch rounds (hqq_quantize_ref, the C kernel's twin): timed only, same codes up to float rounding
+    ("HQQ W4 g128 asym, torch rounds (timing only)", "hqq-ref", dict(bits=4, group_size=128, symmetric=False)),
+    # GPTQ references (default calibration) and GPTQ with HQQ's group parameters (init='hqq')
+    ("GPTQ W4 g128 asym", "gptq", dict(bits=4, group_size=128, symmetric=False)),
+    ("GPTQ+HQQ init W4 g128 asym", "gptq-hqq", dict(bits=4, group_size=128, symmetric=False)),
+    ("GPTQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True)),
+    ("GPTQ+HQQ init W4 g128 sym", "gptq-hqq", dict(bits=4, group_size=128, symmetric=True)),
+    ("GPTQ W3 g128 asym", "gptq", dict(bits=3, group_size=128, symmetric=False)),
+    ("GPTQ+HQQ init W3 g128 asym", "gptq-hqq", dict(bits=3, group_size=128, symmetric=False)),
 ]
 
 
+def gptq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, init: str = "minmax") -> None:
+    """GPTQ with its defaults (built-in calibration, 16 windows) on the decoder linears; init='hqq' takes each
+    group's scale / zero-point from HQQ."""
+    import lowbit
+    from lowbit.algorithms.gptq import GPTQConfig
+
+    if not hasattr(model, "lowbit_fp32_numel"):
+        model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())
+    lowbit.quantize(model, GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric, init=init))
+
+
 def hqq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, integer_zero_point: bool = False,
-                keep_best: bool = True) -> dict:
+                keep_best: bool = True, backend: str = "auto") -> dict:
     """HQQ on every decoder-layer linear with rtn_decoder's group-size policy; returns the summed squared
     weight errors (HQQ's and RTN's)."""
     from lowbit.algorithms._llm import decoder_layers, effective_group_size, layer_linears
@@ -75,9 +95,10 @@ def hqq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, i
     for layer in decoder_layers(model):
         for name, m in layer_linears(layer).items():
             g = effective_group_size(m.in_features, group_size)
-            if integer_zero_point or not keep_best:
+            if integer_zero_point or not keep_best or backend != "auto":
                 codes, qp, st = hqq_quantize(m.weight, bits, g, symmetric, cfg.iters, cfg.lp, cfg.beta, cfg.kappa,
-                                             cfg.relax, integer_zero_point=integer_zero_point, keep_best=keep_best)
+                                             cfg.relax, integer_zero_point=integer_zero_point, keep_best=keep_best,
+                                             backend=backend)
                 new = WeightOnlyQLinear.from_quantized(m, codes, qp, g)
             else:
                 new, st = hqq_linear(m, cfg, g)
@@ -119,8 +140,17 @@ def main() -> None:
         with Timer() as t:
             if family == "rtn":
                 rtn_decoder(model, **kw)
+            elif family in ("gptq", "gptq-hqq"):
+                gptq_decoder(model, **kw, init="hqq" if family == "gptq-hqq" else "minmax")
             else:
-                err = hqq_decoder(model, **kw, integer_zero_point=family == "hqq-int", keep_best=family != "hqq-last")
+                err = hqq_decoder(model, **kw, integer_zero_point=family == "hqq-int", keep_best=family != "hqq-last",
+                                  backend="torch" if family == "hqq-ref" else "auto")
+        if family == "hqq-ref":  # timing only
+            rows.append({"name": name, "family": family, **kw, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu,
+                         "sq_error_vs_rtn": err["sq_error"] / err["rtn_sq_error"],
+                         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()})
+            print(f"    {t.wall:.1f} s wall / {t.cpu:.1f} s CPU", flush=True)
+            continue
         r = evaluate(model, ref, quick=args.quick)
         row = {"name": name, "family": family, **kw, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu,
                "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
@@ -144,7 +174,7 @@ def merge() -> None:
 
     from bench._llm_common import RESULTS
 
-    files = [RESULTS / "hqq.json"] + sorted(RESULTS.glob("hqq_part_*.json"))
+    files = sorted(RESULTS.glob("hqq_part_*.json"))  # hqq.json is the output; every row comes from a part
     rows, meta = {}, None
     for f in files:
         if f.is_file():
@@ -169,6 +199,7 @@ def _removed(r: dict, rtn: dict | None, fp: dict, key: str) -> str:
 def render(rows: list[dict], meta: dict) -> str:
     fp = rows[0]
     rtn = {(r["bits"], r["group_size"], r["symmetric"]): r for r in rows if r.get("family") == "rtn"}
+    gptq = {(r["bits"], r["group_size"], r["symmetric"]): r for r in rows if r.get("family") == "gptq"}
     out = ["# SmolLM2-135M: RTN vs HQQ (calibration-free), weight-only, decoder linears", "",
            "g128 = 128 on down_proj, 64 on the 576-wide inputs, for every method; embeddings / tied LM head fp32. "
            "Judged at g128 and 3-bit because SmolLM2 came from a Q4_1 grid (4-bit g32 asymmetric), which g32 affine "
@@ -179,14 +210,27 @@ def render(rows: list[dict], meta: dict) -> str:
            "squared weight error / RTN's. HQQ reads no calibration text. HQQ asym = the paper's method (fp16 "
            "zero-point optimised, min-max scale kept); HQQ sym = the scale optimised (no zero-point exists); "
            "'integer zp' = zero-point rounded to an integer, scale fitted with it; 'last iterate' = no per-group "
-           "selection by squared error (the paper's iterations as they end).",
+           "selection by squared error (the paper's iterations as they end). 'ppl / GPTQ' = the row's perplexity over "
+           "GPTQ's (same bits, group, symmetry; GPTQ with its defaults: 16 windows of the built-in calibration mix) "
+           "on held-out / licence / science; 'GPTQ+HQQ init' = GPTQ whose group scales / zero-points come from HQQ "
+           "(init='hqq'). 'torch rounds (timing only)' = the same HQQ with its rounds as torch ops (the C kernel's "
+           "twin), timed and not evaluated.",
            "",
            "| method | ppl held-out docs | Δ vs fp32 | removed | ppl licence | Δ vs fp32 | removed | ppl science | "
-           "Δ vs fp32 | removed | KL held-out | KL licence | KL science | sq err / RTN | MB | quantize wall s | CPU s | "
-           "load (1 min) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Δ vs fp32 | removed | KL held-out | KL licence | KL science | ppl / GPTQ | sq err / RTN | MB | quantize wall s | "
+           "CPU s | load (1 min) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ref = rtn.get((r.get("bits"), r.get("group_size"), r.get("symmetric")))
+        key3 = (r.get("bits"), r.get("group_size"), r.get("symmetric"))
+        ref = rtn.get(key3)
+        if "ppl" not in r:  # timing-only row
+            out.append(f"| {r['name']} | | | | | | | | | | | | | | {r.get('sq_error_vs_rtn', 0):.3f} | | "
+                       f"{r['quant_wall_s']:.1f} | {r['quant_cpu_s']:.1f} | "
+                       f"{r['uptime'].split('load average:')[-1].split(',')[0].strip()} |")
+            continue
+        g = gptq.get(key3)
+        vs = " / ".join(f"{r[k] / g[k]:.3f}" for k in ("ppl_heldout", "ppl", "ppl_science") if k in r and k in g) \
+            if g is not None and g is not r else ""
         size = f"{r['size_mb']:.1f}" if r.get("size_mb") else ""
         sq = f"{r['sq_error_vs_rtn']:.3f}" if "sq_error_vs_rtn" in r else ""
         load = r["uptime"].split("load average:")[-1].split(",")[0].strip() if "uptime" in r else ""
@@ -195,7 +239,7 @@ def render(rows: list[dict], meta: dict) -> str:
             texts.append(f"{r[key]:.3f} | {100 * (r[key] / fp[key] - 1):+.2f}% | {_removed(r, ref, fp, key)}"
                          if key in r and key in fp else " | | ")
         kls = " | ".join(f"{r[k]:.4f}" if k in r else "" for k in ("kl_heldout", "kl", "kl_science"))
-        out.append(f"| {r['name']} | {' | '.join(texts)} | {kls} | {sq} | {size} | "
+        out.append(f"| {r['name']} | {' | '.join(texts)} | {kls} | {vs} | {sq} | {size} | "
                    f"{r['quant_wall_s']:.1f} | {r['quant_cpu_s']:.1f} | {load} |")
     m = meta["machine"]
     out += ["", f"Machine: {m['cores']} cores shared with other jobs, torch threads {m['torch_threads']}. "
