@@ -117,7 +117,7 @@ def test_rotated_kv_cache_is_exact_unquantized_and_closer_at_int4():
 
 
 def test_token_kurtosis_and_lint_report_before_after():
-    from lowbit.analysis.lint import KURTOSIS_WARN, lint, token_kurtosis
+    from lowbit.analysis.lint import KURTOSIS_WARN, kurtosis_by_kind, lint, token_kurtosis
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4096, generator=g)
@@ -132,6 +132,8 @@ def test_token_kurtosis_and_lint_report_before_after():
     q = k["lm.model.layers.0.self_attn.q_proj"]
     assert q["before"] > KURTOSIS_WARN and q["after"] < q["before"] / 3
     assert any(f.rule == "activation-kurtosis" for f in report.findings)
+    kinds = kurtosis_by_kind(k)  # what `lowbit lint` prints
+    assert kinds["q_proj"]["n"] == 2 and kinds["q_proj"]["median_after"] < kinds["q_proj"]["median_before"] / 3
 
 
 @pytest.mark.parametrize("per_group,symmetric", [(False, True), (True, True), (False, False), (True, False)])
