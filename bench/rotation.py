@@ -62,8 +62,22 @@ def _quantized(kind: str, fp, calib):
         m = copy.deepcopy(fp)
         with Timer() as t:
             lowbit.quantize(m, preset_config("w4a8", rotate=kind == "rot"), calib)
+        t.save_load_diff = _save_load_diff(m) if kind == "rot" else None
         _BASES[kind] = (m, t)
     return _BASES[kind]
+
+
+def _save_load_diff(m) -> float:
+    """Save the rotated model, load it from the folder alone, max |logit difference| on 64 tokens (0 expected)."""
+    import tempfile
+
+    import lowbit
+
+    ids = torch.arange(100, 164)[None]  # (1, 64)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        lowbit.save(m, Path(tmp) / "rot")
+        loaded = lowbit.load(Path(tmp) / "rot")
+        return float((loaded(ids) - m(ids)).abs().max())
 
 
 def _with_activations(m, act_bits: int, act_clip: float = 1.0, act_per_group: bool = False,
@@ -103,7 +117,7 @@ def run_row(name: str, fp, ref, quick: bool, calib) -> dict:
     kind, act = WA_ROWS[name]
     base, t = _quantized(kind, fp, calib)
     return {**evaluate(_with_activations(base, **act), ref, quick=quick), "quant_wall_s": t.wall, "quant_cpu_s": t.cpu,
-            "weights": kind, **act}
+            "weights": kind, "save_load_max_abs_diff": t.save_load_diff, **act}
 
 
 TEXTS = (("", "licence"), ("_heldout", "held-out docs"), ("_science", "science"))
@@ -138,6 +152,9 @@ def render(rows: dict, meta: dict) -> str:
         for kind, v in k.items():
             out.append(f"| {kind} | {v['n']} | {v['median_before']:.1f} | {v['max_before']:.1f} | "
                        f"{v['median_after']:.1f} | {v['max_after']:.1f} |")
+    diffs = {r.get("save_load_max_abs_diff") for n, r in rows.items() if n != "kurtosis"} - {None}
+    if diffs:
+        out += ["", f"Rotated W4 model saved and loaded from its folder alone: max |logit difference| {max(diffs):.3g}."]
     out += ["", "Targets (issue 18): W4A4 rotated <= 1.25x fp32, W4A8 <= 1.05x fp32, KV 4-bit <= +1 %.", ""]
     for name, m in meta.get("runs", {}).items():
         out.append(f"- {name}: load {m['loadavg_1_5_15']}, torch threads {m['torch_threads']}")
