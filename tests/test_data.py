@@ -145,3 +145,25 @@ def test_calibration_metadata_records_the_mix_composition():
     docs = calibration_info(ids, "lowbit.data.lm_calib_text('docs') (smollm2)")["calib_text"]
     assert docs["name"] == "docs" and docs["domain_bytes"] == {"docs": len(lm_calib_text("docs").encode())}
     assert "calib_text" not in calibration_info(ids, "user")
+
+
+def test_lm_calib_source_switches_the_default_calibration_text():
+    import torch
+
+    from lowbit.algorithms._calib import default_calibration
+    from lowbit.data import lm_calib_default, lm_calib_source
+
+    class _CharTokenizer:  # one token per character: windows are the text's first characters
+        def __call__(self, text, return_tensors=None):
+            return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 50_000 for c in text[:2048]]])})()
+
+    model = type("LM", (), {"task": "causal-lm", "tokenizer": _CharTokenizer()})()
+    first = lambda text: torch.tensor([ord(c) % 50_000 for c in text[:512]])  # noqa: E731
+    assert torch.equal(default_calibration(model, 1)[0][0], first(lm_calib_text()))
+    with lm_calib_source("docs"):
+        assert lm_calib_default() == "docs"
+        assert torch.equal(default_calibration(model, 1)[0][0], first(lm_calib_text("docs")))
+    assert lm_calib_default() == "mix"
+    with pytest.raises(ConfigError):
+        with lm_calib_source("wiki"):
+            pass

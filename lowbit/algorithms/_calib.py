@@ -29,12 +29,13 @@ LM_CALIB_WINDOW = 512
 CLASSIFIER_CALIB_IMAGES = 256
 
 
-def default_calibration(model: nn.Module, n: int | None = None, lm_text: str = "mix") -> list:
+def default_calibration(model: nn.Module, n: int | None = None, lm_text: str | None = None) -> list:
     """The built-in calibration batches for a model loaded by ``lowbit.models``.
 
     ``n`` counts samples: sentences (encoders), 512-token windows (causal LMs), images (classifiers).
-    ``lm_text`` names the causal-LM text (:func:`lowbit.data.lm_calib_text`: ``"mix"``, the
-    default, or ``"docs"``, the docs-only text older results used); windows are cut from its start.
+    ``lm_text`` names the causal-LM text (:func:`lowbit.data.lm_calib_text`: ``"mix"`` or ``"docs"``,
+    the docs-only text older results used; None: :func:`lowbit.data.lm_calib_default`, ``"mix"``
+    unless inside ``lowbit.data.lm_calib_source(...)``); windows are cut from its start.
     """
     task = getattr(model, "task", None)
     if n is not None and n < 1:
@@ -45,8 +46,9 @@ def default_calibration(model: nn.Module, n: int | None = None, lm_text: str = "
         s = calib_sentences(n or ENCODER_CALIB_SENTENCES)
         return [s[i:i + 32] for i in range(0, len(s), 32)]
     if task == "causal-lm":
-        from lowbit.data import lm_calib_text
+        from lowbit.data import lm_calib_default, lm_calib_text
 
+        lm_text = lm_text or lm_calib_default()
         want = (n or LM_CALIB_TOKENS // LM_CALIB_WINDOW) * LM_CALIB_WINDOW
         ids = model.tokenizer(lm_calib_text(lm_text), return_tensors="pt").input_ids[0][:want]
         k = ids.numel() // LM_CALIB_WINDOW

@@ -79,10 +79,11 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 def lm_calibration(model: nn.Module, calibration_data, n: int | None = None) -> tuple[list[torch.Tensor], str]:
     """Calibration batches (token ids (1, T) each) and their source; checks overlap with the eval text."""
     from lowbit.algorithms._calib import default_calibration
+    from lowbit.data import lm_calib_default
 
     if calibration_data is None:
         batches = default_calibration(model, n)
-        source = f"lowbit.data.lm_calib_text('mix') ({getattr(model, 'model_name', 'model')})"
+        source = f"lowbit.data.lm_calib_text('{lm_calib_default()}') ({getattr(model, 'model_name', 'model')})"
     else:
         batches, source = list(calibration_data), "user"
     batches = [b if isinstance(b, torch.Tensor) else torch.as_tensor(b) for b in batches]

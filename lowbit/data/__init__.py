@@ -13,9 +13,11 @@ Same install → same data on every call; ``overlap`` measures contamination bet
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import random
+from typing import Iterator
 
 from lowbit.data.overlap import overlap
 from lowbit.data.sentences import clean_sentences
@@ -81,6 +83,26 @@ def lm_science_text() -> str:
 
 
 LM_CALIB_SOURCES = ("mix", "docs")
+_lm_calib_default = "mix"
+
+
+def lm_calib_default() -> str:
+    """The name of the LM calibration text that calibrated methods read by default (``"mix"``)."""
+    return _lm_calib_default
+
+
+@contextlib.contextmanager
+def lm_calib_source(source: str) -> Iterator[None]:
+    """Within the block, the built-in LM calibration (``default_calibration``) reads
+    ``lm_calib_text(source)``; e.g. ``"docs"`` to reproduce results from before the mix."""
+    global _lm_calib_default
+    if source not in LM_CALIB_SOURCES:
+        raise ConfigError(f"unknown LM calibration source {source!r}; valid: {', '.join(LM_CALIB_SOURCES)}")
+    before, _lm_calib_default = _lm_calib_default, source
+    try:
+        yield
+    finally:
+        _lm_calib_default = before
 
 
 def lm_calib_text(source: str = "mix") -> str:
@@ -123,4 +145,4 @@ def max_sentences(half: str = "eval") -> int:
 
 
 __all__ = ["eval_sentences", "calib_sentences", "lm_eval_text", "lm_heldout_text", "lm_science_text", "lm_calib_text",
-           "lm_calib_composition", "LM_CALIB_SOURCES", "overlap", "max_sentences"]
+           "lm_calib_composition", "lm_calib_default", "lm_calib_source", "LM_CALIB_SOURCES", "overlap", "max_sentences"]
