@@ -207,7 +207,7 @@ def main() -> None:
     if any(not r["world"] for r in rows):
         md.append("- *plain process*: `lowbit quantize` without torchrun (no process group) at that many torch threads; "
                   "'equal' compares the sha256 of every tensor of the quantized model with 1 rank's.")
-    md += ["- Each rank loads the whole fp32 model (this bench does not combine ranks with `--low-memory`, which GPTQ and AWQ support), so peak RSS "
+    md += ["- Each rank holds the whole fp32 model (this bench does not combine ranks with `--low-memory`, which GPTQ and AWQ support), so peak RSS "
            "per rank does not fall with W; only the calibration activations and per-window statistics are split.", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"calib": args.calib, "method": args.method, "rows": rows},
