@@ -117,6 +117,21 @@ def test_greedy_completion_equals_the_in_process_decode_loop(lm_active):
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
 
 
+def test_every_kv_choice_generates_and_the_cli_offers_each(lm_active):
+    """The rotated KV caches (-rot) serve generations like the others, and `lowbit serve --kv-cache`
+    offers exactly the service's choices."""
+    from lowbit.cli.serve import KVCache
+    from lowbit.service.generate import KV_CHOICES
+
+    _, _, model = lm_active
+    assert {k.value for k in KVCache} == set(KV_CHOICES)
+    assert {"int8-rot", "int4-rot", "int2-rot"} <= set(KV_CHOICES)  # ModelService validates against these
+    ids = encode_prompt(model.tokenizer, " ".join(_words(model.tokenizer, 5)), False)
+    for kv in ("int8-rot", "int4-rot"):
+        got = generate(model, ids, SamplingParams(max_tokens=6), kv)
+        assert got.completion_tokens == 6 and got.finish_reason == "length", kv
+
+
 def test_streaming_gives_the_same_text_as_json(lm_active):
     _, client, model = lm_active
     prompt = " ".join(_words(model.tokenizer, 4))

@@ -20,6 +20,9 @@ class KVCache(str, Enum):
     int8 = "int8"
     int4 = "int4"
     int2 = "int2"
+    int8_rot = "int8-rot"
+    int4_rot = "int4-rot"
+    int2_rot = "int2-rot"
     none = "none"
     fast = "fast"
 
@@ -54,7 +57,8 @@ def register(app: typer.Typer) -> None:
         max_generations: int = typer.Option(2, "--max-generations", min=1,
                                             help="generations running at once; more get 429"),
         kv_cache: KVCache = typer.Option(KVCache.int8, "--kv-cache", help="KV cache for generation: int8, int4, int2 (KIVI-style "
-                                                                "quantized), none, or fast: lowbit's fast decoder (fp32 "
+                                                                "quantized; -rot: keys/values quantized in a Hadamard "
+                                                                "basis), none, or fast: lowbit's fast decoder (fp32 "
                                                                 "cache, one C call per token; Llama/Mistral/Qwen2 with "
                                                                 "4/8-bit weights)"),
         lm: Optional[str] = typer.Option(None, "--lm", help="causal LM of the store to serve at start (default: the "

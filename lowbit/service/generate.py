@@ -35,7 +35,7 @@ from lowbit.service.errors import InputTooLarge, Overloaded
 
 log = logging.getLogger(__name__)
 
-KV_CHOICES = ("int8", "int4", "int2", "none", "fast")
+KV_CHOICES = ("int8", "int4", "int2", "int8-rot", "int4-rot", "int2-rot", "none", "fast")  # -rot: Hadamard basis
 FAST = "fast"  # lowbit.models.decode.Decoder: fp32 KV cache, one C call per token over all layers
 PLAIN_ROLES = ("system", "user", "assistant")
 WARMUP_PROMPT = "lowbit warm-up"
