@@ -231,21 +231,15 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, config: AWQConfig, group_size:
 
 
 class _Spread:
-    """Where AWQ's search windows live: all in this process (``n_search`` None: statistics over the
-    concatenated windows, as always), or spread over ranks (window ``b`` on rank ``b mod W``; every
-    statistic reduced in window order, :mod:`lowbit.algorithms.ranks`)."""
+    """AWQ's ``n_search`` search windows, window ``b`` on rank ``b mod W`` (all of them in one process):
+    every statistic is reduced in window order (:mod:`lowbit.algorithms.ranks`), so one process and any
+    number of ranks compute the same floats."""
 
-    def __init__(self, n_search: int | None = None):
+    def __init__(self, n_search: int):
         self.n = n_search
-
-    @property
-    def ranks(self) -> bool:
-        return self.n is not None
 
     def mean_abs(self, xs: list[torch.Tensor], channels: int) -> torch.Tensor:
         """Per-channel ``mean |x|`` (C,) over every search window's tokens."""
-        if not self.ranks:
-            return torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).abs().mean(dim=0)
         flat = [t.reshape(-1, channels) for t in xs]  # (tokens, C) per window
         total = ordered_sum([t.abs().sum(dim=0) for t in flat], self.n, (channels,))
         count = ordered_sum([torch.tensor(t.shape[0], dtype=torch.int64) for t in flat], self.n, (), torch.int64)
@@ -258,10 +252,8 @@ class _Spread:
 
     def sample_rows(self, xs, gen: torch.Generator, k: int, channels: int) -> torch.Tensor:
         """``k`` token rows (k, C) drawn uniformly from every search window's tokens, windows concatenated in
-        order (``xs``: the concatenation (M, C) in one process, this rank's windows across ranks): the same
-        rows (and generator state) on every rank and at every world size."""
-        if not self.ranks:
-            return xs[torch.randperm(xs.shape[0], generator=gen)[:k]].float()
+        order (``xs``: this rank's windows, (tokens, C) each): the same rows (and generator state) on every
+        rank and at every world size."""
         per = xs[0].shape[0] if xs else None  # tokens per window (one window length: sequential.py)
         per = int(broadcast_from(torch.tensor(per or 0, dtype=torch.int64), 0))  # rank 0 always has a window
         idx = torch.randperm(per * self.n, generator=gen)[:k]  # global row r: window r // per, row r % per
@@ -272,12 +264,12 @@ class _Spread:
         return out
 
 
-def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, stats: dict, norm_offset: float = 0.0,
-                     n_batches: int | None = None):
+def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, stats: dict, norm_offset: float,
+                     n_batches: int):
     """The per-layer AWQ step for Llama-layout blocks; ``norm_offset`` 1.0 for norms computing ``x (1 + w)``.
 
-    ``n_batches``: across ranks, the number of calibration windows over all ranks (the layer receives
-    this rank's windows ``r, r + W, ...``); None in one process."""
+    ``n_batches``: the number of calibration windows over all ranks (the layer receives this rank's
+    windows ``r, r + W, ...``; all of them in one process)."""
 
     def selected(name: str) -> bool:
         return (any(fnmatch.fnmatchcase(name, p) for p in config.include)
@@ -295,12 +287,9 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
         attn, mlp = layer.self_attn, layer.mlp
         # Whole windows for the search (attention needs full sequences), up to search_tokens.
         per_window = max(1, inputs[0].shape[-2] * inputs[0].shape[0])
-        if n_batches is None:
-            spread = _Spread()
-            n_win = max(1, min(len(inputs), config.search_tokens // per_window))
-        else:  # the first n_search windows over all ranks; this rank's share of them
-            spread = _Spread(max(1, min(n_batches, config.search_tokens // per_window)))
-            n_win = len(local_indices(spread.n))
+        # the first n_search windows over all ranks; this rank's share of them
+        spread = _Spread(max(1, min(n_batches, config.search_tokens // per_window)))
+        n_win = len(local_indices(spread.n))
         watch = {"self_attn.q_proj": attn.q_proj, "self_attn.o_proj": attn.o_proj,
                  "mlp.gate_proj": mlp.gate_proj, "mlp.down_proj": mlp.down_proj}
         seen: dict[str, list] = {n: [] for n in watch}
@@ -310,13 +299,9 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
         hidden, inter = mlp.gate_proj.in_features, mlp.down_proj.in_features
         x_attn = seen["self_attn.q_proj"]  # normed inputs (B, T, C) per window
         flat = lambda xs: [x.reshape(-1, x.shape[-1]) for x in xs]  # noqa: E731  (tokens, K) per window
-        if spread.ranks:  # per window: each window's terms are reduced in window order
-            x_mlp, x_down, x_o = (flat(seen[n]) for n in ("mlp.gate_proj", "mlp.down_proj", "self_attn.o_proj"))
-            apply = lambda f, xs: [f(x) for x in xs]  # noqa: E731
-        else:  # one process: the windows concatenated, (M, K)
-            x_mlp, x_down, x_o = (torch.cat(flat(seen[n])) for n in ("mlp.gate_proj", "mlp.down_proj",
-                                                                      "self_attn.o_proj"))
-            apply = lambda f, x: f(x)  # noqa: E731
+        # per window: each window's terms are reduced in window order
+        x_mlp, x_down, x_o = (flat(seen[n]) for n in ("mlp.gate_proj", "mlp.down_proj", "self_attn.o_proj"))
+        apply = lambda f, xs: [f(x) for x in xs]  # noqa: E731
         g = lambda m: effective_group_size(m.in_features, config.group_size)  # noqa: E731
         info: dict = {}
         s_qkv = torch.ones(hidden)  # what q/k/v's input is divided by once folded
@@ -324,14 +309,13 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
 
         with torch.no_grad(), collective_guard(f"AWQ at decoder layer {i}"):
             def reducer(numel: int):
-                return (lambda sse: spread.losses(sse, numel)) if spread.ranks else None
+                return lambda sse: spread.losses(sse, numel)
 
             # 1. input_layernorm -> q, k, v, judged on the attention output.
             qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
             if all(n in linears for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
                 def attn_block():
-                    outs = [attn(hidden_states=x, **_attn_kwargs(kwargs))[0] for x in x_attn]
-                    return outs if spread.ranks else torch.cat(outs)
+                    return [attn(hidden_states=x, **_attn_kwargs(kwargs))[0] for x in x_attn]
                 ref = attn_block()
                 s, alpha, loss = search_scale(spread.mean_abs(x_attn, hidden), qkv, attn_block, ref, config,
                                               [g(m) for m in qkv], reducer(per_window * attn.o_proj.out_features))
@@ -342,7 +326,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
             gu = [mlp.gate_proj, mlp.up_proj]
             if all(n in linears for n in ("mlp.gate_proj", "mlp.up_proj")):
                 ref = apply(mlp, x_mlp)
-                s, alpha, loss = search_scale(spread.mean_abs(x_mlp if spread.ranks else [x_mlp], hidden), gu,
+                s, alpha, loss = search_scale(spread.mean_abs(x_mlp, hidden), gu,
                                               lambda: apply(mlp, x_mlp), ref, config, [g(m) for m in gu],
                                               reducer(per_window * mlp.down_proj.out_features))
                 _fold(layer.post_attention_layernorm.weight, gu, s, norm_offset)
@@ -352,7 +336,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
             if "mlp.down_proj" in linears and "mlp.up_proj" in linears:
                 dn = mlp.down_proj
                 ref = apply(dn, x_down)
-                s, alpha, loss = search_scale(spread.mean_abs(x_down if spread.ranks else [x_down], inter), [dn],
+                s, alpha, loss = search_scale(spread.mean_abs(x_down, inter), [dn],
                                               lambda: apply(dn, x_down), ref, config, [g(dn)],
                                               reducer(per_window * dn.out_features))
                 mlp.up_proj.weight.data /= s[:, None]  # rows of up = channels of down's input
@@ -360,7 +344,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
                 x_down = apply(lambda x: x / s, x_down)
                 info["down_alpha"] = alpha
             # 4. clipping search (across ranks: linear k's on rank k mod W, then broadcast), then RTN storage.
-            x_qkv = apply(lambda x: x / s_qkv, flat(x_attn) if spread.ranks else torch.cat(flat(x_attn)))
+            x_qkv = apply(lambda x: x / s_qkv, flat(x_attn))
             x_gu = apply(lambda x: x / s_gu, x_mlp)
             xs = {"self_attn.v_proj": x_qkv, "self_attn.o_proj": x_o, "mlp.gate_proj": x_gu,
                   "mlp.up_proj": x_gu, "mlp.down_proj": x_down}
@@ -372,8 +356,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
                     x = spread.sample_rows(xs[n], gen, config.clip_tokens, m.in_features)
                     if k % world == rank:
                         w = search_clip(w, x, config, g(m))
-                    if spread.ranks:
-                        w = broadcast_from(w.contiguous(), k % world)
+                    w = broadcast_from(w.contiguous(), k % world)  # a no-op in one process
                 m.weight.data = w
                 if config.rounding == "rtn":
                     layer.set_submodule(n, _store(m, config, g(m)))
@@ -385,7 +368,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
         return process
     # rounding="gptq": the layer stays float after scaling and clipping; GPTQ then collects Hessians
     # of its (now scaled) inputs in one more pass and rounds with error compensation.
-    if n_batches is None or not ranks_active():
+    if not ranks_active():
         gptq_step = make_gptq_process(config.gptq_config(), prefix, report, stats)
     else:
         from lowbit.algorithms._llm import LLAMA_INPUT_GROUPS

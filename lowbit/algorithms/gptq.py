@@ -544,6 +544,12 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
     return process
 
 
+def _weight_options(options: dict) -> dict:
+    """The CLI's --bits / --group-size / --symmetric / --kernel as GPTQConfig fields (the GPTQ schemes' defaults)."""
+    return dict(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
+                symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+
+
 @register_scheme("gptq", "GPTQ weight-only (Hessian error compensation, act-order, lazy blocks), decoder layers "
                  "one at a time: --bits {2,3,4,8} --group-size N --symmetric/--affine; causal LMs only",
                  options=("bits", "group_size", "symmetric", "kernel", "gguf"), models=("smollm2",))
@@ -551,35 +557,28 @@ def _gptq_scheme(options: dict) -> GPTQConfig:
     if options.get("gguf"):  # --gguf q4_0: llama.cpp's Q4_0 grid (int4 symmetric, blocks of 32, codes -8..7)
         return GPTQConfig(bits=4, group_size=32, symmetric=True, gguf=options["gguf"],
                           kernel=options.get("kernel", "auto"))
-    return GPTQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
-                      symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+    return GPTQConfig(**_weight_options(options))
 
 
 @register_scheme("gptaq", "GPTAQ: GPTQ calibrated asymmetrically (each linear matches the fp32 model's outputs from "
                  "the quantized model's inputs) with the RTN-fallback guard on held-out calibration windows",
                  options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
 def _gptaq_scheme(options: dict) -> GPTQConfig:
-    return GPTQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
-                      symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"),
-                      asymmetric_calib=True, guard=True)
+    return GPTQConfig(**_weight_options(options), asymmetric_calib=True, guard=True)
 
 
 @register_scheme("gptq-guard", "GPTQ with the RTN-fallback guard: a linear whose output error on held-out "
                  "calibration windows is above RTN's keeps RTN's codes (recorded in metadata.json)",
                  options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
 def _gptq_guard_scheme(options: dict) -> GPTQConfig:
-    return GPTQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
-                      symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"),
-                      guard=True)
+    return GPTQConfig(**_weight_options(options), guard=True)
 
 
 @register_scheme("gptq-hqq", "GPTQ whose group scales / zero-points come from HQQ's fit to the group's error-updated "
                  "weights instead of min-max (affine: fp16 zero-points)",
                  options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
 def _gptq_hqq_scheme(options: dict) -> GPTQConfig:
-    return GPTQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
-                      symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"),
-                      init="hqq")
+    return GPTQConfig(**_weight_options(options), init="hqq")
 
 
 @register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",
