@@ -160,3 +160,15 @@ def test_cli_options_build_the_rotated_preset():
         build_config("rtn", {"rotate": True})
     out = CliRunner().invoke(app, ["quantize", "--help"], terminal_width=200).output
     assert all(flag in out for flag in ("--rotate", "--act-clip", "--act-per-group", "--act-affine"))
+
+
+def test_fast_decoder_refuses_a_rotated_model_and_the_service_falls_back():
+    from lowbit.models.decode import Decoder
+    from lowbit.service.generate import build_fast_decoder
+
+    rot = tiny_llama(hidden=64, inter=128)
+    rotate_model(rot, seed=1)
+    with pytest.raises(ConfigError, match="rotated"):  # it would skip the online Hadamard: wrong logits
+        Decoder(rot, max_len=64)
+    with pytest.raises(ConfigError, match="rotated"):  # the service's warmup catches this and serves the model
+        build_fast_decoder(rot)

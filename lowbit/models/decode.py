@@ -181,6 +181,7 @@ class Decoder:
     def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1, activations: str = "fp32",
                  kernel: str = "auto"):
         from lowbit.models.adapters import backbone
+        from lowbit.nn.hadamard import HadamardMLP
 
         lm = backbone(model)
         cfg = getattr(lm, "config", None)
@@ -204,6 +205,9 @@ class Decoder:
         self.layers = []
         for layer in inner.layers:
             at, mlp = layer.self_attn, layer.mlp
+            if isinstance(mlp, HadamardMLP):  # its online rotation of down_proj's input is not in this forward
+                raise ConfigError("the fast decoder does not run QuaRot-rotated models (online Hadamard on "
+                                  "down_proj's input); use the model's own forward / generate()")
             self.layers.append({
                 "in_norm": layer.input_layernorm.weight.detach().float(),
                 "post_norm": layer.post_attention_layernorm.weight.detach().float(),
