@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._llm_common import CachedReference, Timer, machine, quiet, rtn_decoder, write_results  # noqa: E402
 
-# (row name, family, kwargs); family "rtn" | "gptq" | "awq" | "awq-gptq" (AWQ scales + clipping, GPTQ rounding);
-# GPTQ rows may set guard=True (RTN fallback judged on held-out calibration windows) and asymmetric_calib=True (GPTAQ)
+# (row name, family, kwargs); family "rtn" | "rtn-mse" (RTN, MSE group-scale search) | "gptq" | "awq" | "awq-gptq"
+# (AWQ scales + clipping, GPTQ rounding) | "awq-gptaq" (AWQ scales, GPTAQ rounding); GPTQ rows may set guard=True (RTN
+# fallback judged on held-out calibration windows), asymmetric_calib=True (GPTAQ) and init="mse"; AWQ rows clip and init
 ROWS = [
     ("RTN W4 g128 sym", "rtn", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True)),
@@ -46,6 +47,11 @@ ROWS = [
     ("AWQ+GPTQ W4 g128 sym", "awq-gptq", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ+guard W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, guard=True)),
     ("GPTAQ+guard W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True, guard=True)),
+    ("RTN-MSE W4 g128 sym", "rtn-mse", dict(bits=4, group_size=128, symmetric=True)),
+    ("GPTQ-MSE W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, init="mse")),
+    ("GPTAQ-MSE W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True, init="mse")),
+    ("AWQ+GPTAQ W4 g128 sym", "awq-gptaq", dict(bits=4, group_size=128, symmetric=True)),
+    ("AWQ+GPTAQ-MSE W4 g128 sym", "awq-gptaq", dict(bits=4, group_size=128, symmetric=True, init="mse")),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, guard=True)),
@@ -70,13 +76,35 @@ def quantize_row(fp, family: str, kw: dict, n_calib: int, percdamp: float | None
     with Timer() as t:
         if family == "rtn":
             rtn_decoder(model, **kw)
+        elif family == "rtn-mse":
+            rtn_mse_decoder(model, **kw)
         elif family == "gptq":
             extra = {} if percdamp is None else {"percdamp": percdamp}
             lowbit.quantize(model, GPTQConfig(n_calib=n_calib, **extra, **kw))
         else:
-            rounding = "gptq" if family == "awq-gptq" else "rtn"
+            rounding = {"awq-gptq": "gptq", "awq-gptaq": "gptaq"}.get(family, "rtn")
             lowbit.quantize(model, AWQConfig(n_calib=n_calib, rounding=rounding, **kw))
     return model, t
+
+
+def rtn_mse_decoder(model, bits: int, group_size: int, symmetric: bool = True):
+    """RTN on every decoder-layer linear with each group's scale from the MSE shrink search
+    (lowbit.algorithms.gptq.mse_group_init) instead of min-max; GPTQ/AWQ's group-size fallback (576 -> 64)."""
+    from lowbit.algorithms._llm import decoder_layers, effective_group_size, layer_linears
+    from lowbit.algorithms.gptq import mse_group_init, rtn_solution, wrap_quantized
+    from lowbit.nn import weight_format
+
+    if not hasattr(model, "lowbit_fp32_numel"):
+        model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())
+    fmt = weight_format(bits, symmetric, None)
+    init = mse_group_init(fmt, symmetric)
+    for layer in decoder_layers(model):
+        for name, m in layer_linears(layer).items():
+            g = effective_group_size(m.in_features, group_size)
+            codes, qp = rtn_solution(m.weight, fmt, symmetric, g, group_init=init)
+            layer.set_submodule(name, wrap_quantized(m, codes, qp, g, "auto", False))
+    model.lowbit_scheme = f"rtn-mse-w{bits}-g{group_size}{'-sym' if symmetric else '-asym'}"
+    return model
 
 
 def main() -> None:
@@ -254,7 +282,7 @@ def render(rows: list[dict], meta: dict) -> str:
            "|---|" + "---|---|---|---|" * len(TEXTS) + "---|---|---|---|"]
     for r in rows:
         rtn = None
-        if r.get("family") in ("gptq", "awq", "awq-gptq"):
+        if r.get("family") in ("gptq", "awq", "awq-gptq", "awq-gptaq", "rtn-mse"):
             key = r["name"].split(" ", 1)[1].replace(" + double quant", "").split(" (")[0]
             rtn = rtn_by_setting.get(key)
         cells = []

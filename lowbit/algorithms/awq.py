@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 CLIP_RATIOS = 20  # shrink ratios 1.0, 0.975, ..., 0.525 (the paper's grid: 0.5..1 in 20 steps)
 CLIP_MIN_RATIO = 0.5
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
-ROUNDINGS = ("rtn", "gptq")
+ROUNDINGS = ("rtn", "gptq", "gptaq")
 # gguf type -> the (bits, group_size, symmetric) it is; fmt None and double_quant False for all
 GGUF_FIELDS = {"q4_0": (4, GGML_BLOCK, True), "q4_1": (4, GGML_BLOCK, False), "q8_0": (8, GGML_BLOCK, True)}
 
@@ -96,7 +96,8 @@ class AWQConfig(BaseConfig):
     clip_tokens: int = 512  # tokens sampled for the clipping search
     n_calib: int | None = None  # None: the windows search_tokens needs (GPTQ's default with rounding="gptq")
     kernel: str = "auto"
-    rounding: str = "rtn"  # "gptq": GPTQ's error-compensating rounding of the scaled, clipped layer
+    rounding: str = "rtn"  # "gptq": GPTQ's error-compensating rounding of the scaled, clipped layer; "gptaq": GPTAQ's
+    init: str = "minmax"  # rounding "gptq" / "gptaq": the GPTQ step's group parameters (GPTQConfig.init, e.g. "mse")
     gguf: str | None = None  # "q4_0" | "q4_1" | "q8_0": ggml's grid and rounding (rounding="gptq": "q4_0" only)
 
     def __post_init__(self):
@@ -105,6 +106,9 @@ class AWQConfig(BaseConfig):
             raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.init != "minmax" and self.rounding == "rtn":
+            raise ConfigError(f"awq init={self.init!r} chooses the GPTQ step's group parameters: it needs rounding "
+                              "'gptq' or 'gptaq' (plain AWQ's clipping search chooses its ranges)")
         if self.gguf is not None:
             if self.gguf not in GGUF_FIELDS:
                 raise ConfigError(f"awq gguf must be one of {', '.join(GGML_TYPES)}, got {self.gguf!r}")
@@ -115,8 +119,8 @@ class AWQConfig(BaseConfig):
                                   f"{'symmetric' if sym else 'affine'}, no fmt or double_quant; got bits={self.bits}, "
                                   f"group_size={self.group_size}, symmetric={self.symmetric}, fmt={self.fmt!r}, "
                                   f"double_quant={self.double_quant}")
-            if self.rounding == "gptq" and self.gguf != "q4_0":
-                raise ConfigError(f"awq-gptq gguf={self.gguf!r}: GPTQ rounds on ggml's grid for 'q4_0' only "
+            if self.rounding != "rtn" and self.gguf != "q4_0":
+                raise ConfigError(f"awq-{self.rounding} gguf={self.gguf!r}: GPTQ rounds on ggml's grid for 'q4_0' only "
                                   "(q8_0 and q4_1 need no option: --bits 8 / --affine at --group-size 32)")
 
     def calibration_windows(self) -> int:
@@ -124,13 +128,14 @@ class AWQConfig(BaseConfig):
         if self.n_calib:
             return self.n_calib
         search = max(1, self.search_tokens // LM_CALIB_WINDOW)
-        return max(search, DEFAULT_CALIB_WINDOWS) if self.rounding == "gptq" else search
+        return max(search, DEFAULT_CALIB_WINDOWS) if self.rounding != "rtn" else search
 
     def gptq_config(self) -> GPTQConfig:
-        """The GPTQ settings of the ``rounding="gptq"`` step (same bits, groups, format, layers)."""
+        """The GPTQ settings of the ``rounding="gptq"`` / ``"gptaq"`` step (same bits, groups, format, layers)."""
         return GPTQConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, fmt=self.fmt,
                           double_quant=self.double_quant, kernel=self.kernel, include=self.include,
-                          exclude=self.exclude, gguf=self.gguf)
+                          exclude=self.exclude, gguf=self.gguf, asymmetric_calib=self.rounding == "gptaq",
+                          init=self.init)
 
     @property
     def format_name(self) -> str:
@@ -138,9 +143,10 @@ class AWQConfig(BaseConfig):
 
     @property
     def scheme(self) -> str:
-        method = "awq" if self.rounding == "rtn" else "awq-gptq"
+        method = "awq" if self.rounding == "rtn" else f"awq-{self.rounding}"
         name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
-        return f"{name}-ggml" if self.gguf else name
+        name += "" if self.clip else "-noclip"
+        return f"{name}{'-ggml' if self.gguf else ''}{'' if self.init == 'minmax' else f'-{self.init}init'}"
 
 
 # ------------------------------------------------------------------------------- the math
@@ -368,6 +374,19 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
         return process
     # rounding="gptq": the layer stays float after scaling and clipping; GPTQ then collects Hessians
     # of its (now scaled) inputs in one more pass and rounds with error compensation.
+    # rounding="gptaq": the same with GPTAQ's asymmetric calibration; the float stream it matches runs through
+    # each layer as AWQ leaves it (the scaling is exact, so without clipping that is the fp32 model's stream).
+    if config.rounding == "gptaq":
+        if ranks_active():
+            raise ConfigError(f"{config.scheme}: GPTAQ runs in one process only, not across torchrun ranks")
+        gptq_step = make_gptq_process(config.gptq_config(), prefix, report, stats)
+
+        def scale_then_gptaq(i: int, layer: nn.Module, inputs: list, kwargs: dict, fp_inputs: list) -> None:
+            process(i, layer, inputs, kwargs)
+            gptq_step(i, layer, inputs, kwargs, fp_inputs)
+
+        scale_then_gptaq.float_stream = True
+        return scale_then_gptaq
     if not ranks_active():
         gptq_step = make_gptq_process(config.gptq_config(), prefix, report, stats)
     else:
@@ -407,7 +426,7 @@ def _store(m: nn.Linear, config: AWQConfig, group_size: int) -> nn.Module:
 def _quantize_awq(model: nn.Module, config: AWQConfig, calibration_data=None) -> QuantizeReport:
     # By default only the windows the scale search (and GPTQ) use: more would run through every layer for nothing.
     batches, source = lm_calibration(model, calibration_data, config.calibration_windows())
-    if config.rounding == "gptq":
+    if config.rounding != "rtn":
         check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
     offset = require_llama_layout(model, config.scheme)
     prefix = layer_prefix(model)
@@ -446,3 +465,11 @@ def _awq_scheme(options: dict) -> AWQConfig:
                  options=("bits", "group_size", "symmetric", "kernel", "gguf"), models=("smollm2",))
 def _awq_gptq_scheme(options: dict) -> AWQConfig:
     return dataclasses.replace(_awq_scheme(options), rounding="gptq")
+
+
+@register_scheme("awq-gptaq", "AWQ's channel scales, then GPTAQ's rounding of the transformed layer (each linear "
+                 "matches the fp32 model's outputs from the quantized model's inputs): --bits --group-size "
+                 "--symmetric/--affine; one process; causal LMs only",
+                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+def _awq_gptaq_scheme(options: dict) -> AWQConfig:
+    return dataclasses.replace(_awq_scheme(options), rounding="gptaq")

@@ -90,6 +90,103 @@ DEFAULT_GUARD_WINDOWS = 4
 # evaluation text). 0.25: within 3% of 0.5 and further from the collapse between 0.5 and 1 (W3's dX is larger).
 DEFAULT_ASYM_ALPHA = 0.25
 
+# init="mse": the group range is shrunk by p in {1, 1 - MSE_STEP, ...} down to 1 - MSE_MAX_SHRINK (80 candidates,
+# 1.00 .. 0.21) and the p minimising sum |w - q(w)|^MSE_NORM over the group is kept: the search of the GPTQ
+# reference implementation's quantizer with mse=True (Frantar et al. 2022, github.com/IST-DASLab/gptq, quant.py:
+# grid 100, maxshrink 0.8, norm 2.4). p = 1 (min-max) is a candidate, so the group error is never above min-max's.
+MSE_NORM = 2.4  # the reference's norm: between 2 (MSE) and the max norm, it weighs the large errors a bit more
+MSE_STEP = 0.01
+MSE_MAX_SHRINK = 0.8
+INITS = ("minmax", "hqq", "mse")
+
+
+def _mse_candidates(vals: torch.Tensor, f, symmetric: bool, shrink: torch.Tensor, qmin: int, qmax: int,
+                    scale_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The candidate scales (S, N) and integer zero-points (S, N) | None of the shrunk ranges ``p * [min, max]``
+    (affine: the range includes 0) for ``vals`` (N, g), as :func:`lowbit.core.qparams_from_range` computes them,
+    the scale rounded to its stored precision."""
+    from lowbit.core.quant import SCALE_EPS
+
+    p = shrink[:, None]  # (S, 1)
+    if symmetric:
+        absmax = vals.abs().amax(dim=1)[None, :]  # (1, N)
+        s = (p * absmax / qmax).clamp_min(SCALE_EPS)  # (S, N)
+        z = None
+    else:
+        lo = vals.amin(dim=1).clamp_max(0)[None, :] * p  # (S, N)
+        hi = vals.amax(dim=1).clamp_min(0)[None, :] * p
+        s = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+    if scale_dtype is not None:
+        s = s.to(scale_dtype).float()
+    if not symmetric:
+        z = (qmin - torch.round(lo / s)).clamp(qmin, qmax)  # (S, N), integer-valued
+    return s, z
+
+
+def mse_group_init(fmt: str, symmetric: bool, norm: float = MSE_NORM, step: float = MSE_STEP,
+                   max_shrink: float = MSE_MAX_SHRINK, scale_dtype: torch.dtype | None = torch.float16):
+    """``vals (N, g) -> (scale (N,), zero_point (N,) | None)``: per row, the shrink ``p`` of the group's
+    min-max range (symmetric: ``s = p max|w| / qmax``; affine: ``[p min(w, 0), p max(w, 0)]``) minimising
+
+        sum_j |w_j - s (clamp(round(w_j / s) + z, qmin, qmax) - z)|^norm
+
+    over ``p in {1, 1 - step, ..., > 1 - max_shrink}``, the first (largest) ``p`` of equal errors; scales
+    rounded to ``scale_dtype`` (how they are stored) before the error is measured. The ``group_init`` hook of
+    :meth:`GPTQ.solve` (``GPTQConfig(init="mse")``, applied to the error-updated weights) and of
+    :func:`rtn_solution`. Integer zero-points (``float_zero_point = False``). Vectorised over the candidates
+    and rows; :func:`mse_group_init_ref` is the loop it must agree with bit for bit."""
+    f = get_format(fmt)
+    if f.kind is not Kind.UNIFORM:
+        raise ConfigError(f"init='mse' searches integer grids, not {f.name}")
+    qmax = f.qmax
+    qmin = f.qmin if not symmetric else -qmax
+    n_cand = max(1, int(round(max_shrink / step)))
+    shrink = torch.tensor([1 - step * i for i in range(n_cand)], dtype=torch.float32)  # (S,)
+
+    def init(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        vals = vals.float()
+        s, z = _mse_candidates(vals, f, symmetric, shrink, qmin, qmax, scale_dtype)  # (S, N)
+        zz = 0 if z is None else z[..., None]
+        q = torch.clamp(torch.round(vals[None] / s[..., None]) + zz, qmin, qmax)  # (S, N, g)
+        err = ((q - zz) * s[..., None] - vals[None]).abs_().pow_(norm).sum(dim=-1)  # (S, N)
+        best = torch.argmin(err, dim=0)  # (N,), the first minimum: the largest p of equal errors
+        rows = torch.arange(vals.shape[0])
+        return s[best, rows], None if z is None else z[best, rows]
+
+    init.float_zero_point = False
+    return init
+
+
+def mse_group_init_ref(fmt: str, symmetric: bool, norm: float = MSE_NORM, step: float = MSE_STEP,
+                       max_shrink: float = MSE_MAX_SHRINK, scale_dtype: torch.dtype | None = torch.float16):
+    """The reference twin of :func:`mse_group_init`: one candidate at a time, a running strict minimum per row."""
+    f = get_format(fmt)
+    qmax = f.qmax
+    qmin = f.qmin if not symmetric else -qmax
+    n_cand = max(1, int(round(max_shrink / step)))
+
+    def init(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        vals = vals.float()
+        best_err = torch.full((vals.shape[0],), float("inf"))
+        best_s = torch.zeros(vals.shape[0])
+        best_z = None if symmetric else torch.zeros(vals.shape[0])
+        for i in range(n_cand):
+            p = torch.tensor([1 - step * i], dtype=torch.float32)
+            s, z = _mse_candidates(vals, f, symmetric, p, qmin, qmax, scale_dtype)  # (1, N)
+            s = s[0]
+            for r in range(vals.shape[0]):
+                zr = 0 if z is None else z[0, r]
+                q = torch.clamp(torch.round(vals[r] / s[r]) + zr, qmin, qmax)
+                e = ((q - zr) * s[r] - vals[r]).abs().pow(norm).sum()
+                if e < best_err[r]:
+                    best_err[r], best_s[r] = e, s[r]
+                    if best_z is not None:
+                        best_z[r] = zr
+        return best_s, best_z
+
+    init.float_zero_point = False
+    return init
+
 
 class GPTQ:
     """Accumulates ``H = 2/M sum_b x_b^T x_b`` over calibration windows of one linear, then solves.
@@ -179,7 +276,9 @@ class GPTQ:
 
         ``group_init(vals) -> (scale, zero_point | None)``: the parameters of the group about to be
         quantized from its current, error-updated weights ``vals`` (N, g) instead of min-max (e.g. HQQ,
-        :func:`lowbit.algorithms.hqq.hqq_group_init`); a float zero-point rounds ``round(w / s + z)``.
+        :func:`lowbit.algorithms.hqq.hqq_group_init`, or the l_p-optimal shrink :func:`mse_group_init`); a
+        float zero-point rounds ``round(w / s + z)``, an integer one (``group_init.float_zero_point = False``)
+        ``round(w / s) + z`` as min-max does.
 
         ``grid="q4_0"``: ggml's Q4_0 grid for int4 symmetric groups: ``scale = m / -8`` with ``m`` the
         group's value of largest magnitude (signed, so the scale may be negative) and codes in the
@@ -201,8 +300,9 @@ class GPTQ:
         g = group_size or K
         n_groups = K // g
         scale = torch.zeros(N, n_groups, dtype=torch.float32)
+        float_zp = group_init is not None and getattr(group_init, "float_zero_point", True)  # HQQ: fp16 zero-points
         zp = None if symmetric or f.kind is not Kind.UNIFORM else torch.zeros(
-            N, n_groups, dtype=torch.float32 if group_init is not None else torch.int32)
+            N, n_groups, dtype=torch.float32 if float_zp else torch.int32)
         ready = torch.zeros(n_groups, dtype=torch.bool)
         codes = torch.zeros(N, K, dtype=torch.int8 if (f.kind is Kind.UNIFORM and f.signed) else torch.uint8)
         cb = f.codebook_tensor().to(dtype) if f.kind is Kind.CODEBOOK else None
@@ -256,7 +356,7 @@ class GPTQ:
                     dq = cb[q] * s
                 else:
                     z = 0 if zp is None else zp[:, grp].to(dtype)
-                    if group_init is not None and zp is not None:  # float zero-point: round(w / s + z)
+                    if float_zp and zp is not None:  # float zero-point: round(w / s + z)
                         q = torch.clamp(torch.round(w / s + z), qmin, qmax)
                     else:
                         q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
@@ -297,7 +397,8 @@ class GPTQConfig(BaseConfig):
     asym_alpha: float = DEFAULT_ASYM_ALPHA  # GPTAQ: W* = W + alpha W P H_d^-1 (1 = the exact minimiser)
     guard: bool = False  # a linear whose held-out error is above RTN's keeps RTN's codes (make_gptq_process)
     guard_windows: int = DEFAULT_GUARD_WINDOWS  # held-out calibration windows the guard judges on
-    init: str = "minmax"  # group scales/zero-points: "minmax" (RTN's) or "hqq" (HQQ's fit to the updated weights)
+    init: str = "minmax"  # group scales/zero-points: "minmax" (RTN's), "hqq" (HQQ's fit to the updated weights) or
+    # "mse" (the shrink of the min-max range minimising the group's l_2.4 rounding error, mse_group_init)
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -309,10 +410,10 @@ class GPTQConfig(BaseConfig):
             raise ConfigError(f"percdamp must be in (0, 1), got {self.percdamp}")
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
-        if self.init not in ("minmax", "hqq"):
-            raise ConfigError(f"init must be 'minmax' or 'hqq', got {self.init!r}")
-        if self.init == "hqq" and (self.fmt or self.gguf or self.double_quant):
-            raise ConfigError("init='hqq' fits integer grids: not with fmt, gguf or double_quant")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init != "minmax" and (self.fmt or self.gguf or self.double_quant):
+            raise ConfigError(f"init={self.init!r} fits integer grids: not with fmt, gguf or double_quant")
         if not 0 <= self.asym_alpha <= 1:
             raise ConfigError(f"asym_alpha must be in [0, 1], got {self.asym_alpha}")
         if self.guard and self.guard_windows < 1:
@@ -327,7 +428,7 @@ class GPTQConfig(BaseConfig):
         method = "gptaq" if self.asymmetric_calib else "gptq"
         name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
         return f"{name}{'-ggml' if self.gguf else ''}{'-guard' if self.guard else ''}" \
-               f"{'-hqqinit' if self.init == 'hqq' else ''}"
+               f"{'' if self.init == 'minmax' else f'-{self.init}init'}"
 
 
 def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, kernel: str,
@@ -337,16 +438,29 @@ def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_si
     return cls.from_quantized(linear, codes, qp, group_size, kernel)
 
 
+def group_init_for(config: GPTQConfig):
+    """The ``group_init`` hook of :meth:`GPTQ.solve` that ``config.init`` names (None: min-max)."""
+    if config.init == "hqq":
+        from lowbit.algorithms.hqq import hqq_group_init
+
+        return hqq_group_init(config.bits, config.symmetric)
+    if config.init == "mse":
+        return mse_group_init(config.format_name, config.symmetric)
+    return None
+
+
 def rtn_solution(weight: torch.Tensor, fmt: str, symmetric: bool, group_size: int, double_quant: bool = False,
-                 grid: str | None = None) -> tuple[torch.Tensor, QParams]:
+                 grid: str | None = None, group_init=None) -> tuple[torch.Tensor, QParams]:
     """Round-to-nearest codes (N, K) and qparams in GPTQ's storage conventions (fp16 or double-quantized
     group scales, ``grid``, codebooks): :meth:`GPTQ.solve` with ``H = I`` and no act order, whose inverse
     factor ``U`` is diagonal, so no rounding error reaches another column and the group scales come
-    from the weights as they are. The guard's alternative to a GPTQ solution."""
+    from the weights as they are. The guard's alternative to a GPTQ solution; with ``group_init`` (e.g.
+    :func:`mse_group_init`) RTN on that group-parameter search."""
     K = weight.shape[1]
     g = GPTQ(K)
     g.S, g.n = torch.eye(K, dtype=torch.float32), 2  # H = 2 / 2 * I
-    codes, qp, _ = g.solve(weight, fmt, symmetric, group_size, act_order=False, double_quant=double_quant, grid=grid)
+    codes, qp, _ = g.solve(weight, fmt, symmetric, group_size, act_order=False, double_quant=double_quant, grid=grid,
+                           group_init=group_init)
     return codes, qp
 
 
@@ -395,7 +509,7 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
     if ranks_active():
         check_ranks_support(config)
         if config.init != "minmax":
-            raise ConfigError("GPTQ init='hqq' runs in one process (not across torchrun ranks)")
+            raise ConfigError(f"GPTQ init={config.init!r} runs in one process (not across torchrun ranks)")
     n_held = config.guard_windows if config.guard else 0
     batches, source = lm_calibration(model, calibration_data, (config.n_calib or DEFAULT_CALIB_WINDOWS) + n_held)
     batches, held = split_held_out(batches, n_held, source)
@@ -460,11 +574,7 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
     from lowbit.algorithms.sequential import run_layer
 
     asym = config.asymmetric_calib
-    group_init = None
-    if config.init == "hqq":
-        from lowbit.algorithms.hqq import hqq_group_init
-
-        group_init = hqq_group_init(config.bits, config.symmetric)
+    group_init = group_init_for(config)
     if config.guard and held_out < 1:
         raise ConfigError(f"{config.scheme}: the RTN-fallback guard needs held-out calibration windows, and this "
                           "path gives none (low-memory and W/A-preset GPTQ run without it): use guard=False")
@@ -579,6 +689,13 @@ def _gptq_guard_scheme(options: dict) -> GPTQConfig:
                  options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
 def _gptq_hqq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), init="hqq")
+
+
+@register_scheme("gptq-mse", "GPTQ whose group scales come from the shrink of the min-max range minimising the "
+                 "group's l_2.4 rounding error on its error-updated weights (the GPTQ reference's mse search)",
+                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+def _gptq_mse_scheme(options: dict) -> GPTQConfig:
+    return GPTQConfig(**_weight_options(options), init="mse")
 
 
 @register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",

@@ -1,0 +1,109 @@
+"""Issue 18, W4 g128: how the GPTQ / AWQ options of that work were chosen, on held-out *calibration* windows
+(never an evaluation text), as bench/gptq_damping.py and bench/gptaq_alpha.py did for their choices.
+
+    .venv/bin/python bench/w4_heldout.py --method gptq --init mse      # one setting per run (appends)
+    .venv/bin/python bench/w4_heldout.py --method awq-gptaq --no-clip --calib 32 --percdamp 0.05
+    .venv/bin/python bench/w4_heldout.py --render                      # -> results/w4_heldout.md
+
+SmolLM2 W{bits} g128 sym (g64 on the 576-wide inputs). Every method is fitted on the first ``--calib``
+512-token windows of lowbit.data.lm_calib_text() (the mix; default 16, AWQ's search the first 4 of them) and
+scored by perplexity and KL(fp32 || model) on windows 100..107 of the same text (the tail of its 108
+windows: never fitted at any --calib up to 100). Methods: rtn, rtn-mse (RTN with the MSE group-scale search),
+gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq; --init mse for the GPTQ step's group
+scales; --no-clip drops AWQ's clipping search.
+
+Writes bench/results/w4_heldout.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._llm_common import RESULTS, Timer, machine, quiet, rtn_decoder, write_results  # noqa: E402
+
+HELD_OUT = range(100, 108)
+METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq")
+
+
+def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None):
+    import lowbit
+    from lowbit.algorithms.awq import AWQConfig
+    from lowbit.algorithms.gptq import GPTQConfig
+
+    from bench.llm_methods import rtn_mse_decoder
+
+    model = copy.deepcopy(fp)
+    w = dict(bits=bits, group_size=128, symmetric=True)
+    damp = {} if percdamp is None else {"percdamp": percdamp}
+    if method == "rtn":
+        rtn_decoder(model, **w)
+    elif method == "rtn-mse":
+        rtn_mse_decoder(model, **w)
+    elif method in ("gptq", "gptaq"):
+        lowbit.quantize(model, GPTQConfig(**w, init=init, n_calib=n_calib, asymmetric_calib=method == "gptaq", **damp))
+    else:
+        if percdamp is not None:
+            raise SystemExit("--percdamp: GPTQ / GPTAQ only (AWQ's GPTQ step keeps the default)")
+        rounding = {"awq": "rtn", "awq-gptq": "gptq", "awq-gptaq": "gptaq"}[method]
+        lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib))
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", choices=METHODS)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--init", default="minmax", choices=("minmax", "mse", "hqq"))
+    ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument("--calib", type=int, default=None, help="calibration windows (default: the method's own)")
+    ap.add_argument("--percdamp", type=float, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    path = RESULTS / "w4_heldout.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    if not args.render:
+        quiet()
+        torch.set_num_threads(args.threads)
+        from lowbit.algorithms._calib import default_calibration
+        from lowbit.analysis.evaluate import lm_scores
+        from lowbit.models import load_model
+
+        fp = load_model("smollm2")
+        held = torch.cat(default_calibration(fp, max(HELD_OUT) + 1)[HELD_OUT.start:HELD_OUT.stop])  # (8, 512)
+        if args.calib and args.calib > HELD_OUT.start:
+            raise SystemExit(f"--calib {args.calib} would fit the held-out windows {HELD_OUT.start}..")
+        with Timer() as t:
+            model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp)
+        s = lm_scores(model, fp, held)
+        key = dict(method=args.method, bits=args.bits, init=args.init, clip=not args.no_clip, calib=args.calib,
+                   percdamp=args.percdamp)
+        rows = [r for r in rows if {k: r.get(k) for k in key} != key]
+        rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
+                     "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})
+        print(rows[-1], flush=True)
+    rows.sort(key=lambda r: (r["bits"], METHODS.index(r["method"]), r["init"], not r["clip"], r["calib"] or 0,
+                             r["percdamp"] or 0))
+    md = ["# W4 choices of issue 18, judged on held-out calibration windows", "",
+          f"SmolLM2 W-bits g128 sym; fitted on the first `calib` windows of the calibration mix (empty: the method's "
+          f"default: GPTQ 16, AWQ 4, AWQ+GPTQ 16), scored on calibration windows {HELD_OUT.start}..{HELD_OUT.stop - 1} "
+          "(never fitted; no evaluation text). percdamp empty: the default (0.1). Lower KL is better.", "",
+          "| bits | method | init | AWQ clip | calib | percdamp | ppl held-out calib | fp32 ppl | KL | quantize CPU s | load |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['bits']} | {r['method']} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
+           f"{r['calib'] or ''} | {r['percdamp'] or ''} | {r['ppl']:.3f} | {r['fp32_ppl']:.3f} | {r['kl']:.4f} | "
+           f"{r['quant_cpu_s']:.0f} | {r['loadavg']} |" for r in rows]
+    write_results("w4_heldout", rows, "\n".join(md) + "\n", {"machine": machine()})
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
