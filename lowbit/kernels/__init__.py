@@ -14,7 +14,7 @@ from typing import Callable
 
 from lowbit.errors import ConfigError
 from lowbit.kernels import xnor
-from lowbit.kernels import block_gemv, hadamard, int8_dynamic, int8_mm, wa_int, weight_only
+from lowbit.kernels import block_gemm, block_gemv, hadamard, int8_dynamic, int8_mm, wa_int, weight_only
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ KERNELS: dict[str, dict[str, Callable]] = {
         "reference": block_gemv.block_linear_a8_ref,
         "fast": block_gemv.block_linear_a8,
         "example": block_gemv.example_block_linear_a8,
+    },
+    "block_gemm_a8": {  # W4A8 prompts: weight tiles unpacked once, vpdpbusd register tiles (lowbit.kernels.block_gemm)
+        "reference": block_gemv.block_linear_a8_ref,
+        "fast": block_gemm.block_gemm_a8,
+        "example": block_gemm.example_block_gemm_a8,
     },
     "quantize_blocks": {
         "reference": block_gemv.quantize_blocks_ref,
