@@ -128,8 +128,8 @@ def render(rows: dict, meta: dict) -> str:
     texts = [(s, t) for s, t in TEXTS if base and f"ppl{s}" in base]
     out = ["# SmolLM2-135M: QuaRot Hadamard rotations for W4A8, W4A4 and a 4-bit KV cache", "",
            "Rotations folded into the weights (RMSNorms fused, residual x randomised Hadamard 576 = 12·12·4, "
-           "values/out per head 64, online Hadamard 1536 = 12·128 on down_proj's input; LM head untied: "
-           "+113 MB fp32). Weights: GPTQ W4 g128 sym (g64 on 576-wide inputs) on "
+           "values/out per head 64, online Hadamard 1536 = 12·128 on down_proj's input; "
+           f"{meta.get('head', 'LM head untied: +113 MB fp32')}). Weights: GPTQ W4 g128 sym (g64 on 576-wide inputs) on "
            f"{meta['calib']} calibration windows; activations int per token; embeddings and LM head fp32. "
            "KV: fp32 weights, int4 KIVI cache fed in chunks of 64 tokens, keys/values quantized in the "
            f"Hadamard basis for -rot. {'Quick: 2 windows per text.' if meta['quick'] else 'All windows.'}", "",
@@ -176,7 +176,9 @@ def main() -> None:
     from lowbit.models import load_model
 
     old = RESULTS / f"{args.out}.json"
-    rows, meta = {}, {"quick": args.quick, "calib": args.calib, "runs": {}}
+    rows, meta = {}, {"quick": args.quick, "calib": args.calib, "runs": {},
+                      "head": "LM head tied to the embedding: one rotated table, the final norm's weight applied "
+                              "online in the unrotated basis (RotatedRMSNorm)"}
     if args.only is not None and old.is_file():
         prev = json.loads(old.read_text())
         if prev["meta"].get("quick") == args.quick and prev["meta"].get("calib") == args.calib:

@@ -16,7 +16,7 @@ from lowbit.core.hadamard import hadamard, hadamard_pm1, paley_hadamard, random_
 from lowbit.errors import ConfigError
 from lowbit.kernels.hadamard import hadamard_transform, hadamard_transform_ref, hadamard_transform_t
 from lowbit.nn import WAQLinear
-from lowbit.nn.hadamard import HadamardMLP
+from lowbit.nn.hadamard import HadamardMLP, RotatedRMSNorm
 from lowbit.nn.kv_cache import KVCacheLM, make_cache
 from tests._tiny_llama import tiny_batches, tiny_llama
 
@@ -55,17 +55,27 @@ def test_fast_transform_matches_dense_twin_and_inverts(n):
 @pytest.mark.parametrize("hidden,inter", [(64, 128), (48, 96)])  # 48 = 12 x 4, 96 = 12 x 8: Paley factors
 def test_rotated_float_model_keeps_its_logits(hidden, inter):
     fp = tiny_llama(hidden=hidden, inter=inter)
-    rot = copy.deepcopy(fp)
-    info = rotate_model(rot, seed=1)
-    assert info["untied_head"] and rot.lm.lm_head.weight is not rot.lm.model.embed_tokens.weight
-    assert not rot.lm.config.tie_word_embeddings
-    assert all(isinstance(layer.mlp, HadamardMLP) for layer in rot.lm.model.layers)
-    assert torch.equal(rot.lm.model.norm.weight, torch.ones(hidden))
+    with torch.no_grad():  # a final norm weight that is not all ones: folding it into a tied head would be wrong
+        fp.lm.model.norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(7))
     x = tiny_batches(2, 24)[0]
+    untied = copy.deepcopy(fp)
+    info = rotate_model(untied, seed=1, tie_head=False)
+    assert info["untied_head"] and untied.lm.lm_head.weight is not untied.lm.model.embed_tokens.weight
+    assert not untied.lm.config.tie_word_embeddings
+    assert all(isinstance(layer.mlp, HadamardMLP) for layer in untied.lm.model.layers)
+    assert torch.equal(untied.lm.model.norm.weight, torch.ones(hidden))
+    tied = copy.deepcopy(fp)
+    info = rotate_model(tied, seed=1)  # the default keeps a tied head tied: one table, the final norm rotates online
+    assert info["tied_head"] and not info["untied_head"]
+    assert tied.lm.lm_head.weight is tied.lm.model.embed_tokens.weight and tied.lm.config.tie_word_embeddings
+    assert isinstance(tied.lm.model.norm, RotatedRMSNorm)
+    assert torch.equal(tied.lm.model.norm.weight, fp.lm.model.norm.weight)
     with torch.no_grad():
-        assert torch.allclose(rot(x), fp(x), atol=FOLD_ATOL)
+        ref = fp(x)
+        assert torch.allclose(untied(x), ref, atol=FOLD_ATOL)
+        assert torch.allclose(tied(x), ref, atol=FOLD_ATOL)
     with pytest.raises(ConfigError, match="already rotated"):
-        rotate_model(rot)
+        rotate_model(tied)
 
 
 def test_rotated_preset_saves_loads_and_records_it(tmp_path):
@@ -80,9 +90,12 @@ def test_rotated_preset_saves_loads_and_records_it(tmp_path):
     x = tiny_batches(1, 32, seed=5)[0]
     with torch.no_grad():
         y = m(x)
+    assert m.lm.lm_head.weight is m.lm.model.embed_tokens.weight  # tied head: stored once
     lowbit.save(m, tmp_path / "rot")
-    loaded = lowbit.load(tmp_path / "rot", model=tiny_llama(seed=123))  # a tied architecture: untied on load
+    loaded = lowbit.load(tmp_path / "rot", model=tiny_llama(seed=123))
     assert loaded.lowbit_config.rotate and loaded.lowbit_config.act_clip == 0.9
+    assert isinstance(loaded.lm.model.norm, RotatedRMSNorm)
+    assert loaded.lm.lm_head.weight is loaded.lm.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
 
@@ -162,7 +175,7 @@ def test_cli_options_build_the_rotated_preset():
     assert all(flag in out for flag in ("--rotate", "--act-clip", "--act-per-group", "--act-affine"))
 
 
-def test_fast_decoder_refuses_a_rotated_model_and_the_service_falls_back():
+def test_fast_decoder_and_gguf_export_refuse_a_rotated_model(tmp_path):
     from lowbit.models.decode import Decoder
     from lowbit.service.generate import build_fast_decoder
 
@@ -172,3 +185,8 @@ def test_fast_decoder_refuses_a_rotated_model_and_the_service_falls_back():
         Decoder(rot, max_len=64)
     with pytest.raises(ConfigError, match="rotated"):  # the service's warmup catches this and serves the model
         build_fast_decoder(rot)
+    from lowbit.io.gguf_export import export_gguf
+
+    with pytest.raises(ConfigError, match="rotated"):  # llama.cpp would skip the online Hadamards
+        export_gguf(rot, tmp_path / "rot.gguf")
+    assert not (tmp_path / "rot.gguf").exists()

@@ -16,11 +16,13 @@ random ±1 diagonal. Row-vector convention throughout (``y = x W^T``, ``W`` of s
 What :func:`rotate_model` does to a Llama-layout model (every step leaves the function unchanged):
 
 1. Fold each RMSNorm's weight ``g`` into the linears that read it: ``W <- W diag(g)`` for q/k/v
-   (input_layernorm) and gate/up (post_attention_layernorm), the final norm into the LM head; the
-   norms' weights become 1 (``RMSNorm(x Q) = RMSNorm(x) Q`` holds only for a weightless norm).
-   **The LM head is untied from the embedding** (the head becomes ``E diag(g) Q``, the embedding
-   ``E Q``): one more vocab x hidden fp32 matrix (SmolLM2: 49152 x 576 x 4 B = 113 MB).
-2. Rotate the residual stream with ``Q``: ``E <- E Q``; readers (q/k/v, gate/up, head)
+   (input_layernorm) and gate/up (post_attention_layernorm); the norms' weights become 1
+   (``RMSNorm(x Q) = RMSNorm(x) Q`` holds only for a weightless norm). The final norm: an untied
+   LM head takes its ``g`` the same way; a head **tied** to the embedding stays tied (one table
+   ``E Q`` for both) and the final norm becomes :class:`lowbit.nn.hadamard.RotatedRMSNorm`, which
+   applies ``g`` in the unrotated basis with two fast transforms per token (``rms(x) Q^T diag(g) Q``)
+   instead of a second vocab x hidden matrix (SmolLM2: 49152 x 576 x 4 B = 113 MB).
+2. Rotate the residual stream with ``Q``: ``E <- E Q``; readers (q/k/v, gate/up, an untied head)
    ``W <- W Q``; writers (o_proj, down_proj) ``W <- Q^T W``, ``b <- b Q``.
 3. Value/out pair per head (head dim d): ``W_v[h] <- H_d^T W_v[h]`` (v's output rows of head h),
    ``W_o[:, h] <- W_o[:, h] H_d`` (o_proj's input columns of every query head reading it). Folded,
@@ -46,7 +48,7 @@ from torch import nn
 from lowbit.core.hadamard import hadamard, hadamard_pm1, paley_hadamard, random_hadamard, sylvester_hadamard
 from lowbit.errors import ConfigError
 from lowbit.kernels.hadamard import hadamard_transform, hadamard_transform_ref, hadamard_transform_t
-from lowbit.nn.hadamard import HadamardMLP
+from lowbit.nn.hadamard import HadamardMLP, RotatedRMSNorm, rotation_modules
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,8 @@ def _head_dims(cfg) -> tuple[int, int, int]:
 
 def untie_head(model: nn.Module) -> bool:
     """Give a tied LM head its own copy of the embedding table (and say so in the config, so a saved
-    folder rebuilds untied); True if it was tied. ``lowbit.load`` calls it for rotated folders loaded
-    into a user-given (tied) architecture."""
+    folder rebuilds untied); True if it was tied. ``lowbit.load`` calls it for folders rotated with
+    ``tie_head=False`` (and those saved before the tied form existed) loaded into a tied architecture."""
     from lowbit.models.adapters import adapter_for, backbone
 
     row = adapter_for(model, "rotation")
@@ -106,11 +108,13 @@ def untie_head(model: nn.Module) -> bool:
     return True
 
 
-def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True, rotate_values: bool = True) -> dict:
+def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True, rotate_values: bool = True,
+                 tie_head: bool = True) -> dict:
     """Fold norms and QuaRot rotations into a float Llama-layout causal LM, in place (see module doc).
 
-    Returns what was done (recorded in the quantization report). The model must be float (rotate
-    before quantizing)."""
+    ``tie_head=False`` unties a tied LM head and folds the final norm into it (no online op at the
+    head, one more vocab x hidden matrix). Returns what was done (recorded in the quantization
+    report). The model must be float (rotate before quantizing)."""
     from lowbit.algorithms._llm import decoder_layers, require_llama_layout
     from lowbit.models.adapters import adapter_for, backbone
 
@@ -131,10 +135,14 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True, rota
     heads, kv_heads, d = _head_dims(cfg)
     q = random_hadamard(hidden, seed)  # (hidden, hidden), orthogonal
     with torch.no_grad():
-        tied = untie_head(model)  # the head will be E diag(g) Q, the embedding E Q
-        emb.weight.data = (emb.weight.data.to(FOLD_DTYPE) @ q).to(emb.weight.dtype)
-        _fold_norm(final_norm, [head], offset)
-        _fold_rows_in(head, q)
+        tied = head.weight is emb.weight
+        untied = tied and not tie_head and untie_head(model)  # the head will be E diag(g) Q, the embedding E Q
+        emb.weight.data = (emb.weight.data.to(FOLD_DTYPE) @ q).to(emb.weight.dtype)  # a tied head reads it too
+        if head.weight is emb.weight:  # tied: g stays in the final norm, applied in the unrotated basis
+            lm.model.norm = RotatedRMSNorm.from_norm(final_norm, offset)
+        else:
+            _fold_norm(final_norm, [head], offset)
+            _fold_rows_in(head, q)
         hd = hadamard(d, FOLD_DTYPE)
         for layer in layers:
             a, mlp = layer.self_attn, layer.mlp
@@ -152,18 +160,21 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True, rota
                 _fold_rows_in(mlp.down_proj, hadamard(inter, FOLD_DTYPE))
                 layer.mlp = HadamardMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, getattr(cfg, "hidden_act", "silu"))
     info = {"method": "quarot-hadamard", "seed": seed, "hidden": hidden, "online_down": online_down,
-            "rotate_values": rotate_values, "head_dim": d, "untied_head": tied}
+            "rotate_values": rotate_values, "head_dim": d, "untied_head": untied, "tied_head": tied and not untied}
     model.lowbit_rotation = info
     log.info("rotated %s: residual %d (seed %d), values per head %d, online down_proj %s%s", getattr(
-        model, "model_name", "model"), hidden, seed, d, online_down, ", LM head untied" if tied else "")
+        model, "model_name", "model"), hidden, seed, d, online_down,
+        ", LM head untied" if untied else ", LM head tied (final norm rotated online)" if tied else "")
     return info
 
 
-def hadamard_mlp_specs(model: nn.Module) -> dict[str, dict]:
-    """``{name: spec}`` of every :class:`HadamardMLP` (recorded before its linears in metadata.json)."""
-    return {n: m.spec() for n, m in model.named_modules() if isinstance(m, HadamardMLP)}
+def rotation_specs(model: nn.Module) -> dict[str, dict]:
+    """``{name: spec}`` of every module with an online rotation (:class:`HadamardMLP`,
+    :class:`RotatedRMSNorm`), recorded before their linears in metadata.json so load rebuilds them first."""
+    names = set(rotation_modules(model))
+    return {n: m.spec() for n, m in model.named_modules() if n in names}
 
 
 __all__ = ["hadamard", "hadamard_pm1", "random_hadamard", "paley_hadamard", "sylvester_hadamard",
            "hadamard_transform", "hadamard_transform_ref", "hadamard_transform_t", "HadamardMLP", "rotate_model",
-           "untie_head", "hadamard_mlp_specs", "FOLD_ATOL"]
+           "untie_head", "rotation_specs", "RotatedRMSNorm", "FOLD_ATOL"]

@@ -145,10 +145,10 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
     batches, source = lm_calibration(model, calibration_data, config.n_calib)
     report = QuantizeReport()
     if config.rotate:  # QuaRot: Hadamard rotations folded into the float weights before any quantization
-        from lowbit.algorithms.rotation import hadamard_mlp_specs, rotate_model
+        from lowbit.algorithms.rotation import rotate_model, rotation_specs
 
         report.extra["rotation"] = rotate_model(model, config.rotate_seed)
-        report.layers.update(hadamard_mlp_specs(model))  # recorded before their linears: load rebuilds them first
+        report.layers.update(rotation_specs(model))  # recorded before their linears: load rebuilds them first
     keep = fold_llama_smoothing(model, batches, config.alpha) if config.alpha is not None else {}
     method = "gptq" if config.weight_method in ("gptq", "auto") else "rtn"
     t0 = time.perf_counter()

@@ -151,8 +151,8 @@ def register(app: typer.Typer) -> None:
                                                       "lowbit's built-in evaluation texts"),
         alpha: Optional[str] = typer.Option(None, "--alpha", help="SmoothQuant migration strength in [0, 1] or 'none'"),
         rotate: bool = typer.Option(False, "--rotate", help="W/A presets on Llama-layout LMs: QuaRot Hadamard rotations "
-                                                           "folded into the weights instead of SmoothQuant (unties "
-                                                           "the LM head)"),
+                                                           "folded into the weights instead of SmoothQuant (a tied "
+                                                           "LM head stays tied; its final norm rotates online)"),
         act_clip: Optional[float] = typer.Option(None, "--act-clip", help="W/A presets: activation grid over this "
                                                                           "fraction of each token's max |x| (e.g. 0.9)"),
         act_per_group: bool = typer.Option(False, "--act-per-group", help="W/A presets: one activation grid per "

@@ -122,7 +122,8 @@ def load(folder: str | Path, verify: bool = True, model: nn.Module | None = None
             base = load_model(meta.model)
     except LowbitError as exc:
         raise LoadError(f"{folder / METADATA_FILE}: {exc}") from None
-    if (meta.config or {}).get("rotate"):  # a rotated model's LM head was untied (lowbit.algorithms.rotation)
+    if (meta.config or {}).get("rotate") and not any(  # rotated with its head untied (lowbit.algorithms.rotation)
+            spec.get("class") == "RotatedRMSNorm" for spec in meta.layers.values()):
         from lowbit.algorithms.rotation import untie_head
 
         untie_head(base)

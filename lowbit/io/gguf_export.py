@@ -49,6 +49,7 @@ from lowbit.io.atomic import TMP_PREFIX, fsync_dir, fsync_file
 from lowbit.io.gguf_blocks import BLOCK, encode_blocks, permute_qk
 from lowbit.nn import QEmbedding, WeightOnlyQLinear
 from lowbit.nn.gguf_linear import BlockMinQLinear, QTableEmbedding
+from lowbit.nn.hadamard import rotation_modules
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,10 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "q4_0", *, sour
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists (use --force / overwrite=True to replace it)")
     lm = _llama(model)
+    rotated = rotation_modules(lm)
+    if rotated:
+        raise ConfigError(f"cannot export a QuaRot-rotated model to GGUF: {rotated[0]} rotates online, which "
+                          "llama.cpp does not compute (the file would give wrong logits)")
     cfg = lm.config
     source_gguf = source_gguf or getattr(model, "gguf_source", None)
     report = ExportReport(path=str(path), qtype=qtype)

@@ -181,7 +181,7 @@ class Decoder:
     def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1, activations: str = "fp32",
                  kernel: str = "auto"):
         from lowbit.models.adapters import backbone
-        from lowbit.nn.hadamard import HadamardMLP
+        from lowbit.nn.hadamard import rotation_modules
 
         lm = backbone(model)
         cfg = getattr(lm, "config", None)
@@ -202,12 +202,13 @@ class Decoder:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_len, self.batch = max_len, batch
+        rotated = rotation_modules(lm)  # online Hadamards (QuaRot) that this forward does not compute
+        if rotated:
+            raise ConfigError(f"the fast decoder does not run QuaRot-rotated models ({rotated[0]} rotates "
+                              "online); use the model's own forward / generate()")
         self.layers = []
         for layer in inner.layers:
             at, mlp = layer.self_attn, layer.mlp
-            if isinstance(mlp, HadamardMLP):  # its online rotation of down_proj's input is not in this forward
-                raise ConfigError("the fast decoder does not run QuaRot-rotated models (online Hadamard on "
-                                  "down_proj's input); use the model's own forward / generate()")
             self.layers.append({
                 "in_norm": layer.input_layernorm.weight.detach().float(),
                 "post_norm": layer.post_attention_layernorm.weight.detach().float(),

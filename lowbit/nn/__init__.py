@@ -12,4 +12,4 @@ from lowbit.nn.binary import TernaryConv2d, TernaryLinear, XnorConv2d, XnorLinea
 __all__ = ["QMODULES", "module_from_spec", "register_qmodule", "DynamicQLinear", "WeightOnlyQLinear",
            "QEmbedding", "weight_format", "DoubleQuantQLinear", "WAQLinear", "MixedInt8Linear"]
 from lowbit.nn.gguf_linear import BlockMinQLinear, QTableEmbedding  # noqa: E402,F401  (registers for lowbit.load)
-from lowbit.nn.hadamard import HadamardMLP  # noqa: E402,F401  (registers for lowbit.load)
+from lowbit.nn.hadamard import HadamardMLP, RotatedRMSNorm  # noqa: E402,F401  (registers for lowbit.load)
