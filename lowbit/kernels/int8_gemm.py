@@ -125,13 +125,77 @@ static float lb_quant_row(const float* x, const float* si, int64_t K, int64_t K4
     return s;
 }
 
-/* y[m, n] = float(acc) * (s_x[m] * s_W[n]) (+ bias[n]) for the channels n0 .. n0 + cnt - 1. */
-static inline void lb_store(const int32_t* acc, float sx, const float* ws, const float* bias, float* y, int64_t cnt) {
+/* GELU (erf form): gelu(x) = x / 2 * (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26
+   (|error| <= 1.5e-7): erf(z) = 1 - (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) e^{-z^2}, t = 1 / (1 + p z),
+   z >= 0, odd in z. e^u (u <= 0) as 2^n e^r with n = round(u / ln 2), r = u - n ln 2 (ln 2 split in
+   two), e^r by its Taylor series to degree 7 (relative error < 1e-8 for |r| <= ln 2 / 2). */
+#define LB_ERF_P 0.3275911f
+#define LB_ERF_A1 0.254829592f
+#define LB_ERF_A2 -0.284496736f
+#define LB_ERF_A3 1.421413741f
+#define LB_ERF_A4 -1.453152027f
+#define LB_ERF_A5 1.061405429f
+static inline float lb_gelu_s(float x) {
+    float z = fabsf(x) * 0.70710678118654752f;
+    float t = 1.0f / (1.0f + LB_ERF_P * z);
+    float p = ((((LB_ERF_A5 * t + LB_ERF_A4) * t + LB_ERF_A3) * t + LB_ERF_A2) * t + LB_ERF_A1) * t;
+    float e = 1.0f - p * expf(-z * z);
+    e = x < 0.0f ? -e : e;
+    return 0.5f * x * (1.0f + e);
+}
+#if defined(__AVX512F__)
+static inline __m512 lb_exp512(__m512 u) {  /* e^u for u <= 0 (clamped to -87: e^-87 ~ 1.6e-38) */
+    u = _mm512_max_ps(u, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(u, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), u));
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+static inline __m512 lb_gelu512(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 ax = _mm512_abs_ps(x);
+    __m512 z = _mm512_mul_ps(ax, _mm512_set1_ps(0.70710678118654752f));
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(LB_ERF_P), z, one));
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(LB_ERF_A5), t, _mm512_set1_ps(LB_ERF_A4));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(LB_ERF_A3));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(LB_ERF_A2));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(LB_ERF_A1));
+    p = _mm512_mul_ps(p, t);
+    __m512 e = _mm512_fnmadd_ps(p, lb_exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z)), one);
+    /* sign of x onto erf */
+    e = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e),
+            _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u))));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, e));
+}
+#endif
+
+/* Epilogues after y = acc * (s_x s_W) (+ bias): LB_EPI_NONE; LB_EPI_GELU: y = gelu(y);
+   LB_EPI_RES: y = y + res (res has y's layout), the residual add of a transformer block. */
+#define LB_EPI_NONE 0
+#define LB_EPI_GELU 1
+#define LB_EPI_RES 2
+static inline void lb_epi(float* y, const float* res, int64_t cnt, int epi) {
+    if (epi == LB_EPI_GELU) for (int64_t c = 0; c < cnt; ++c) y[c] = lb_gelu_s(y[c]);
+    else if (epi == LB_EPI_RES) for (int64_t c = 0; c < cnt; ++c) y[c] = y[c] + res[c];
+}
+
+/* y[m, n] = float(acc) * (s_x[m] * s_W[n]) (+ bias[n]) for the channels n0 .. n0 + cnt - 1, then the epilogue. */
+static inline void lb_store(const int32_t* acc, float sx, const float* ws, const float* bias, float* y, int64_t cnt,
+                            int epi, const float* res) {
     for (int64_t c = 0; c < cnt; ++c) {
         float t = sx * ws[c];
         float v = (float)acc[c] * t;
         y[c] = bias ? v + bias[c] : v;
     }
+    lb_epi(y, res, cnt, epi);
 }
 
 #ifdef LB_VNNI
@@ -144,7 +208,8 @@ static inline int32_t lb_ld4(const uint8_t* p) { int32_t v; memcpy(&v, p, 4); re
     c##i##2 = _mm512_dpbusd_epi32(c##i##2, b, w2); c##i##3 = _mm512_dpbusd_epi32(c##i##3, b, w3); }
 #define LB_Z(i) __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
 static void lb_tile(const uint8_t* a, int64_t K4, const int8_t* w, const int32_t* corr, const float* sx,
-                    const float* ws, const float* bias, float* y, int64_t N, int64_t n0, int mr) {
+                    const float* ws, const float* bias, float* y, int64_t N, int64_t n0, int mr,
+                    int epi, const float* res) {
     LB_Z(0) LB_Z(1) LB_Z(2) LB_Z(3) LB_Z(4) LB_Z(5)
     const int64_t bs = K4 * 16;  /* bytes per packed block of 16 channels */
     for (int64_t k = 0; k < K4; k += 4) {
@@ -164,13 +229,15 @@ static void lb_tile(const uint8_t* a, int64_t K4, const int8_t* w, const int32_t
                 __m512 t = _mm512_mul_ps(_mm512_set1_ps(sx[i]), vw);
                 __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], c)), t);
                 if (bias) v = _mm512_add_ps(v, vb);
+                if (epi == LB_EPI_GELU) v = lb_gelu512(v);
+                else if (epi == LB_EPI_RES) v = _mm512_add_ps(v, _mm512_loadu_ps(res + i * N + n));
                 _mm512_storeu_ps(y + i * N + n, v);
             }
         } else {
             int32_t tmp[16];
             for (int i = 0; i < mr; ++i) {
                 _mm512_storeu_si512(tmp, _mm512_sub_epi32(acc[i][j], c));
-                lb_store(tmp, sx[i], ws + n, bias ? bias + n : 0, y + i * N + n, N - n);
+                lb_store(tmp, sx[i], ws + n, bias ? bias + n : 0, y + i * N + n, N - n, epi, res ? res + i * N + n : 0);
             }
         }
     }
@@ -185,7 +252,8 @@ static inline int32_t lb_ld4(const void* p) { int32_t v; memcpy(&v, p, 4); retur
     c##i##1 = _mm256_add_epi32(c##i##1, _mm256_madd_epi16(_mm256_maddubs_epi16(ab, _mm256_sign_epi8(w1, sb)), ones)); }
 #define LB_Z2(i) __m256i c##i##0 = _mm256_setzero_si256(), c##i##1 = c##i##0;
 static void lb_tile16(const uint8_t* a, const int8_t* s, int64_t K4, const int8_t* w, const float* sx,
-                      const float* ws, const float* bias, float* y, int64_t N, int64_t n, int mr) {
+                      const float* ws, const float* bias, float* y, int64_t N, int64_t n, int mr,
+                      int epi, const float* res) {
     const __m256i ones = _mm256_set1_epi16(1);
     LB_Z2(0) LB_Z2(1) LB_Z2(2) LB_Z2(3)
     for (int64_t k = 0; k < K4; k += 4) {
@@ -206,77 +274,106 @@ static void lb_tile16(const uint8_t* a, const int8_t* s, int64_t K4, const int8_
             }
             _mm256_storeu_ps(y + i * N + n, v0);
             _mm256_storeu_ps(y + i * N + n + 8, v1);
+            lb_epi(y + i * N + n, res ? res + i * N + n : 0, 16, epi);
         }
     } else {
         int32_t tmp[16];
         for (int i = 0; i < mr; ++i) {
             _mm256_storeu_si256((__m256i*)tmp, acc[i][0]);
             _mm256_storeu_si256((__m256i*)(tmp + 8), acc[i][1]);
-            lb_store(tmp, sx[i], ws + n, bias ? bias + n : 0, y + i * N + n, N - n);
+            lb_store(tmp, sx[i], ws + n, bias ? bias + n : 0, y + i * N + n, N - n, epi, res ? res + i * N + n : 0);
         }
     }
 }
 #endif
+
+/* Codes of row m of x (M, K) into the scratch rows of K4 bytes: q (signed, zeros past K and for
+   m >= M), the tile operand a (VNNI: q + 128, AVX2: |q|) and s_x[m]. Any thread may run any row. */
+static void lb_code_row(const float* x, const float* si, int64_t m, int64_t M, int64_t K, int64_t K4,
+                        int8_t* q, uint8_t* a, float* sx) {
+    int8_t* qr = q + m * K4;
+    if (m < M) {
+        sx[m] = lb_quant_row(x + m * K, si, K, K4, qr);
+    } else {
+        memset(qr, 0, K4);
+        sx[m] = 0.0f;
+    }
+#if defined(LB_VNNI)
+    for (int64_t k = 0; k < K4; ++k) a[m * K4 + k] = (uint8_t)(qr[k] + 128);
+#elif defined(LB_AVX2)
+    for (int64_t k = 0; k < K4; ++k) a[m * K4 + k] = (uint8_t)abs(qr[k]);
+#else
+    (void)a;
+#endif
+}
+
+/* Rows of scratch codes a GEMM over M tokens needs (whole tiles of every path, zero rows past M). */
+static inline int64_t lb_rows_padded(int64_t M) { return (M + 11) / 12 * 12; }
+
+/* The number of independent output tiles of an (M, N) product, and tile t of it (channel blocks
+   outer, token blocks inner: the order of the collapsed loop this replaced). */
+static inline int64_t lb_tiles(int64_t M, int64_t N) {
+#if defined(LB_VNNI)
+    return ((N + 63) / 64) * ((M + LB_MR - 1) / LB_MR);
+#elif defined(LB_AVX2)
+    return ((N + 15) / 16) * ((M + LB_MR - 1) / LB_MR);
+#else
+    (void)M;
+    return (N + 15) / 16;
+#endif
+}
+
+static void lb_run_tile(int64_t t, int64_t M, int64_t N, int64_t K4, const int8_t* q, const uint8_t* a,
+                        const float* sx, const int8_t* w, const int32_t* corr, const float* ws, const float* bias,
+                        float* y, int epi, const float* res) {
+#if defined(LB_VNNI)
+    const int64_t mt = (M + LB_MR - 1) / LB_MR, jb = t / mt, it = t % mt;
+    int64_t m0 = it * LB_MR, n0 = jb * 64;
+    int mr = M - m0 < LB_MR ? (int)(M - m0) : LB_MR;
+    (void)q;
+    lb_tile(a + m0 * K4, K4, w + (n0 / 16) * K4 * 16, corr, sx + m0, ws, bias, y + m0 * N, N, n0, mr,
+            epi, res ? res + m0 * N : 0);
+#elif defined(LB_AVX2)
+    const int64_t mt = (M + LB_MR - 1) / LB_MR, jb = t / mt, it = t % mt;
+    int64_t m0 = it * LB_MR;
+    int mr = M - m0 < LB_MR ? (int)(M - m0) : LB_MR;
+    (void)corr;
+    lb_tile16(a + m0 * K4, q + m0 * K4, K4, w + jb * K4 * 16, sx + m0, ws, bias, y + m0 * N, N, jb * 16, mr,
+              epi, res ? res + m0 * N : 0);
+#else
+    const int64_t jb = t;
+    (void)a; (void)corr;
+    for (int64_t m = 0; m < M; ++m) {
+        int32_t acc[16] = {0};
+        const int8_t* wb = w + jb * K4 * 16;
+        for (int64_t k = 0; k < K4; k += 4)
+            for (int c = 0; c < 16; ++c)
+                for (int u = 0; u < 4; ++u) acc[c] += (int32_t)q[m * K4 + k + u] * wb[16 * k + 4 * c + u];
+        int64_t n = jb * 16;
+        lb_store(acc, sx[m], ws + n, bias ? bias + n : 0, y + m * N + n, N - n < 16 ? N - n : 16,
+                 epi, res ? res + m * N + n : 0);
+    }
+#endif
+}
 
 /* x (M, K) fp32, si (K,) or NULL, w packed (NP/16, K4/4, 16, 4) int8, corr (NP,) int32 (128 * the
    column sums, VNNI only), ws (N,), bias (N,) or NULL, y (M, N) fp32. Scratch (malloc'd here): the
    codes (2, MP, K4) int8 with MP = M rounded up to whole tiles (padding rows are zero codes) and sx (MP,). */
 int lowbit_w8a8_linear(const float* x, const float* si, const int8_t* w, const int32_t* corr, const float* ws,
                        const float* bias, float* y, int64_t M, int64_t N, int64_t K, int nthreads) {
-    const int64_t K4 = (K + 3) / 4 * 4, MP = (M + 11) / 12 * 12;
+    const int64_t K4 = (K + 3) / 4 * 4, MP = lb_rows_padded(M);
     int8_t* codes = (int8_t*)malloc((size_t)(2 * MP * K4) + (size_t)MP * sizeof(float));
     if (!codes) return -1;
     float* sx = (float*)(codes + 2 * MP * K4);  /* 2 * MP * K4 is a multiple of 4 */
     int8_t* q = codes;
     uint8_t* a = (uint8_t*)(codes + MP * K4);
-    (void)corr; (void)a;
+    const int64_t nt = lb_tiles(M, N);
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
-        for (int64_t m = 0; m < MP; ++m) {
-            if (m < M) {
-                sx[m] = lb_quant_row(x + m * K, si, K, K4, q + m * K4);
-            } else {
-                memset(q + m * K4, 0, K4);
-            }
-#if defined(LB_VNNI)
-            for (int64_t k = 0; k < K4; ++k) a[m * K4 + k] = (uint8_t)(q[m * K4 + k] + 128);
-#elif defined(LB_AVX2)
-            for (int64_t k = 0; k < K4; ++k) a[m * K4 + k] = (uint8_t)abs(q[m * K4 + k]);
-#endif
-        }
-#if defined(LB_VNNI)
-        const int64_t nt = (N + 63) / 64, mt = (M + LB_MR - 1) / LB_MR;
-        #pragma omp for collapse(2) schedule(static)
-        for (int64_t jb = 0; jb < nt; ++jb)
-            for (int64_t it = 0; it < mt; ++it) {
-                int64_t m0 = it * LB_MR, n0 = jb * 64;
-                int mr = M - m0 < LB_MR ? (int)(M - m0) : LB_MR;
-                lb_tile(a + m0 * K4, K4, w + (n0 / 16) * K4 * 16, corr, sx + m0, ws, bias, y + m0 * N, N, n0, mr);
-            }
-#elif defined(LB_AVX2)
-        const int64_t nt = (N + 15) / 16, mt = (M + LB_MR - 1) / LB_MR;
-        #pragma omp for collapse(2) schedule(static)
-        for (int64_t jb = 0; jb < nt; ++jb)
-            for (int64_t it = 0; it < mt; ++it) {
-                int64_t m0 = it * LB_MR;
-                int mr = M - m0 < LB_MR ? (int)(M - m0) : LB_MR;
-                lb_tile16(a + m0 * K4, q + m0 * K4, K4, w + jb * K4 * 16, sx + m0, ws, bias, y + m0 * N, N, jb * 16, mr);
-            }
-#else
-        const int64_t nt = (N + 15) / 16;
+        for (int64_t m = 0; m < MP; ++m) lb_code_row(x, si, m, M, K, K4, q, a, sx);
         #pragma omp for schedule(static)
-        for (int64_t jb = 0; jb < nt; ++jb)
-            for (int64_t m = 0; m < M; ++m) {
-                int32_t acc[16] = {0};
-                const int8_t* wb = w + jb * K4 * 16;
-                for (int64_t k = 0; k < K4; k += 4)
-                    for (int c = 0; c < 16; ++c)
-                        for (int t = 0; t < 4; ++t) acc[c] += (int32_t)q[m * K4 + k + t] * wb[16 * k + 4 * c + t];
-                int64_t n = jb * 16;
-                lb_store(acc, sx[m], ws + n, bias ? bias + n : 0, y + m * N + n, N - n < 16 ? N - n : 16);
-            }
-#endif
+        for (int64_t t = 0; t < nt; ++t) lb_run_tile(t, M, N, K4, q, a, sx, w, corr, ws, bias, y, LB_EPI_NONE, 0);
     }
     free(codes);
     return 0;

@@ -9,11 +9,14 @@ patterns such as ``bert.encoder.layer.*`` keep that name).
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls", "max")
 
@@ -37,10 +40,17 @@ def pool(token_states: torch.Tensor, attention_mask: torch.Tensor, how: str) -> 
 
 
 class SentenceEncoder(nn.Module):
-    """Backbone + pooling + optional L2 normalisation, with its tokenizer attached."""
+    """Backbone + pooling + optional L2 normalisation, with its tokenizer attached.
+
+    Inference on a W8A8-dynamic BERT (int8 embeddings, every linear a ``DynamicQLinear``, mean
+    pooling) runs the whole forward as one C call (:mod:`lowbit.kernels.bert_encoder`) when
+    ``fused`` is true and no gradient is wanted; its reference twin is this module's torch forward,
+    which runs with ``fused = False`` or whenever the fused encoder does not apply.
+    """
 
     model_name = "encoder"
     task = "encoder"
+    fused = True  # take the fused C encoder where it applies (set False for the torch forward)
 
     def __init__(self, bert: nn.Module, tokenizer, max_seq_length: int = 256, *, model_name: str | None = None,
                  pooling: str = "mean", normalize: bool = True, source: str = ""):
@@ -74,10 +84,23 @@ class SentenceEncoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sentence embeddings (B, H) from token ids (B, T); unit norm when ``normalize``."""
+        if self.fused and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            runner = self._fused_runner()
+            if runner is not None:
+                return runner(input_ids, attention_mask, token_type_ids)
         extra = {"token_type_ids": token_type_ids} if self._takes_token_types else {}
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, **extra)
         pooled = pool(out.last_hidden_state, attention_mask, self.pooling)  # (B, H)
         return nn.functional.normalize(pooled.float(), p=2, dim=1) if self.normalize else pooled.float()
+
+    def _fused_runner(self):
+        from lowbit.kernels.bert_encoder import fused_encoder
+
+        runner, why = fused_encoder(self)
+        if runner is None and why != self.__dict__.get("_fused_why"):
+            self.__dict__["_fused_why"] = why  # log each reason once
+            log.debug("torch forward for %s: %s", self.model_name, why)
+        return runner
 
     def tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:
         """Token ids, attention mask (and token types), padded to the longest sentence, truncated."""
