@@ -69,6 +69,11 @@ KERNELS: dict[str, dict[str, Callable]] = {
         "fast": block_gemm.block_gemm_a8,
         "example": block_gemm.example_block_gemm_a8,
     },
+    "block_gemm": {  # fp32 activations, prompts: weight tiles dequantized once into a scratch (lowbit.kernels.block_gemm)
+        "reference": block_gemv.block_linear_ref,
+        "fast": block_gemm.block_gemm,
+        "example": block_gemm.example_block_gemm,
+    },
     "quantize_blocks": {
         "reference": block_gemv.quantize_blocks_ref,
         "fast": block_gemv.quantize_blocks,

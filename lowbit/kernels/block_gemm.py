@@ -51,11 +51,11 @@ log = logging.getLogger(__name__)
 
 BLOCK = block_gemv.BLOCK  # inputs per packed block and per activation scale
 TILE_N = 32  # output rows unpacked together into the per-thread scratch
-# Rows from which block_gemm_a8 beats block_gemv.block_linear_a8 (whose 4-row tiles re-unpack every
-# weight block per tile): measured on SmolLM2's shapes, 2 threads (docs/kernels.md).
-A8_MIN_ROWS = 8
-# Rows from which the tiled fp32 GEMM is used instead of block_linear's per-row-tile loop.
-F32_MIN_ROWS = 8
+# Rows from which the GEMMs beat block_gemv's GEMV kernels (which re-unpack every weight block per
+# 4-row tile): SmolLM2's four projections at g = 128, 2 threads, one layer: W4A8 M = 1 85 vs 93 us,
+# M = 2 128 vs 94 us; fp32 activations M = 1 108 vs 182 us, M = 2 282 vs 176 us (docs/kernels.md).
+A8_MIN_ROWS = 2
+F32_MIN_ROWS = 2
 
 _C_SOURCE = r"""
 #include <math.h>
@@ -356,12 +356,146 @@ int lowbit_q4a8_gemm(const int8_t* xq, const float* d, const float* Xq, const ui
     }
     return failed ? -1 : 0;
 }
+
+/* ---- fp32 activations: a tile dequantized once, W = s u + b as block_gemv.dequantize_ref rounds it ---- */
+static void lb_unpack_q8(const uint8_t* w, int64_t N, int64_t K, int64_t n0, uint8_t* wt) {
+    for (int r = 0; r < LB_NR; ++r) {
+        int64_t n = n0 + r;
+        for (int64_t c = 0; c < K / 4; ++c) {
+            if (n < N) memcpy(wt + (c * LB_NR + r) * 4, w + n * K + 4 * c, 4);
+            else memset(wt + (c * LB_NR + r) * 4, 0, 4);
+        }
+    }
+}
+
+/* wf[k * LB_NR + r] = sc[j, r] * u[r, k] + of[j, r] (a product, then a sum: -ffp-contract=off), j = k / g */
+static void lb_dequant_tile(const uint8_t* wt, const float* sc, const float* of, int64_t K, int64_t g, float* wf) {
+#ifdef LB_VNNI
+    const __m512i m8 = _mm512_set1_epi32(0xFF);
+    for (int64_t c = 0; c < K / 4; ++c) {
+        const int64_t j = (4 * c) / g;
+        for (int h = 0; h < 2; ++h) {
+            const __m512i v = _mm512_loadu_si512(wt + (c * LB_NR + 16 * h) * 4);
+            const __m512 sv = _mm512_loadu_ps(sc + j * LB_NR + 16 * h), ov = _mm512_loadu_ps(of + j * LB_NR + 16 * h);
+            for (int t = 0; t < 4; ++t) {
+                __m512 u = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * t), m8));
+                _mm512_storeu_ps(wf + (4 * c + t) * LB_NR + 16 * h, _mm512_add_ps(_mm512_mul_ps(u, sv), ov));
+            }
+        }
+    }
+#else
+    for (int64_t k = 0; k < K; ++k) {
+        const int64_t j = k / g;
+        for (int r = 0; r < LB_NR; ++r)
+            wf[k * LB_NR + r] = sc[j * LB_NR + r] * (float)wt[((k / 4) * LB_NR + r) * 4 + k % 4] + of[j * LB_NR + r];
+    }
+#endif
+}
+
+/* y[m, n0 + r] = bias + sum_k fma over k in order (acc = fma(w, x, acc) from 0, then + bias) */
+#ifdef LB_VNNI
+#define LB_FR 6
+#define LB_FZ(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0;
+#define LB_FMA(i) { const __m512 xb = _mm512_set1_ps(x##i[k]); \
+    c##i##0 = _mm512_fmadd_ps(w0, xb, c##i##0); c##i##1 = _mm512_fmadd_ps(w1, xb, c##i##1); }
+static void lb_f32_tile(const float* x, const float* wf, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                        int64_t n0) {
+    const int64_t nv = N - n0 < LB_NR ? N - n0 : LB_NR;
+    const __mmask16 k0 = nv >= 16 ? 0xFFFF : (__mmask16)((1u << nv) - 1);
+    const __mmask16 k1 = nv >= 32 ? 0xFFFF : (nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1) : 0);
+    const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(k0, bias + n0) : _mm512_setzero_ps();
+    const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(k1, bias + n0 + 16) : _mm512_setzero_ps();
+    for (int64_t m0 = 0; m0 < M; m0 += LB_FR) {
+        const int64_t mr = M - m0 < LB_FR ? M - m0 : LB_FR;
+        const float* x0 = x + m0 * K;  /* rows past M repeat the last row (computed, not stored) */
+        const float* x1 = x + (m0 + (mr > 1 ? 1 : 0)) * K;
+        const float* x2 = x + (m0 + (mr > 2 ? 2 : 0)) * K;
+        const float* x3 = x + (m0 + (mr > 3 ? 3 : 0)) * K;
+        const float* x4 = x + (m0 + (mr > 4 ? 4 : 0)) * K;
+        const float* x5 = x + (m0 + (mr > 5 ? 5 : 0)) * K;
+        LB_FZ(0) LB_FZ(1) LB_FZ(2) LB_FZ(3) LB_FZ(4) LB_FZ(5)
+#pragma GCC unroll 4
+        for (int64_t k = 0; k < K; ++k) {
+            const __m512 w0 = _mm512_loadu_ps(wf + k * LB_NR), w1 = _mm512_loadu_ps(wf + k * LB_NR + 16);
+            LB_FMA(0) LB_FMA(1) LB_FMA(2) LB_FMA(3) LB_FMA(4) LB_FMA(5)
+        }
+        __m512 acc[LB_FR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+        for (int64_t i = 0; i < mr; ++i) {
+            _mm512_mask_storeu_ps(y + (m0 + i) * N + n0, k0, bias ? _mm512_add_ps(acc[i][0], bias0) : acc[i][0]);
+            _mm512_mask_storeu_ps(y + (m0 + i) * N + n0 + 16, k1, bias ? _mm512_add_ps(acc[i][1], bias1) : acc[i][1]);
+        }
+    }
+}
+#else
+static void lb_f32_tile(const float* x, const float* wf, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                        int64_t n0) {
+    const int64_t nv = N - n0 < LB_NR ? N - n0 : LB_NR;
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+#ifdef LB_AVX2
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < K; ++k) {
+            const __m256 xb = _mm256_set1_ps(xr[k]);
+            const float* wk = wf + k * LB_NR;
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wk), xb, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wk + 8), xb, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wk + 16), xb, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wk + 24), xb, a3);
+        }
+        float out[LB_NR];
+        _mm256_storeu_ps(out, a0); _mm256_storeu_ps(out + 8, a1);
+        _mm256_storeu_ps(out + 16, a2); _mm256_storeu_ps(out + 24, a3);
+        for (int64_t r = 0; r < nv; ++r) y[m * N + n0 + r] = bias ? out[r] + bias[n0 + r] : out[r];
+#else
+        for (int64_t r = 0; r < nv; ++r) {
+            float a = 0.0f;
+            for (int64_t k = 0; k < K; ++k) a = fmaf(wf[k * LB_NR + r], xr[k], a);
+            y[m * N + n0 + r] = bias ? a + bias[n0 + r] : a;
+        }
+#endif
+    }
+}
+#endif
+
+/* y (M, N) = x (M, K) fp32 times W^T, W = s u + b from 4- or 8-bit block-layout codes (block_gemv). */
+int lowbit_q_gemm_f32(const float* x, const uint8_t* w, const uint16_t* s, const float* b, float boff,
+                      const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t g, int bits,
+                      int nthreads) {
+    const int64_t nt = (N + LB_NR - 1) / LB_NR;
+    const size_t wbytes = (size_t)K * LB_NR, pbytes = (size_t)G * LB_NR * sizeof(float);
+    const size_t fbytes = (size_t)K * LB_NR * sizeof(float);
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        uint8_t* scratch = (uint8_t*)aligned_alloc(64, (fbytes + wbytes + 2 * pbytes + 63) / 64 * 64);
+        if (!scratch) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < nt; ++tile) {
+            if (!scratch) continue;
+            float* wf = (float*)scratch;
+            uint8_t* wt = scratch + fbytes;
+            float* sc = (float*)(wt + wbytes);
+            float* of = sc + G * LB_NR;
+            if (bits == 4) lb_unpack_q4(w, N, K, tile * LB_NR, wt);
+            else lb_unpack_q8(w, N, K, tile * LB_NR, wt);
+            lb_tile_params(s, b, boff, N, G, tile * LB_NR, sc, of);
+            lb_dequant_tile(wt, sc, of, K, g, wf);
+            lb_f32_tile(x, wf, bias, y, M, N, K, tile * LB_NR);
+        }
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
 """
 
 _VP, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "lowbit_quantize_blocks_mt": [_VP] * 4 + [_I64] * 4 + [_I32],
     "lowbit_q4a8_gemm": [_VP] * 6 + [_F32] + [_VP] * 2 + [_I64] * 5 + [_I32],
+    "lowbit_q_gemm_f32": [_VP] * 4 + [_F32] + [_VP] * 2 + [_I64] * 5 + [_I32, _I32],
 }
 # Build variants: "native" (-march=native); "avx2" and "portable" force the other paths (tests).
 VARIANT_FLAGS = {
@@ -377,6 +511,7 @@ def library(variant: str = "native"):
     lib, why = native.native_library(name, _C_SOURCE, _SIGNATURES, cflags=VARIANT_FLAGS[variant])
     if lib is not None and not getattr(lib, "_lowbit_typed", False):
         lib.lowbit_q4a8_gemm.restype = ctypes.c_int
+        lib.lowbit_q_gemm_f32.restype = ctypes.c_int
         lib.lowbit_block_gemm_variant.argtypes, lib.lowbit_block_gemm_variant.restype = [], ctypes.c_int
         lib._lowbit_typed = True
     return lib, why
@@ -437,6 +572,26 @@ def block_gemm_a8(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: tor
     return y.reshape(*shape[:-1], n)
 
 
+def block_gemm(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None, bits: int,
+               group_size: int, bias: torch.Tensor | None = None, variant: str = "native") -> torch.Tensor:
+    """Fast twin of :func:`block_gemv.block_linear_ref` for prompts (4- or 8-bit codes, fp32 activations):
+    each 32-output tile dequantized once into a (K, 32) fp32 scratch, then FMAs over every row."""
+    lib, _ = library(variant)
+    if lib is None:
+        return block_gemv.block_linear(x, packed, s, b, bits, group_size, bias)
+    k, g, n_groups = block_gemv._check(x, packed, s, b, bits, group_size)
+    shape = x.shape
+    x2 = x.reshape(-1, k).float().contiguous()  # (M, K)
+    m, n = x2.shape[0], packed.shape[0]
+    y = torch.empty(m, n)
+    bias = None if bias is None else bias.float().contiguous()
+    rc = lib.lowbit_q_gemm_f32(x2.data_ptr(), packed.data_ptr(), s.data_ptr(), _ptr(b), block_gemv.offset_constant(bits),
+                               _ptr(bias), y.data_ptr(), m, n, k, n_groups, g, bits, torch.get_num_threads())
+    if rc:
+        raise MemoryError(f"block_gemm: no memory for the {TILE_N} x {k} weight scratch")
+    return y.reshape(*shape[:-1], n)
+
+
 # ------------------------------------------------------------------------------- registry examples
 
 def example_block_gemm_a8(seed: int) -> dict:
@@ -446,4 +601,13 @@ def example_block_gemm_a8(seed: int) -> dict:
     m, n, k, g, offsets = {0: (37, 80, 320, 128, True), 1: (9, 40, 96, 32, False)}[seed % 2]
     x, packed, s, b, bias = block_gemv._example(seed, 4, g, m, k=k, n=n)
     args = (x, packed, s, b if offsets else None, 4, g, bias)
+    return {"fast": args, "reference": args, "exact": False, "tol": 1e-5}
+
+
+def example_block_gemm(seed: int) -> dict:
+    """fp32 activations: seed 0 4-bit, M = 37, N = 80, K = 320 with g = 128 and stored offsets; seed 1
+    8-bit, M = 11, N = 40, K = 96 with g = 32 and implied (symmetric) offsets."""
+    bits, m, n, k, g, offsets = {0: (4, 37, 80, 320, 128, True), 1: (8, 11, 40, 96, 32, False)}[seed % 2]
+    x, packed, s, b, bias = block_gemv._example(seed, bits, g, m, k=k, n=n)
+    args = (x, packed, s, b if offsets else None, bits, g, bias)
     return {"fast": args, "reference": args, "exact": False, "tol": 1e-5}

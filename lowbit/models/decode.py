@@ -12,7 +12,9 @@ for the families whose layer is the Llama block (``llama``, ``mistral``, ``qwen2
 
 with the cache allocated in a few doublings up to ``max_len`` positions (no per-token allocation), q/k/v and
 gate/up each computed as one product over the concatenated rows, and every 4- or 8-bit linear run
-through :mod:`lowbit.kernels.block_gemv` (fp32 activations, codes read once per token). A tied
+through :mod:`lowbit.kernels.block_gemv` (single tokens: codes read once per token) or, for prompts
+and batches, :mod:`lowbit.kernels.block_gemm` (weight tiles unpacked once per call and reused by
+every row; no dequantized copy of the weights). A tied
 quantized head doubles as the embedding table (rows unpacked on lookup). Linears the block kernels
 cannot take (other formats, fp32) run as the model's own modules.
 
@@ -33,13 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import ConfigError
-from lowbit.kernels import block_gemv
+from lowbit.kernels import block_gemm, block_gemv
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2")
 INITIAL_CAPACITY = 256  # KV-cache positions allocated first; doubled on demand up to max_len
-PREFILL_CHUNK = 16  # rows per block-kernel call; larger prompts go through a dequantized fp32 GEMM
 
 
 # ------------------------------------------------------------------------------------ linears
@@ -64,12 +65,12 @@ class BlockWeights:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.int8_activations and self.bits == 4:  # W4A8 for every input, prompts included
+            if rows >= block_gemm.A8_MIN_ROWS:  # prompts, batches: the register-tiled GEMM
+                return block_gemm.block_gemm_a8(x, self.packed, self.s, self.b, self.bits, self.group_size, self.bias)
             return block_gemv.block_linear_a8(x, self.packed, self.s, self.b, self.bits, self.group_size, self.bias)
-        if rows <= PREFILL_CHUNK:
-            return block_gemv.block_linear(x, self.packed, self.s, self.b, self.bits, self.group_size, self.bias)
-        # A long prompt: one fp32 GEMM over the dequantized weight beats re-decoding the codes per row tile.
-        w = block_gemv.dequantize_ref(self.packed, self.s, self.b, self.bits, self.in_features, self.group_size)
-        return F.linear(x.float(), w, self.bias)
+        if rows >= block_gemm.F32_MIN_ROWS:  # prompts, batches: weight tiles dequantized once, reused by every row
+            return block_gemm.block_gemm(x, self.packed, self.s, self.b, self.bits, self.group_size, self.bias)
+        return block_gemv.block_linear(x, self.packed, self.s, self.b, self.bits, self.group_size, self.bias)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return block_gemv.block_rows(ids, self.packed, self.s, self.b, self.bits, self.in_features, self.group_size)
