@@ -148,6 +148,10 @@ class _Projection:
             return list(self.fused(x).split(self.sizes, dim=-1))
         return [f(x).float() for f in self.calls]
 
+    def joint(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused product's whole output (..., sum(sizes)), or None when the parts run apart."""
+        return self.fused(x) if self.fused is not None else None
+
     @property
     def uses_kernel(self) -> bool:
         return self.fused is not None
@@ -320,10 +324,11 @@ class Decoder:
 
     # ---- one forward over new tokens --------------------------------------------------------
     def _rope(self, x: torch.Tensor, pos: int, t: int) -> torch.Tensor:
+        """x (B, heads, T, hd) -> x cos + rotate_half(x) sin (a new tensor; q and k go through it together)."""
         cos, sin = self.cos[pos:pos + t], self.sin[pos:pos + t]  # (T, head_dim)
         half = self.head_dim // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rot * sin
+        return (x * cos).addcmul_(rot, sin)
 
     def forward(self, ids: torch.Tensor, pos: int, all_logits: bool = False) -> torch.Tensor:
         """Logits for ``ids`` (B, T) placed at positions ``pos .. pos + T - 1`` of the cache
@@ -340,23 +345,31 @@ class Decoder:
             return logits if all_logits else logits[:, 0]
         h = self.embed(ids)  # (B, T, H)
         end = pos + t
-        mask = None
-        if t > 1:  # causal within the new tokens; all earlier positions visible
+        mask, causal = None, False
+        if t > 1 and pos == 0:  # a prompt from an empty cache: plain causal attention
+            causal = True
+        elif t > 1:  # causal within the new tokens; all earlier positions visible
             mask = torch.ones(t, end, dtype=torch.bool).tril(diagonal=pos)
         for i, L in enumerate(self.layers):
             x = _rms(h, L["in_norm"], self.eps)
-            q, k, v = L["qkv"](x)
-            q = self._rope(q.view(bsz, t, nh, hd).transpose(1, 2), pos, t)  # (B, nh, T, hd)
-            k = self._rope(k.view(bsz, t, nkv, hd).transpose(1, 2), pos, t)  # (B, nkv, T, hd)
+            qkv = L["qkv"].joint(x)  # (B, T, (nh + 2 nkv) hd) when fused, else None
+            if qkv is not None:  # rope over q and k in one pass: they are adjacent columns
+                qk = self._rope(qkv[..., :(nh + nkv) * hd].view(bsz, t, nh + nkv, hd).transpose(1, 2), pos, t)
+                q, k = qk[:, :nh], qk[:, nh:]  # (B, nh, T, hd), (B, nkv, T, hd)
+                v = qkv[..., (nh + nkv) * hd:]
+            else:
+                q, k, v = L["qkv"](x)
+                q = self._rope(q.view(bsz, t, nh, hd).transpose(1, 2), pos, t)  # (B, nh, T, hd)
+                k = self._rope(k.view(bsz, t, nkv, hd).transpose(1, 2), pos, t)  # (B, nkv, T, hd)
             kc, vc = self.k_cache[i, :bsz], self.v_cache[i, :bsz]
             kc[:, :, pos:end] = k
             vc[:, :, pos:end] = v.view(bsz, t, nkv, hd).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask,
+            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, is_causal=causal,
                                                enable_gqa=nh != nkv)  # (B, nh, T, hd)
             h = h + L["o"](a.transpose(1, 2).reshape(bsz, t, nh * hd))[0]
             x = _rms(h, L["post_norm"], self.eps)
             g, u = L["gate_up"](x)
-            h = h + L["down"](F.silu(g) * u)[0]
+            h = h + L["down"](F.silu(g).mul_(u))[0]
         if not all_logits:
             h = h[:, -1:]
         logits = self.head(_rms(h, self.final_norm, self.eps))[0]
