@@ -69,6 +69,19 @@ def test_rebuilt_when_weights_change_in_place(tiny_w8):
     _assert_close(after, _torch_forward(model, SENTENCES[:2]))
 
 
+def test_rebuilt_when_a_module_is_swapped(tiny_w8):
+    model = copy.deepcopy(tiny_w8)
+    _fused_or_skip(model)
+    before = model.encode(SENTENCES[:2])
+    swapped = copy.deepcopy(model.bert.encoder.layer[1].output.dense)
+    with torch.no_grad():
+        swapped.w_scale.mul_(0.5)
+    model.bert.encoder.layer[1].output.dense = swapped
+    after = model.encode(SENTENCES[:2])
+    assert not torch.equal(before, after)
+    _assert_close(after, _torch_forward(model, SENTENCES[:2]))
+
+
 def test_fallback_without_compiler_is_the_torch_forward(tiny_w8, monkeypatch):
     model = copy.deepcopy(tiny_w8)
     monkeypatch.setattr(bert_encoder, "library", lambda: (None, "no C compiler found"))

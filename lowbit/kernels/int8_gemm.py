@@ -80,6 +80,15 @@ int lowbit_w8a8_variant(void) {
 static float lb_quant_row(const float* x, const float* si, int64_t K, int64_t K4, int8_t* q) {
     int64_t k = 0;
     float amax = 0.0f;
+#if defined(__AVX512F__)
+    __m512 vm5 = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+        __m512 v = _mm512_loadu_ps(x + k);
+        if (si) v = _mm512_mul_ps(v, _mm512_loadu_ps(si + k));
+        vm5 = _mm512_max_ps(vm5, _mm512_abs_ps(v));
+    }
+    amax = _mm512_reduce_max_ps(vm5);
+#endif
 #ifdef __AVX2__
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 vm = _mm256_setzero_ps();
@@ -100,6 +109,15 @@ static float lb_quant_row(const float* x, const float* si, int64_t K, int64_t K4
     float s = amax / 127.0f;
     if (s < LB_EPS) s = LB_EPS;
     k = 0;
+#if defined(__AVX512F__)
+    const __m512 vs5 = _mm512_set1_ps(s), lo5 = _mm512_set1_ps(-127.0f), hi5 = _mm512_set1_ps(127.0f);
+    for (; k + 16 <= K; k += 16) {
+        __m512 v = _mm512_loadu_ps(x + k);
+        if (si) v = _mm512_mul_ps(v, _mm512_loadu_ps(si + k));
+        v = _mm512_roundscale_ps(_mm512_div_ps(v, vs5), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i*)(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo5), hi5))));
+    }
+#endif
 #ifdef __AVX2__
     const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
