@@ -123,6 +123,10 @@ def test_awq_gptaq_on_tiny_llama():
     assert err(b) < AWQ_GPTAQ_VS_AWQ_MAX * err(a)
     c = lowbit.quantize(copy.deepcopy(fp), AWQConfig(bits=3, group_size=16, n_grid=10, rounding="gptaq", clip=False,
                                                      init="mse"), calib)
-    assert c.lowbit_scheme == "awq-gptaq-w3-g16-sym-noclip-mseinit"
+    assert c.lowbit_scheme == "awq-gptaq-w3-g16-sym-mseinit"
+    # the clipping search: on by default for rounding rtn / gptq, off for gptaq; names say when it differs
+    assert AWQConfig().clips and AWQConfig(rounding="gptq").clips and not AWQConfig(rounding="gptaq").clips
+    assert AWQConfig(rounding="gptaq", clip=True).scheme == "awq-gptaq-w4-g128-sym-clip"
+    assert AWQConfig(clip=False).scheme == "awq-w4-g128-sym-noclip"
     with pytest.raises(ConfigError, match="needs rounding"):
         AWQConfig(init="mse")

@@ -91,7 +91,9 @@ class AWQConfig(BaseConfig):
     fmt: str | None = None  # a codebook instead of int{bits}, e.g. "nf4"
     double_quant: bool = False
     n_grid: int = 20  # alpha in {0, 1/n, ..., (n-1)/n}
-    clip: bool = True
+    # the clipping search; None: on for rounding "rtn" / "gptq", off for "gptaq" (whose float stream must pass the
+    # exact, unclipped transform: held-out calibration KL 0.195 without vs 0.237 with, bench/results/w4_heldout.md)
+    clip: bool | None = None
     search_tokens: int = 2048  # calibration tokens used by the scale search (whole windows)
     clip_tokens: int = 512  # tokens sampled for the clipping search
     n_calib: int | None = None  # None: the windows search_tokens needs (GPTQ's default with rounding="gptq")
@@ -123,6 +125,11 @@ class AWQConfig(BaseConfig):
                 raise ConfigError(f"awq-{self.rounding} gguf={self.gguf!r}: GPTQ rounds on ggml's grid for 'q4_0' only "
                                   "(q8_0 and q4_1 need no option: --bits 8 / --affine at --group-size 32)")
 
+    @property
+    def clips(self) -> bool:
+        """Whether the clipping search runs (``clip``, or its default for the rounding)."""
+        return self.rounding != "gptaq" if self.clip is None else self.clip
+
     def calibration_windows(self) -> int:
         """512-token windows to calibrate on: n_calib, else what the scale search (and GPTQ) need."""
         if self.n_calib:
@@ -145,7 +152,8 @@ class AWQConfig(BaseConfig):
     def scheme(self) -> str:
         method = "awq" if self.rounding == "rtn" else f"awq-{self.rounding}"
         name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
-        name += "" if self.clip else "-noclip"
+        default = self.rounding != "gptaq"
+        name += "" if self.clips == default else ("-clip" if self.clips else "-noclip")
         return f"{name}{'-ggml' if self.gguf else ''}{'' if self.init == 'minmax' else f'-{self.init}init'}"
 
 
@@ -358,7 +366,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
             world, rank = world_rank()
             for k, (n, m) in enumerate(linears.items()):
                 w = m.weight.detach().float()
-                if config.clip and n not in NO_CLIP:
+                if config.clips and n not in NO_CLIP:
                     x = spread.sample_rows(xs[n], gen, config.clip_tokens, m.in_features)
                     if k % world == rank:
                         w = search_clip(w, x, config, g(m))
@@ -467,9 +475,10 @@ def _awq_gptq_scheme(options: dict) -> AWQConfig:
     return dataclasses.replace(_awq_scheme(options), rounding="gptq")
 
 
-@register_scheme("awq-gptaq", "AWQ's channel scales, then GPTAQ's rounding of the transformed layer (each linear "
-                 "matches the fp32 model's outputs from the quantized model's inputs): --bits --group-size "
-                 "--symmetric/--affine; one process; causal LMs only",
+@register_scheme("awq-gptaq", "AWQ's channel scales (no clipping), then GPTAQ's rounding of the transformed layer "
+                 "(each linear matches the fp32 model's outputs from the quantized model's inputs) with MSE-searched "
+                 "group scales: --bits --group-size --symmetric/--affine; one process; causal LMs only",
                  options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
 def _awq_gptaq_scheme(options: dict) -> AWQConfig:
-    return dataclasses.replace(_awq_scheme(options), rounding="gptaq")
+    # init "mse": held-out calibration KL 0.195 vs 0.208 with min-max (SmolLM2 W4 g128, bench/results/w4_heldout.md)
+    return dataclasses.replace(_awq_scheme(options), rounding="gptaq", init="mse")
