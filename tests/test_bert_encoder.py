@@ -82,6 +82,22 @@ def test_rebuilt_when_a_module_is_swapped(tiny_w8):
     _assert_close(after, _torch_forward(model, SENTENCES[:2]))
 
 
+def test_forward_hooks_get_the_torch_forward(tiny_w8):
+    """Per-layer error and calibration taps hook the backbone's modules: with a hook the layers must run."""
+    model = copy.deepcopy(tiny_w8)
+    _fused_or_skip(model)
+    seen = []
+    handle = model.bert.encoder.layer[0].output.dense.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    try:
+        assert bert_encoder.fused_encoder(model)[0] is None
+        with torch.inference_mode():
+            assert torch.equal(model.encode(SENTENCES), _torch_forward(model, SENTENCES))
+        assert seen
+    finally:
+        handle.remove()
+    assert bert_encoder.fused_encoder(model)[0] is not None
+
+
 def test_fallback_without_compiler_is_the_torch_forward(tiny_w8, monkeypatch):
     model = copy.deepcopy(tiny_w8)
     monkeypatch.setattr(bert_encoder, "library", lambda: (None, "no C compiler found"))

@@ -427,6 +427,7 @@ class FusedBertEncoder:
         self._tensors = [t for _, _, t in slots if t is not None and not t.is_inference()]  # no version counter
         self._versions = [t._version for t in self._tensors]
         self.mode = (encoder.pooling, encoder.normalize)
+        self._hookable = list(encoder.bert.modules())  # a module swap bumps the generation: the list stays current
         self.fn, self.normalize = lib.lowbit_bert_encode, bool(encoder.normalize)
         self.h, self.heads, self.inter = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
         keep = []  # every tensor whose address the C structs hold
@@ -463,6 +464,14 @@ class FusedBertEncoder:
                 and [id(d.get(n)) for d, n in self._owners] == self._ids
                 and [t._version for t in self._tensors] == self._versions)
 
+    def hooked(self) -> bool:
+        """Whether a forward hook would see the backbone's modules run (per-layer error, calibration
+        taps): the fused call runs none of them, so the torch forward must (~5 us)."""
+        from torch.nn.modules import module as _m
+
+        return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks
+                    or any(m._forward_hooks or m._forward_pre_hooks for m in self._hookable))
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         ids = input_ids.to(torch.int64).contiguous()
@@ -487,7 +496,7 @@ def fused_encoder(encoder) -> tuple[FusedBertEncoder | None, str]:
     """The fused encoder for ``encoder`` (cached, rebuilt when its tensors change) or ``(None, why not)``."""
     cached = _cache.get(encoder)
     if cached is not None and cached.valid(encoder):
-        return cached, ""
+        return (None, _HOOKED) if cached.hooked() else (cached, "")
     src, why = _sources(encoder)
     if src is None:
         _cache.pop(encoder, None)
@@ -501,9 +510,12 @@ def fused_encoder(encoder) -> tuple[FusedBertEncoder | None, str]:
     except ConfigError as exc:
         return None, str(exc)
     _cache[encoder] = runner
+    if runner.hooked():
+        return None, _HOOKED
     log.info("fused C encoder for %s: %d layers, hidden %d", getattr(encoder, "model_name", "?"),
              runner.n_layers, runner.h)
     return runner, ""
 
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_HOOKED = "forward hooks on the backbone's modules (the fused call would not run them)"

@@ -84,7 +84,8 @@ class SentenceEncoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sentence embeddings (B, H) from token ids (B, T); unit norm when ``normalize``."""
-        if self.fused and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (self.fused and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing()):  # exporters trace the torch forward
             runner = self._fused_runner()
             if runner is not None:
                 return runner(input_ids, attention_mask, token_type_ids)
