@@ -7,8 +7,8 @@
 
 SmolLM2 W{bits} g128 sym (g64 on the 576-wide inputs). Every method is fitted on the first ``--calib``
 512-token windows of lowbit.data.lm_calib_text() (the mix; default 16, AWQ's search the first 4 of them) and
-scored by perplexity and KL(fp32 || model) on windows 100..107 of the same text (the tail of its 108
-windows: never fitted at any --calib up to 100). Methods: rtn, rtn-mse (RTN with the MSE group-scale search),
+scored by perplexity and KL(fp32 || model) on windows 99..106 of the same text (the last 8 of its 107
+windows: never fitted at any --calib up to 99). Methods: rtn, rtn-mse (RTN with the MSE group-scale search),
 gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq; --init mse for the GPTQ step's group
 scales; --no-clip drops AWQ's clipping search.
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._llm_common import RESULTS, Timer, machine, quiet, rtn_decoder, write_results  # noqa: E402
 
-HELD_OUT = range(100, 108)
+HELD_OUT = range(99, 107)
 METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq")
 
 
