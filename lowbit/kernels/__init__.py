@@ -14,7 +14,8 @@ from typing import Callable
 
 from lowbit.errors import ConfigError
 from lowbit.kernels import xnor
-from lowbit.kernels import block_gemm, block_gemv, hadamard, int8_dynamic, int8_mm, wa_int, weight_only
+from lowbit.kernels import (block_gemm, block_gemv, hadamard, int8_dynamic, int8_mm, prompt_attention, wa_int,
+                            weight_only)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,11 @@ KERNELS: dict[str, dict[str, Callable]] = {
         "reference": block_gemv.block_linear_ref,
         "fast": block_gemm.block_gemm,
         "example": block_gemm.example_block_gemm,
+    },
+    "causal_attention": {  # the decoder's prompt attention over its KV cache (lowbit.kernels.prompt_attention)
+        "reference": prompt_attention.causal_attention_ref,
+        "fast": prompt_attention.causal_attention,
+        "example": prompt_attention.example_causal_attention,
     },
     "quantize_blocks": {
         "reference": block_gemv.quantize_blocks_ref,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import ConfigError
-from lowbit.kernels import block_gemm, block_gemv
+from lowbit.kernels import block_gemm, block_gemv, prompt_attention
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,7 @@ class Decoder:
         self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
         self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
         self._step = self._build_step(kernel)
+        self._attention_kernel = kernel != "reference"  # prompts: prompt_attention's C kernel (SDPA is its twin)
         kernel_layers = sum(p.uses_kernel for L in self.layers for p in (L["qkv"], L["o"], L["gate_up"], L["down"]))
         log.info("decoder: %d layers, %d of %d projections on the block kernels, head %s, cache %d x %d",
                  len(self.layers), kernel_layers, 4 * len(self.layers),
@@ -364,9 +365,12 @@ class Decoder:
             kc, vc = self.k_cache[i, :bsz], self.v_cache[i, :bsz]
             kc[:, :, pos:end] = k
             vc[:, :, pos:end] = v.view(bsz, t, nkv, hd).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, is_causal=causal,
-                                               enable_gqa=nh != nkv)  # (B, nh, T, hd)
-            h = h + L["o"](a.transpose(1, 2).reshape(bsz, t, nh * hd))[0]
+            if self._attention_kernel:  # C causal GQA attention, output already (B, T, nh * hd)
+                a = prompt_attention.causal_attention(q, kc[:, :, :end], vc[:, :, :end], pos)
+            else:
+                a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, is_causal=causal,
+                                                   enable_gqa=nh != nkv).transpose(1, 2).reshape(bsz, t, nh * hd)
+            h = h + L["o"](a)[0]
             x = _rms(h, L["post_norm"], self.eps)
             g, u = L["gate_up"](x)
             h = h + L["down"](F.silu(g).mul_(u))[0]
