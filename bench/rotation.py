@@ -1,7 +1,7 @@
 """QuaRot rotations on SmolLM2-135M: W4A8 / W4A4 with and without Hadamard rotations, a 4-bit KV
 cache with and without rotated keys/values, and the activation kurtosis before/after.
 
-    .venv/bin/python bench/rotation.py [--quick] [--only ROW ...] [--calib 4]
+    .venv/bin/python bench/rotation.py [--quick] [--only ROW ...] [--calib 4] [--weight-method auto]
 
 Rows (``--only`` takes these names; rows not run keep their numbers from bench/results/rotation.json):
 
@@ -11,7 +11,11 @@ Rows (``--only`` takes these names; rows not run keep their numbers from bench/r
   activations), ``w4a8-rot``, ``w4a4-rot``: the presets with ``rotate=True`` (no smoothing; GPTQ on
   the rotated weights); A4 grids on the rotated weights: ``-clip`` (0.9 of each token's max),
   ``-asym`` (affine, clipped), ``-g`` (one grid per token and weight group, clipped), ``-g-asym``.
-  The rows of one weight kind share one GPTQ run (GPTQ does not see the activation grid);
+  Weights: one quantization per row with that row's preset and activation grid, by the presets' default
+  (``--weight-method auto``: GPTAQ with the row's activation grid in the loop on the rotated rows, GPTQ
+  on the others), or ``gptq`` / ``gptaq`` for every row. (Results before 2026-12-05 10:00 shared one
+  GPTQ run per weight kind, built with the W4A8 grid: the A4 rows' later layers were then calibrated
+  on A8 outputs of the earlier ones, not the same model as a fresh W4A4 quantization);
 - ``kv4``, ``kv4-rot``: fp32 weights, int4 KIVI cache (chunks of 64 tokens), plain and with keys and
   values quantized in the Hadamard basis (``int4-rot``);
 - ``kurtosis``: per-token input kurtosis of every linear before/after rotation (1 calibration window).
@@ -50,21 +54,26 @@ ROWS = ("fp32", "fp32-rot", *WA_ROWS, "kv4", "kv4-rot", "kurtosis")
 _BASES: dict = {}
 
 
-def _quantized(kind: str, fp, calib):
-    """One GPTQ run per weight kind, shared by its rows: GPTQ never sees the activation grid, so a
-    row's model is this one with its WAQLinear activation settings changed (same weights as a fresh
-    ``lowbit.quantize`` with that row's preset)."""
+def _quantized(kind: str, fp, calib, act: dict, method: str = "auto"):
+    """A row's weights: one ``lowbit.quantize`` with that row's preset and activation grid. Rows do not
+    share a run: even plain GPTQ sees the grid of the layers before (their outputs, through WAQLinear,
+    are the next layer's calibration inputs), and GPTAQ with the grid in its loop fits it directly."""
     import lowbit
     from lowbit.algorithms.presets import preset_config
 
-    if kind not in _BASES:
+    rotate = kind == "rot"
+    key = (kind, tuple(sorted(act.items())), method)
+    if key not in _BASES:
         _BASES.clear()  # one base alive at a time
         m = copy.deepcopy(fp)
+        preset = "w4a4" if act.get("act_bits") == 4 else "w4a8"
+        grid = {k: v for k, v in act.items() if k != "act_bits"}
         with Timer() as t:
-            lowbit.quantize(m, preset_config("w4a8", rotate=kind == "rot"), calib)
-        t.save_load_diff = _save_load_diff(m) if kind == "rot" else None
-        _BASES[kind] = (m, t)
-    return _BASES[kind]
+            lowbit.quantize(m, preset_config(preset, rotate=rotate, weight_method=method, **grid), calib)
+        t.save_load_diff = _save_load_diff(m) if rotate else None
+        t.weight_method = m.lowbit_report.extra["wa"]["weight_method"]
+        _BASES[key] = (m, t)
+    return _BASES[key]
 
 
 def _save_load_diff(m) -> float:
@@ -101,7 +110,7 @@ def kurtosis_rows(fp) -> dict:
         return kurtosis_by_kind(kurtosis_report(fp, default_calibration(fp, 1)))
 
 
-def run_row(name: str, fp, ref, quick: bool, calib) -> dict:
+def run_row(name: str, fp, ref, quick: bool, calib, method: str = "auto") -> dict:
     from lowbit.algorithms.rotation import rotate_model
     from lowbit.analysis.evaluate import evaluate
     from lowbit.nn.kv_cache import KVCacheLM
@@ -115,9 +124,9 @@ def run_row(name: str, fp, ref, quick: bool, calib) -> dict:
     if name in ("kv4", "kv4-rot"):
         return evaluate(KVCacheLM(fp, "int4" if name == "kv4" else "int4-rot"), ref, quick=quick)
     kind, act = WA_ROWS[name]
-    base, t = _quantized(kind, fp, calib)
+    base, t = _quantized(kind, fp, calib, act, method)
     return {**evaluate(_with_activations(base, **act), ref, quick=quick), "quant_wall_s": t.wall, "quant_cpu_s": t.cpu,
-            "weights": kind, "save_load_max_abs_diff": t.save_load_diff, **act}
+            "weights": kind, "weight_method": t.weight_method, "save_load_max_abs_diff": t.save_load_diff, **act}
 
 
 TEXTS = (("", "licence"), ("_heldout", "held-out docs"), ("_science", "science"))
@@ -129,12 +138,13 @@ def render(rows: dict, meta: dict) -> str:
     out = ["# SmolLM2-135M: QuaRot Hadamard rotations for W4A8, W4A4 and a 4-bit KV cache", "",
            "Rotations folded into the weights (RMSNorms fused, residual x randomised Hadamard 576 = 12·12·4, "
            "values/out per head 64, online Hadamard 1536 = 12·128 on down_proj's input; "
-           f"{meta.get('head', 'LM head untied: +113 MB fp32')}). Weights: GPTQ W4 g128 sym (g64 on 576-wide inputs) on "
+           f"{meta.get('head', 'LM head untied: +113 MB fp32')}). Weights: W4 g128 sym (g64 on 576-wide inputs) by the row's "
+           "method (GPTQ; GPTAQ = asymmetric calibration with the row's activation grid in the loop) on "
            f"{meta['calib']} calibration windows; activations int per token; embeddings and LM head fp32. "
            "KV: fp32 weights, int4 KIVI cache fed in chunks of 64 tokens, keys/values quantized in the "
            f"Hadamard basis for -rot. {'Quick: 2 windows per text.' if meta['quick'] else 'All windows.'}", "",
-           "| row | MB | " + " | ".join(f"ppl {t} | × fp32 | KL {t}" for _, t in texts) + " | quantize s |",
-           "|---|---|" + "---|---|---|" * len(texts) + "---|"]
+           "| row | weights | MB | " + " | ".join(f"ppl {t} | × fp32 | KL {t}" for _, t in texts) + " | quantize s |",
+           "|---|---|---|" + "---|---|---|" * len(texts) + "---|"]
     for name in ROWS:
         r = rows.get(name)
         if r is None or name == "kurtosis":
@@ -143,7 +153,8 @@ def render(rows: dict, meta: dict) -> str:
         for s, _ in texts:
             cells.append(f"{r[f'ppl{s}']:.3f} | {r[f'ppl{s}'] / base[f'ppl{s}']:.3f} | {r[f'kl{s}']:.4f}")
         q = r.get("quant_wall_s")
-        out.append(f"| {name} | {r['size_mb']:.1f} | " + " | ".join(cells) + f" | {'' if q is None else f'{q:.0f}'} |")
+        out.append(f"| {name} | {r.get('weight_method', 'gptq' if q is not None else '')} | {r['size_mb']:.1f} | "
+                   + " | ".join(cells) + f" | {'' if q is None else f'{q:.0f}'} |")
     k = rows.get("kurtosis")
     if k:
         out += ["", "## Activation kurtosis per token across input channels (Gaussian = 3), 1 calibration window", "",
@@ -168,6 +179,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=ROWS, default=None)
     ap.add_argument("--calib", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weight-method", default="auto", choices=("auto", "gptq", "gptaq"),
+                    help="the W/A rows' weights: the presets' default (auto: GPTAQ with the activation grid on "
+                         "rotated rows, GPTQ on the others), or one method for every row")
     ap.add_argument("--out", default="rotation", help="results name under bench/results (for side experiments)")
     args = ap.parse_args()
     quiet()
@@ -191,7 +205,8 @@ def main() -> None:
         names.insert(0, "fp32")
     for name in names:
         print(f"... {name}", flush=True)
-        rows[name] = kurtosis_rows(fp) if name == "kurtosis" else run_row(name, fp, ref, args.quick, calib)
+        rows[name] = kurtosis_rows(fp) if name == "kurtosis" else run_row(name, fp, ref, args.quick, calib,
+                                                                            args.weight_method)
         meta["runs"][name] = machine()
         if name != "kurtosis":
             print({k: round(v, 4) for k, v in rows[name].items() if k.startswith(("ppl", "kl"))}, flush=True)

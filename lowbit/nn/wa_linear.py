@@ -155,19 +155,11 @@ class WAQLinear(nn.Module):
 
     def fake_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float simulation (fake-quantized activations x dequantized weights), for tests."""
-        from lowbit.kernels.wa_int import quantize_tokens, quantize_tokens_affine
-
         x2 = x.float() if self.smooth_inv is None else x.float() * self.smooth_inv
-        g = (self.group_size or self.in_features) if self.act_per_group else self.in_features
-        xg = x2.reshape(*x2.shape[:-1], -1, g)  # (..., G, g)
-        if self.act_symmetric:
-            q, s = quantize_tokens(xg, self.act_bits, self.act_clip)
-            xq = q.float() * s
-        else:
-            q, s, zp = quantize_tokens_affine(xg, self.act_bits, self.act_clip)
-            xq = (q.float() - zp.float()) * s
+        g = (self.group_size or self.in_features) if self.act_per_group else 0
+        xq = fake_quantize_activations(x2, self.act_bits, self.act_clip, g, self.act_symmetric)
         w = dequantize(self.codes(), self.qparams())
-        return F.linear(xq.reshape_as(x2), w, self.bias).to(x.dtype)
+        return F.linear(xq, w, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         gran = f"g{self.group_size}" if self.group_size else "per-channel"
@@ -177,4 +169,20 @@ class WAQLinear(nn.Module):
                 f"{', act per group' if self.act_per_group else ''}{', act affine' if not self.act_symmetric else ''}")
 
 
-__all__ = ["WAQLinear", "ACT_BITS", "WEIGHT_BITS"]
+def fake_quantize_activations(x: torch.Tensor, act_bits: int, act_clip: float = 1.0, group_size: int = 0,
+                              symmetric: bool = True) -> torch.Tensor:
+    """The activations a ``WAQLinear`` multiplies, in float: ``s q`` (symmetric) or ``s (q - z)`` (affine)
+    per token, or per token and group of ``group_size`` inputs (0 = the whole row), with the grids of
+    :mod:`lowbit.kernels.wa_int` (range ``act_clip * max|x|``)."""
+    from lowbit.kernels.wa_int import quantize_tokens, quantize_tokens_affine
+
+    x = x.float()
+    xg = x.reshape(*x.shape[:-1], -1, group_size or x.shape[-1])  # (..., G, g)
+    if symmetric:
+        q, s = quantize_tokens(xg, act_bits, act_clip)
+        return (q.float() * s).reshape_as(x)
+    q, s, zp = quantize_tokens_affine(xg, act_bits, act_clip)
+    return ((q.float() - zp.float()) * s).reshape_as(x)
+
+
+__all__ = ["WAQLinear", "ACT_BITS", "WEIGHT_BITS", "fake_quantize_activations"]

@@ -1,0 +1,77 @@
+"""Issue 18: how the rotated W/A presets' weight method was chosen — GPTQ vs GPTAQ, with and without the
+activation grid in GPTAQ's loop — judged on held-out *calibration* windows (99..106 of the calibration mix,
+never fitted), with the three evaluation texts reported beside.
+
+    .venv/bin/python bench/wa_gptaq_heldout.py CALIB PRESET RUN [RUN ...]
+    .venv/bin/python bench/wa_gptaq_heldout.py 16 w4a4 gptq gptaq:0.25 gptaq:0.25:noact
+    .venv/bin/python bench/wa_gptaq_heldout.py 16 w4a8 gptq gptaq:0.25
+
+PRESET ``w4a4`` runs QuaRot-rotated W4A4 with per-token-and-group affine activations clipped at 0.9
+(``w4a4-rot-g-asym`` of bench/rotation.py), ``w4a8`` the rotated W4A8 preset. RUN = ``METHOD[:ALPHA][:noact]
+[:mse]``: METHOD the preset's ``weight_method`` (gptq / gptaq), ALPHA GPTAQ's asym_alpha (default 0.25),
+``noact`` = GPTAQ without the activation grid (its x_q is the layer input as is), ``mse`` = GPTQ's MSE
+group-scale init. The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
+windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
+bench/results/wa_gptaq_heldout.log.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._llm_common import CachedReference, quiet  # noqa: E402
+
+HELD_OUT = range(99, 107)  # the last 8 of the mix's 107 windows: never fitted at CALIB <= 99
+
+
+def main() -> None:
+    import lowbit
+    import lowbit.algorithms.smoothquant as sq
+    from lowbit.algorithms import gptq
+    from lowbit.algorithms._calib import default_calibration
+    from lowbit.algorithms.presets import preset_config
+    from lowbit.analysis.evaluate import evaluate, lm_scores
+    from lowbit.models import load_model
+
+    n_calib, preset, runs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    if n_calib > HELD_OUT.start or preset not in ("w4a4", "w4a8") or not runs:
+        raise SystemExit(__doc__)
+    quiet()
+    torch.set_num_threads(2)
+    fp = load_model("smollm2")
+    ref = CachedReference(fp)
+    calib = default_calibration(fp, n_calib)
+    held = torch.cat(default_calibration(fp, HELD_OUT.stop)[HELD_OUT.start:HELD_OUT.stop])  # (8, 512)
+    config_cls, fake_quantize = gptq.GPTQConfig, sq.fake_quantize_activations
+    base = evaluate(fp, ref, quick=False)
+    for run in runs:
+        parts = run.split(":")
+        method, alpha = (parts + ["0.25"])[:2]
+        extra = dict(init="mse") if "mse" in parts else {}
+        gptq.GPTQConfig = (lambda a, e: (lambda **kw: config_cls(**kw, asym_alpha=a, **e)))(float(alpha), extra)
+        sq.fake_quantize_activations = (lambda x, *a, **k: x) if "noact" in parts else fake_quantize
+        kw = dict(rotate=True, weight_method=method)
+        if preset == "w4a4":
+            kw.update(act_clip=0.9, act_per_group=True, act_symmetric=False)
+        m = copy.deepcopy(fp)
+        t = time.time()
+        lowbit.quantize(m, preset_config(preset, **kw), calib)
+        r = evaluate(m, ref, quick=False)
+        h = lm_scores(m, fp, held)
+        print(f"{preset} {run} calib {n_calib}: x fp32 held-out {r['ppl_heldout'] / base['ppl_heldout']:.3f} "
+              f"licence {r['ppl'] / base['ppl']:.3f} science {r['ppl_science'] / base['ppl_science']:.3f} "
+              f"| held-out calib KL {h['kl']:.4f} ppl {h['ppl']:.3f} | KL {r['kl_heldout']:.4f} {r['kl']:.4f} "
+              f"{r['kl_science']:.4f} ({time.time() - t:.0f} s)", flush=True)
+    gptq.GPTQConfig, sq.fake_quantize_activations = config_cls, fake_quantize
+
+
+if __name__ == "__main__":
+    main()
