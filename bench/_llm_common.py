@@ -62,6 +62,18 @@ class Timer:
         self.cpu = time.process_time() - self.cpu0
 
 
+def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Memory read bandwidth for the roofline lines: best of ``repeats`` read-only passes
+    (``torch.sum``) over ``mb`` MB of fp32, in GB/s."""
+    x = torch.ones(mb * 2 ** 20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        float(x.sum())
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
 def machine() -> dict:
     import os
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench._llm_common import machine, quiet, write_results  # noqa: E402
+from bench._llm_common import machine, quiet, read_bandwidth_gbs, write_results  # noqa: E402
 
 PROMPT = "The licence grants permission to use, copy and modify the software provided that"
 THREADS = 2
@@ -76,17 +76,6 @@ def decoder_memory(folder: Path, activations: str) -> dict:
     out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(folder), activations], capture_output=True,
                          text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
-    """Best of ``repeats`` read-only passes (``torch.sum``) over ``mb`` MB of fp32."""
-    x = torch.ones(mb * 2 ** 20 // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        float(x.sum())
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best / 1e9
 
 
 def hf_decode(model, ids, new_tokens: int) -> tuple[float, float]:

@@ -34,6 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm_peers as peers  # noqa: E402
+from _llm_common import read_bandwidth_gbs  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.algorithms.rtn import WeightOnlyConfig  # noqa: E402
@@ -146,6 +147,21 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def roofline(rows: list[dict], bw_gbs: float, name: str = "lowbit-w8a8-dynamic") -> str:
+    """The roofline line: every forward reads the whole model once (weights and int8 tables; activations
+    stay in cache), so at batch b one sentence costs size / b bytes and bandwidth * b / size is the
+    sentences/s ceiling; the share of it that ``name`` reaches."""
+    r = next((r for r in rows if r["config"] == name and r.get("size_mb")), None)
+    if r is None:
+        return f"**Roofline**: read bandwidth {bw_gbs:.1f} GB/s (torch.sum over 512 MB); no {name} row."
+    ceil1 = bw_gbs * 1e3 / r["size_mb"]
+    ceil32 = 32 * ceil1
+    return (f"**Roofline**: read bandwidth {bw_gbs:.1f} GB/s (torch.sum over 512 MB, measured in this run); {name} "
+            f"reads its {r['size_mb']:.1f} MB once per forward, so the bandwidth ceiling is {ceil1:.0f} sentences/s at "
+            f"batch 1 (reached: {100 * r['sps_b1'] / ceil1:.0f} %) and {ceil32:.0f} at batch 32 "
+            f"({100 * r['sps_b32'] / ceil32:.1f} %: batch 32 is bound by the int8 products, not by memory).")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="MiniLM: lowbit vs fp32 and peers, one run")
     p.add_argument("--sentences", type=int, default=256)
@@ -170,6 +186,7 @@ def main(argv=None) -> None:
     header = (f"# all-MiniLM-L6-v2: lowbit vs peers\n\n{len(sentences)} sentences from lowbit.data.eval_sentences, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.rounds} round-robin "
               f"rounds, 1-min load average at the end {load:.1f}. Command: `python bench/minilm.py`.")
+    header += "\n\n" + roofline(rows, read_bandwidth_gbs())
     RESULTS.mkdir(exist_ok=True)
     from lowbit.io.atomic import atomic_write_text
 

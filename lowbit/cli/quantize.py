@@ -175,7 +175,8 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="measure on fewer samples (faster, noisier)"),
         compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                                 help="measure the quantized model under torch.compile "
-                                                     "(default: on for encoders)"),
+                                                     "(default: on for encoders that the fused C encoder "
+                                                     "does not run)"),
         as_json: bool = typer.Option(False, "--json", help="print the measured rows as JSON"),
     ) -> None:
         """Quantize MODEL with SCHEME, print size / speed / fidelity against fp32, save to --out."""
@@ -255,11 +256,12 @@ def register(app: typer.Typer) -> None:
             with step("measuring fp32 (use --no-eval to skip)") as st:
                 rows.append(evaluate(fp32, fp32, quick=quick, eval_data=eval_samples))
                 st.summary = "measured fp32"
-            use_compile = compile_ if compile_ is not None else getattr(qmodel, "task", "") == "encoder"
+            fused = compile_ is None and callable(getattr(qmodel, "fused_runs", None)) and qmodel.fused_runs()
+            use_compile = compile_ if compile_ is not None else (getattr(qmodel, "task", "") == "encoder" and not fused)
             measured = qmodel
-            how = "compiled with torch.compile" if use_compile else "eager"
+            how = "compiled with torch.compile" if use_compile else "the fused C encoder" if fused else "eager"
             with step(f"measuring {config.scheme} ({how}; the first batches compile)" if use_compile
-                      else f"measuring {config.scheme}") as st:
+                      else f"measuring {config.scheme} ({how})") as st:
                 if use_compile:
                     from lowbit.kernels.compile import compiled
 

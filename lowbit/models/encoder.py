@@ -94,6 +94,10 @@ class SentenceEncoder(nn.Module):
         pooled = pool(out.last_hidden_state, attention_mask, self.pooling)  # (B, H)
         return nn.functional.normalize(pooled.float(), p=2, dim=1) if self.normalize else pooled.float()
 
+    def fused_runs(self) -> bool:
+        """True when inference calls run the one-call C encoder (:mod:`lowbit.kernels.bert_encoder`)."""
+        return bool(self.fused) and self._fused_runner() is not None
+
     def _fused_runner(self):
         from lowbit.kernels.bert_encoder import fused_encoder
 
