@@ -21,6 +21,30 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# C helpers that several kernel sources paste in (after their own #includes; AVX-512 builds only).
+EXP512_C = r"""
+#if defined(__AVX512F__)
+/* exp(x) for x <= 0: x = n ln2 + r, |r| <= ln2 / 2 (ln2 split in a 16-bit-exact head and a tail),
+   exp(r) by its degree-7 Taylor polynomial (truncation < 1.1e-8 relative), times 2^n by vscalefps. */
+static inline __m512 lb_exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+"""
+
 _libs: dict[str, tuple[ctypes.CDLL | None, str]] = {}
 
 

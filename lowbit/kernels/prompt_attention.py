@@ -42,26 +42,7 @@ _C_SOURCE = r"""
 #define LB_AVX512 1
 #endif
 
-#ifdef LB_AVX512
-/* exp(x) for x <= 0: x = n ln2 + r, |r| <= ln2 / 2 (ln2 split in a 16-bit-exact head and a tail),
-   exp(r) by its degree-7 Taylor polynomial (truncation < 1.1e-8 relative), times 2^n by vscalefps. */
-static inline __m512 lb_exp(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
+""" + native.EXP512_C + r"""
 
 /* q (nh, T, hd), head / row strides qs / qr; k, v (nkv, >= S, hd), head stride ks; out (T, nh, hd).
    S = pos + T keys. Returns -1 when this build cannot run it (no AVX-512, hd % 16, no memory). */
@@ -118,7 +99,7 @@ int lowbit_causal_attention(const float* q, int64_t qs, int64_t qr, const float*
                 __m512 vsum = _mm512_setzero_ps();
                 for (int64_t j0 = 0; j0 < n; j0 += 16) {
                     const __mmask16 mk = n - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j0)) - 1);
-                    const __m512 p = _mm512_maskz_mov_ps(mk, lb_exp(_mm512_sub_ps(_mm512_load_ps(s + j0), mx)));
+                    const __m512 p = _mm512_maskz_mov_ps(mk, lb_exp512(_mm512_sub_ps(_mm512_load_ps(s + j0), mx)));
                     vsum = _mm512_add_ps(vsum, p);
                     _mm512_store_ps(s + j0, p);
                 }
