@@ -5,7 +5,10 @@ are per output channel (not per tensor), activations per token (not per tensor),
 outlier channels are migrated into the weights with SmoothQuant factors computed from a small
 calibration set (``smooth_alpha``; MiniLM cos min 0.986 -> 0.998 at alpha 0.65, the best of
 0.3/0.5/0.65/0.8 measured), and the embedding tables are stored int8 too (``QEmbedding``), so the
-model really shrinks ~4x.
+model really shrinks ~4x. Linears that read the same activation share one set of factors
+(``share_smoothing``, SmoothQuant's own formulation), so an exported graph quantizes that activation
+once (``lowbit.io.onnx_bert``); MiniLM, 256 evaluation sentences vs fp32: cosine mean / min 0.99899 /
+0.99705 shared, 0.99911 / 0.99778 per linear (``share_smoothing=False``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, default_calibration
 from lowbit.algorithms._swap import quantized_embedding, swap_modules
-from lowbit.algorithms.smoothing import input_absmax, smoothing_factors
+from lowbit.algorithms.smoothing import input_absmax, layer_smoothing_factors
 from lowbit.api import register_handler, select_modules
 from lowbit.config import BaseConfig, register_config, register_scheme
 from lowbit.errors import CalibrationError, ConfigError
@@ -33,6 +36,7 @@ DEFAULT_SMOOTH_ALPHA = 0.65
 class Int8DynamicConfig(BaseConfig):
     quantize_embeddings: bool = True  # word/position embedding tables int8 per row
     smooth_alpha: float | None = DEFAULT_SMOOTH_ALPHA  # SmoothQuant strength; None = no smoothing
+    share_smoothing: bool = True  # siblings reading one activation (Q/K/V) share their factors
     kernel: str = "auto"  # auto | fast (torch._int_mm) | reference
 
     def __post_init__(self):
@@ -59,8 +63,7 @@ def _quantize_dynamic(model: nn.Module, config: Int8DynamicConfig, calibration_d
             batches = list(batches)
             layers = dict(select_modules(model, (nn.Linear,), config.include, config.exclude))
             stats = input_absmax(model, layers, batches)
-            smooth = {n: smoothing_factors(stats[n], layers[n].weight, config.smooth_alpha)
-                      for n in layers if n in stats}
+            smooth = layer_smoothing_factors(stats, layers, config.smooth_alpha, shared=config.share_smoothing)
             model.lowbit_calibration = calibration_info(batches, source)
 
     def convert(name: str, m: nn.Linear) -> DynamicQLinear:

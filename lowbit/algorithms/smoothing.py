@@ -6,7 +6,11 @@ calibration) and weight range ``w_j = max_i |W_ij|``:
     s_j = a_j^alpha / w_j^(1 - alpha),      y = (x / s) (W * s)^T
 
 so outlier channels of ``x`` are scaled down before per-token quantization and the weights absorb
-them. ``alpha`` is the migration strength (0 = none, 1 = all onto the weights).
+them. ``alpha`` is the migration strength (0 = none, 1 = all onto the weights). Linears that read the
+same activation (BERT's query / key / value, a Llama MLP's gate / up) share one ``s``, computed with
+``w_j`` over their stacked weights (the paper's per-activation factor, :func:`layer_smoothing_factors`):
+the activation is then scaled and quantized once for all of them, which is what lets an exported graph
+quantize it once (``lowbit.io.onnx_bert``).
 
 Across ``torch.distributed`` ranks (``torchrun``) each rank runs its share of the calibration
 batches and the per-channel maxima are all-reduced with ``max``: exact, so the factors are
@@ -56,3 +60,33 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
     w = weight.detach().abs().amax(dim=0).float().clamp_min(SMOOTH_EPS)  # (K,)
     a = act_absmax.float().clamp_min(SMOOTH_EPS)
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp_min(SMOOTH_EPS)
+
+
+def layer_smoothing_factors(stats: dict[str, torch.Tensor], layers: dict[str, nn.Linear],
+                            alpha: float, shared: bool = True) -> dict[str, torch.Tensor]:
+    """SmoothQuant factors per layer name, one shared ``s`` for siblings that read the same activation.
+
+    Siblings: layers under the same parent module whose input statistics are identical (the same tensor
+    fed them all, e.g. ``attention.self.{query,key,value}``); their ``s`` takes ``w_j`` over the stacked
+    weights. ``shared=False``: every layer its own ``s``. A layer without statistics (never reached) gets none."""
+    groups: dict[tuple, list[str]] = {}
+    for name in layers:
+        if name not in stats:
+            continue
+        if not shared:
+            groups[("", name)] = [name]
+            continue
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        for key, members in groups.items():
+            first = members[0]
+            if key[0] == parent and torch.equal(stats[first], stats[name]):
+                members.append(name)
+                break
+        else:
+            groups[(parent, name)] = [name]
+    out = {}
+    for members in groups.values():
+        weight = torch.cat([layers[n].weight.detach() for n in members]) if len(members) > 1 else layers[members[0]].weight
+        s = smoothing_factors(stats[members[0]], weight, alpha)
+        out.update({n: s for n in members})
+    return out

@@ -3,8 +3,9 @@
 - gguf: a quantized causal LM (``--type q4_0|q4_1|q8_0``), ``lowbit.io.gguf_export``.
 - hf: a weight-only causal LM as a Hugging Face folder with a compressed-tensors ``quantization_config``
   (``lowbit.io.hf_export``), which transformers and vLLM load.
-- onnx: a quantized encoder (W8A8-dynamic, int8 embeddings; ``lowbit.io.onnx_encoder``) or a weight-only
-  causal LM with MatMulNBits linears (``lowbit.io.onnx_nbits``).
+- onnx: a quantized encoder — a W8A8-dynamic BERT as ORT's fused int8 kernels (``lowbit.io.onnx_bert``), any
+  other quantized encoder traced op for op (``lowbit.io.onnx_encoder``) — or a weight-only causal LM with
+  MatMulNBits linears (``lowbit.io.onnx_nbits``).
 """
 
 from __future__ import annotations
@@ -57,9 +58,14 @@ def register(app: typer.Typer) -> None:
         tokenizer_pre: str = typer.Option("default", "--tokenizer-pre",
                                           help="llama.cpp pre-tokenizer name when the tokenizer comes from the HF "
                                                "tokenizer (e.g. smollm); ignored with a source GGUF."),
-        activations: str = typer.Option("per-token", "--activations",
-                                        help="onnx, W8A8 encoders: per-token (lowbit's arithmetic) | per-tensor "
-                                             "(ORT's DynamicQuantizeLinear)."),
+        graph: str = typer.Option("auto", "--graph",
+                                  help="onnx, W8A8 encoders: fused (ORT's fused int8 kernels; BERT, mean pooling) | "
+                                       "traced (lowbit's per-token arithmetic, any encoder) | auto (fused where it "
+                                       "applies)."),
+        activations: Optional[str] = typer.Option(None, "--activations",
+                                                  help="onnx, W8A8 encoders: traced graph: per-token (default) | "
+                                                       "per-tensor; fused graph: rownorm (default: the FFN-down input "
+                                                       "scaled per token) | per-tensor."),
         force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     ) -> None:
         """Export a quantized model; layers already on the target grid keep their codes bit for bit."""
@@ -70,7 +76,7 @@ def register(app: typer.Typer) -> None:
         if out.exists() and not force:
             raise ConfigError(f"{out} exists (use --force to replace it)")
         if fmt == "onnx":
-            _export_onnx(_load_source(target), out, activations, force)
+            _export_onnx(_load_source(target), out, graph, activations, force)
             return
         if fmt == "hf":
             from lowbit.io.hf_export import export_hf
@@ -89,21 +95,41 @@ def register(app: typer.Typer) -> None:
                    + ", ".join(f"{n} {h}" for h, n in hows.items() if n))
 
 
-def _export_onnx(model, out: Path, activations: str, force: bool) -> None:
-    """An encoder -> lowbit.io.onnx_encoder (then checked in onnxruntime); a causal LM -> MatMulNBits."""
+def _export_onnx(model, out: Path, graph: str, activations: str | None, force: bool) -> None:
+    """An encoder -> lowbit.io.onnx_bert (fused) or onnx_encoder (traced), then checked in onnxruntime;
+    a causal LM -> MatMulNBits."""
     from lowbit.errors import ConfigError
 
     task = getattr(model, "task", None)
     if task == "encoder":
         from lowbit.data import eval_sentences
-        from lowbit.io.onnx_encoder import export_encoder_onnx, verify_encoder_onnx
+        from lowbit.io.onnx_bert import DOWN_MODES, bert_parts, export_bert_onnx
+        from lowbit.io.onnx_encoder import ACTIVATIONS, export_encoder_onnx, verify_encoder_onnx
 
-        report = export_encoder_onnx(model, out, activations=activations, overwrite=force)
+        if graph not in ("auto", "fused", "traced"):
+            raise ConfigError(f"--graph must be auto, fused or traced, got {graph!r}")
+        if graph == "auto":
+            parts, why = bert_parts(model)
+            graph = "fused" if parts is not None and activations in (None, *DOWN_MODES) else "traced"
+            if graph == "traced" and parts is None:
+                typer.echo(f"traced graph (the fused one does not apply: {why})")
+        if graph == "fused":
+            if activations not in (None, *DOWN_MODES):
+                raise ConfigError(f"--activations for the fused graph: {' | '.join(DOWN_MODES)} (ORT has no fused "
+                                  f"per-token kernel; --graph traced writes lowbit's per-token codes)")
+            report = export_bert_onnx(model, out, down=activations or DOWN_MODES[0], overwrite=force)
+            what = (f"fused graph: {report['int8_linears']} int8 linears (per-tensor activations, FFN-down input "
+                    f"{report['down']}), QAttention in {report['shared_qkv_layers']} of {report['layers']} layers")
+        else:
+            if activations not in (None, *ACTIVATIONS):
+                raise ConfigError(f"--activations for the traced graph: {' | '.join(ACTIVATIONS)}")
+            activations = activations or ACTIVATIONS[0]
+            report = export_encoder_onnx(model, out, activations=activations, overwrite=force)
+            what = (f"traced graph: {report['int8_linears']} int8 linears ({activations} activations), "
+                    f"{report['int4_linears']} MatMulNBits linears")
         check = verify_encoder_onnx(model, out, eval_sentences(16))
-        typer.echo(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB): {report['int8_linears']} int8 linears "
-                   f"({activations} activations), {report['int4_linears']} MatMulNBits linears, "
-                   f"{report['int8_embeddings']} int8 embeddings; onnxruntime vs lowbit on {check['n']} sentences: "
-                   f"cosine min {check['cos_min']:.5f}")
+        typer.echo(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB): {what}, {report['int8_embeddings']} int8 "
+                   f"embeddings; onnxruntime vs lowbit on {check['n']} sentences: cosine min {check['cos_min']:.5f}")
     elif task == "causal-lm":
         from lowbit.io.onnx_nbits import export_causal_lm_onnx
 

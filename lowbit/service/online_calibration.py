@@ -92,7 +92,7 @@ def recalibrate_w8a8_dynamic(model: nn.Module, reference: nn.Module, batches: li
     parameters are the smoothing factors, folded into the int8 weights: each smoothed layer is
     rebuilt from the fp32 reference weight with the new factors (same kernel, same alpha).
     """
-    from lowbit.algorithms.smoothing import smoothing_factors
+    from lowbit.algorithms.smoothing import layer_smoothing_factors
     from lowbit.nn import DynamicQLinear
 
     cfg = getattr(model, "lowbit_config", None)
@@ -109,10 +109,10 @@ def recalibrate_w8a8_dynamic(model: nn.Module, reference: nn.Module, batches: li
         layers[n] = ref
     stats = _input_absmax(reference, layers, batches, run)
     new = run(copy.deepcopy, model)  # on the compute thread: never concurrent with a forward on `model`
+    smooth = layer_smoothing_factors(stats, layers, alpha, shared=getattr(cfg, "share_smoothing", True))
     for n in names:
         old = new.get_submodule(n)
-        s = smoothing_factors(stats[n], layers[n].weight, alpha)  # (K,)
-        set_submodule(new, n, DynamicQLinear.from_float(layers[n], old.kernel, s))
+        set_submodule(new, n, DynamicQLinear.from_float(layers[n], old.kernel, smooth[n]))
     return new
 
 
