@@ -35,7 +35,7 @@ FP32_COS_MEAN_MIN, FP32_COS_MIN = 0.998, 0.995
 # an activation moved across a rounding boundary is one code off, and the change propagates through the
 # following layers. (In torch alone, (acc * s) * w_scale instead of acc * (s * w_scale) already gives
 # cosine min 0.99962 on a batch of 32; with lowbit's order the stand-in is bit-identical.) Measured on
-# the 256 sentences: mean 0.99986, min 0.99894 — as close as two equally valid W8A8 roundings get; the
+# the 256 sentences (per-linear SmoothQuant factors, before Q/K/V shared them): mean 0.99986, min 0.99894 — as close as two equally valid W8A8 roundings get; the
 # distance to fp32 (0.99912 / 0.99777) is the same as lowbit's own (0.99911 / 0.99761).
 ONNX_VS_LOWBIT_COS_MEAN_MIN = 0.9995
 ONNX_VS_LOWBIT_COS_MIN = 0.998

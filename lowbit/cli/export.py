@@ -129,7 +129,8 @@ def _export_onnx(model, out: Path, graph: str, activations: str | None, force: b
                     f"{report['int4_linears']} MatMulNBits linears")
         check = verify_encoder_onnx(model, out, eval_sentences(16))
         typer.echo(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB): {what}, {report['int8_embeddings']} int8 "
-                   f"embeddings; onnxruntime vs lowbit on {check['n']} sentences: cosine min {check['cos_min']:.5f}")
+                   f"embedding table(s); onnxruntime vs lowbit on {check['n']} sentences: cosine min "
+                   f"{check['cos_min']:.5f}")
     elif task == "causal-lm":
         from lowbit.io.onnx_nbits import export_causal_lm_onnx
 
