@@ -9,7 +9,8 @@ SmolLM2 W{bits} g128 sym (g64 on the 576-wide inputs). Every method is fitted on
 512-token windows of lowbit.data.lm_calib_text() (the mix; default 16, AWQ's search the first 4 of them) and
 scored by perplexity and KL(fp32 || model) on windows 99..106 of the same text (the last 8 of its 107
 windows: never fitted at any --calib up to 99). Methods: rtn, rtn-mse (RTN with the MSE group-scale search),
-gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq; --init mse for the GPTQ step's group
+gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq, gptq-rot / gptaq-rot (QuaRot rotations
+folded in first, online Hadamard before down_proj); --init mse for the GPTQ step's group
 scales; --no-clip drops AWQ's clipping search.
 
 Writes bench/results/w4_heldout.md and .json.
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._llm_common import RESULTS, Timer, machine, quiet, rtn_decoder, write_results  # noqa: E402
 
 HELD_OUT = range(99, 107)
-METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq")
+METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq", "gptq-rot", "gptaq-rot")
 
 
 def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None):
@@ -47,8 +48,9 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
         rtn_decoder(model, **w)
     elif method == "rtn-mse":
         rtn_mse_decoder(model, **w)
-    elif method in ("gptq", "gptaq"):
-        lowbit.quantize(model, GPTQConfig(**w, init=init, n_calib=n_calib, asymmetric_calib=method == "gptaq", **damp))
+    elif method in ("gptq", "gptaq", "gptq-rot", "gptaq-rot"):
+        lowbit.quantize(model, GPTQConfig(**w, init=init, n_calib=n_calib, asymmetric_calib=method.startswith("gptaq"),
+                                          rotate=method.endswith("-rot"), **damp))
     else:
         if percdamp is not None:
             raise SystemExit("--percdamp: GPTQ / GPTAQ only (AWQ's GPTQ step keeps the default)")

@@ -401,6 +401,8 @@ class GPTQConfig(BaseConfig):
     guard_windows: int = DEFAULT_GUARD_WINDOWS  # held-out calibration windows the guard judges on
     init: str = "minmax"  # group scales/zero-points: "minmax" (RTN's), "hqq" (HQQ's fit to the updated weights) or
     # "mse" (the shrink of the min-max range minimising the group's l_2.4 rounding error, mse_group_init)
+    rotate: bool = False  # QuaRot Hadamard rotations folded into the float weights first (lowbit.algorithms.rotation)
+    rotate_seed: int = 0  # seed of the residual rotation's random sign diagonal
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -420,6 +422,9 @@ class GPTQConfig(BaseConfig):
             raise ConfigError(f"asym_alpha must be in [0, 1], got {self.asym_alpha}")
         if self.guard and self.guard_windows < 1:
             raise ConfigError(f"guard_windows must be >= 1 with guard=True, got {self.guard_windows}")
+        if self.rotate and self.gguf:
+            raise ConfigError("rotate=True needs online Hadamard transforms that llama.cpp's graph does not have: "
+                              "not with gguf")
 
     @property
     def format_name(self) -> str:
@@ -430,7 +435,7 @@ class GPTQConfig(BaseConfig):
         method = "gptaq" if self.asymmetric_calib else "gptq"
         name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
         return f"{name}{'-ggml' if self.gguf else ''}{'-guard' if self.guard else ''}" \
-               f"{'' if self.init == 'minmax' else f'-{self.init}init'}"
+               f"{'' if self.init == 'minmax' else f'-{self.init}init'}{'-rot' if self.rotate else ''}"
 
 
 def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, kernel: str,
@@ -510,8 +515,14 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
 
     if ranks_active():
         check_ranks_support(config)
-        if config.init != "minmax":
-            raise ConfigError(f"GPTQ init={config.init!r} runs in one process (not across torchrun ranks)")
+        if config.init != "minmax" or config.rotate:
+            raise ConfigError("GPTQ with init != 'minmax' or rotate=True runs in one process (not across torchrun ranks)")
+    report = QuantizeReport()
+    if config.rotate:  # QuaRot: rotations folded into the float weights before any quantization
+        from lowbit.algorithms.rotation import rotate_model, rotation_specs
+
+        report.extra["rotation"] = rotate_model(model, config.rotate_seed)
+        report.layers.update(rotation_specs(model))  # recorded before their linears: load rebuilds them first
     n_held = config.guard_windows if config.guard else 0
     batches, source = lm_calibration(model, calibration_data, (config.n_calib or DEFAULT_CALIB_WINDOWS) + n_held)
     batches, held = split_held_out(batches, n_held, source)
@@ -520,7 +531,6 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
 
     if ranks_active():  # one rank of a torchrun job: sharded calibration, fixed-order Hessian reduce
         return quantize_gptq_ranks(model, config, batches, source)
-    report = QuantizeReport()
     stats: dict[str, dict] = {}
     t0 = time.perf_counter()
     process = make_gptq_process(config, prefix, report, stats, groups=input_groups(model), held_out=len(held))
@@ -705,6 +715,14 @@ def _gptq_hqq_scheme(options: dict) -> GPTQConfig:
                  options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
 def _gptq_mse_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), init="mse")
+
+
+@register_scheme("gptaq-rot", "QuaRot + GPTAQ weight-only: Hadamard rotations folded into the float weights (online "
+                 "transforms before down_proj and, with a tied head, in the final norm), then GPTAQ with MSE group "
+                 "scales; Llama-layout causal LMs, run by the model's own forward (not exportable to GGUF)",
+                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+def _gptaq_rot_scheme(options: dict) -> GPTQConfig:
+    return GPTQConfig(**_weight_options(options), asymmetric_calib=True, init="mse", rotate=True)
 
 
 @register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",
