@@ -175,16 +175,48 @@ def test_cli_options_build_the_rotated_preset():
     assert all(flag in out for flag in ("--rotate", "--act-clip", "--act-per-group", "--act-affine"))
 
 
-def test_fast_decoder_and_gguf_export_refuse_a_rotated_model(tmp_path):
+# The decoder and the model's forward compute in fp32 from the same dequantized weights and the same
+# Hadamard (fast transform in torch, butterflies + the dense 12 x 12 factor in C): summation order only.
+DECODER_LOGIT_TOL = 1e-4
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("inter", [128, 192])  # 192 = 12 x 16: the Paley factor in the online Hadamard
+def test_fast_decoder_runs_rotated_weight_only_models(inter):
+    """A rotated 4-bit model (online Hadamard before down_proj, tied head through RotatedRMSNorm) decodes
+    on the fast decoder: prompt (torch path) and single tokens (the C step) match the model's forward."""
+    from lowbit.algorithms.gptq import GPTQConfig
     from lowbit.models.decode import Decoder
-    from lowbit.service.generate import build_fast_decoder
+
+    m = tiny_llama(hidden=64, inter=inter)
+    lowbit.quantize(m, GPTQConfig(bits=4, group_size=32, asymmetric_calib=True, rotate=True, kernel="reference"),
+                    tiny_batches(4, 64))
+    assert isinstance(m.lm.model.norm, RotatedRMSNorm)
+    ids = tiny_batches(1, length=20, seed=3)[0]
+    with torch.inference_mode():
+        full = m(ids)
+    for kernel in ("auto", "reference"):
+        d = Decoder(m, max_len=32, kernel=kernel)
+        assert (d._step is not None) == (kernel == "auto")
+        with torch.inference_mode():
+            steps = [d.forward(ids[:, :12], 0)]
+            steps += [d.forward(ids[:, p:p + 1], p) for p in range(12, 20)]
+        assert _rel(steps[0], full[:, 11]) < DECODER_LOGIT_TOL, kernel
+        assert _rel(torch.stack(steps[1:], dim=1), full[:, 12:20]) < DECODER_LOGIT_TOL, kernel
+
+
+def test_fast_decoder_refuses_other_online_rotations_and_gguf_export_refuses_rotated(tmp_path):
+    from lowbit.models.decode import Decoder
 
     rot = tiny_llama(hidden=64, inter=128)
     rotate_model(rot, seed=1)
-    with pytest.raises(ConfigError, match="rotated"):  # it would skip the online Hadamard: wrong logits
+    Decoder(rot, max_len=64)  # HadamardMLP + RotatedRMSNorm: run by the decoder
+    rot.lm.model.layers[0].input_layernorm = RotatedRMSNorm(64, 1e-5)  # an online rotation it does not compute
+    with pytest.raises(ConfigError, match="online rotation"):
         Decoder(rot, max_len=64)
-    with pytest.raises(ConfigError, match="rotated"):  # the service's warmup catches this and serves the model
-        build_fast_decoder(rot)
     from lowbit.io.gguf_export import export_gguf
 
     with pytest.raises(ConfigError, match="rotated"):  # llama.cpp would skip the online Hadamards

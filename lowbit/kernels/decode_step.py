@@ -11,7 +11,13 @@ runs, for each layer ``l`` and the residual stream ``h`` (H,):
     K[l, pos] = k ;  V[l, pos] = v
     a_h = sum_t softmax_t(q_h . K[t, kv(h)] / sqrt(d)) V[t, kv(h)]    (t <= pos; kv(h) = h // (n_heads / n_kv))
     h = h + W_o a
-    x = RMSNorm(h) * w_post ;  g | u = W_gu x ;  h = h + W_d (silu(g) * u)
+    x = RMSNorm(h) * w_post ;  g | u = W_gu x ;  h = h + W_d (silu(g) * u)      [(silu(g) * u) H_I / sqrt(I)
+                                                                                when the layer is rotated]
+
+The bracket is QuaRot's online Hadamard before ``down_proj`` (:class:`lowbit.nn.hadamard.HadamardMLP`):
+with ``I = m p``, ``H_I = H_m ⊗ H_p`` and the product viewed as ``X`` (m, p), ``x H_I = H_m^T X H_p`` —
+Walsh-Hadamard butterflies on each row of ``X`` (as :func:`lowbit.kernels.hadamard.hadamard_transform`,
+whose twin is the dense product), then the small dense ``H_m^T`` over the rows.
 
 with the projections of :mod:`lowbit.kernels.block_gemv` (fp32 activations, or int8 per block of 32
 when ``a8``). Each projection is a ``lb_proj`` record (codes, scale, offset, bias, shape, bits) built
@@ -36,7 +42,37 @@ typedef struct {
     const float* in_norm; const float* post_norm;
     lb_proj qkv, o, gu, down;
     float* kc; float* vc;   /* (n_kv, max_len, head_dim): max_len is the cache's current capacity */
+    const float* down_hm; int64_t down_m;   /* online Hadamard before down: H_m (m, m) +-1, or NULL */
 } lb_layer;
+
+/* x (I) <- x H_I / sqrt(I), H_I = H_m kron H_p (p = I / m a power of two); tmp holds I floats. */
+static void lb_hadamard(float* x, const float* hm, int64_t m, int64_t I, float* tmp) {
+    const int64_t p = I / m;
+    for (int64_t a = 0; a < m; ++a) {       /* X[a] H_p: butterflies (u, v) -> (u + v, u - v) */
+        float* r = x + a * p;
+        for (int64_t h = 1; h < p; h *= 2)
+            for (int64_t blk = 0; blk < p; blk += 2 * h)
+                for (int64_t i = blk; i < blk + h; ++i) {
+                    float u = r[i], v = r[i + h];
+                    r[i] = u + v; r[i + h] = u - v;
+                }
+    }
+    const float norm = sqrtf((float)I);
+    if (m > 1) {                              /* H_m^T X: row o = sum_a H_m[a, o] X[a] */
+        for (int64_t o = 0; o < m; ++o) {
+            float* y = tmp + o * p;
+            for (int64_t b = 0; b < p; ++b) y[b] = 0.0f;
+            for (int64_t a = 0; a < m; ++a) {
+                const float c = hm[a * m + o];
+                const float* r = x + a * p;
+                for (int64_t b = 0; b < p; ++b) y[b] += c * r[b];
+            }
+        }
+        for (int64_t i = 0; i < I; ++i) x[i] = tmp[i] / norm;
+    } else {
+        for (int64_t i = 0; i < I; ++i) x[i] /= norm;
+    }
+}
 
 /* y = W x (+ bias) for one row x of K inputs; xq/d/X are scratch for the int8-activation path. */
 static void lb_proj_apply(const lb_proj* p, const float* x, float* y, int a8, int8_t* xq, float* d, float* X,
@@ -176,6 +212,7 @@ void lowbit_llama_token(const lb_layer* layers, int64_t L, float* h, int64_t pos
         lb_rms_norm(h, ly->post_norm, x, H, eps);
         lb_proj_apply(&ly->gu, x, gu, a8, qscratch, d, X, nthreads);
         lb_silu_mul(gu, gu + I, x, I);
+        if (ly->down_hm) lb_hadamard(x, ly->down_hm, ly->down_m, I, gu);  /* gu is free after the product */
         lb_proj_apply(&ly->down, x, tmp, a8, qscratch, d, X, nthreads);
         for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
     }
@@ -193,7 +230,8 @@ class Proj(ctypes.Structure):
 
 class Layer(ctypes.Structure):
     _fields_ = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", Proj), ("o", Proj),
-                ("gu", Proj), ("down", Proj), ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p)]
+                ("gu", Proj), ("down", Proj), ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
+                ("down_hm", ctypes.c_void_p), ("down_m", ctypes.c_int64)]
 
 
 def library():

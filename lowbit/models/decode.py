@@ -36,6 +36,7 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 from lowbit.kernels import block_gemm, block_gemv, prompt_attention
+from lowbit.kernels.hadamard import hadamard_transform
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +186,9 @@ class Decoder:
 
     def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1, activations: str = "fp32",
                  kernel: str = "auto"):
+        from lowbit.core.hadamard import small_factor, split_order
         from lowbit.models.adapters import backbone
-        from lowbit.nn.hadamard import rotation_modules
+        from lowbit.nn.hadamard import HadamardMLP, RotatedRMSNorm, rotation_modules
 
         lm = backbone(model)
         cfg = getattr(lm, "config", None)
@@ -207,14 +209,25 @@ class Decoder:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_len, self.batch = max_len, batch
-        rotated = rotation_modules(lm)  # online Hadamards (QuaRot) that this forward does not compute
+        # QuaRot's online Hadamards: before down_proj (HadamardMLP) and around a tied head's final norm
+        # (RotatedRMSNorm) run here; any other online rotation is refused
+        allowed = {f"model.layers.{i}.mlp" for i, layer in enumerate(inner.layers) if isinstance(layer.mlp, HadamardMLP)}
+        allowed |= {"model.norm"} if isinstance(inner.norm, RotatedRMSNorm) else set()
+        rotated = [n for n in rotation_modules(lm) if n not in allowed]
         if rotated:
-            raise ConfigError(f"the fast decoder does not run QuaRot-rotated models ({rotated[0]} rotates "
-                              "online); use the model's own forward / generate()")
+            raise ConfigError(f"the fast decoder does not run this online rotation ({rotated[0]}); use the model's "
+                              "own forward / generate()")
         self.layers = []
         for layer in inner.layers:
             at, mlp = layer.self_attn, layer.mlp
+            hm = None
+            if isinstance(mlp, HadamardMLP):
+                if getattr(mlp, "hidden_act", "silu") != "silu":
+                    raise ConfigError(f"the fast decoder's MLP is SiLU-gated, not {mlp.hidden_act!r}")
+                m, _ = split_order(mlp.down_proj.in_features)
+                hm = small_factor(m).float().contiguous()  # (m, m) +-1: H_I = H_m kron H_p
             self.layers.append({
+                "down_hm": hm,
                 "in_norm": layer.input_layernorm.weight.detach().float(),
                 "post_norm": layer.post_attention_layernorm.weight.detach().float(),
                 "qkv": _Projection([at.q_proj, at.k_proj, at.v_proj], a8),
@@ -223,6 +236,7 @@ class Decoder:
                 "down": _Projection([mlp.down_proj], a8),
             })
         self.final_norm = inner.norm.weight.detach().float()
+        self._rotated_norm = inner.norm if isinstance(inner.norm, RotatedRMSNorm) else None
         self.head = _Projection([lm.lm_head], a8)
         self.embed = self._embedding(inner.embed_tokens, lm.lm_head)
         rot = inner.rotary_emb
@@ -287,6 +301,8 @@ class Decoder:
                 w = L[key].fused
                 rec.append(decode_step.proj_record(w.packed, w.s, w.b, w.bias, w.bits, w.in_features, w.group_size))
             rec += [self.k_cache[i, 0].data_ptr(), self.v_cache[i, 0].data_ptr()]
+            hm = L["down_hm"]
+            rec += [None if hm is None else hm.data_ptr(), 0 if hm is None else hm.shape[0]]
             records.append(decode_step.Layer(*rec))
         return (decode_step.Layer * len(records))(*records)
 
@@ -342,7 +358,7 @@ class Decoder:
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         if self._step is not None and bsz == 1 and t == 1:
             h = self._token_step(ids, pos)
-            logits = self.head(_rms(h, self.final_norm, self.eps))[0]  # (1, 1, vocab)
+            logits = self.head(self._final(h))[0]  # (1, 1, vocab)
             return logits if all_logits else logits[:, 0]
         h = self.embed(ids)  # (B, T, H)
         end = pos + t
@@ -373,11 +389,18 @@ class Decoder:
             h = h + L["o"](a)[0]
             x = _rms(h, L["post_norm"], self.eps)
             g, u = L["gate_up"](x)
-            h = h + L["down"](F.silu(g).mul_(u))[0]
+            x = F.silu(g).mul_(u)
+            h = h + L["down"](x if L["down_hm"] is None else hadamard_transform(x))[0]
         if not all_logits:
             h = h[:, -1:]
-        logits = self.head(_rms(h, self.final_norm, self.eps))[0]
+        logits = self.head(self._final(h))[0]
         return logits if all_logits else logits[:, 0]
+
+    def _final(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm: RMSNorm, or a rotated model's RotatedRMSNorm (its weight in the unrotated basis)."""
+        if self._rotated_norm is not None:
+            return self._rotated_norm(h)
+        return _rms(h, self.final_norm, self.eps)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Full-sequence logits (B, T, vocab) from an empty cache (the comparison with the model's forward)."""
