@@ -34,7 +34,8 @@ HELD_OUT = range(99, 107)
 METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq", "gptq-rot", "gptaq-rot")
 
 
-def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None):
+def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None,
+             search_tokens: int | None = None):
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
@@ -55,7 +56,8 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
         if percdamp is not None:
             raise SystemExit("--percdamp: GPTQ / GPTAQ only (AWQ's GPTQ step keeps the default)")
         rounding = {"awq": "rtn", "awq-gptq": "gptq", "awq-gptaq": "gptaq"}[method]
-        lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib))
+        search = {} if search_tokens is None else {"search_tokens": search_tokens}
+        lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib, **search))
     return model
 
 
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--calib", type=int, default=None, help="calibration windows (default: the method's own)")
     ap.add_argument("--percdamp", type=float, default=None)
+    ap.add_argument("--search-tokens", type=int, default=None, help="AWQ: tokens of its scale search (default 2048)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -84,24 +87,26 @@ def main() -> None:
         if args.calib and args.calib > HELD_OUT.start:
             raise SystemExit(f"--calib {args.calib} would fit the held-out windows {HELD_OUT.start}..")
         with Timer() as t:
-            model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp)
+            model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
+                             args.search_tokens)
         s = lm_scores(model, fp, held)
         key = dict(method=args.method, bits=args.bits, init=args.init, clip=not args.no_clip, calib=args.calib,
-                   percdamp=args.percdamp)
+                   percdamp=args.percdamp, search_tokens=args.search_tokens)
         rows = [r for r in rows if {k: r.get(k) for k in key} != key]
         rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
                      "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})
         print(rows[-1], flush=True)
     rows.sort(key=lambda r: (r["bits"], METHODS.index(r["method"]), r["init"], not r["clip"], r["calib"] or 0,
-                             r["percdamp"] or 0))
+                             r["percdamp"] or 0, r.get("search_tokens") or 0))
     md = ["# W4 choices of issue 18, judged on held-out calibration windows", "",
           f"SmolLM2 W-bits g128 sym; fitted on the first `calib` windows of the calibration mix (empty: the method's "
           f"default: GPTQ 16, AWQ 4, AWQ+GPTQ 16), scored on calibration windows {HELD_OUT.start}..{HELD_OUT.stop - 1} "
           "(never fitted; no evaluation text). percdamp empty: the default (0.1). Lower KL is better.", "",
-          "| bits | method | init | AWQ clip | calib | percdamp | ppl held-out calib | fp32 ppl | KL | quantize CPU s | load |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| bits | method | init | AWQ clip | calib | percdamp | AWQ search tokens | ppl held-out calib | fp32 ppl | KL | "
+          "quantize CPU s | load |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['bits']} | {r['method']} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
-           f"{r['calib'] or ''} | {r['percdamp'] or ''} | {r['ppl']:.3f} | {r['fp32_ppl']:.3f} | {r['kl']:.4f} | "
+           f"{r['calib'] or ''} | {r['percdamp'] or ''} | {r.get('search_tokens') or ''} | {r['ppl']:.3f} | {r['fp32_ppl']:.3f} | {r['kl']:.4f} | "
            f"{r['quant_cpu_s']:.0f} | {r['loadavg']} |" for r in rows]
     write_results("w4_heldout", rows, "\n".join(md) + "\n", {"machine": machine()})
     print("\n".join(md))
