@@ -48,9 +48,9 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
-from lowbit.io.atomic import atomic_write_bytes
+from lowbit.io.onnx_common import write_onnx
+from lowbit.kernels.bert_encoder import w8a8_bert_parts
 from lowbit.nn import DynamicQLinear
-from lowbit.nn.qembedding import QEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -62,32 +62,13 @@ MASK_MIN_COUNT = 1e-9  # sentence-transformers' floor on the number of real toke
 
 
 def bert_parts(encoder) -> tuple[dict | None, str]:
-    """The modules of a W8A8-dynamic BERT sentence encoder, ``(parts, "")``, or ``(None, why not)``."""
-    bert = getattr(encoder, "bert", None)
-    cfg = getattr(bert, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) != "bert":
-        return None, "not a BERT backbone"
-    if getattr(encoder, "pooling", None) != "mean":
-        return None, f"pooling {getattr(encoder, 'pooling', None)!r} (this graph pools by mean)"
-    if (cfg.hidden_act != "gelu" or getattr(cfg, "position_embedding_type", "absolute") != "absolute"
-            or cfg.is_decoder or cfg.hidden_size % cfg.num_attention_heads):
-        return None, "config outside this graph (erf GELU, absolute positions, encoder only)"
-    emb = bert.embeddings
-    tables = (emb.word_embeddings, emb.position_embeddings, getattr(emb, "token_type_embeddings", None))
-    if not all(isinstance(t, QEmbedding) for t in tables) or not isinstance(emb.LayerNorm, nn.LayerNorm):
-        return None, "embeddings are not int8 QEmbedding tables"
-    layers = []
-    for layer in bert.encoder.layer:
-        att = layer.attention
-        lins = (att.self.query, att.self.key, att.self.value, att.output.dense,
-                layer.intermediate.dense, layer.output.dense)
-        if not all(isinstance(m, DynamicQLinear) for m in lins):
-            return None, "a linear is not a W8A8-dynamic DynamicQLinear"
-        lns = (att.output.LayerNorm, layer.output.LayerNorm)
-        if not all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in lns):
-            return None, "a LayerNorm without affine weights"
-        layers.append((lins, lns))
-    return {"tables": tables, "ln": emb.LayerNorm, "layers": layers, "config": cfg,
+    """The modules this graph reads (:func:`lowbit.kernels.bert_encoder.w8a8_bert_parts`, any kernel
+    setting), ``(parts, "")``, or ``(None, why not)``."""
+    src, why = w8a8_bert_parts(encoder, kernel_only=False)
+    if src is None:
+        return None, why
+    tables, ln, layers = src
+    return {"tables": tables, "ln": ln, "layers": layers, "config": encoder.bert.config,
             "normalize": bool(encoder.normalize)}, ""
 
 
@@ -228,17 +209,10 @@ def build_bert_graph(encoder, down: str = "rownorm"):
 
 def export_bert_onnx(encoder, path: str | Path, down: str = "rownorm", overwrite: bool = False) -> dict:
     """Write :func:`build_bert_graph`'s model to ``path`` atomically; returns a summary (counts, bytes, ops)."""
-    import onnx
-
     path = Path(path)
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists (use --force / overwrite=True to replace it)")
     model, info = build_bert_graph(encoder, down)
-    onnx.checker.check_model(model)
-    data = model.SerializeToString()
-    atomic_write_bytes(path, data)
-    ops: dict[str, int] = {}
-    for node in model.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    log.info("exported %s: %s, %.2f MB", path, info, len(data) / 1e6)
-    return {"path": str(path), "bytes": len(data), **info, "ops": ops}
+    size, ops = write_onnx(model, path)
+    log.info("exported %s: %s, %.2f MB", path, info, size / 1e6)
+    return {"path": str(path), "bytes": size, **info, "ops": ops}

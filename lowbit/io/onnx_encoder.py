@@ -44,7 +44,7 @@ from torch import nn
 
 from lowbit.api import set_submodule
 from lowbit.errors import ConfigError
-from lowbit.io.atomic import atomic_write_bytes
+from lowbit.io.onnx_common import write_onnx
 from lowbit.io.onnx_nbits import MatMulNBitsLinear
 from lowbit.kernels.int8_dynamic import ACT_SCALE_EPS
 from lowbit.nn import DynamicQLinear, WeightOnlyQLinear
@@ -178,15 +178,9 @@ def export_encoder_onnx(model: nn.Module, path: str | Path, activations: str = "
         torch.onnx.export(graph_model, (features["input_ids"], features["attention_mask"]), buf, opset_version=opset,
                           dynamo=False, input_names=names, output_names=["sentence_embedding"], dynamic_axes=axes,
                           do_constant_folding=True)
-    proto = onnx.load_from_string(buf.getvalue())
-    onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
-    atomic_write_bytes(path, data)
-    ops: dict[str, int] = {}
-    for node in proto.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    log.info("exported %s: %s, activations %s, %.2f MB", path, counts, activations, len(data) / 1e6)
-    return {"path": str(path), "activations": activations, **counts, "bytes": len(data), "ops": ops}
+    size, ops = write_onnx(onnx.load_from_string(buf.getvalue()), path)
+    log.info("exported %s: %s, activations %s, %.2f MB", path, counts, activations, size / 1e6)
+    return {"path": str(path), "activations": activations, **counts, "bytes": size, "ops": ops}
 
 
 def run_encoder_onnx(path: str | Path, features: dict, threads: int | None = None) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch import nn
 from lowbit.api import set_submodule
 from lowbit.core import Kind, get_format
 from lowbit.errors import ConfigError
-from lowbit.io.atomic import atomic_write_bytes
+from lowbit.io.onnx_common import write_onnx
 from lowbit.nn import WeightOnlyQLinear
 from lowbit.nn.base import QMODULES
 from lowbit.nn.qembedding import QEmbedding
@@ -175,15 +175,9 @@ def export_weight_only_onnx(model: nn.Module, path: str | Path, example_inputs: 
         torch.onnx.export(out, example_inputs, buf, opset_version=opset, dynamo=False, input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
                           custom_opsets={"com.microsoft": 1})
-    proto = onnx.load_from_string(buf.getvalue())
-    onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
-    atomic_write_bytes(path, data)
-    ops: dict[str, int] = {}
-    for node in proto.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    log.info("exported %s: %d MatMulNBits layers, %.2f MB", path, n, len(data) / 1e6)
-    return {"path": str(path), "matmulnbits_layers": n, "bytes": len(data), "ops": ops}
+    size, ops = write_onnx(onnx.load_from_string(buf.getvalue()), path)
+    log.info("exported %s: %d MatMulNBits layers, %.2f MB", path, n, size / 1e6)
+    return {"path": str(path), "matmulnbits_layers": n, "bytes": size, "ops": ops}
 
 
 class _LogitsGraph(nn.Module):

@@ -351,8 +351,11 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version  # inference tensors have no version counter
 
 
-def _sources(encoder) -> tuple[list | None, str]:
-    """The modules the fused encoder reads, ``([emb, layer_parts...], "")``, or ``(None, why not)``."""
+def w8a8_bert_parts(encoder, kernel_only: bool = True) -> tuple[list | None, str]:
+    """The modules of a W8A8-dynamic BERT sentence encoder with mean pooling, ``([tables, emb_norm,
+    [(linears, norms) per layer]], "")``, or ``(None, why not)``: what the fused encoder and the fused
+    ONNX graph (``lowbit.io.onnx_bert``) read. ``kernel_only``: also refuse linears that ask for the
+    reference kernel (the fused encoder honours that request; an exporter need not)."""
     from torch import nn
 
     from lowbit.nn import DynamicQLinear
@@ -362,11 +365,11 @@ def _sources(encoder) -> tuple[list | None, str]:
     cfg = getattr(bert, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) != "bert":
         return None, "not a BERT backbone"
-    if encoder.pooling != "mean":
-        return None, f"pooling {encoder.pooling!r} (the fused encoder pools by mean)"
+    if getattr(encoder, "pooling", None) != "mean":
+        return None, f"pooling {getattr(encoder, 'pooling', None)!r} (mean pooling only)"
     if (cfg.hidden_act != "gelu" or getattr(cfg, "position_embedding_type", "absolute") != "absolute"
             or cfg.is_decoder or cfg.hidden_size % cfg.num_attention_heads):
-        return None, "config outside the fused encoder (erf GELU, absolute positions, encoder only)"
+        return None, "config outside erf GELU, absolute positions, encoder only"
     emb = bert.embeddings
     tables = (emb.word_embeddings, emb.position_embeddings, getattr(emb, "token_type_embeddings", None))
     if not all(isinstance(t, QEmbedding) for t in tables) or not isinstance(emb.LayerNorm, nn.LayerNorm):
@@ -376,8 +379,9 @@ def _sources(encoder) -> tuple[list | None, str]:
         att = layer.attention
         lins = (att.self.query, att.self.key, att.self.value, att.output.dense,
                 layer.intermediate.dense, layer.output.dense)
-        if not all(isinstance(m, DynamicQLinear) and m.kernel != "reference" for m in lins):
-            return None, "a linear is not a W8A8-dynamic DynamicQLinear (or asks for the reference kernel)"
+        if not all(isinstance(m, DynamicQLinear) and (m.kernel != "reference" or not kernel_only) for m in lins):
+            return None, "a linear is not a W8A8-dynamic DynamicQLinear" + (
+                " (or asks for the reference kernel)" if kernel_only else "")
         lns = (att.output.LayerNorm, layer.output.LayerNorm)
         if not all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in lns):
             return None, "a LayerNorm without affine weights"
@@ -497,7 +501,7 @@ def fused_encoder(encoder) -> tuple[FusedBertEncoder | None, str]:
     cached = _cache.get(encoder)
     if cached is not None and cached.valid(encoder):
         return (None, _HOOKED) if cached.hooked() else (cached, "")
-    src, why = _sources(encoder)
+    src, why = w8a8_bert_parts(encoder)
     if src is None:
         _cache.pop(encoder, None)
         return None, why
