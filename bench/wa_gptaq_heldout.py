@@ -9,8 +9,8 @@ never fitted), with the three evaluation texts reported beside.
 PRESET ``w4a4`` runs QuaRot-rotated W4A4 with per-token-and-group affine activations clipped at 0.9
 (``w4a4-rot-g-asym`` of bench/rotation.py), ``w4a8`` the rotated W4A8 preset. RUN = ``METHOD[:ALPHA][:noact]
 [:mse]``: METHOD the preset's ``weight_method`` (gptq / gptaq), ALPHA GPTAQ's asym_alpha (default 0.25),
-``noact`` = GPTAQ without the activation grid (its x_q is the layer input as is), ``mse`` = GPTQ's MSE
-group-scale init. The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+``noact`` = GPTAQ without the activation grid (its x_q is the layer input as is), ``mse`` / ``minmax`` =
+GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ, ``minmax`` with GPTQ). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -55,8 +55,8 @@ def main() -> None:
     for run in runs:
         parts = run.split(":")
         method, alpha = (parts + ["0.25"])[:2]
-        extra = dict(init="mse") if "mse" in parts else {}
-        gptq.GPTQConfig = (lambda a, e: (lambda **kw: config_cls(**kw, asym_alpha=a, **e)))(float(alpha), extra)
+        extra = dict(init="mse") if "mse" in parts else dict(init="minmax") if "minmax" in parts else {}
+        gptq.GPTQConfig = (lambda a, e: (lambda **kw: config_cls(**{**kw, "asym_alpha": a, **e})))(float(alpha), extra)
         sq.fake_quantize_activations = (lambda x, *a, **k: x) if "noact" in parts else fake_quantize
         kw = dict(rotate=True, weight_method=method)
         if preset == "w4a4":

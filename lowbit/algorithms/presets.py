@@ -11,7 +11,7 @@ Every preset applies SmoothQuant first (alpha 0.5, folded into the norms on Llam
 embeddings and the LM head in float. ``rotate=True`` (CLI ``--rotate``; Llama-layout causal LMs)
 replaces the smoothing by QuaRot's Hadamard rotations folded into the weights
 (``lowbit.algorithms.rotation``; a tied LM head stays tied, its final norm rotates online), then GPTAQ
-runs on the rotated weights with the activation grid in its loop (``weight_method="auto"``: each
+(MSE-searched group scales) runs on the rotated weights with the activation grid in its loop (``weight_method="auto"``: each
 linear matches the float model's outputs from the activations it will multiply, measured better than
 GPTQ on held-out calibration windows; ``"gptq"`` keeps plain GPTQ); ``act_clip`` (CLI ``--act-clip``)
 clips each token's activation range.

@@ -55,6 +55,8 @@ SCHEME_ALPHA = 0.6
 # calibration windows than GPTQ, SmolLM2 W4A4-rot 0.521 vs 0.640, W4A8-rot 0.171 vs 0.232: docs/rotation.md),
 # GPTQ otherwise (one process or torchrun ranks); RTN on other models
 WEIGHT_METHODS = ("rtn", "gptq", "gptaq", "auto")
+# WEIGHT_INIT_NOTE: with GPTAQ the group scales default to GPTQ's MSE search (held-out calibration KL, SmolLM2
+# rotated, 16 windows: W4A4 0.521 -> 0.502, W4A8 0.171 -> 0.150; bench/results/wa_gptaq_heldout.log)
 
 
 @register_config("wa")
@@ -76,6 +78,7 @@ class WAConfig(BaseConfig):
     act_clip: float = 1.0  # per-token activation grid over act_clip * max|x| (QuaRot clips A4 at 0.9)
     act_per_group: bool = False  # one activation grid per token and weight group (QuaRot-128G) instead of per token
     act_symmetric: bool = True  # False: affine per-token activation grids (zero-point corrected in int32)
+    weight_init: str | None = None  # GPTQ / GPTAQ group scales (GPTQConfig.init); None: "mse" with GPTAQ, else "minmax"
 
     def __post_init__(self):
         if self.weight_bits not in WEIGHT_BITS or self.act_bits not in ACT_BITS:
@@ -89,6 +92,8 @@ class WAConfig(BaseConfig):
             raise ConfigError(f"group_size must be >= 0, got {self.group_size}")
         if not 0 < self.act_clip <= 1:
             raise ConfigError(f"act_clip must be in (0, 1], got {self.act_clip}")
+        if self.weight_init not in (None, "minmax", "mse"):
+            raise ConfigError(f"weight_init must be None, 'minmax' or 'mse', got {self.weight_init!r}")
         if self.rotate and self.alpha is not None:
             raise ConfigError("rotate replaces SmoothQuant (the rotation spreads the outlier channels that smoothing "
                               "migrates); pass alpha=None with rotate=True")
@@ -153,7 +158,7 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
         report.extra["rotation"] = rotate_model(model, config.rotate_seed)
         report.layers.update(rotation_specs(model))  # recorded before their linears: load rebuilds them first
     keep = fold_llama_smoothing(model, batches, config.alpha) if config.alpha is not None else {}
-    method = config.weight_method
+    method, weight_init = config.weight_method, None
     if method == "auto":
         method = "gptaq" if config.rotate and not ranks_active() else "gptq"
     t0 = time.perf_counter()
@@ -164,8 +169,12 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
         from lowbit.algorithms._llm import input_groups, widest_input
 
         check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
+        weight_init = config.weight_init or ("mse" if method == "gptaq" else "minmax")  # see WEIGHT_INIT_NOTE
+        if ranks_active() and weight_init != "minmax":
+            raise ConfigError(f"weight_init={weight_init!r} runs in one process (not across torchrun ranks)")
         gcfg = GPTQConfig(bits=config.weight_bits, group_size=config.group_size, symmetric=config.symmetric,
-                          include=config.include, exclude=config.exclude, asymmetric_calib=method == "gptaq")
+                          include=config.include, exclude=config.exclude, asymmetric_calib=method == "gptaq",
+                          init=weight_init)
 
         def wrap(name, linear, codes, qp, g):  # o_proj: GPTQ saw unsmoothed inputs, so no smoothing there
             return WAQLinear.from_quantized(linear, codes, qp, g, config.act_bits, None, config.kernel, config.act_clip,
@@ -203,7 +212,8 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
                                         config.act_symmetric)
 
         swap_modules(model, config, (nn.Linear,), convert, report)
-    report.extra["wa"] = {"seconds": time.perf_counter() - t0, "weight_method": method, "alpha": config.alpha}
+    report.extra["wa"] = {"seconds": time.perf_counter() - t0, "weight_method": method, "alpha": config.alpha,
+                          "weight_init": weight_init}
     model.lowbit_calibration = with_world_size(calibration_info(batches, source))
     return report
 

@@ -5,7 +5,8 @@ ops per linear; ONNX Runtime runs each as its own kernel (~8 us apiece at batch 
 slower than ORT's own ``quantize_dynamic`` model whatever its GEMMs do, and ORT has no fused kernel for
 per-token codes. This module writes the same quantized model (lowbit's int8 weight codes and scales,
 unchanged) as the ops ORT has fused CPU kernels for (``com.microsoft`` contrib operators; ONNX
-operator spec otherwise) — ~18 nodes per layer where ORT's own int8 graph has ~40:
+operator spec otherwise; the contrib ops as documented in ONNX Runtime's ContribOperators.md) — ~18 nodes
+per layer where ORT's own int8 graph has ~40:
 
     e = Cast(Gather(Wq, ids)) * Gather(s_w, ids) + P[:T]     P = position + token-type-0 rows (fp32)
     h = LayerNormalization(e)
