@@ -85,6 +85,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, die: bool = False) -
         result = _quantize_all()
         if rank == 0:
             torch.save(result, os.path.join(out_dir, f"world{world}.pt"))
+        dist.barrier()  # tear down together: a rank leaving while rank 0 still saves aborted in gloo now and then
     finally:
         dist.destroy_process_group()
 

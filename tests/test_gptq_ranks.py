@@ -62,6 +62,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, die_at_layer: int | 
                         "logits": _logits(model)}, os.path.join(out_dir, f"world{world}.pt"))
     finally:
         if die_at_layer is None:
+            dist.barrier()  # tear down together: a rank leaving while rank 0 still saves aborted in gloo (~1 in 3)
             dist.destroy_process_group()
 
 
@@ -162,6 +163,7 @@ def _disk_worker(rank: int, world: int, port: int, folder: str, out_dir: str) ->
             if rank == 0:
                 torch.save({"tensors": _quantized_tensors(model), "calib": model.lowbit_calibration},
                            os.path.join(out_dir, f"disk{world}_{name}.pt"))
+        dist.barrier()  # tear down together (see _worker)
     finally:
         dist.destroy_process_group()
 

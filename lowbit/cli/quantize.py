@@ -112,9 +112,25 @@ def _join_ranks(config, low_memory: bool, log) -> int | None:
                           "drop --low-memory")
     timeout = float(os.environ.get("LOWBIT_RANK_TIMEOUT_S", "600"))
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
-    atexit.register(dist.destroy_process_group)
+    atexit.register(_leave_ranks)
     log.info("rank %d of %d (gloo)", dist.get_rank(), dist.get_world_size())
     return dist.get_rank()
+
+
+def _leave_ranks() -> None:
+    """At exit: wait for every rank, then tear the process group down. Ranks other than 0 finish first
+    (rank 0 still measures and saves); tearing gloo down under a peer that is still connected aborted the
+    process now and then ("terminate called without an active exception", exit -6), which torchrun reports
+    as a failed job."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except RuntimeError as exc:  # a rank already gone (it failed): nothing left to wait for
+        log.debug("leaving ranks without the final barrier: %s", exc)
+    dist.destroy_process_group()
 
 
 def _builtin_eval(model) -> list[str]:
