@@ -10,7 +10,8 @@ PRESET ``w4a4`` runs QuaRot-rotated W4A4 with per-token-and-group affine activat
 (``w4a4-rot-g-asym`` of bench/rotation.py), ``w4a8`` the rotated W4A8 preset. RUN = ``METHOD[:ALPHA][:noact]
 [:mse]``: METHOD the preset's ``weight_method`` (gptq / gptaq), ALPHA GPTAQ's asym_alpha (default 0.25),
 ``noact`` = GPTAQ without the activation grid (its x_q is the layer input as is), ``mse`` / ``minmax`` =
-GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ, ``minmax`` with GPTQ). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ, ``minmax`` with GPTQ),
+``clipsearch`` = each input's activation clip searched (``WAConfig.act_clip_search``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -38,6 +39,7 @@ def main() -> None:
     from lowbit.algorithms import gptq
     from lowbit.algorithms._calib import default_calibration
     from lowbit.algorithms.presets import preset_config
+    from lowbit.config import override
     from lowbit.analysis.evaluate import evaluate, lm_scores
     from lowbit.models import load_model
 
@@ -61,9 +63,15 @@ def main() -> None:
         kw = dict(rotate=True, weight_method=method)
         if preset == "w4a4":
             kw.update(act_clip=0.9, act_per_group=True, act_symmetric=False)
+        config = preset_config(preset, **kw)
+        if "clipsearch" in parts:  # each input's activation clip searched (WAConfig.act_clip_search)
+            config = override(config, act_clip_search=True)
         m = copy.deepcopy(fp)
         t = time.time()
-        lowbit.quantize(m, preset_config(preset, **kw), calib)
+        lowbit.quantize(m, config, calib)
+        if "clipsearch" in parts:
+            chosen = m.lowbit_report.extra["wa"]["act_clips"]
+            print(f"  clips: {sorted(set(chosen.values()))}, mean {sum(chosen.values()) / len(chosen):.3f}", flush=True)
         r = evaluate(m, ref, quick=False)
         h = lm_scores(m, fp, held)
         print(f"{preset} {run} calib {n_calib}: x fp32 held-out {r['ppl_heldout'] / base['ppl_heldout']:.3f} "

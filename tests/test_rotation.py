@@ -283,3 +283,39 @@ def test_rotated_weight_only_gptaq_saves_loads_and_beats_unrotated_calibration_e
     assert cfg.rotate and cfg.asymmetric_calib and cfg.init == "mse" and cfg.scheme == "gptaq-w4-g128-sym-mseinit-rot"
     with pytest.raises(ConfigError, match="gguf"):
         GPTQConfig(bits=4, group_size=32, gguf="q4_0", rotate=True)
+
+
+def test_activation_clip_search_picks_per_input_clips():
+    """act_clip_search (the GPTAQ presets' default): each input's clip minimises ||(Q_c(x) - x) W^T||
+    over ACT_CLIP_GRID and act_clip; the linears sharing an input share it; a 4-bit grid over 256
+    Gaussian channels clips (the rare large values cost less clipped than the step they widen), and the
+    rotated W4A4 model's calibration logits come no further from fp32."""
+    from lowbit.algorithms.smoothquant import ACT_CLIP_GRID, WAConfig, search_act_clip
+    from lowbit.nn.wa_linear import fake_quantize_activations
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 256, generator=g), torch.randn(16, 256, generator=g)  # (T, K), (N, K)
+    clip = search_act_clip(x, w, 4, 0, True, 1.0)
+
+    def err(c):
+        return float(((fake_quantize_activations(x, 4, c, 0, True) - x) @ w.T).pow(2).sum())
+
+    assert clip < 1.0 and err(clip) == min(err(c) for c in ACT_CLIP_GRID)
+    fp = tiny_llama(hidden=64, inter=128)
+    calib = tiny_batches(8, 64)
+    errors = {}
+    for search in (False, None):
+        m = copy.deepcopy(fp)
+        cfg = WAConfig(weight_bits=4, act_bits=4, group_size=16, alpha=None, rotate=True, weight_method="auto",
+                       act_clip=0.9, act_clip_search=search)
+        lowbit.quantize(m, cfg, calib)
+        with torch.no_grad():
+            errors[search] = sum(float((m(x) - fp(x)).pow(2).mean()) for x in calib)
+    assert errors[None] <= errors[False], errors
+    chosen = m.lowbit_report.extra["wa"]["act_clips"]
+    assert len(chosen) == 4 * 2 and set(chosen.values()) <= set(ACT_CLIP_GRID)  # 4 inputs per layer, 2 layers
+    attn = m.lm.model.layers[0].self_attn
+    assert attn.q_proj.act_clip == attn.k_proj.act_clip == attn.v_proj.act_clip == chosen[
+        "lm.model.layers.0.self_attn.q_proj"]
+    with pytest.raises(ConfigError, match="act_clip_search"):
+        WAConfig(weight_bits=4, act_bits=4, alpha=None, weight_method="gptq", act_clip_search=True)

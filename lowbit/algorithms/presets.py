@@ -14,7 +14,8 @@ replaces the smoothing by QuaRot's Hadamard rotations folded into the weights
 (MSE-searched group scales) runs on the rotated weights with the activation grid in its loop (``weight_method="auto"``: each
 linear matches the float model's outputs from the activations it will multiply, measured better than
 GPTQ on held-out calibration windows; ``"gptq"`` keeps plain GPTQ); ``act_clip`` (CLI ``--act-clip``)
-clips each token's activation range.
+clips each token's activation range; with GPTAQ each input's clip is searched (``ACT_CLIP_GRID`` and
+``act_clip``: the one whose rounding moves the layer's outputs least, ``WAConfig.act_clip_search``).
 ``bench/presets.py`` and ``bench/rotation.py`` print the trade-off tables.
 """
 

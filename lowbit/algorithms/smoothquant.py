@@ -55,6 +55,7 @@ SCHEME_ALPHA = 0.6
 # calibration windows than GPTQ, SmolLM2 W4A4-rot 0.521 vs 0.640, W4A8-rot 0.171 vs 0.232: docs/rotation.md),
 # GPTQ otherwise (one process or torchrun ranks); RTN on other models
 WEIGHT_METHODS = ("rtn", "gptq", "gptaq", "auto")
+ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # act_clip_search's candidates (act_clip joins them)
 # WEIGHT_INIT_NOTE: with GPTAQ the group scales default to GPTQ's MSE search (held-out calibration KL, SmolLM2
 # rotated, 16 windows: W4A4 0.521 -> 0.502, W4A8 0.171 -> 0.150; bench/results/wa_gptaq_heldout.log)
 
@@ -79,6 +80,8 @@ class WAConfig(BaseConfig):
     act_per_group: bool = False  # one activation grid per token and weight group (QuaRot-128G) instead of per token
     act_symmetric: bool = True  # False: affine per-token activation grids (zero-point corrected in int32)
     weight_init: str | None = None  # GPTQ / GPTAQ group scales (GPTQConfig.init); None: "mse" with GPTAQ, else "minmax"
+    act_clip_search: bool | None = None  # GPTAQ: each input's act_clip from ACT_CLIP_GRID + act_clip, min
+    # ||(Q_c(x) - x) W^T||; None = on with GPTAQ (held-out calibration KL W4A4-rot 0.502 -> 0.488; A8 keeps 1.0)
 
     def __post_init__(self):
         if self.weight_bits not in WEIGHT_BITS or self.act_bits not in ACT_BITS:
@@ -94,6 +97,8 @@ class WAConfig(BaseConfig):
             raise ConfigError(f"act_clip must be in (0, 1], got {self.act_clip}")
         if self.weight_init not in (None, "minmax", "mse"):
             raise ConfigError(f"weight_init must be None, 'minmax' or 'mse', got {self.weight_init!r}")
+        if self.act_clip_search and self.weight_method not in ("gptaq", "auto"):
+            raise ConfigError("act_clip_search runs inside GPTAQ's activation-aware pass: weight_method 'gptaq' or 'auto'")
         if self.rotate and self.alpha is not None:
             raise ConfigError("rotate replaces SmoothQuant (the rotation spreads the outlier channels that smoothing "
                               "migrates); pass alpha=None with rotate=True")
@@ -149,6 +154,21 @@ def fold_llama_smoothing(model: nn.Module, batches: list, alpha: float) -> dict[
     return keep
 
 
+def search_act_clip(x: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                    default: float) -> float:
+    """The activation clip ``c`` of ``ACT_CLIP_GRID`` (and ``default``) minimising the output error of the
+    activation rounding, ``||(Q_c(x) - x) W^T||^2`` over the tokens of ``x`` (T, K) (W (N, K)); ties keep
+    the larger ``c``. MSE-optimal clipping (as the MSE observers), weighted by the layer's weights."""
+    x = x.reshape(-1, x.shape[-1]).float()  # (T, K)
+    w = weight.detach().float()
+    best, best_err = None, None
+    for c in sorted(set(ACT_CLIP_GRID) | {default}, reverse=True):
+        err = float(((fake_quantize_activations(x, bits, c, group_size, symmetric) - x) @ w.T).pow(2).sum())
+        if best_err is None or err < best_err:
+            best, best_err = c, err
+    return best
+
+
 def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> QuantizeReport:
     batches, source = lm_calibration(model, calibration_data, config.n_calib)
     report = QuantizeReport()
@@ -159,6 +179,7 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
         report.layers.update(rotation_specs(model))  # recorded before their linears: load rebuilds them first
     keep = fold_llama_smoothing(model, batches, config.alpha) if config.alpha is not None else {}
     method, weight_init = config.weight_method, None
+    clips: dict[str, float] = {}  # act_clip_search: full name of each input's owner linear -> its activation clip
     if method == "auto":
         method = "gptaq" if config.rotate and not ranks_active() else "gptq"
     t0 = time.perf_counter()
@@ -176,13 +197,30 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
                           include=config.include, exclude=config.exclude, asymmetric_calib=method == "gptaq",
                           init=weight_init)
 
+        # act_clip_search: one clip per input (the linears that share it, e.g. q/k/v, share its grid as they share
+        # GPTAQ's Hessian), chosen on the layer's first calibration window against their stacked weights
+        groups, lp = input_groups(model), layer_prefix(model)
+        current: dict[str, float] = {}  # the layer in progress: its linears' names within the layer -> clip
+
+        def siblings(short: str) -> tuple[str, ...]:
+            return next((g for g in groups if short in g), (short,))
+
         def wrap(name, linear, codes, qp, g):  # o_proj: GPTQ saw unsmoothed inputs, so no smoothing there
-            return WAQLinear.from_quantized(linear, codes, qp, g, config.act_bits, None, config.kernel, config.act_clip,
-                                            config.act_per_group, config.act_symmetric)
+            return WAQLinear.from_quantized(linear, codes, qp, g, config.act_bits, None, config.kernel,
+                                            current.get(name, config.act_clip), config.act_per_group,
+                                            config.act_symmetric)
 
         def act_quant(name, x):  # GPTAQ: the activations each WAQLinear will multiply (its run-time grid)
             g = effective_group_size(x.shape[-1], config.group_size) if config.act_per_group else 0
-            return fake_quantize_activations(x, config.act_bits, config.act_clip, g, config.act_symmetric)
+            if config.act_clip_search is not False and name not in clips:
+                index, short = name[len(lp) + 1:].split(".", 1)
+                members = [m for m in siblings(short)
+                           if isinstance(model.get_submodule(f"{lp}.{index}.{m}"), nn.Linear)]
+                weight = torch.cat([model.get_submodule(f"{lp}.{index}.{m}").weight for m in members])  # (N_all, K)
+                clips[name] = search_act_clip(x, weight, config.act_bits, g, config.act_symmetric, config.act_clip)
+                current.update({m: clips[name] for m in members})
+            return fake_quantize_activations(x, config.act_bits, clips.get(name, config.act_clip), g,
+                                             config.act_symmetric)
 
         stats: dict = {}
         if ranks_active() and method == "gptaq":
@@ -214,6 +252,8 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
         swap_modules(model, config, (nn.Linear,), convert, report)
     report.extra["wa"] = {"seconds": time.perf_counter() - t0, "weight_method": method, "alpha": config.alpha,
                           "weight_init": weight_init}
+    if clips:
+        report.extra["wa"]["act_clips"] = dict(clips)
     model.lowbit_calibration = with_world_size(calibration_info(batches, source))
     return report
 
