@@ -516,7 +516,8 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
     if ranks_active():
         check_ranks_support(config)
         if config.init != "minmax" or config.rotate:
-            raise ConfigError("GPTQ with init != 'minmax' or rotate=True runs in one process (not across torchrun ranks)")
+            raise ConfigError("GPTQ with init != 'minmax' or rotate=True runs in one process "
+                              "(not across torchrun ranks)")
     report = QuantizeReport()
     if config.rotate:  # QuaRot: rotations folded into the float weights before any quantization
         from lowbit.algorithms.rotation import rotate_model, rotation_specs
@@ -719,7 +720,7 @@ def _gptq_mse_scheme(options: dict) -> GPTQConfig:
 
 @register_scheme("gptaq-rot", "QuaRot + GPTAQ weight-only: Hadamard rotations folded into the float weights (online "
                  "transforms before down_proj and, with a tied head, in the final norm), then GPTAQ with MSE group "
-                 "scales; Llama-layout causal LMs, run by the model's own forward (not exportable to GGUF)",
+                 "scales; Llama-layout causal LMs; decodes on the fast decoder, not exportable to GGUF",
                  options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
 def _gptaq_rot_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, init="mse", rotate=True)

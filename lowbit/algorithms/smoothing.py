@@ -86,7 +86,7 @@ def layer_smoothing_factors(stats: dict[str, torch.Tensor], layers: dict[str, nn
             groups[(parent, name)] = [name]
     out = {}
     for members in groups.values():
-        weight = torch.cat([layers[n].weight.detach() for n in members]) if len(members) > 1 else layers[members[0]].weight
+        weight = torch.cat([layers[n].weight.detach() for n in members])  # (sum of N, K): the stacked siblings
         s = smoothing_factors(stats[members[0]], weight, alpha)
         out.update({n: s for n in members})
     return out

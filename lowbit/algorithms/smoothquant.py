@@ -98,7 +98,8 @@ class WAConfig(BaseConfig):
         if self.weight_init not in (None, "minmax", "mse"):
             raise ConfigError(f"weight_init must be None, 'minmax' or 'mse', got {self.weight_init!r}")
         if self.act_clip_search and self.weight_method not in ("gptaq", "auto"):
-            raise ConfigError("act_clip_search runs inside GPTAQ's activation-aware pass: weight_method 'gptaq' or 'auto'")
+            raise ConfigError("act_clip_search runs inside GPTAQ's activation-aware pass: weight_method 'gptaq' "
+                              "or 'auto'")
         if self.rotate and self.alpha is not None:
             raise ConfigError("rotate replaces SmoothQuant (the rotation spreads the outlier channels that smoothing "
                               "migrates); pass alpha=None with rotate=True")

@@ -131,7 +131,8 @@ def _int8_linear(g: _Graph, x: str, m: DynamicQLinear, factor: torch.Tensor | No
 
 
 def _rownorm_linear(g: _Graph, x: str, m: DynamicQLinear) -> str:
-    """``DynamicQuantizeMatMul(x / r, W) * r + b``, ``r = max(max_k x, eps)`` per token: per-tensor codes of rows scaled alike."""
+    """``DynamicQuantizeMatMul(x / r, W) * r + b``, ``r = max(max_k x, eps)`` per token: per-tensor codes of
+    rows scaled alike."""
     r = g.op("Max", [g.op("ReduceMax", [x], axes=[-1], keepdims=1), g.const("row_eps", np.array(ROW_EPS, np.float32))])
     y = g.op("Mul", [_int8_linear(g, g.op("Div", [x, r]), m, bias=False), r])
     return y if m.bias is None else g.op("Add", [y, g.const("bias", _np(m.bias))])
@@ -142,7 +143,8 @@ def _attention(g: _Graph, h: str, lins, fold: torch.Tensor | None, heads: int, k
     q, k, v = lins
     factors = [_smooth(m) for m in lins]
     shared = all(f is None for f in factors) or (
-        all(f is not None for f in factors) and torch.equal(factors[0], factors[1]) and torch.equal(factors[0], factors[2]))
+        all(f is not None for f in factors) and torch.equal(factors[0], factors[1])
+        and torch.equal(factors[0], factors[2]))
     if not shared:  # per-linear SmoothQuant factors: each projection quantizes its own input
         qkv = [_int8_linear(g, g.mul(h, f), m, fold if m is v else None) for m, f in zip(lins, factors)]
         return g.op("MultiHeadAttention", [*qkv, "", key_mask], domain=MS_DOMAIN, num_heads=heads), False

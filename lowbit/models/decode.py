@@ -211,7 +211,8 @@ class Decoder:
         self.max_len, self.batch = max_len, batch
         # QuaRot's online Hadamards: before down_proj (HadamardMLP) and around a tied head's final norm
         # (RotatedRMSNorm) run here; any other online rotation is refused
-        allowed = {f"model.layers.{i}.mlp" for i, layer in enumerate(inner.layers) if isinstance(layer.mlp, HadamardMLP)}
+        allowed = {f"model.layers.{i}.mlp" for i, layer in enumerate(inner.layers)
+                   if isinstance(layer.mlp, HadamardMLP)}
         allowed |= {"model.norm"} if isinstance(inner.norm, RotatedRMSNorm) else set()
         rotated = [n for n in rotation_modules(lm) if n not in allowed]
         if rotated:
