@@ -55,6 +55,11 @@ B1_SENTENCES = 128
 REPEATS = 7
 
 
+def _averages(uptime: str) -> str:
+    """The three load averages of an ``uptime`` line (its clock time is not a load)."""
+    return uptime.rsplit("load average:", 1)[-1].strip()
+
+
 def lowbit_encode_fn(path: Path, tokenizer, threads: int = THREADS):
     """encode_fn for a lowbit graph (inputs input_ids + attention_mask, output sentence_embedding)."""
     import onnxruntime as ort
@@ -172,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     meta["target"] = checks
     lines += ["", f"Target (issue 15), {TARGET_ROW}: " + "; ".join(
         f"{k}: {'met' if v else 'MISSED'}" for k, v in checks.items()) + ".", "",
-        f"Load: start `{uptime_start}`; end `{meta['uptime_end']}`. Whole run {meta['seconds']} s."]
+        f"Load averages (1 / 5 / 15 min): {_averages(uptime_start)} at the start, {_averages(meta['uptime_end'])} "
+        f"at the end. Whole run {meta['seconds']} s."]
     atomic_write_text(args.out / "onnx_encoder.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     atomic_write_text(args.out / "onnx_encoder.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
