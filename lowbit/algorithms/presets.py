@@ -21,6 +21,7 @@ clips each token's activation range; with GPTAQ each input's clip is searched (`
 
 from __future__ import annotations
 
+from lowbit.algorithms.scale_tuning import DEFAULT_TUNE_LR
 from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, WAConfig
 from lowbit.config import option_bool, register_scheme
 
@@ -34,25 +35,30 @@ PRESETS = {
 
 def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method: str = "auto",
                   kernel: str = "auto", rotate: bool = False, act_clip: float = 1.0, rotate_seed: int = 0,
-                  act_per_group: bool = False, act_symmetric: bool = True) -> WAConfig:
+                  act_per_group: bool = False, act_symmetric: bool = True, tune_windows: int = 0,
+                  tune_lr: float = DEFAULT_TUNE_LR) -> WAConfig:
     """The preset ``name``; ``rotate=True`` turns smoothing off (the rotation replaces it) and names it ``<name>-rot``.
-    ``act_clip`` / ``act_per_group`` / ``act_symmetric``: the activation grid (``WAQLinear``)."""
+    ``act_clip`` / ``act_per_group`` / ``act_symmetric``: the activation grid (``WAQLinear``); ``tune_windows``:
+    end-to-end scale tuning afterwards (``lowbit.algorithms.scale_tuning``, ``-tuned`` in the name)."""
     if rotate:
         alpha = None
     return WAConfig(**PRESETS[name], alpha=alpha, weight_method=weight_method, kernel=kernel,
-                    name=f"{name}-rot" if rotate else name, rotate=rotate, act_clip=act_clip, rotate_seed=rotate_seed,
-                    act_per_group=act_per_group, act_symmetric=act_symmetric)
+                    name=f"{name}{'-rot' if rotate else ''}{'-tuned' if tune_windows else ''}", rotate=rotate,
+                    act_clip=act_clip, rotate_seed=rotate_seed, act_per_group=act_per_group,
+                    act_symmetric=act_symmetric, tune_windows=tune_windows, tune_lr=tune_lr)
 
 
 def _register(name: str, help: str) -> None:
-    @register_scheme(name, help, options=("alpha", "kernel", "rotate", "act_clip", "act_per_group", "act_symmetric"))
+    @register_scheme(name, help, options=("alpha", "kernel", "rotate", "act_clip", "act_per_group", "act_symmetric",
+                                       "tune_windows"))
     def build(options: dict) -> WAConfig:
         alpha = options.get("alpha", DEFAULT_ALPHA)
         return preset_config(name, None if alpha in (None, "none") else float(alpha),
                              kernel=options.get("kernel", "auto"), rotate=option_bool(options.get("rotate", False)),
                              act_clip=float(options.get("act_clip", 1.0)),
                              act_per_group=option_bool(options.get("act_per_group", False)),
-                             act_symmetric=option_bool(options.get("act_symmetric", True)))
+                             act_symmetric=option_bool(options.get("act_symmetric", True)),
+                             tune_windows=int(options.get("tune_windows", 0)))
 
 
 _register("w8a8", "preset W8A8 (conservative): SmoothQuant + int8 weights per channel x int8 activations per token")

@@ -38,6 +38,7 @@ from lowbit.algorithms._llm import (decoder_layers, effective_group_size, layer_
 from lowbit.models.adapters import fold_scale_into_norm
 from lowbit.algorithms._swap import Skip, swap_modules
 from lowbit.algorithms.ranks import ranks_active, shard, with_world_size
+from lowbit.algorithms.scale_tuning import DEFAULT_TUNE_LR, check_tuning_fields, finish_tuning, start_tuning
 from lowbit.algorithms.smoothing import input_absmax, smoothing_factors
 from lowbit.api import QuantizeReport, register_handler, select_modules
 from lowbit.config import BaseConfig, register_config, register_scheme
@@ -82,8 +83,11 @@ class WAConfig(BaseConfig):
     weight_init: str | None = None  # GPTQ / GPTAQ group scales (GPTQConfig.init); None: "mse" with GPTAQ, else "minmax"
     act_clip_search: bool | None = None  # GPTAQ: each input's act_clip from ACT_CLIP_GRID + act_clip, min
     # ||(Q_c(x) - x) W^T||; None = on with GPTAQ (held-out calibration KL W4A4-rot 0.502 -> 0.488; A8 keeps 1.0)
+    tune_windows: int = 0  # > 0: then tune the weight scales end to end on that many windows (scale_tuning.py)
+    tune_lr: float = DEFAULT_TUNE_LR
 
     def __post_init__(self):
+        check_tuning_fields(self.tune_windows, self.tune_lr)
         if self.weight_bits not in WEIGHT_BITS or self.act_bits not in ACT_BITS:
             raise ConfigError(f"weight bits must be in {WEIGHT_BITS} and activation bits in {ACT_BITS}, "
                               f"got W{self.weight_bits}A{self.act_bits}")
@@ -111,7 +115,7 @@ class WAConfig(BaseConfig):
         gran = f"g{self.group_size}" if self.group_size else "pc"
         return (f"w{self.weight_bits}a{self.act_bits}-{gran}{'-sq' if self.alpha is not None else ''}"
                 f"{'-rot' if self.rotate else ''}{'-ag' if self.act_per_group else ''}"
-                f"{'-aa' if not self.act_symmetric else ''}")
+                f"{'-aa' if not self.act_symmetric else ''}{'-tuned' if self.tune_windows else ''}")
 
 
 def _is_w8a8(config: WAConfig, g: int) -> bool:
@@ -171,6 +175,9 @@ def search_act_clip(x: torch.Tensor, weight: torch.Tensor, bits: int, group_size
 
 
 def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> QuantizeReport:
+    if config.tune_windows and ranks_active():
+        raise ConfigError("tune_windows runs in one process (not across torchrun ranks)")
+    tuning = start_tuning(model, calibration_data, config.tune_windows)  # fp32 targets, before any change
     batches, source = lm_calibration(model, calibration_data, config.n_calib)
     report = QuantizeReport()
     if config.rotate:  # QuaRot: Hadamard rotations folded into the float weights before any quantization
@@ -256,6 +263,7 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
     if clips:
         report.extra["wa"]["act_clips"] = dict(clips)
     model.lowbit_calibration = with_world_size(calibration_info(batches, source))
+    finish_tuning(model, tuning, config.tune_lr, report)
     return report
 
 
@@ -263,6 +271,9 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
 
 
 def _quantize_generic(model: nn.Module, config: WAConfig, calibration_data) -> QuantizeReport:
+    if config.tune_windows:
+        raise ConfigError("tune_windows tunes a causal LM against its next-token distribution: Llama-layout "
+                          "causal LMs only")
     smooth = {}
     if config.alpha is not None:
         batches = list(calibration_data) if calibration_data is not None else default_calibration(model)

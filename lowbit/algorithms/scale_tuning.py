@@ -1,0 +1,220 @@
+"""End-to-end tuning of a quantized causal LM's group scales, integer codes fixed (MISSION G.20).
+
+EfficientQAT's end-to-end step (Chen et al. 2024, "EfficientQAT: Efficient Quantization-Aware Training
+for Large Language Models", sec. 3.3, E2E-QP) and PEQA (Kim et al. 2023): once a PTQ method (GPTQ,
+GPTAQ, RTN, ...) has chosen every weight's integer code ``q``, train only the step sizes so that the
+whole model's next-token distribution matches the fp32 model's on calibration windows:
+
+    W = (q - z) * s0 * exp(t)          one t per group scale s0, t = 0 at the start
+    min_t  mean over tokens of KL_k(p_fp32 || p_q)
+
+``KL_k`` is the KL divergence of the teacher's top-k tokens plus one bucket for the rest of the
+vocabulary (the coarsened distributions ``(p_1 .. p_k, 1 - sum p_i)``), so the fp32 targets are k
+log-probabilities and indices per token (:func:`teacher_targets`), computed before quantization,
+instead of the whole vocabulary. The log-multiplier ``t`` makes the learning rate relative to each
+scale. Adam, cosine learning rate, one pass over the windows, one window per step. Linears with
+quantized activations (``WAQLinear``) run their activation grid as a fake quantizer with the
+straight-through estimator (rounding passes the gradient unchanged; clip ranges fixed).
+
+At the end ``s = fp16(s0 exp(t))`` is written into each module's ``scale`` buffer: the tuned model is
+the same modules, codes and kernels as before, only different scales.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.core import Kind, get_format
+from lowbit.errors import ConfigError
+from lowbit.nn.qlinear import WeightOnlyQLinear
+from lowbit.nn.wa_linear import WAQLinear, fake_quantize_activations
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TUNE_WINDOWS = 96  # calibration windows 0..95 of the mix: held-out windows 99..106 stay unseen
+DEFAULT_TUNE_LR = 5e-4  # Adam on t; chosen on held-out calibration windows (bench/scale_tuning_heldout.py)
+TOPK = 128  # teacher tokens kept per position (KL_k); the rest of the vocabulary is one bucket
+
+
+def check_tuning_fields(tune_windows: int, tune_lr: float, storage: str | None = None) -> None:
+    """Config validation shared by the configs that offer scale tuning (``storage``: a codebook format
+    or double-quantized scales, which hold no tunable fp16 group scale)."""
+    if tune_windows < 0:
+        raise ConfigError(f"tune_windows must be >= 0 (0 = no scale tuning), got {tune_windows}")
+    if not 0 < tune_lr < 1:
+        raise ConfigError(f"tune_lr must be in (0, 1), got {tune_lr}")
+    if tune_windows and storage:
+        raise ConfigError(f"scale tuning trains fp16 group scales of integer codes: not with {storage}")
+
+
+def teacher_targets(model: nn.Module, windows: list[torch.Tensor], k: int = TOPK) -> list[tuple]:
+    """Top-k next-token log-probabilities (T-1, k) and their token ids (T-1, k) per window (1, T)."""
+    out = []
+    with torch.no_grad():
+        for ids in windows:
+            logp = torch.log_softmax(model(ids)[0, :-1].float(), dim=-1)  # (T-1, V)
+            values, indices = logp.topk(min(k, logp.shape[-1]), dim=-1)
+            out.append((values.clone(), indices.clone()))  # plain tensors (autograd may save them)
+    return out
+
+
+def kl_topk(logp: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p || q) on (top-k tokens, rest): ``logp`` (T, V) the model's
+    log-probabilities, ``values`` / ``indices`` (T, k) the teacher's top-k log-probabilities."""
+    lq = logp.gather(1, indices)  # (T, k)
+    p = values.exp()
+    p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
+    q_rest = (1 - lq.exp().sum(-1)).clamp_min(1e-12)
+    return ((p * (values - lq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())).mean()
+
+
+class TunedScales(nn.Module):
+    """A quantized linear's differentiable twin: ``y = x_hat @ ((q - z) s0 exp(t))^T + b`` with the
+    module's codes, zero-points and bias fixed (``x_hat``: the activation grid with the straight-through
+    estimator for a ``WAQLinear``, ``x`` otherwise)."""
+
+    def __init__(self, module: WeightOnlyQLinear | WAQLinear):
+        super().__init__()
+        self.source = [module]  # a list: not a submodule
+        n, k = module.out_features, module.in_features
+        g = module.group_size or k
+        kp = -(-k // g) * g  # whole groups: a ragged last group is zero-padded (WeightOnlyQLinear's rule)
+        codes = F.pad(module.codes().float(), (0, kp - k)).reshape(n, kp // g, g)  # (N, G, g)
+        zp = module.zero_point
+        if zp is not None:
+            codes = codes - zp.float().reshape(n, -1)[..., None]
+        self.register_buffer("centred", codes)
+        self.register_buffer("s0", module.scale.float().reshape(n, -1))  # (N, G)
+        self.t = nn.Parameter(torch.zeros_like(self.s0))
+        self.k = k
+        self.bias = None if module.bias is None else module.bias.detach().float()
+
+    def scale(self) -> torch.Tensor:
+        return self.s0 * torch.exp(self.t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.source[0]
+        w = (self.centred * self.scale()[..., None]).reshape(self.centred.shape[0], -1)[:, : self.k]  # (N, K)
+        x = x.float()
+        if isinstance(m, WAQLinear):
+            if m.smooth_inv is not None:
+                x = x * m.smooth_inv
+            g = (m.group_size or m.in_features) if m.act_per_group else 0
+            xq = fake_quantize_activations(x.detach(), m.act_bits, m.act_clip, g, m.act_symmetric)
+            x = x + (xq - x).detach()  # straight-through: the forward sees the grid, the gradient does not
+        return F.linear(x, w, self.bias)
+
+    def write_back(self) -> float:
+        """Store ``fp16(s0 exp(t))`` in the module; returns the largest relative scale change."""
+        m = self.source[0]
+        new = self.scale().detach()
+        m.scale.copy_(new.reshape(m.scale.shape).to(m.scale.dtype))
+        if isinstance(m, WAQLinear):
+            m._prepared = None  # its kernel layout holds the scales
+        else:
+            m.release_kernel_layout()
+        return float((new / self.s0 - 1).abs().max())
+
+
+def tunable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's integer-code linears whose scales this tunes (WeightOnlyQLinear with a uniform
+    format, WAQLinear)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, WAQLinear) or (isinstance(m, WeightOnlyQLinear) and type(m) is WeightOnlyQLinear
+                                        and get_format(m.fmt).kind is Kind.UNIFORM):
+            out[name] = m
+    return out
+
+
+def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tuple], lr: float = DEFAULT_TUNE_LR,
+                seed: int = 0) -> dict:
+    """One pass of Adam over ``windows`` (each (1, T) token ids) against ``targets`` (from
+    :func:`teacher_targets` on the same windows, fp32 model); scales written back in place.
+    Returns what metadata records: windows, steps, lr, mean KL_k of the first and last quarter of steps,
+    largest relative scale change, seconds."""
+    if len(windows) != len(targets) or not windows:
+        raise ConfigError(f"scale tuning needs one teacher target per window, got {len(windows)} windows and "
+                          f"{len(targets)} targets")
+    modules = tunable_modules(model)
+    if not modules:
+        raise ConfigError("scale tuning found no integer-code linear (WeightOnlyQLinear / WAQLinear) to tune")
+    twins = {name: TunedScales(m) for name, m in modules.items()}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for name, twin in twins.items():
+        model.set_submodule(name, twin)
+    params = [twin.t for twin in twins.values()]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(windows))
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist()
+    losses, start = [], time.perf_counter()
+    try:
+        with torch.enable_grad():
+            for step, i in enumerate(order, 1):
+                loss = kl_topk(torch.log_softmax(model(windows[i])[0, :-1].float(), dim=-1), *targets[i])
+                if not math.isfinite(loss.item()):
+                    raise ConfigError(f"scale tuning diverged at step {step} (KL {float(loss)}); try a lower lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                if step % 8 == 0 or step == len(order):
+                    log.info("scale tuning: step %d/%d, KL_k %.4f (%.1f s)", step, len(order), losses[-1],
+                             time.perf_counter() - start)
+    finally:
+        changes = {}
+        for name, twin in twins.items():
+            changes[name] = twin.write_back()
+            model.set_submodule(name, twin.source[0])
+        for p in frozen:
+            p.requires_grad_(True)
+    quarter = max(1, len(losses) // 4)
+    return {"windows": len(windows), "steps": len(losses), "lr": lr, "topk": int(targets[0][0].shape[-1]),
+            "kl_first_quarter": sum(losses[:quarter]) / quarter, "kl_last_quarter": sum(losses[-quarter:]) / quarter,
+            "max_scale_change": max(changes.values()), "seconds": time.perf_counter() - start}
+
+
+
+# ------------------------------------------------------------------------------- the handlers' two calls
+
+def start_tuning(model: nn.Module, calibration_data, n_windows: int) -> tuple[list, list, str] | None:
+    """Before quantization: the first ``n_windows`` calibration rows (1, T) and the fp32 model's targets
+    on them (None when ``n_windows`` is 0)."""
+    from lowbit.algorithms._llm import lm_calibration
+
+    if not n_windows:
+        return None
+    batches, source = lm_calibration(model, calibration_data, n_windows)
+    windows = [row[None] for b in batches for row in b][:n_windows]  # (1, T) each
+    start = time.perf_counter()
+    targets = teacher_targets(model, windows)
+    log.info("scale tuning: fp32 targets on %d windows (%.1f s)", len(windows), time.perf_counter() - start)
+    return windows, targets, source
+
+
+def finish_tuning(model: nn.Module, prepared: tuple | None, lr: float, report) -> None:
+    """After quantization: tune the scales and record what was done in the report and the model's
+    calibration record (metadata.json)."""
+    if prepared is None:
+        return
+    windows, targets, source = prepared
+    info = {**tune_scales(model, windows, targets, lr), "source": source}
+    report.extra["scale_tuning"] = info
+    record = getattr(model, "lowbit_calibration", None)
+    if isinstance(record, dict):
+        record["scale_tuning"] = info
+    log.info("scale tuning: %d steps, KL_k %.4f -> %.4f, largest scale change %.1f%% (%.0f s)", info["steps"],
+             info["kl_first_quarter"], info["kl_last_quarter"], 100 * info["max_scale_change"], info["seconds"])
+
+
+__all__ = ["DEFAULT_TUNE_LR", "DEFAULT_TUNE_WINDOWS", "TOPK", "TunedScales", "check_tuning_fields", "finish_tuning",
+           "kl_topk", "start_tuning", "teacher_targets", "tune_scales", "tunable_modules"]
