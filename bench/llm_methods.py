@@ -40,7 +40,8 @@ from bench._llm_common import CachedReference, Timer, machine, quiet, rtn_decode
 # (row name, family, kwargs); family "rtn" | "rtn-mse" (RTN, MSE group-scale search) | "gptq" | "awq" | "awq-gptq"
 # (AWQ scales + clipping, GPTQ rounding) | "awq-gptaq" (AWQ scales, GPTAQ rounding); GPTQ rows may set guard=True (RTN
 # fallback judged on held-out calibration windows), asymmetric_calib=True (GPTAQ), init="mse" and rotate=True (QuaRot
-# rotations folded in first: lowbit.algorithms.rotation); AWQ rows clip and init
+# rotations folded in first: lowbit.algorithms.rotation) and tune_windows (group scales then tuned end to end:
+# lowbit.algorithms.scale_tuning); AWQ rows clip and init
 ROWS = [
     ("RTN W4 g128 sym", "rtn", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True)),
@@ -55,6 +56,8 @@ ROWS = [
     ("AWQ+GPTAQ-MSE W4 g128 sym", "awq-gptaq", dict(bits=4, group_size=128, symmetric=True, init="mse")),
     ("GPTAQ-MSE-rot W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True, init="mse",
                                                rotate=True)),
+    ("GPTAQ-MSE-rot-tuned W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True,
+                                                     init="mse", rotate=True, tune_windows=96)),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, guard=True)),
@@ -63,6 +66,8 @@ ROWS = [
     ("AWQ+GPTQ W3 g128 sym", "awq-gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTAQ-MSE-rot W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, asymmetric_calib=True, init="mse",
                                                rotate=True)),
+    ("GPTAQ-MSE-rot-tuned W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, asymmetric_calib=True,
+                                                     init="mse", rotate=True, tune_windows=96)),
     ("RTN W2 g64 asym", "rtn", dict(bits=2, group_size=64, symmetric=False)),
     ("GPTQ W2 g64 asym", "gptq", dict(bits=2, group_size=64, symmetric=False)),
     ("AWQ W2 g64 asym", "awq", dict(bits=2, group_size=64, symmetric=False)),

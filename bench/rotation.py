@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._llm_common import RESULTS, CachedReference, Timer, machine, quiet, write_results  # noqa: E402
 
 CLIP = 0.9  # QuaRot's activation clip ratio for A4
-# row -> (weights: "sq" = the shipped presets' SmoothQuant + GPTQ, "rot" = rotate=True + GPTQ; activation grid)
+# row -> (weights: "sq" = the shipped presets' SmoothQuant + GPTQ, "rot" = rotate=True + GPTQ, "rot-tuned" = the same
+# then its scales tuned end to end on TUNE_WINDOWS calibration windows; activation grid)
 WA_ROWS = {
     "w4a8": ("sq", dict(act_bits=8)),
     "w4a4": ("sq", dict(act_bits=4)),
@@ -49,7 +50,10 @@ WA_ROWS = {
     "w4a4-rot-asym": ("rot", dict(act_bits=4, act_clip=CLIP, act_symmetric=False)),
     "w4a4-rot-g": ("rot", dict(act_bits=4, act_clip=CLIP, act_per_group=True)),
     "w4a4-rot-g-asym": ("rot", dict(act_bits=4, act_clip=CLIP, act_per_group=True, act_symmetric=False)),
+    "w4a8-rot-tuned": ("rot-tuned", dict(act_bits=8)),
+    "w4a4-rot-g-asym-tuned": ("rot-tuned", dict(act_bits=4, act_clip=CLIP, act_per_group=True, act_symmetric=False)),
 }
+TUNE_WINDOWS = 96  # -tuned rows: group scales then tuned end to end (lowbit.algorithms.scale_tuning)
 ROWS = ("fp32", "fp32-rot", *WA_ROWS, "kv4", "kv4-rot", "kurtosis")
 _BASES: dict = {}
 
@@ -58,10 +62,13 @@ def _quantized(kind: str, fp, calib, act: dict, method: str = "auto"):
     """A row's weights: one ``lowbit.quantize`` with that row's preset and activation grid. Rows do not
     share a run: even plain GPTQ sees the grid of the layers before (their outputs, through WAQLinear,
     are the next layer's calibration inputs), and GPTAQ with the grid in its loop fits it directly."""
+    import dataclasses
+
     import lowbit
     from lowbit.algorithms.presets import preset_config
 
-    rotate = kind == "rot"
+    rotate = kind.startswith("rot")
+    tune = TUNE_WINDOWS if kind == "rot-tuned" else 0
     key = (kind, tuple(sorted(act.items())), method)
     if key not in _BASES:
         _BASES.clear()  # one base alive at a time
@@ -69,7 +76,12 @@ def _quantized(kind: str, fp, calib, act: dict, method: str = "auto"):
         preset = "w4a4" if act.get("act_bits") == 4 else "w4a8"
         grid = {k: v for k, v in act.items() if k != "act_bits"}
         with Timer() as t:
-            lowbit.quantize(m, preset_config(preset, rotate=rotate, weight_method=method, **grid), calib)
+            if tune:  # the built-in windows: the first len(calib) for the weights (= calib), the first 96 for tuning
+                cfg = dataclasses.replace(preset_config(preset, rotate=rotate, weight_method=method, tune_windows=tune,
+                                                        **grid), n_calib=len(calib))
+                lowbit.quantize(m, cfg)
+            else:
+                lowbit.quantize(m, preset_config(preset, rotate=rotate, weight_method=method, **grid), calib)
         t.save_load_diff = _save_load_diff(m) if rotate else None
         t.weight_method = m.lowbit_report.extra["wa"]["weight_method"]
         _BASES[key] = (m, t)

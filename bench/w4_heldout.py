@@ -11,7 +11,8 @@ scored by perplexity and KL(fp32 || model) on windows 99..106 of the same text (
 windows: never fitted at any --calib up to 99). Methods: rtn, rtn-mse (RTN with the MSE group-scale search),
 gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq, gptq-rot / gptaq-rot (QuaRot rotations
 folded in first, online Hadamard before down_proj); --init mse for the GPTQ step's group
-scales; --no-clip drops AWQ's clipping search.
+scales; --no-clip drops AWQ's clipping search; --tune-windows N then tunes the group scales end to end on the
+first N windows (N <= 96: the held-out windows stay unseen).
 
 Writes bench/results/w4_heldout.md and .json.
 """
@@ -35,7 +36,7 @@ METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq", "g
 
 
 def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None,
-             search_tokens: int | None = None):
+             search_tokens: int | None = None, tune_windows: int = 0, tune_lr: float | None = None):
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
@@ -50,8 +51,9 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
     elif method == "rtn-mse":
         rtn_mse_decoder(model, **w)
     elif method in ("gptq", "gptaq", "gptq-rot", "gptaq-rot"):
+        tune = dict(tune_windows=tune_windows, **({} if tune_lr is None else {"tune_lr": tune_lr}))
         lowbit.quantize(model, GPTQConfig(**w, init=init, n_calib=n_calib, asymmetric_calib=method.startswith("gptaq"),
-                                          rotate=method.endswith("-rot"), **damp))
+                                          rotate=method.endswith("-rot"), **damp, **tune))
     else:
         if percdamp is not None:
             raise SystemExit("--percdamp: GPTQ / GPTAQ only (AWQ's GPTQ step keeps the default)")
@@ -59,6 +61,12 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
         search = {} if search_tokens is None else {"search_tokens": search_tokens}
         lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib, **search))
     return model
+
+
+def _tuned(row: dict) -> str:
+    if not row.get("tune_windows"):
+        return ""
+    return f"{row['tune_windows']} ({row.get('tune_lr') or 'default'})"
 
 
 def main() -> None:
@@ -70,6 +78,9 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=None, help="calibration windows (default: the method's own)")
     ap.add_argument("--percdamp", type=float, default=None)
     ap.add_argument("--search-tokens", type=int, default=None, help="AWQ: tokens of its scale search (default 2048)")
+    ap.add_argument("--tune-windows", type=int, default=0, help="GPTQ / GPTAQ: then tune the group scales end to "
+                    "end on the first N calibration windows (lowbit.algorithms.scale_tuning)")
+    ap.add_argument("--tune-lr", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -84,30 +95,31 @@ def main() -> None:
 
         fp = load_model("smollm2")
         held = torch.cat(default_calibration(fp, max(HELD_OUT) + 1)[HELD_OUT.start:HELD_OUT.stop])  # (8, 512)
-        if args.calib and args.calib > HELD_OUT.start:
-            raise SystemExit(f"--calib {args.calib} would fit the held-out windows {HELD_OUT.start}..")
+        if max(args.calib or 0, args.tune_windows) > HELD_OUT.start:
+            raise SystemExit(f"--calib / --tune-windows above {HELD_OUT.start} would fit the held-out windows")
         with Timer() as t:
             model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
-                             args.search_tokens)
+                             args.search_tokens, args.tune_windows, args.tune_lr)
         s = lm_scores(model, fp, held)
         key = dict(method=args.method, bits=args.bits, init=args.init, clip=not args.no_clip, calib=args.calib,
-                   percdamp=args.percdamp, search_tokens=args.search_tokens)
+                   percdamp=args.percdamp, search_tokens=args.search_tokens, tune_windows=args.tune_windows or None,
+                   tune_lr=args.tune_lr)
         rows = [r for r in rows if {k: r.get(k) for k in key} != key]
         rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
                      "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})
         print(rows[-1], flush=True)
     rows.sort(key=lambda r: (r["bits"], METHODS.index(r["method"]), r["init"], not r["clip"], r["calib"] or 0,
-                             r["percdamp"] or 0, r.get("search_tokens") or 0))
+                             r["percdamp"] or 0, r.get("search_tokens") or 0, r.get("tune_windows") or 0))
     md = ["# W4 choices of issue 18, judged on held-out calibration windows", "",
           f"SmolLM2 W-bits g128 sym; fitted on the first `calib` windows of the calibration mix (empty: the method's "
           f"default: GPTQ 16, AWQ 4, AWQ+GPTQ 16), scored on calibration windows {HELD_OUT.start}..{HELD_OUT.stop - 1} "
           "(never fitted; no evaluation text). percdamp empty: the default (0.1). Lower KL is better.", "",
           "| bits | method | init | AWQ clip | calib | percdamp | AWQ search tokens | ppl held-out calib | fp32 ppl | KL | "
-          "quantize CPU s | load |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "tuned windows (lr) | quantize CPU s | load |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['bits']} | {r['method']} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
            f"{r['calib'] or ''} | {r['percdamp'] or ''} | {r.get('search_tokens') or ''} | {r['ppl']:.3f} | {r['fp32_ppl']:.3f} | {r['kl']:.4f} | "
-           f"{r['quant_cpu_s']:.0f} | {r['loadavg']} |" for r in rows]
+           f"{_tuned(r)} | {r['quant_cpu_s']:.0f} | {r['loadavg']} |" for r in rows]
     write_results("w4_heldout", rows, "\n".join(md) + "\n", {"machine": machine()})
     print("\n".join(md))
 

@@ -11,7 +11,8 @@ PRESET ``w4a4`` runs QuaRot-rotated W4A4 with per-token-and-group affine activat
 [:mse]``: METHOD the preset's ``weight_method`` (gptq / gptaq), ALPHA GPTAQ's asym_alpha (default 0.25),
 ``noact`` = GPTAQ without the activation grid (its x_q is the layer input as is), ``mse`` / ``minmax`` =
 GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ, ``minmax`` with GPTQ),
-``clipsearch`` = each input's activation clip searched (``WAConfig.act_clip_search``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+``clipsearch`` = each input's activation clip searched (``WAConfig.act_clip_search``), ``tune`` = then the
+group scales tuned end to end on the first 96 calibration windows (``WAConfig.tune_windows``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -68,7 +69,11 @@ def main() -> None:
             config = override(config, act_clip_search=True)
         m = copy.deepcopy(fp)
         t = time.time()
-        lowbit.quantize(m, config, calib)
+        if "tune" in parts:  # the built-in windows: the first n_calib (= calib) for the weights, 96 for tuning
+            lowbit.quantize(m, override(config, n_calib=n_calib, tune_windows=96))
+            print(f"  tuning: {m.lowbit_report.extra['scale_tuning']}", flush=True)
+        else:
+            lowbit.quantize(m, config, calib)
         if "clipsearch" in parts:
             chosen = m.lowbit_report.extra["wa"]["act_clips"]
             print(f"  clips: {sorted(set(chosen.values()))}, mean {sum(chosen.values()) / len(chosen):.3f}", flush=True)
