@@ -11,8 +11,8 @@ scored by perplexity and KL(fp32 || model) on windows 99..106 of the same text (
 windows: never fitted at any --calib up to 99). Methods: rtn, rtn-mse (RTN with the MSE group-scale search),
 gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq, gptq-rot / gptaq-rot (QuaRot rotations
 folded in first, online Hadamard before down_proj); --init mse for the GPTQ step's group
-scales; --no-clip drops AWQ's clipping search; --tune-windows N then tunes the group scales end to end on the
-first N windows (N <= 96: the held-out windows stay unseen).
+scales; --no-clip drops AWQ's clipping search, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
+group scales end to end on the first N windows (N <= 96: the held-out windows stay unseen).
 
 Writes bench/results/w4_heldout.md and .json.
 """
@@ -36,7 +36,8 @@ METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq", "g
 
 
 def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None,
-             search_tokens: int | None = None, tune_windows: int = 0, tune_lr: float | None = None):
+             search_tokens: int | None = None, tune_windows: int = 0, tune_lr: float | None = None,
+             duo: bool = False):
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
@@ -59,7 +60,8 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
             raise SystemExit("--percdamp: GPTQ / GPTAQ only (AWQ's GPTQ step keeps the default)")
         rounding = {"awq": "rtn", "awq-gptq": "gptq", "awq-gptaq": "gptaq"}[method]
         search = {} if search_tokens is None else {"search_tokens": search_tokens}
-        lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib, **search))
+        lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib, duo_scaling=duo,
+                                         **search))
     return model
 
 
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--tune-windows", type=int, default=0, help="GPTQ / GPTAQ: then tune the group scales end to "
                     "end on the first N calibration windows (lowbit.algorithms.scale_tuning)")
     ap.add_argument("--tune-lr", type=float, default=None)
+    ap.add_argument("--duo", action="store_true", help="AWQ: duo scaling (AWQConfig.duo_scaling)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -99,11 +102,11 @@ def main() -> None:
             raise SystemExit(f"--calib / --tune-windows above {HELD_OUT.start} would fit the held-out windows")
         with Timer() as t:
             model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
-                             args.search_tokens, args.tune_windows, args.tune_lr)
+                             args.search_tokens, args.tune_windows, args.tune_lr, args.duo)
         s = lm_scores(model, fp, held)
         key = dict(method=args.method, bits=args.bits, init=args.init, clip=not args.no_clip, calib=args.calib,
                    percdamp=args.percdamp, search_tokens=args.search_tokens, tune_windows=args.tune_windows or None,
-                   tune_lr=args.tune_lr)
+                   tune_lr=args.tune_lr, duo=args.duo or None)
         rows = [r for r in rows if {k: r.get(k) for k in key} != key]
         rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
                      "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})
@@ -117,7 +120,7 @@ def main() -> None:
           "| bits | method | init | AWQ clip | calib | percdamp | AWQ search tokens | ppl held-out calib | fp32 ppl | KL | "
           "tuned windows (lr) | quantize CPU s | load |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['bits']} | {r['method']} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
+    md += [f"| {r['bits']} | {r['method']}{' duo' if r.get('duo') else ''} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
            f"{r['calib'] or ''} | {r['percdamp'] or ''} | {r.get('search_tokens') or ''} | {r['ppl']:.3f} | {r['fp32_ppl']:.3f} | {r['kl']:.4f} | "
            f"{_tuned(r)} | {r['quant_cpu_s']:.0f} | {r['loadavg']} |" for r in rows]
     write_results("w4_heldout", rows, "\n".join(md) + "\n", {"machine": machine()})

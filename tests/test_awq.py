@@ -48,6 +48,25 @@ def test_awq_scales_straddle_one():
     assert torch.equal(awq_scales(torch.rand(8) + 0.1, 0.0), torch.ones(8))
 
 
+def test_duo_scaling_divides_by_the_weight_magnitude():
+    from lowbit.algorithms.awq import weight_magnitude
+
+    w = torch.tensor([[1.0, 2.0, 4.0, 0.5, 1.0], [2.0, 2.0, 1.0, 1.0, 3.0]])  # K = 5 at g4: one ragged group
+    wm = weight_magnitude([w], [4])
+    torch.testing.assert_close(wm, torch.tensor([(0.25 + 1.0) / 2, (0.5 + 1.0) / 2, (1.0 + 0.5) / 2,
+                                                 (0.125 + 0.5) / 2, (1.0 + 1.0) / 2]), atol=1e-5, rtol=0)
+    a = torch.tensor([0.5, 1.0, 2.0, 4.0, 1.0])
+    raw = a.pow(0.25) / (wm.pow(0.75) + 1e-4)
+    torch.testing.assert_close(awq_scales(a, 0.25, wm), raw / (raw.max() * raw.min()).sqrt())
+    fp = tiny_llama(layers=1)
+    q = lowbit.quantize(copy.deepcopy(fp), AWQConfig(bits=4, group_size=16, n_grid=5, duo_scaling=True),
+                        tiny_batches(4, 64))
+    assert q.lowbit_config.scheme.endswith("-duo")
+    ids = tiny_batches(2, 64, seed=9)
+    r = lowbit.quantize(copy.deepcopy(fp), WeightOnlyConfig(bits=4, group_size=16))
+    assert _output_err(q, fp, ids) < _output_err(r, fp, ids)
+
+
 def test_clip_search_never_worse_than_no_clip():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(16, 64, generator=g)

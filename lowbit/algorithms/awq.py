@@ -53,6 +53,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit.algorithms._calib import LM_CALIB_WINDOW, calibration_info, capture_inputs
@@ -101,6 +102,7 @@ class AWQConfig(BaseConfig):
     rounding: str = "rtn"  # "gptq": GPTQ's error-compensating rounding of the scaled, clipped layer; "gptaq": GPTAQ's
     init: str = "minmax"  # rounding "gptq" / "gptaq": the GPTQ step's group parameters (GPTQConfig.init, e.g. "mse")
     gguf: str | None = None  # "q4_0" | "q4_1" | "q8_0": ggml's grid and rounding (rounding="gptq": "q4_0" only)
+    duo_scaling: bool = False  # s = a^alpha / w^(1 - alpha) (AutoAWQ's variant; awq_scales) instead of a^alpha
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -154,7 +156,8 @@ class AWQConfig(BaseConfig):
         name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
         default = self.rounding != "gptaq"
         name += "" if self.clips == default else ("-clip" if self.clips else "-noclip")
-        return f"{name}{'-ggml' if self.gguf else ''}{'' if self.init == 'minmax' else f'-{self.init}init'}"
+        return f"{name}{'-ggml' if self.gguf else ''}{'' if self.init == 'minmax' else f'-{self.init}init'}" \
+               f"{'-duo' if self.duo_scaling else ''}"
 
 
 # ------------------------------------------------------------------------------- the math
@@ -179,10 +182,27 @@ def fake_quant_weight(w: torch.Tensor, config: AWQConfig, group_size: int) -> to
     return dequantize(quantize(w, qp), qp)
 
 
-def awq_scales(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``s = a^alpha / sqrt(max * min)`` (K,), normalised so the scales straddle 1."""
+def awq_scales(act_mean: torch.Tensor, alpha: float, weight_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``s = a^alpha / sqrt(max * min)`` (K,), normalised so the scales straddle 1; with ``weight_mean``
+    (duo scaling) ``s = a^alpha / w^(1 - alpha)`` before the normalisation, ``w`` the per-input-channel
+    mean of ``|W|`` relative to its group's max (:func:`weight_magnitude`): channels whose weights are
+    already large are scaled up less."""
     s = act_mean.clamp_min(1e-4).pow(alpha)
+    if weight_mean is not None:
+        s = (s / (weight_mean.pow(1 - alpha) + 1e-4)).clamp_min(1e-4)
     return s / (s.max() * s.min()).sqrt()
+
+
+def weight_magnitude(weights: list[torch.Tensor], groups: list[int]) -> torch.Tensor:
+    """Mean over the rows of the stacked weights of ``|w| / max|w|`` in each row's group, per input
+    channel (K,): the weight side of duo scaling."""
+    rel = []
+    for w, g in zip(weights, groups):
+        n, k = w.shape
+        g = g or k
+        a = F.pad(w.abs().float(), (0, (-k) % g)).reshape(n, -1, g)  # (N, G, g); a ragged group zero-padded
+        rel.append((a / (a.amax(-1, keepdim=True) + 1e-6)).reshape(n, -1)[:, :k])
+    return torch.cat(rel).mean(0)
 
 
 def search_scale(x_mean: torch.Tensor, linears: list[nn.Linear], block, ref, config: AWQConfig,
@@ -193,10 +213,11 @@ def search_scale(x_mean: torch.Tensor, linears: list[nn.Linear], block, ref, con
     ``reduce(sse)`` turns the per-window sums of squared errors of every alpha, ``sse`` (n_grid, windows
     here), into the n_grid losses over every rank's windows (:meth:`_Spread.losses`)."""
     originals = [m.weight.detach().clone() for m in linears]
+    w_mean = weight_magnitude(originals, groups) if config.duo_scaling else None
     losses: list = []
     try:
         for k in range(config.n_grid):
-            s = awq_scales(x_mean, k / config.n_grid)
+            s = awq_scales(x_mean, k / config.n_grid, w_mean)
             for m, w, g in zip(linears, originals, groups):
                 m.weight.data = fake_quant_weight(w * s, config, g) / s
             out = block()
@@ -217,7 +238,7 @@ def search_scale(x_mean: torch.Tensor, linears: list[nn.Linear], block, ref, con
     if best[0] is None:
         return None, 0.0, float("inf")
     alpha = best[0] / config.n_grid
-    return awq_scales(x_mean, alpha), alpha, best[1]
+    return awq_scales(x_mean, alpha, w_mean), alpha, best[1]
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, config: AWQConfig, group_size: int) -> torch.Tensor:
