@@ -107,6 +107,19 @@ def test_wa_preset_tunes_with_the_activation_grid():
     assert kls[8] < kls[0], kls  # on its own windows (a random tiny model: KL ~1e-4, a few % lower)
 
 
+def test_cli_flag_reaches_the_schemes_that_take_it():
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.config import build_config
+
+    assert build_config("gptaq-rot-tuned").tune_windows == 96  # DEFAULT_TUNE_WINDOWS
+    with pytest.raises(ConfigError, match="does not take"):
+        build_config("rtn", {"tune_windows": 8})
+    out = CliRunner().invoke(app, ["quantize", "--help"], terminal_width=200).output
+    assert "--tune-windows" in out
+
+
 def test_bad_tuning_settings_are_refused():
     with pytest.raises(ConfigError, match="tune_windows"):
         GPTQConfig(tune_windows=-1)
@@ -116,3 +129,5 @@ def test_bad_tuning_settings_are_refused():
         GPTQConfig(fmt="nf4", group_size=64, tune_windows=4)
     with pytest.raises(ConfigError, match="one teacher target per window"):
         tune_scales(tiny_llama(), tiny_batches(2), [])
+    with pytest.raises(ConfigError, match="no integer-code linear"):
+        tune_scales(tiny_llama(), tiny_batches(1), [(torch.zeros(31, 4), torch.zeros(31, 4, dtype=torch.long))])
