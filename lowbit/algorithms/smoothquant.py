@@ -72,7 +72,7 @@ class WAConfig(BaseConfig):
     symmetric: bool = True
     alpha: float | None = DEFAULT_ALPHA  # None = no smoothing
     weight_method: str = "rtn"
-    n_calib: int | None = None
+    n_calib: int | None = None  # None: 16 windows when GPTQ / GPTAQ quantize the weights (their default), else 8
     name: str | None = None  # the preset's name, for tables and metadata
     kernel: str = "auto"
     rotate: bool = False  # QuaRot Hadamard rotations folded in first (lowbit.algorithms.rotation); replaces smoothing
@@ -178,7 +178,15 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
     if config.tune_windows and ranks_active():
         raise ConfigError("tune_windows runs in one process (not across torchrun ranks)")
     tuning = start_tuning(model, calibration_data, config.tune_windows)  # fp32 targets, before any change
-    batches, source = lm_calibration(model, calibration_data, config.n_calib)
+    method = config.weight_method
+    if method == "auto":
+        method = "gptaq" if config.rotate and not ranks_active() else "gptq"
+    gptq_step = method in ("gptq", "gptaq") and not (config.weight_bits == 8 and config.group_size == 0)
+    from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS
+
+    # the GPTQ step takes GPTQ's own default (16 windows: the size its benches and defaults were measured at)
+    batches, source = lm_calibration(model, calibration_data,
+                                     config.n_calib or (DEFAULT_CALIB_WINDOWS if gptq_step else None))
     report = QuantizeReport()
     if config.rotate:  # QuaRot: Hadamard rotations folded into the float weights before any quantization
         from lowbit.algorithms.rotation import rotate_model, rotation_specs
@@ -186,12 +194,10 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
         report.extra["rotation"] = rotate_model(model, config.rotate_seed)
         report.layers.update(rotation_specs(model))  # recorded before their linears: load rebuilds them first
     keep = fold_llama_smoothing(model, batches, config.alpha) if config.alpha is not None else {}
-    method, weight_init = config.weight_method, None
+    weight_init = None
     clips: dict[str, float] = {}  # act_clip_search: full name of each input's owner linear -> its activation clip
-    if method == "auto":
-        method = "gptaq" if config.rotate and not ranks_active() else "gptq"
     t0 = time.perf_counter()
-    if method in ("gptq", "gptaq") and not (config.weight_bits == 8 and config.group_size == 0):
+    if gptq_step:
         from lowbit.algorithms.gptq import GPTQConfig, check_enough_tokens, make_gptq_process
         from lowbit.algorithms.sequential import process_layerwise
 
