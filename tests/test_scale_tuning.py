@@ -79,7 +79,7 @@ def test_gptq_config_tunes_records_and_saves(tmp_path):
     model = copy.deepcopy(fp)
     cfg = GPTQConfig(bits=3, group_size=32, tune_windows=6, tune_lr=5e-3)
     assert cfg.scheme.endswith("-tuned")
-    lowbit.quantize(model, cfg, tiny_batches(8))
+    lowbit.quantize(model, cfg, iter(tiny_batches(8)))  # a one-shot iterator: read for tuning and for GPTQ
     info = model.lowbit_report.extra["scale_tuning"]
     assert info["windows"] == 6 and info["source"] == "user"
     assert model.lowbit_calibration["scale_tuning"]["steps"] == 6

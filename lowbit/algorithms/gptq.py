@@ -529,6 +529,8 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
         if config.init != "minmax" or config.rotate or config.tune_windows:
             raise ConfigError("GPTQ with init != 'minmax', rotate=True or tune_windows runs in one process "
                               "(not across torchrun ranks)")
+    if config.tune_windows and calibration_data is not None:
+        calibration_data = list(calibration_data)  # read twice: tuning windows, then the method's
     tuning = start_tuning(model, calibration_data, config.tune_windows)  # fp32 targets, before any change
     report = QuantizeReport()
     if config.rotate:  # QuaRot: rotations folded into the float weights before any quantization

@@ -177,6 +177,8 @@ def search_act_clip(x: torch.Tensor, weight: torch.Tensor, bits: int, group_size
 def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> QuantizeReport:
     if config.tune_windows and ranks_active():
         raise ConfigError("tune_windows runs in one process (not across torchrun ranks)")
+    if config.tune_windows and calibration_data is not None:
+        calibration_data = list(calibration_data)  # read twice: tuning windows, then the method's
     tuning = start_tuning(model, calibration_data, config.tune_windows)  # fp32 targets, before any change
     method = config.weight_method
     if method == "auto":
