@@ -412,10 +412,12 @@ class GPTQConfig(BaseConfig):
     rotate_seed: int = 0  # seed of the residual rotation's random sign diagonal
     tune_windows: int = 0  # > 0: then tune the group scales end to end on that many windows (scale_tuning.py)
     tune_lr: float = DEFAULT_TUNE_LR
+    tune_epochs: int = 1  # passes over the tuning windows
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
-        check_tuning_fields(self.tune_windows, self.tune_lr, self.fmt or ("double_quant" if self.double_quant else None))
+        check_tuning_fields(self.tune_windows, self.tune_lr, self.fmt or ("double_quant" if self.double_quant else None),
+                            self.tune_epochs)
         if self.gguf not in (None, "q4_0") or (self.gguf and (self.bits, self.group_size, self.symmetric, self.fmt,
                                                              self.double_quant) != (4, 32, True, None, False)):
             raise ConfigError(f"gptq gguf={self.gguf!r}: only 'q4_0' with bits=4, group_size=32, symmetric, no fmt "
@@ -556,7 +558,7 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
         model.lowbit_calibration["guard"] = report.extra["gptq"]["guard"] = guard_record(stats, held)
         log.info("gptq guard: %d of %d linears kept RTN's codes", len(model.lowbit_calibration["guard"]["reverted"]),
                  len(stats))
-    finish_tuning(model, tuning, config.tune_lr, report)
+    finish_tuning(model, tuning, config.tune_lr, report, config.tune_epochs)
     return report
 
 
@@ -744,10 +746,12 @@ def _gptaq_rot_scheme(options: dict) -> GPTQConfig:
 @register_scheme("gptaq-rot-tuned", "gptaq-rot, then its group scales tuned end to end against the fp32 model's "
                  f"next-token distribution on {DEFAULT_TUNE_WINDOWS} calibration windows, codes fixed (EfficientQAT's "
                  "E2E-QP; ~6 more minutes on SmolLM2 and 2 cores); same size and kernels",
-                 options=("bits", "group_size", "symmetric", "kernel", "tune_windows"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "tune_windows", "tune_epochs"),
+                 models=("smollm2",))
 def _gptaq_rot_tuned_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, init="mse", rotate=True,
-                      tune_windows=int(options.get("tune_windows", DEFAULT_TUNE_WINDOWS)))
+                      tune_windows=int(options.get("tune_windows", DEFAULT_TUNE_WINDOWS)),
+                      tune_epochs=int(options.get("tune_epochs", 1)))
 
 
 @register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",

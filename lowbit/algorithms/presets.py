@@ -36,7 +36,7 @@ PRESETS = {
 def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method: str = "auto",
                   kernel: str = "auto", rotate: bool = False, act_clip: float = 1.0, rotate_seed: int = 0,
                   act_per_group: bool = False, act_symmetric: bool = True, tune_windows: int = 0,
-                  tune_lr: float = DEFAULT_TUNE_LR) -> WAConfig:
+                  tune_lr: float = DEFAULT_TUNE_LR, tune_epochs: int = 1) -> WAConfig:
     """The preset ``name``; ``rotate=True`` turns smoothing off (the rotation replaces it) and names it ``<name>-rot``.
     ``act_clip`` / ``act_per_group`` / ``act_symmetric``: the activation grid (``WAQLinear``); ``tune_windows``:
     end-to-end scale tuning afterwards (``lowbit.algorithms.scale_tuning``, ``-tuned`` in the name)."""
@@ -45,12 +45,13 @@ def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method:
     return WAConfig(**PRESETS[name], alpha=alpha, weight_method=weight_method, kernel=kernel,
                     name=f"{name}{'-rot' if rotate else ''}{'-tuned' if tune_windows else ''}", rotate=rotate,
                     act_clip=act_clip, rotate_seed=rotate_seed, act_per_group=act_per_group,
-                    act_symmetric=act_symmetric, tune_windows=tune_windows, tune_lr=tune_lr)
+                    act_symmetric=act_symmetric, tune_windows=tune_windows, tune_lr=tune_lr,
+                    tune_epochs=tune_epochs)
 
 
 def _register(name: str, help: str) -> None:
     @register_scheme(name, help, options=("alpha", "kernel", "rotate", "act_clip", "act_per_group", "act_symmetric",
-                                       "tune_windows"))
+                                       "tune_windows", "tune_epochs"))
     def build(options: dict) -> WAConfig:
         alpha = options.get("alpha", DEFAULT_ALPHA)
         return preset_config(name, None if alpha in (None, "none") else float(alpha),
@@ -58,7 +59,8 @@ def _register(name: str, help: str) -> None:
                              act_clip=float(options.get("act_clip", 1.0)),
                              act_per_group=option_bool(options.get("act_per_group", False)),
                              act_symmetric=option_bool(options.get("act_symmetric", True)),
-                             tune_windows=int(options.get("tune_windows", 0)))
+                             tune_windows=int(options.get("tune_windows", 0)),
+                             tune_epochs=int(options.get("tune_epochs", 1)))
 
 
 _register("w8a8", "preset W8A8 (conservative): SmoothQuant + int8 weights per channel x int8 activations per token")

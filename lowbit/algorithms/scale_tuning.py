@@ -12,7 +12,7 @@ whole model's next-token distribution matches the fp32 model's on calibration wi
 vocabulary (the coarsened distributions ``(p_1 .. p_k, 1 - sum p_i)``), so the fp32 targets are k
 log-probabilities and indices per token (:func:`teacher_targets`), computed before quantization,
 instead of the whole vocabulary. The log-multiplier ``t`` makes the learning rate relative to each
-scale. Adam, cosine learning rate, one pass over the windows, one window per step. Linears with
+scale. Adam, cosine learning rate, one pass over the windows (``epochs``: more), one window per step. Linears with
 quantized activations (``WAQLinear``) run their activation grid as a fake quantizer with the
 straight-through estimator (rounding passes the gradient unchanged; clip ranges fixed).
 
@@ -42,9 +42,11 @@ DEFAULT_TUNE_LR = 5e-4  # Adam on t; chosen on held-out calibration windows (ben
 TOPK = 128  # teacher tokens kept per position (KL_k); the rest of the vocabulary is one bucket
 
 
-def check_tuning_fields(tune_windows: int, tune_lr: float, storage: str | None = None) -> None:
+def check_tuning_fields(tune_windows: int, tune_lr: float, storage: str | None = None, tune_epochs: int = 1) -> None:
     """Config validation shared by the configs that offer scale tuning (``storage``: a codebook format
     or double-quantized scales, which hold no tunable fp16 group scale)."""
+    if tune_epochs < 1:
+        raise ConfigError(f"tune_epochs must be >= 1, got {tune_epochs}")
     if tune_windows < 0:
         raise ConfigError(f"tune_windows must be >= 0 (0 = no scale tuning), got {tune_windows}")
     if not 0 < tune_lr < 1:
@@ -134,8 +136,8 @@ def tunable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tuple], lr: float = DEFAULT_TUNE_LR,
-                seed: int = 0) -> dict:
-    """One pass of Adam over ``windows`` (each (1, T) token ids) against ``targets`` (from
+                seed: int = 0, epochs: int = 1) -> dict:
+    """``epochs`` passes of Adam (a fresh random order each) over ``windows`` (each (1, T) token ids) against ``targets`` (from
     :func:`teacher_targets` on the same windows, fp32 model); scales written back in place.
     Returns what metadata records: windows, steps, lr, mean KL_k of the first and last quarter of steps,
     largest relative scale change, seconds."""
@@ -153,8 +155,9 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
         model.set_submodule(name, twin)
     params = [twin.t for twin in twins.values()]
     opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(windows))
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist()
+    gen = torch.Generator().manual_seed(seed)
+    order = [i for _ in range(epochs) for i in torch.randperm(len(windows), generator=gen).tolist()]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(order))
     losses, start = [], time.perf_counter()
     try:
         with torch.enable_grad():
@@ -178,7 +181,7 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
         for p in frozen:
             p.requires_grad_(True)
     quarter = max(1, len(losses) // 4)
-    return {"windows": len(windows), "steps": len(losses), "lr": lr, "topk": int(targets[0][0].shape[-1]),
+    return {"windows": len(windows), "epochs": epochs, "steps": len(losses), "lr": lr, "topk": int(targets[0][0].shape[-1]),
             "kl_first_quarter": sum(losses[:quarter]) / quarter, "kl_last_quarter": sum(losses[-quarter:]) / quarter,
             "max_scale_change": max(changes.values()), "seconds": time.perf_counter() - start}
 
@@ -201,13 +204,13 @@ def start_tuning(model: nn.Module, calibration_data, n_windows: int) -> tuple[li
     return windows, targets, source
 
 
-def finish_tuning(model: nn.Module, prepared: tuple | None, lr: float, report) -> None:
+def finish_tuning(model: nn.Module, prepared: tuple | None, lr: float, report, epochs: int = 1) -> None:
     """After quantization: tune the scales and record what was done in the report and the model's
     calibration record (metadata.json)."""
     if prepared is None:
         return
     windows, targets, source = prepared
-    info = {**tune_scales(model, windows, targets, lr), "source": source}
+    info = {**tune_scales(model, windows, targets, lr, epochs=epochs), "source": source}
     report.extra["scale_tuning"] = info
     record = getattr(model, "lowbit_calibration", None)
     if isinstance(record, dict):

@@ -85,9 +85,10 @@ class WAConfig(BaseConfig):
     # ||(Q_c(x) - x) W^T||; None = on with GPTAQ (held-out calibration KL W4A4-rot 0.502 -> 0.488; A8 keeps 1.0)
     tune_windows: int = 0  # > 0: then tune the weight scales end to end on that many windows (scale_tuning.py)
     tune_lr: float = DEFAULT_TUNE_LR
+    tune_epochs: int = 1  # passes over the tuning windows
 
     def __post_init__(self):
-        check_tuning_fields(self.tune_windows, self.tune_lr)
+        check_tuning_fields(self.tune_windows, self.tune_lr, tune_epochs=self.tune_epochs)
         if self.weight_bits not in WEIGHT_BITS or self.act_bits not in ACT_BITS:
             raise ConfigError(f"weight bits must be in {WEIGHT_BITS} and activation bits in {ACT_BITS}, "
                               f"got W{self.weight_bits}A{self.act_bits}")
@@ -271,7 +272,7 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
     if clips:
         report.extra["wa"]["act_clips"] = dict(clips)
     model.lowbit_calibration = with_world_size(calibration_info(batches, source))
-    finish_tuning(model, tuning, config.tune_lr, report)
+    finish_tuning(model, tuning, config.tune_lr, report, config.tune_epochs)
     return report
 
 
