@@ -77,12 +77,12 @@ def test_tuning_lowers_the_kl_keeps_codes_and_writes_fp16_scales():
 def test_gptq_config_tunes_records_and_saves(tmp_path):
     fp = tiny_llama(layers=2)
     model = copy.deepcopy(fp)
-    cfg = GPTQConfig(bits=3, group_size=32, tune_windows=6, tune_lr=5e-3)
+    cfg = GPTQConfig(bits=3, group_size=32, tune_windows=6, tune_lr=5e-3, tune_epochs=2)
     assert cfg.scheme.endswith("-tuned")
     lowbit.quantize(model, cfg, iter(tiny_batches(8)))  # a one-shot iterator: read for tuning and for GPTQ
     info = model.lowbit_report.extra["scale_tuning"]
     assert info["windows"] == 6 and info["source"] == "user"
-    assert model.lowbit_calibration["scale_tuning"]["steps"] == 6
+    assert model.lowbit_calibration["scale_tuning"]["steps"] == 12  # 2 passes over 6 windows
     lowbit.save(model, tmp_path / "m")
     back = lowbit.load(tmp_path / "m", model=tiny_llama(layers=2, seed=123))
     ids = tiny_batches(1, seed=9)[0]
@@ -123,6 +123,8 @@ def test_cli_flag_reaches_the_schemes_that_take_it():
 def test_bad_tuning_settings_are_refused():
     with pytest.raises(ConfigError, match="tune_windows"):
         GPTQConfig(tune_windows=-1)
+    with pytest.raises(ConfigError, match="tune_epochs"):
+        GPTQConfig(tune_windows=4, tune_epochs=0)
     with pytest.raises(ConfigError, match="tune_lr"):
         GPTQConfig(tune_windows=4, tune_lr=0)
     with pytest.raises(ConfigError, match="nf4"):
