@@ -416,8 +416,8 @@ class GPTQConfig(BaseConfig):
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
-        check_tuning_fields(self.tune_windows, self.tune_lr, self.fmt or ("double_quant" if self.double_quant else None),
-                            self.tune_epochs)
+        storage = self.fmt or ("double_quant" if self.double_quant else None)
+        check_tuning_fields(self.tune_windows, self.tune_lr, storage, self.tune_epochs)
         if self.gguf not in (None, "q4_0") or (self.gguf and (self.bits, self.group_size, self.symmetric, self.fmt,
                                                              self.double_quant) != (4, 32, True, None, False)):
             raise ConfigError(f"gptq gguf={self.gguf!r}: only 'q4_0' with bits=4, group_size=32, symmetric, no fmt "

@@ -28,8 +28,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from rich.progress import Progress
 from torch import nn
 
+from lowbit.algorithms._recon import TrainingError
 from lowbit.core import Kind, get_format
 from lowbit.errors import ConfigError
 from lowbit.nn.qlinear import WeightOnlyQLinear
@@ -58,11 +60,13 @@ def check_tuning_fields(tune_windows: int, tune_lr: float, storage: str | None =
 def teacher_targets(model: nn.Module, windows: list[torch.Tensor], k: int = TOPK) -> list[tuple]:
     """Top-k next-token log-probabilities (T-1, k) and their token ids (T-1, k) per window (1, T)."""
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), Progress(transient=True, disable=len(windows) < 4) as bar:
+        task = bar.add_task("scale tuning: fp32 targets", total=len(windows))
         for ids in windows:
             logp = torch.log_softmax(model(ids)[0, :-1].float(), dim=-1)  # (T-1, V)
             values, indices = logp.topk(min(k, logp.shape[-1]), dim=-1)
             out.append((values.clone(), indices.clone()))  # plain tensors (autograd may save them)
+            bar.advance(task)
     return out
 
 
@@ -137,10 +141,10 @@ def tunable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tuple], lr: float = DEFAULT_TUNE_LR,
                 seed: int = 0, epochs: int = 1) -> dict:
-    """``epochs`` passes of Adam (a fresh random order each) over ``windows`` (each (1, T) token ids) against ``targets`` (from
-    :func:`teacher_targets` on the same windows, fp32 model); scales written back in place.
-    Returns what metadata records: windows, steps, lr, mean KL_k of the first and last quarter of steps,
-    largest relative scale change, seconds."""
+    """``epochs`` passes of Adam (a fresh random order each) over ``windows`` (each (1, T) token ids)
+    against ``targets`` (from :func:`teacher_targets` on the same windows, fp32 model); scales written
+    back in place. Returns what metadata records: windows, epochs, steps, lr, mean KL_k of the first and
+    last quarter of steps, largest relative scale change, seconds."""
     if len(windows) != len(targets) or not windows:
         raise ConfigError(f"scale tuning needs one teacher target per window, got {len(windows)} windows and "
                           f"{len(targets)} targets")
@@ -160,16 +164,19 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(order))
     losses, start = [], time.perf_counter()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), Progress(transient=True, disable=len(order) < 4) as bar:
+            task = bar.add_task("scale tuning", total=len(order))
             for step, i in enumerate(order, 1):
                 loss = kl_topk(torch.log_softmax(model(windows[i])[0, :-1].float(), dim=-1), *targets[i])
                 if not math.isfinite(loss.item()):
-                    raise ConfigError(f"scale tuning diverged at step {step} (KL {float(loss)}); try a lower lr")
+                    raise TrainingError(f"scale tuning diverged at step {step} (KL {float(loss)}); the scales are "
+                                        "the last finite step's: try a lower tune_lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
+                bar.advance(task)
                 if step % 8 == 0 or step == len(order):
                     log.info("scale tuning: step %d/%d, KL_k %.4f (%.1f s)", step, len(order), losses[-1],
                              time.perf_counter() - start)
@@ -181,7 +188,8 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
         for p in frozen:
             p.requires_grad_(True)
     quarter = max(1, len(losses) // 4)
-    return {"windows": len(windows), "epochs": epochs, "steps": len(losses), "lr": lr, "topk": int(targets[0][0].shape[-1]),
+    return {"windows": len(windows), "epochs": epochs, "steps": len(losses), "lr": lr,
+            "topk": int(targets[0][0].shape[-1]),
             "kl_first_quarter": sum(losses[:quarter]) / quarter, "kl_last_quarter": sum(losses[-quarter:]) / quarter,
             "max_scale_change": max(changes.values()), "seconds": time.perf_counter() - start}
 
