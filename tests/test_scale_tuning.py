@@ -127,6 +127,8 @@ def test_bad_tuning_settings_are_refused():
         GPTQConfig(tune_windows=4, tune_epochs=0)
     with pytest.raises(ConfigError, match="tune_lr"):
         GPTQConfig(tune_windows=4, tune_lr=0)
+    with pytest.raises(ConfigError, match="DynamicQLinear"):
+        preset_config("w8a8", tune_windows=8)
     with pytest.raises(ConfigError, match="nf4"):
         GPTQConfig(fmt="nf4", group_size=64, tune_windows=4)
     with pytest.raises(ConfigError, match="one teacher target per window"):

@@ -89,6 +89,9 @@ class WAConfig(BaseConfig):
 
     def __post_init__(self):
         check_tuning_fields(self.tune_windows, self.tune_lr, tune_epochs=self.tune_epochs)
+        if self.tune_windows and (self.weight_bits, self.act_bits, self.group_size) == (8, 8, 0) and self.symmetric:
+            raise ConfigError("W8A8 per channel runs DynamicQLinear (its int8 weights have no group scales): "
+                              "tune_windows tunes the W4A8 / W4A4 / W2A8 presets' WAQLinear scales")
         if self.weight_bits not in WEIGHT_BITS or self.act_bits not in ACT_BITS:
             raise ConfigError(f"weight bits must be in {WEIGHT_BITS} and activation bits in {ACT_BITS}, "
                               f"got W{self.weight_bits}A{self.act_bits}")
