@@ -13,7 +13,9 @@ Rows (``--only`` takes these names; rows not run keep their numbers from bench/r
   ``-asym`` (affine, clipped), ``-g`` (one grid per token and weight group, clipped), ``-g-asym``.
   Weights: one quantization per row with that row's preset and activation grid, by the presets' default
   (``--weight-method auto``: GPTAQ with the row's activation grid in the loop on the rotated rows, GPTQ
-  on the others), or ``gptq`` / ``gptaq`` for every row. (Results before 2026-12-05 10:00 shared one
+  on the others), or ``gptq`` / ``gptaq`` for every row; ``w4a8-rot-tuned``, ``w4a4-rot-g-asym-tuned``: then
+  the group scales tuned end to end on 96 calibration windows (``tune_windows``; not run into rotation.md
+  yet: their full-window numbers come from bench/wa_gptaq_heldout.py, log in results). (Results before 2026-12-05 10:00 shared one
   GPTQ run per weight kind, built with the W4A8 grid: the A4 rows' later layers were then calibrated
   on A8 outputs of the earlier ones, not the same model as a fresh W4A4 quantization);
 - ``kv4``, ``kv4-rot``: fp32 weights, int4 KIVI cache (chunks of 64 tokens), plain and with keys and
