@@ -121,10 +121,7 @@ class TunedScales(nn.Module):
         m = self.source[0]
         new = self.scale().detach()
         m.scale.copy_(new.reshape(m.scale.shape).to(m.scale.dtype))
-        if isinstance(m, WAQLinear):
-            m._prepared = None  # its kernel layout holds the scales
-        else:
-            m.release_kernel_layout()
+        m.release_kernel_layout()  # the kernel layout holds the old scales
         return float((new / self.s0 - 1).abs().max())
 
 

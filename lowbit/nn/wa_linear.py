@@ -144,6 +144,11 @@ class WAQLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
+        self.release_kernel_layout()
+
+    def release_kernel_layout(self) -> None:
+        """Drop the int8 kernel layout (rebuilt from the stored codes and scales on the next forward), as
+        ``WeightOnlyQLinear`` does: after its buffers change, and between layers of sequential quantization."""
         self._prepared = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
