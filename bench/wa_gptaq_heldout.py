@@ -13,7 +13,7 @@ PRESET ``w4a4`` runs QuaRot-rotated W4A4 with per-token-and-group affine activat
 GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ, ``minmax`` with GPTQ),
 ``clipsearch`` = each input's activation clip searched (``WAConfig.act_clip_search``), ``tune`` = then the
 group scales tuned end to end on the first 96 calibration windows (``WAConfig.tune_windows``; ``tune2``: two
-passes, ``tune_epochs=2``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+passes, ``tune_epochs=2``; ``lrX``: tuning learning rate X instead of 5e-4, e.g. ``lr1e-3``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -72,7 +72,8 @@ def main() -> None:
         t = time.time()
         if "tune" in parts or "tune2" in parts:  # built-in windows: the first n_calib (= calib) for weights, 96 tuning
             epochs = 2 if "tune2" in parts else 1
-            lowbit.quantize(m, override(config, n_calib=n_calib, tune_windows=96, tune_epochs=epochs))
+            lr = next((float(p[2:]) for p in parts if p.startswith("lr")), config.tune_lr)
+            lowbit.quantize(m, override(config, n_calib=n_calib, tune_windows=96, tune_epochs=epochs, tune_lr=lr))
             print(f"  tuning: {m.lowbit_report.extra['scale_tuning']}", flush=True)
         else:
             lowbit.quantize(m, config, calib)
