@@ -13,7 +13,8 @@ PRESET ``w4a4`` runs QuaRot-rotated W4A4 with per-token-and-group affine activat
 GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ, ``minmax`` with GPTQ),
 ``clipsearch`` = each input's activation clip searched (``WAConfig.act_clip_search``), ``tune`` = then the
 group scales tuned end to end on the first 96 calibration windows (``WAConfig.tune_windows``; ``tune2``: two
-passes, ``tune_epochs=2``; ``lrX``: tuning learning rate X instead of 5e-4, e.g. ``lr1e-3``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+passes, ``tune_epochs=2``; ``lrX``: tuning learning rate X instead of 5e-4, e.g. ``lr1e-3``; ``learnclip``: the activation clips trained
+too, ``tune_scales(learn_clip=True)``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -54,7 +55,11 @@ def main() -> None:
     ref = CachedReference(fp)
     calib = default_calibration(fp, n_calib)
     held = torch.cat(default_calibration(fp, HELD_OUT.stop)[HELD_OUT.start:HELD_OUT.stop])  # (8, 512)
-    config_cls, fake_quantize = gptq.GPTQConfig, sq.fake_quantize_activations
+    import functools
+
+    from lowbit.algorithms import scale_tuning
+
+    config_cls, fake_quantize, tune = gptq.GPTQConfig, sq.fake_quantize_activations, scale_tuning.tune_scales
     base = evaluate(fp, ref, quick=False)
     for run in runs:
         parts = run.split(":")
@@ -62,6 +67,7 @@ def main() -> None:
         extra = dict(init="mse") if "mse" in parts else dict(init="minmax") if "minmax" in parts else {}
         gptq.GPTQConfig = (lambda a, e: (lambda **kw: config_cls(**{**kw, "asym_alpha": a, **e})))(float(alpha), extra)
         sq.fake_quantize_activations = (lambda x, *a, **k: x) if "noact" in parts else fake_quantize
+        scale_tuning.tune_scales = functools.partial(tune, learn_clip=True) if "learnclip" in parts else tune
         kw = dict(rotate=True, weight_method=method)
         if preset == "w4a4":
             kw.update(act_clip=0.9, act_per_group=True, act_symmetric=False)
@@ -86,7 +92,7 @@ def main() -> None:
               f"licence {r['ppl'] / base['ppl']:.3f} science {r['ppl_science'] / base['ppl_science']:.3f} "
               f"| held-out calib KL {h['kl']:.4f} ppl {h['ppl']:.3f} | KL {r['kl_heldout']:.4f} {r['kl']:.4f} "
               f"{r['kl_science']:.4f} ({time.time() - t:.0f} s)", flush=True)
-    gptq.GPTQConfig, sq.fake_quantize_activations = config_cls, fake_quantize
+    gptq.GPTQConfig, sq.fake_quantize_activations, scale_tuning.tune_scales = config_cls, fake_quantize, tune
 
 
 if __name__ == "__main__":

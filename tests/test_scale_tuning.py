@@ -11,9 +11,11 @@ import torch
 import lowbit
 from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.algorithms.presets import preset_config
-from lowbit.algorithms.scale_tuning import TunedScales, kl_topk, teacher_targets, tunable_modules, tune_scales
+from lowbit.algorithms.scale_tuning import (TunedScales, clipped_grid, kl_topk, teacher_targets, tunable_modules,
+                                           tune_scales)
 from lowbit.errors import ConfigError
 from lowbit.nn import WAQLinear, WeightOnlyQLinear
+from lowbit.nn.wa_linear import fake_quantize_activations
 from tests._tiny_llama import tiny_batches, tiny_llama
 
 
@@ -105,6 +107,36 @@ def test_wa_preset_tunes_with_the_activation_grid():
         assert any(isinstance(m, WAQLinear) for m in model.modules())
         kls[tune] = _mean_kl(model, fp, windows)
     assert kls[8] < kls[0], kls  # on its own windows (a random tiny model: KL ~1e-4, a few % lower)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [0, 64])
+def test_clipped_grid_is_the_run_time_grid_with_a_gradient_for_the_clip(symmetric, group):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 128) * torch.rand(128) * 4  # channels of different ranges
+    clip = torch.tensor(0.9, requires_grad=True)
+    got = clipped_grid(x, 4, clip, group, symmetric)
+    assert torch.equal(got, fake_quantize_activations(x, 4, 0.9, group, symmetric))  # bit-exact forward
+    (got - x).pow(2).sum().backward()
+    assert clip.grad is not None and float(clip.grad) != 0.0
+
+
+def test_learned_clips_are_written_back_and_used_at_run_time():
+    fp = tiny_llama(layers=2)
+    model = copy.deepcopy(fp)
+    windows = tiny_batches(8)
+    lowbit.quantize(model, preset_config("w4a4", None, rotate=True, act_clip=0.9, act_per_group=True,
+                                         act_symmetric=False), windows)
+    before = {n: m.act_clip for n, m in model.named_modules() if isinstance(m, WAQLinear)}
+    info = tune_scales(model, windows, teacher_targets(fp, windows), lr=5e-3, learn_clip=True)
+    after = {n: m.act_clip for n, m in model.named_modules() if isinstance(m, WAQLinear)}
+    assert set(after) == set(before) and any(after[n] != before[n] for n in after)
+    assert all(0 < c <= 1 for c in after.values())
+    assert info["act_clips"]["min"] == min(after.values()) and info["act_clips"]["max"] == max(after.values())
+    with torch.no_grad():  # the tuned twin and the module agree again after write-back (fp16 scales, new clip)
+        m = next(m for m in model.modules() if isinstance(m, WAQLinear))
+        x = torch.randn(2, 3, m.in_features)
+        assert torch.allclose(TunedScales(m)(x), m.fake_forward(x), atol=1e-4)
 
 
 def test_cli_flag_reaches_the_schemes_that_take_it():

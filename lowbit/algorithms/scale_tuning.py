@@ -14,7 +14,11 @@ log-probabilities and indices per token (:func:`teacher_targets`), computed befo
 instead of the whole vocabulary. The log-multiplier ``t`` makes the learning rate relative to each
 scale. Adam, cosine learning rate, one pass over the windows (``epochs``: more), one window per step. Linears with
 quantized activations (``WAQLinear``) run their activation grid as a fake quantizer with the
-straight-through estimator (rounding passes the gradient unchanged; clip ranges fixed).
+straight-through estimator (rounding passes the gradient unchanged; clip ranges fixed). With
+``learn_clip`` each ``WAQLinear``'s activation clip is trained too, as LSQ trains a step size (Esser et al.
+2020): ``clip = min(1, c0 exp(u))`` scales the grid's range, the rounding alone is straight-through
+(:func:`clipped_grid`), so the gradient reaches ``u`` through the step ``s(clip)``; the learned clip is
+written back as the module's ``act_clip``.
 
 At the end ``s = fp16(s0 exp(t))`` is written into each module's ``scale`` buffer: the tuned model is
 the same modules, codes and kernels as before, only different scales.
@@ -40,8 +44,9 @@ from lowbit.nn.wa_linear import WAQLinear, fake_quantize_activations
 log = logging.getLogger(__name__)
 
 DEFAULT_TUNE_WINDOWS = 96  # calibration windows 0..95 of the mix: held-out windows 99..106 stay unseen
-DEFAULT_TUNE_LR = 5e-4  # Adam on t; chosen on held-out calibration windows (bench/scale_tuning_heldout.py)
+DEFAULT_TUNE_LR = 5e-4  # Adam on t; chosen on held-out calibration windows (bench/w4_heldout.py --tune-lr)
 TOPK = 128  # teacher tokens kept per position (KL_k); the rest of the vocabulary is one bucket
+CLIP_LR_FACTOR = 20  # learn_clip: Adam's lr on the log clip ratio is this times the scales' lr
 
 
 def check_tuning_fields(tune_windows: int, tune_lr: float, storage: str | None = None, tune_epochs: int = 1) -> None:
@@ -80,12 +85,38 @@ def kl_topk(logp: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> 
     return ((p * (values - lq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())).mean()
 
 
+def _round_ste(u: torch.Tensor) -> torch.Tensor:
+    """``round(u)`` forward, identity backward."""
+    return u + (torch.round(u) - u).detach()
+
+
+def clipped_grid(x: torch.Tensor, act_bits: int, clip: torch.Tensor, group_size: int = 0,
+                 symmetric: bool = True) -> torch.Tensor:
+    """:func:`~lowbit.nn.wa_linear.fake_quantize_activations` with ``clip`` a tensor that gets a gradient:
+    the same grids (symmetric ``s = clip max|x| / qmax``, codes in ``[-qmax, qmax]``; affine ``[lo, hi] =
+    clip [min(x, 0), max(x, 0)]``, ``s = (hi - lo) / (2^a - 1)``, zero-point ``round(-lo / s)``), the
+    rounding straight-through, the zero-point's rounding constant."""
+    from lowbit.kernels.wa_int import ACT_SCALE_EPS
+
+    xg = x.reshape(*x.shape[:-1], -1, group_size or x.shape[-1])  # (..., G, g)
+    if symmetric:
+        qmax = 2 ** (act_bits - 1) - 1
+        scale = (clip * xg.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(ACT_SCALE_EPS)
+        return (_round_ste(xg / scale).clamp(-qmax, qmax) * scale).reshape_as(x)
+    levels = 2 ** act_bits - 1
+    lo = clip * xg.amin(dim=-1, keepdim=True).clamp_max(0)
+    hi = clip * xg.amax(dim=-1, keepdim=True).clamp_min(0)
+    scale = ((hi - lo) / levels).clamp_min(ACT_SCALE_EPS)
+    zp = torch.round(-lo / scale).clamp(0, levels).detach()
+    return ((_round_ste(xg / scale) + zp).clamp(0, levels) - zp).mul(scale).reshape_as(x)
+
+
 class TunedScales(nn.Module):
     """A quantized linear's differentiable twin: ``y = x_hat @ ((q - z) s0 exp(t))^T + b`` with the
     module's codes, zero-points and bias fixed (``x_hat``: the activation grid with the straight-through
-    estimator for a ``WAQLinear``, ``x`` otherwise)."""
+    estimator for a ``WAQLinear``, ``x`` otherwise; ``learn_clip``: the grid's clip trained as well)."""
 
-    def __init__(self, module: WeightOnlyQLinear | WAQLinear):
+    def __init__(self, module: WeightOnlyQLinear | WAQLinear, learn_clip: bool = False):
         super().__init__()
         self.source = [module]  # a list: not a submodule
         n, k = module.out_features, module.in_features
@@ -100,9 +131,14 @@ class TunedScales(nn.Module):
         self.t = nn.Parameter(torch.zeros_like(self.s0))
         self.k = k
         self.bias = None if module.bias is None else module.bias.detach().float()
+        self.u = nn.Parameter(torch.zeros(())) if learn_clip and isinstance(module, WAQLinear) else None
 
     def scale(self) -> torch.Tensor:
         return self.s0 * torch.exp(self.t)
+
+    def clip(self) -> torch.Tensor:
+        """``min(1, c0 exp(u))`` (``c0`` the module's act_clip)."""
+        return (self.source[0].act_clip * torch.exp(self.u)).clamp_max(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.source[0]
@@ -112,8 +148,11 @@ class TunedScales(nn.Module):
             if m.smooth_inv is not None:
                 x = x * m.smooth_inv
             g = (m.group_size or m.in_features) if m.act_per_group else 0
-            xq = fake_quantize_activations(x.detach(), m.act_bits, m.act_clip, g, m.act_symmetric)
-            x = x + (xq - x).detach()  # straight-through: the forward sees the grid, the gradient does not
+            if self.u is None:
+                xq = fake_quantize_activations(x.detach(), m.act_bits, m.act_clip, g, m.act_symmetric)
+            else:
+                xq = clipped_grid(x.detach(), m.act_bits, self.clip(), g, m.act_symmetric)
+            x = x + (xq - x.detach())  # straight-through in x: the forward sees the grid, x's gradient does not
         return F.linear(x, w, self.bias)
 
     def write_back(self) -> float:
@@ -122,6 +161,8 @@ class TunedScales(nn.Module):
         new = self.scale().detach()
         m.scale.copy_(new.reshape(m.scale.shape).to(m.scale.dtype))
         m.release_kernel_layout()  # the kernel layout holds the old scales
+        if self.u is not None:
+            m.act_clip = float(self.clip().detach())
         return float((new / self.s0 - 1).abs().max())
 
 
@@ -137,25 +178,29 @@ def tunable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tuple], lr: float = DEFAULT_TUNE_LR,
-                seed: int = 0, epochs: int = 1) -> dict:
+                seed: int = 0, epochs: int = 1, learn_clip: bool = False) -> dict:
     """``epochs`` passes of Adam (a fresh random order each) over ``windows`` (each (1, T) token ids)
-    against ``targets`` (from :func:`teacher_targets` on the same windows, fp32 model); scales written
-    back in place. Returns what metadata records: windows, epochs, steps, lr, mean KL_k of the first and
-    last quarter of steps, largest relative scale change, seconds."""
+    against ``targets`` (from :func:`teacher_targets` on the same windows, fp32 model); scales (and with
+    ``learn_clip`` the WAQLinears' activation clips, lr ``CLIP_LR_FACTOR * lr``) written back in place.
+    Returns what metadata records: windows, epochs, steps, lr, mean KL_k of the first and last quarter of
+    steps, largest relative scale change, seconds (and the learned clips' min / mean / max)."""
     if len(windows) != len(targets) or not windows:
         raise ConfigError(f"scale tuning needs one teacher target per window, got {len(windows)} windows and "
                           f"{len(targets)} targets")
     modules = tunable_modules(model)
     if not modules:
         raise ConfigError("scale tuning found no integer-code linear (WeightOnlyQLinear / WAQLinear) to tune")
-    twins = {name: TunedScales(m) for name, m in modules.items()}
+    twins = {name: TunedScales(m, learn_clip) for name, m in modules.items()}
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     for name, twin in twins.items():
         model.set_submodule(name, twin)
-    params = [twin.t for twin in twins.values()]
-    opt = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": [twin.t for twin in twins.values()], "lr": lr}]
+    clips = [twin.u for twin in twins.values() if twin.u is not None]
+    if clips:
+        groups.append({"params": clips, "lr": CLIP_LR_FACTOR * lr})
+    opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
     order = [i for _ in range(epochs) for i in torch.randperm(len(windows), generator=gen).tolist()]
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(order))
@@ -185,10 +230,14 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
         for p in frozen:
             p.requires_grad_(True)
     quarter = max(1, len(losses) // 4)
-    return {"windows": len(windows), "epochs": epochs, "steps": len(losses), "lr": lr,
+    info = {"windows": len(windows), "epochs": epochs, "steps": len(losses), "lr": lr,
             "topk": int(targets[0][0].shape[-1]),
             "kl_first_quarter": sum(losses[:quarter]) / quarter, "kl_last_quarter": sum(losses[-quarter:]) / quarter,
             "max_scale_change": max(changes.values()), "seconds": time.perf_counter() - start}
+    if clips:
+        learned = [twin.source[0].act_clip for twin in twins.values() if twin.u is not None]
+        info["act_clips"] = {"min": min(learned), "mean": sum(learned) / len(learned), "max": max(learned)}
+    return info
 
 
 
@@ -224,5 +273,6 @@ def finish_tuning(model: nn.Module, prepared: tuple | None, lr: float, report, e
              info["kl_first_quarter"], info["kl_last_quarter"], 100 * info["max_scale_change"], info["seconds"])
 
 
-__all__ = ["DEFAULT_TUNE_LR", "DEFAULT_TUNE_WINDOWS", "TOPK", "TunedScales", "check_tuning_fields", "finish_tuning",
-           "kl_topk", "start_tuning", "teacher_targets", "tune_scales", "tunable_modules"]
+__all__ = ["CLIP_LR_FACTOR", "DEFAULT_TUNE_LR", "DEFAULT_TUNE_WINDOWS", "TOPK", "TunedScales", "check_tuning_fields",
+           "clipped_grid", "finish_tuning", "kl_topk", "start_tuning", "teacher_targets", "tune_scales",
+           "tunable_modules"]
