@@ -12,7 +12,8 @@ SmolLM2 on top of what lowbit ships (QuaRot's randomised Hadamard, then GPTAQ wi
    top-128 next-token distribution (:func:`lowbit.algorithms.scale_tuning.kl_topk`). In the loop: the
    W4A4 preset's activation grid (per token and group, affine, clip 0.9) and, with ``--weights rtn``,
    RTN W4 g128 symmetric weights (SpinQuant's setting), both with the straight-through estimator on the
-   rounding only, so the grids' ranges (max / min) carry the gradient that moves outliers.
+   rounding only (activations: :func:`lowbit.algorithms.scale_tuning.clipped_grid`), so the grids' ranges
+   (max / min) carry the gradient that moves outliers.
 2. Judged on held-out calibration windows 99..106 (never fitted): KL of the fake-quantized model before
    and after, then the real W4A4 preset (GPTAQ + activation grid, ``rotate=True``) with and without ``R``
    (the head untied for both, since the tied head's ``RotatedRMSNorm`` assumes ``Q = D H``).
@@ -37,6 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._llm_common import RESULTS, machine, quiet  # noqa: E402
+from lowbit.algorithms.scale_tuning import clipped_grid  # noqa: E402
 
 HELD_OUT = range(99, 107)
 HIDDEN = 576
@@ -63,18 +65,6 @@ def fake_weights(w: torch.Tensor) -> torch.Tensor:
     return (round_ste(wg / s).clamp(-8, 7) * s).reshape(n, k)
 
 
-def fake_acts(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """The preset's activation grid (per token and group, affine, range ``clip * [min, 0] .. [0, max]``)."""
-    g = group_of(x.shape[-1])
-    xg = x.reshape(*x.shape[:-1], -1, g)  # (..., G, g)
-    levels = 2 ** bits - 1
-    lo = ACT_CLIP * xg.amin(-1, keepdim=True).clamp_max(0)
-    hi = ACT_CLIP * xg.amax(-1, keepdim=True).clamp_min(0)
-    s = ((hi - lo) / levels).clamp_min(1e-8)
-    z = torch.round(-lo / s).detach().clamp(0, levels)
-    return ((round_ste(xg / s) + z).clamp(0, levels) - z).mul(s).reshape_as(x)
-
-
 class RotatedLinear(nn.Module):
     """A float linear seen in the stream's ``R`` basis, quantized on the fly."""
 
@@ -91,7 +81,7 @@ class RotatedLinear(nn.Module):
             w, b = r.t() @ w, (None if b is None else b @ r)
         if self.rtn_weights:
             w = fake_weights(w)
-        return F.linear(fake_acts(x), w, b)
+        return F.linear(clipped_grid(x, 4, self.state["clip"], group_of(x.shape[-1]), symmetric=False), w, b)
 
 
 def main() -> None:
@@ -122,7 +112,7 @@ def main() -> None:
         p.requires_grad_(False)
     targets, held_targets = teacher_targets(fp, train), teacher_targets(fp, held)
 
-    state: dict = {}
+    state: dict = {"clip": torch.tensor(ACT_CLIP)}
     b = nn.Parameter(torch.zeros(HIDDEN, HIDDEN))
     eye = torch.eye(HIDDEN)
 
