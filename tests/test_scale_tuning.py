@@ -139,6 +139,15 @@ def test_learned_clips_are_written_back_and_used_at_run_time():
         assert torch.allclose(TunedScales(m)(x), m.fake_forward(x), atol=1e-4)
 
 
+def test_presets_tune_at_their_own_learning_rate():
+    from lowbit.algorithms.presets import PRESET_TUNE_LR
+    from lowbit.algorithms.scale_tuning import DEFAULT_TUNE_LR
+
+    assert preset_config("w4a4", tune_windows=8).tune_lr == PRESET_TUNE_LR["w4a4"] != DEFAULT_TUNE_LR
+    assert preset_config("w4a8", tune_windows=8).tune_lr == DEFAULT_TUNE_LR
+    assert preset_config("w4a4", tune_windows=8, tune_lr=2e-4).tune_lr == 2e-4  # an explicit lr wins
+
+
 def test_cli_flag_reaches_the_schemes_that_take_it():
     from typer.testing import CliRunner
 
