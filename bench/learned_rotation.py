@@ -8,9 +8,9 @@ SmolLM2 on top of what lowbit ships (QuaRot's randomised Hadamard, then GPTAQ wi
    folded, so ``RMSNorm(x R) = RMSNorm(x) R``). ``R`` is the Cayley transform ``(I + A)^-1 (I - A)`` of a
    skew matrix ``A = B - B^T`` (orthogonal for every ``B``; ``B = 0`` gives ``R = I``), ``B`` trained by
    plain SGD (Adam moves all 576^2 entries by ``lr`` every step, a random walk that was worse at every
-   lr tried) with a cosine schedule, one calibration window per step, loss = KL of the fp32 model's
-   top-128 next-token distribution (:func:`lowbit.algorithms.scale_tuning.kl_topk`). In the loop: the
-   W4A4 preset's activation grid (per token and group, affine, clip 0.9) and, with ``--weights rtn``,
+   lr tried in development runs of a prototype, not offered here) with a cosine schedule, one
+   calibration window per step, loss = KL of the fp32 model's top-128 next-token distribution
+   (:func:`lowbit.algorithms.scale_tuning.kl_topk`). In the loop: the W4A4 preset's activation grid (per token and group, affine, clip 0.9) and, with ``--weights rtn``,
    RTN W4 g128 symmetric weights (SpinQuant's setting), both with the straight-through estimator on the
    rounding only (activations: :func:`lowbit.algorithms.scale_tuning.clipped_grid`), so the grids' ranges
    (max / min) carry the gradient that moves outliers.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -188,7 +187,8 @@ def main() -> None:
         p = rec["presets"]
         cell = (lambda k: f"{p[k]['kl']:.4f} (ppl {p[k]['ppl']:.3f})" if k in p else "")
         lines.append(f"| {rec['windows']} | {rec['lr']} | {rec['weights_in_loop']} | "
-                     f"{rec['heldout_kl_topk_before']:.4f} | {rec['heldout_kl_topk_after']:.4f} | {cell('QuaRot Q')} | {cell('QuaRot Q, learned R')} | "
+                     f"{rec['heldout_kl_topk_before']:.4f} | {rec['heldout_kl_topk_after']:.4f} | "
+                     f"{cell('QuaRot Q')} | {cell('QuaRot Q, learned R')} | "
                      f"{rec['train_seconds']:.0f} | {rec['load'][0]} -> {rec['load'][1]} |")
     (RESULTS / "learned_rotation.md").write_text("\n".join(lines) + "\n")
 
