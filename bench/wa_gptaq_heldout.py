@@ -13,8 +13,8 @@ PRESET ``w4a4`` runs QuaRot-rotated W4A4 with per-token-and-group affine activat
 GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ, ``minmax`` with GPTQ),
 ``clipsearch`` = each input's activation clip searched (``WAConfig.act_clip_search``), ``tune`` = then the
 group scales tuned end to end on the first 96 calibration windows (``WAConfig.tune_windows``; ``tune2``: two
-passes, ``tune_epochs=2``; ``lrX``: tuning learning rate X instead of 5e-4, e.g. ``lr1e-3``; ``learnclip``: the activation clips trained
-too, ``tune_scales(learn_clip=True)``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+passes, ``tune_epochs=2``, ``tuneN``: N passes; ``lrX``: tuning learning rate X instead of the preset's, e.g. ``lr1e-3``;
+``learnclip``: the activation clips trained too, ``tune_scales(learn_clip=True)``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -23,6 +23,7 @@ bench/results/wa_gptaq_heldout.log.
 from __future__ import annotations
 
 import copy
+import re
 import sys
 import time
 from pathlib import Path
@@ -76,8 +77,9 @@ def main() -> None:
             config = override(config, act_clip_search=True)
         m = copy.deepcopy(fp)
         t = time.time()
-        if "tune" in parts or "tune2" in parts:  # built-in windows: the first n_calib (= calib) for weights, 96 tuning
-            epochs = 2 if "tune2" in parts else 1
+        tune_parts = [p for p in parts if re.fullmatch(r"tune\d*", p)]
+        if tune_parts:  # built-in windows: the first n_calib (= calib) for weights, 96 tuning
+            epochs = int(tune_parts[0][4:] or 1)
             lr = next((float(p[2:]) for p in parts if p.startswith("lr")), config.tune_lr)
             lowbit.quantize(m, override(config, n_calib=n_calib, tune_windows=96, tune_epochs=epochs, tune_lr=lr))
             print(f"  tuning: {m.lowbit_report.extra['scale_tuning']}", flush=True)
