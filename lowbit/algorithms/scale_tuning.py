@@ -177,16 +177,8 @@ def tunable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The float parameters of the model's normalisation layers (LayerNorm, RMSNorm and their variants,
-    lowbit's RotatedRMSNorm): what ``norm_lr`` tunes."""
-    return [p for m in model.modules()
-            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith("RMSNorm")
-            for p in m.parameters(recurse=False)]
-
-
 def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tuple], lr: float = DEFAULT_TUNE_LR,
-                seed: int = 0, epochs: int = 1, learn_clip: bool = False, norm_lr: float = 0.0) -> dict:
+                seed: int = 0, epochs: int = 1, learn_clip: bool = False) -> dict:
     """``epochs`` passes of Adam (a fresh random order each) over ``windows`` (each (1, T) token ids)
     against ``targets`` (from :func:`teacher_targets` on the same windows, fp32 model); scales (and with
     ``learn_clip`` the WAQLinears' activation clips, lr ``CLIP_LR_FACTOR * lr``) written back in place.
@@ -208,12 +200,6 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
     clips = [twin.u for twin in twins.values() if twin.u is not None]
     if clips:
         groups.append({"params": clips, "lr": CLIP_LR_FACTOR * lr})
-    norms = norm_parameters(model) if norm_lr > 0 else []
-    if norms:
-        for p in norms:
-            p.requires_grad_(True)
-        groups.append({"params": norms, "lr": norm_lr})
-    norms0 = [p.detach().clone() for p in norms]
     opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
     order = [i for _ in range(epochs) for i in torch.randperm(len(windows), generator=gen).tolist()]
@@ -241,8 +227,6 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
         for name, twin in twins.items():
             changes[name] = twin.write_back()
             model.set_submodule(name, twin.source[0])
-        for p in norms:
-            p.requires_grad_(False)
         for p in frozen:
             p.requires_grad_(True)
     quarter = max(1, len(losses) // 4)
@@ -250,9 +234,6 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
             "topk": int(targets[0][0].shape[-1]),
             "kl_first_quarter": sum(losses[:quarter]) / quarter, "kl_last_quarter": sum(losses[-quarter:]) / quarter,
             "max_scale_change": max(changes.values()), "seconds": time.perf_counter() - start}
-    if norms:
-        info["norm_lr"] = norm_lr
-        info["norm_change"] = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(norms, norms0))
     if clips:
         learned = [twin.source[0].act_clip for twin in twins.values() if twin.u is not None]
         info["act_clips"] = {"min": min(learned), "mean": sum(learned) / len(learned), "max": max(learned)}
@@ -293,5 +274,5 @@ def finish_tuning(model: nn.Module, prepared: tuple | None, lr: float, report, e
 
 
 __all__ = ["CLIP_LR_FACTOR", "DEFAULT_TUNE_LR", "DEFAULT_TUNE_WINDOWS", "TOPK", "TunedScales", "check_tuning_fields",
-           "clipped_grid", "finish_tuning", "kl_topk", "norm_parameters", "start_tuning", "teacher_targets", "tune_scales",
+           "clipped_grid", "finish_tuning", "kl_topk", "start_tuning", "teacher_targets", "tune_scales",
            "tunable_modules"]
