@@ -14,7 +14,8 @@ GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ,
 ``clipsearch`` = each input's activation clip searched (``WAConfig.act_clip_search``), ``tune`` = then the
 group scales tuned end to end on the first 96 calibration windows (``WAConfig.tune_windows``; ``tune2``: two
 passes, ``tune_epochs=2``, ``tuneN``: N passes; ``lrX``: tuning learning rate X instead of the preset's, e.g. ``lr1e-3``;
-``learnclip``: the activation clips trained too, ``tune_scales(learn_clip=True)``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+``learnclip``: the activation clips trained too, ``tune_scales(learn_clip=True)``; ``bf16``: the tuning under bf16
+autocast, ``tune_bf16=True``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -81,7 +82,8 @@ def main() -> None:
         if tune_parts:  # built-in windows: the first n_calib (= calib) for weights, 96 tuning
             epochs = int(tune_parts[0][4:] or 1)
             lr = next((float(p[2:]) for p in parts if p.startswith("lr")), config.tune_lr)
-            lowbit.quantize(m, override(config, n_calib=n_calib, tune_windows=96, tune_epochs=epochs, tune_lr=lr))
+            lowbit.quantize(m, override(config, n_calib=n_calib, tune_windows=96, tune_epochs=epochs, tune_lr=lr,
+                                        tune_bf16="bf16" in parts))
             print(f"  tuning: {m.lowbit_report.extra['scale_tuning']}", flush=True)
         else:
             lowbit.quantize(m, config, calib)

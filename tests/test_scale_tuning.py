@@ -139,6 +139,18 @@ def test_learned_clips_are_written_back_and_used_at_run_time():
         assert torch.allclose(TunedScales(m)(x), m.fake_forward(x), atol=1e-4)
 
 
+def test_bf16_tuning_lowers_the_kl_and_is_recorded():
+    fp = tiny_llama(layers=2)
+    model = copy.deepcopy(fp)
+    lowbit.quantize(model, GPTQConfig(bits=3, group_size=32), tiny_batches(8))
+    windows = tiny_batches(8, seed=5)
+    before = _mean_kl(model, fp, windows)
+    info = tune_scales(model, windows, teacher_targets(fp, windows), lr=5e-3, bf16=True)
+    assert info["bf16"] is True
+    assert _mean_kl(model, fp, windows) < 0.9 * before  # judged in fp32, as the model runs
+    assert all(m.scale.dtype == torch.float16 for m in tunable_modules(model).values())
+
+
 def test_presets_tune_at_their_own_learning_rate():
     from lowbit.algorithms.presets import PRESET_TUNE_LR
     from lowbit.algorithms.scale_tuning import DEFAULT_TUNE_LR
@@ -155,10 +167,12 @@ def test_cli_flag_reaches_the_schemes_that_take_it():
     from lowbit.config import build_config
 
     assert build_config("gptaq-rot-tuned").tune_windows == 96  # DEFAULT_TUNE_WINDOWS
+    assert build_config("gptaq-rot-tuned", {"tune_bf16": True}).tune_bf16
+    assert build_config("w4a4", {"rotate": True, "tune_windows": 4, "tune_bf16": "true"}).tune_bf16
     with pytest.raises(ConfigError, match="does not take"):
         build_config("rtn", {"tune_windows": 8})
     out = CliRunner().invoke(app, ["quantize", "--help"], terminal_width=200).output
-    assert "--tune-windows" in out
+    assert "--tune-windows" in out and "--tune-bf16" in out
 
 
 def test_bad_tuning_settings_are_refused():

@@ -413,6 +413,7 @@ class GPTQConfig(BaseConfig):
     tune_windows: int = 0  # > 0: then tune the group scales end to end on that many windows (scale_tuning.py)
     tune_lr: float = DEFAULT_TUNE_LR
     tune_epochs: int = 1  # passes over the tuning windows
+    tune_bf16: bool = False  # the tuning's forward / backward under bf16 autocast (~1.6x faster on CPUs with bf16)
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -558,7 +559,7 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
         model.lowbit_calibration["guard"] = report.extra["gptq"]["guard"] = guard_record(stats, held)
         log.info("gptq guard: %d of %d linears kept RTN's codes", len(model.lowbit_calibration["guard"]["reverted"]),
                  len(stats))
-    finish_tuning(model, tuning, config.tune_lr, report, config.tune_epochs)
+    finish_tuning(model, tuning, config.tune_lr, report, config.tune_epochs, config.tune_bf16)
     return report
 
 
@@ -746,12 +747,13 @@ def _gptaq_rot_scheme(options: dict) -> GPTQConfig:
 @register_scheme("gptaq-rot-tuned", "gptaq-rot, then its group scales tuned end to end against the fp32 model's "
                  f"next-token distribution on {DEFAULT_TUNE_WINDOWS} calibration windows, codes fixed (EfficientQAT's "
                  "E2E-QP; ~6 more minutes on SmolLM2 and 2 cores); same size and kernels",
-                 options=("bits", "group_size", "symmetric", "kernel", "tune_windows", "tune_epochs"),
+                 options=("bits", "group_size", "symmetric", "kernel", "tune_windows", "tune_epochs", "tune_bf16"),
                  models=("smollm2",))
 def _gptaq_rot_tuned_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, init="mse", rotate=True,
                       tune_windows=int(options.get("tune_windows", DEFAULT_TUNE_WINDOWS)),
-                      tune_epochs=int(options.get("tune_epochs", 1)))
+                      tune_epochs=int(options.get("tune_epochs", 1)),
+                      tune_bf16=option_bool(options.get("tune_bf16", False)))
 
 
 @register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",

@@ -42,11 +42,11 @@ PRESET_TUNE_LR = {"w4a4": 1e-3}
 def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method: str = "auto",
                   kernel: str = "auto", rotate: bool = False, act_clip: float = 1.0, rotate_seed: int = 0,
                   act_per_group: bool = False, act_symmetric: bool = True, tune_windows: int = 0,
-                  tune_lr: float | None = None, tune_epochs: int = 1) -> WAConfig:
+                  tune_lr: float | None = None, tune_epochs: int = 1, tune_bf16: bool = False) -> WAConfig:
     """The preset ``name``; ``rotate=True`` turns smoothing off (the rotation replaces it) and names it ``<name>-rot``.
     ``act_clip`` / ``act_per_group`` / ``act_symmetric``: the activation grid (``WAQLinear``); ``tune_windows``:
     end-to-end scale tuning afterwards (``lowbit.algorithms.scale_tuning``, ``-tuned`` in the name) at
-    ``tune_lr`` (None: the preset's, ``PRESET_TUNE_LR``)."""
+    ``tune_lr`` (None: the preset's, ``PRESET_TUNE_LR``), ``tune_epochs`` passes, in bf16 with ``tune_bf16``."""
     if rotate:
         alpha = None
     if tune_lr is None:
@@ -55,12 +55,12 @@ def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method:
                     name=f"{name}{'-rot' if rotate else ''}{'-tuned' if tune_windows else ''}", rotate=rotate,
                     act_clip=act_clip, rotate_seed=rotate_seed, act_per_group=act_per_group,
                     act_symmetric=act_symmetric, tune_windows=tune_windows, tune_lr=tune_lr,
-                    tune_epochs=tune_epochs)
+                    tune_epochs=tune_epochs, tune_bf16=tune_bf16)
 
 
 def _register(name: str, help: str) -> None:
     @register_scheme(name, help, options=("alpha", "kernel", "rotate", "act_clip", "act_per_group", "act_symmetric",
-                                       "tune_windows", "tune_epochs"))
+                                       "tune_windows", "tune_epochs", "tune_bf16"))
     def build(options: dict) -> WAConfig:
         alpha = options.get("alpha", DEFAULT_ALPHA)
         return preset_config(name, None if alpha in (None, "none") else float(alpha),
@@ -69,7 +69,8 @@ def _register(name: str, help: str) -> None:
                              act_per_group=option_bool(options.get("act_per_group", False)),
                              act_symmetric=option_bool(options.get("act_symmetric", True)),
                              tune_windows=int(options.get("tune_windows", 0)),
-                             tune_epochs=int(options.get("tune_epochs", 1)))
+                             tune_epochs=int(options.get("tune_epochs", 1)),
+                             tune_bf16=option_bool(options.get("tune_bf16", False)))
 
 
 _register("w8a8", "preset W8A8 (conservative): SmoothQuant + int8 weights per channel x int8 activations per token")

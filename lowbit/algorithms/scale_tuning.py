@@ -178,10 +178,12 @@ def tunable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tuple], lr: float = DEFAULT_TUNE_LR,
-                seed: int = 0, epochs: int = 1, learn_clip: bool = False) -> dict:
+                seed: int = 0, epochs: int = 1, learn_clip: bool = False, bf16: bool = False) -> dict:
     """``epochs`` passes of Adam (a fresh random order each) over ``windows`` (each (1, T) token ids)
     against ``targets`` (from :func:`teacher_targets` on the same windows, fp32 model); scales (and with
     ``learn_clip`` the WAQLinears' activation clips, lr ``CLIP_LR_FACTOR * lr``) written back in place.
+    ``bf16``: the training's forward and backward run under bfloat16 autocast (matmuls in bf16; the
+    scales, the optimizer, the targets and the written-back scales stay fp32 / fp16).
     Returns what metadata records: windows, epochs, steps, lr, mean KL_k of the first and last quarter of
     steps, largest relative scale change, seconds (and the learned clips' min / mean / max)."""
     if len(windows) != len(targets) or not windows:
@@ -209,7 +211,9 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
         with torch.enable_grad(), Progress(transient=True, disable=len(order) < 4) as bar:
             task = bar.add_task("scale tuning", total=len(order))
             for step, i in enumerate(order, 1):
-                loss = kl_topk(torch.log_softmax(model(windows[i])[0, :-1].float(), dim=-1), *targets[i])
+                with torch.autocast(windows[i].device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(windows[i])[0, :-1]
+                loss = kl_topk(torch.log_softmax(logits.float(), dim=-1), *targets[i])
                 if not math.isfinite(loss.item()):
                     raise TrainingError(f"scale tuning diverged at step {step} (KL {float(loss)}); the scales are "
                                         "the last finite step's: try a lower tune_lr")
@@ -231,7 +235,7 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
             p.requires_grad_(True)
     quarter = max(1, len(losses) // 4)
     info = {"windows": len(windows), "epochs": epochs, "steps": len(losses), "lr": lr,
-            "topk": int(targets[0][0].shape[-1]),
+            "topk": int(targets[0][0].shape[-1]), **({"bf16": True} if bf16 else {}),
             "kl_first_quarter": sum(losses[:quarter]) / quarter, "kl_last_quarter": sum(losses[-quarter:]) / quarter,
             "max_scale_change": max(changes.values()), "seconds": time.perf_counter() - start}
     if clips:
@@ -258,13 +262,14 @@ def start_tuning(model: nn.Module, calibration_data, n_windows: int) -> tuple[li
     return windows, targets, source
 
 
-def finish_tuning(model: nn.Module, prepared: tuple | None, lr: float, report, epochs: int = 1) -> None:
+def finish_tuning(model: nn.Module, prepared: tuple | None, lr: float, report, epochs: int = 1,
+                  bf16: bool = False) -> None:
     """After quantization: tune the scales and record what was done in the report and the model's
     calibration record (metadata.json)."""
     if prepared is None:
         return
     windows, targets, source = prepared
-    info = {**tune_scales(model, windows, targets, lr, epochs=epochs), "source": source}
+    info = {**tune_scales(model, windows, targets, lr, epochs=epochs, bf16=bf16), "source": source}
     report.extra["scale_tuning"] = info
     record = getattr(model, "lowbit_calibration", None)
     if isinstance(record, dict):

@@ -86,6 +86,7 @@ class WAConfig(BaseConfig):
     tune_windows: int = 0  # > 0: then tune the weight scales end to end on that many windows (scale_tuning.py)
     tune_lr: float = DEFAULT_TUNE_LR
     tune_epochs: int = 1  # passes over the tuning windows
+    tune_bf16: bool = False  # the tuning's forward / backward under bf16 autocast (~1.6x faster on CPUs with bf16)
 
     def __post_init__(self):
         check_tuning_fields(self.tune_windows, self.tune_lr, tune_epochs=self.tune_epochs)
@@ -275,7 +276,7 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
     if clips:
         report.extra["wa"]["act_clips"] = dict(clips)
     model.lowbit_calibration = with_world_size(calibration_info(batches, source))
-    finish_tuning(model, tuning, config.tune_lr, report, config.tune_epochs)
+    finish_tuning(model, tuning, config.tune_lr, report, config.tune_epochs, config.tune_bf16)
     return report
 
 
