@@ -18,7 +18,8 @@ straight-through estimator (rounding passes the gradient unchanged; clip ranges 
 ``learn_clip`` each ``WAQLinear``'s activation clip is trained too, as LSQ trains a step size (Esser et al.
 2020): ``clip = min(1, c0 exp(u))`` scales the grid's range, the rounding alone is straight-through
 (:func:`clipped_grid`), so the gradient reaches ``u`` through the step ``s(clip)``; the learned clip is
-written back as the module's ``act_clip``.
+written back as the module's ``act_clip``. ``bf16`` runs the training's forward and backward under bf16 autocast
+(~1.6x faster on CPUs with bf16 dot products; the scales, the optimizer and the targets stay fp32).
 
 At the end ``s = fp16(s0 exp(t))`` is written into each module's ``scale`` buffer: the tuned model is
 the same modules, codes and kernels as before, only different scales.
