@@ -15,7 +15,7 @@ GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ,
 group scales tuned end to end on the first 96 calibration windows (``WAConfig.tune_windows``; ``tune2``: two
 passes, ``tune_epochs=2``, ``tuneN``: N passes; ``lrX``: tuning learning rate X instead of the preset's, e.g. ``lr1e-3``;
 ``learnclip``: the activation clips trained too, ``tune_scales(learn_clip=True)``; ``bf16``: the tuning under bf16
-autocast, ``tune_bf16=True``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+autocast, ``tune_bf16=True``; ``gN``: weight group size N instead of the preset's 128, e.g. ``g32``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -76,6 +76,9 @@ def main() -> None:
         config = preset_config(preset, **kw)
         if "clipsearch" in parts:  # each input's activation clip searched (WAConfig.act_clip_search)
             config = override(config, act_clip_search=True)
+        group = next((int(p[1:]) for p in parts if re.fullmatch(r"g\d+", p)), None)
+        if group is not None:
+            config = override(config, group_size=group)
         m = copy.deepcopy(fp)
         t = time.time()
         tune_parts = [p for p in parts if re.fullmatch(r"tune\d*", p)]
