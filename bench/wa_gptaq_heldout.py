@@ -15,7 +15,9 @@ GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ,
 group scales tuned end to end on the first 96 calibration windows (``WAConfig.tune_windows``; ``tune2``: two
 passes, ``tune_epochs=2``, ``tuneN``: N passes; ``lrX``: tuning learning rate X instead of the preset's, e.g. ``lr1e-3``;
 ``learnclip``: the activation clips trained too, ``tune_scales(learn_clip=True)``; ``bf16``: the tuning under bf16
-autocast, ``tune_bf16=True``; ``gN``: weight group size N instead of the preset's 128, e.g. ``g32``). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+autocast, ``tune_bf16=True``; ``gN``: weight group size N instead of the preset's 128, e.g. ``g32``; ``moreN``: the tuning also runs on N windows
+cut from the calibration mix built with 5x its budgets, from window 115 on: text past the mix's 107 windows, so past the
+held-out windows, with a 8-window margin; the 8-gram overlap with the held-out windows is printed). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -36,6 +38,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._llm_common import CachedReference, quiet  # noqa: E402
 
 HELD_OUT = range(99, 107)  # the last 8 of the mix's 107 windows: never fitted at CALIB <= 99
+EXTRA_FROM, EXTRA_FACTOR = 115, 5  # moreN: windows 115.. of the mix built with 5x its budgets
+
+
+def extended_windows(fp, n: int, held: torch.Tensor) -> list[torch.Tensor]:
+    """``n`` windows (1, 512) of the 5x-budget mix from window EXTRA_FROM on; prints their share of the held-out
+    windows' token 8-grams (0 = no held-out text is tuned on)."""
+    import lowbit.data.mix as mix
+
+    budgets = dict(mix.BUDGETS)
+    mix.BUDGETS = {k: v * EXTRA_FACTOR for k, v in budgets.items()}
+    mix._build.cache_clear()
+    try:
+        ids = fp.tokenizer(mix.mix_text(), return_tensors="pt").input_ids[0]
+    finally:
+        mix.BUDGETS = budgets
+        mix._build.cache_clear()
+    rows = ids[: len(ids) // 512 * 512].reshape(-1, 512)  # (W, 512)
+    if len(rows) < EXTRA_FROM + n:
+        raise SystemExit(f"the {EXTRA_FACTOR}x mix has {len(rows)} windows: at most more{len(rows) - EXTRA_FROM}")
+    extra = [rows[i][None] for i in range(EXTRA_FROM, EXTRA_FROM + n)]
+
+    def grams(t):
+        t = t.reshape(-1).tolist()
+        return {tuple(t[i:i + 8]) for i in range(len(t) - 7)}
+
+    held_grams, extra_grams = grams(held), set().union(*(grams(w) for w in extra))
+    print(f"  more{n}: windows {EXTRA_FROM}..{EXTRA_FROM + n - 1} of the {EXTRA_FACTOR}x mix ({len(rows)} windows); "
+          f"{len(held_grams & extra_grams) / len(held_grams):.2%} of the held-out windows' token 8-grams occur in them",
+          flush=True)
+    return extra
 
 
 def main() -> None:
@@ -62,6 +94,7 @@ def main() -> None:
     from lowbit.algorithms import scale_tuning
 
     config_cls, fake_quantize, tune = gptq.GPTQConfig, sq.fake_quantize_activations, scale_tuning.tune_scales
+    start_tuning = sq.start_tuning
     base = evaluate(fp, ref, quick=False)
     for run in runs:
         parts = run.split(":")
@@ -70,6 +103,17 @@ def main() -> None:
         gptq.GPTQConfig = (lambda a, e: (lambda **kw: config_cls(**{**kw, "asym_alpha": a, **e})))(float(alpha), extra)
         sq.fake_quantize_activations = (lambda x, *a, **k: x) if "noact" in parts else fake_quantize
         scale_tuning.tune_scales = functools.partial(tune, learn_clip=True) if "learnclip" in parts else tune
+        more = next((int(p[4:]) for p in parts if re.fullmatch(r"more\d+", p)), 0)
+        sq.start_tuning = start_tuning
+        if more:  # the 96 built-in tuning windows, then the extra ones with their fp32 targets
+            extra = extended_windows(fp, more, held)
+
+            def extended_start(model, data, n, _extra=extra):
+                windows, targets, source = start_tuning(model, data, n)
+                return (windows + _extra, targets + scale_tuning.teacher_targets(model, _extra),
+                        f"{source} + {len(_extra)} windows of the {EXTRA_FACTOR}x mix")
+
+            sq.start_tuning = extended_start
         kw = dict(rotate=True, weight_method=method)
         if preset == "w4a4":
             kw.update(act_clip=0.9, act_per_group=True, act_symmetric=False)
@@ -100,6 +144,7 @@ def main() -> None:
               f"| held-out calib KL {h['kl']:.4f} ppl {h['ppl']:.3f} | KL {r['kl_heldout']:.4f} {r['kl']:.4f} "
               f"{r['kl_science']:.4f} ({time.time() - t:.0f} s)", flush=True)
     gptq.GPTQConfig, sq.fake_quantize_activations, scale_tuning.tune_scales = config_cls, fake_quantize, tune
+    sq.start_tuning = start_tuning
 
 
 if __name__ == "__main__":
