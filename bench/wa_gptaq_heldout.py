@@ -17,7 +17,7 @@ passes, ``tune_epochs=2``, ``tuneN``: N passes; ``lrX``: tuning learning rate X 
 ``learnclip``: the activation clips trained too, ``tune_scales(learn_clip=True)``; ``bf16``: the tuning under bf16
 autocast, ``tune_bf16=True``; ``gN``: weight group size N instead of the preset's 128, e.g. ``g32``; ``moreN``: the tuning also runs on N windows
 cut from the calibration mix built with 5x its budgets, from window 115 on: text past the mix's 107 windows, so past the
-held-out windows, with a 8-window margin; the 8-gram overlap with the held-out windows is printed). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+held-out windows, with an 8-window margin; needs ``tune``; the 8-gram overlap with the held-out windows is printed). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -43,7 +43,7 @@ EXTRA_FROM, EXTRA_FACTOR = 115, 5  # moreN: windows 115.. of the mix built with 
 
 def extended_windows(fp, n: int, held: torch.Tensor) -> list[torch.Tensor]:
     """``n`` windows (1, 512) of the 5x-budget mix from window EXTRA_FROM on; prints their share of the held-out
-    windows' token 8-grams (0 = no held-out text is tuned on)."""
+    windows' token 8-grams (shared boilerplate: the default tuning windows 0..95 hold 11.4 % of them)."""
     import lowbit.data.mix as mix
 
     budgets = dict(mix.BUDGETS)
@@ -105,6 +105,8 @@ def main() -> None:
         scale_tuning.tune_scales = functools.partial(tune, learn_clip=True) if "learnclip" in parts else tune
         more = next((int(p[4:]) for p in parts if re.fullmatch(r"more\d+", p)), 0)
         sq.start_tuning = start_tuning
+        if more and not any(re.fullmatch(r"tune\d*", p) for p in parts):
+            raise SystemExit(f"{run}: moreN adds tuning windows, so it needs tune (or tuneN)")
         if more:  # the 96 built-in tuning windows, then the extra ones with their fp32 targets
             extra = extended_windows(fp, more, held)
 
