@@ -15,9 +15,10 @@ GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ,
 group scales tuned end to end on the first 96 calibration windows (``WAConfig.tune_windows``; ``tune2``: two
 passes, ``tune_epochs=2``, ``tuneN``: N passes; ``lrX``: tuning learning rate X instead of the preset's, e.g. ``lr1e-3``;
 ``learnclip``: the activation clips trained too, ``tune_scales(learn_clip=True)``; ``bf16``: the tuning under bf16
-autocast, ``tune_bf16=True``; ``gN``: weight group size N instead of the preset's 128, e.g. ``g32``; ``moreN``: the tuning also runs on N windows
-cut from the calibration mix built with 5x its budgets, from window 115 on: text past the mix's 107 windows, so past the
-held-out windows, with an 8-window margin; needs ``tune``; the 8-gram overlap with the held-out windows is printed). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
+autocast, ``tune_bf16=True``; ``gN``: weight group size N instead of the preset's 128, e.g. ``g32``; ``moreN``: the tuning runs on 96 + N
+windows (``tune_windows=96+N``; the library's built-in windows past 96 are windows 115.. of the calibration mix built with
+5x its budgets, ``lm_calib_text("mix-large")``: text past the mix's 107 windows, so past the held-out windows, with an
+8-window margin; needs ``tune``; the 8-gram overlap with the held-out windows is printed). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
 not an API). Prints one line per run: perplexity as a multiple of fp32 on the evaluation texts (all
 windows) and KL / perplexity on the held-out calibration windows. The runs of 2026-12-05 are logged in
 bench/results/wa_gptaq_heldout.log.
@@ -38,36 +39,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._llm_common import CachedReference, quiet  # noqa: E402
 
 HELD_OUT = range(99, 107)  # the last 8 of the mix's 107 windows: never fitted at CALIB <= 99
-EXTRA_FROM, EXTRA_FACTOR = 115, 5  # moreN: windows 115.. of the mix built with 5x its budgets
 
 
-def extended_windows(fp, n: int, held: torch.Tensor) -> list[torch.Tensor]:
-    """``n`` windows (1, 512) of the 5x-budget mix from window EXTRA_FROM on; prints their share of the held-out
-    windows' token 8-grams (shared boilerplate: the default tuning windows 0..95 hold 11.4 % of them)."""
-    import lowbit.data.mix as mix
+def print_extra_overlap(fp, n: int, held: torch.Tensor) -> None:
+    """The share of the held-out windows' token 8-grams that occur in the ``n`` tuning windows past the first
+    96 (the library's built-in windows: 115.. of ``lm_calib_text("mix-large")``); shared boilerplate puts
+    11.4 % of them in the default tuning windows 0..95."""
+    from lowbit.algorithms.scale_tuning import DEFAULT_TUNE_WINDOWS, builtin_tuning_windows
 
-    budgets = dict(mix.BUDGETS)
-    mix.BUDGETS = {k: v * EXTRA_FACTOR for k, v in budgets.items()}
-    mix._build.cache_clear()
-    try:
-        ids = fp.tokenizer(mix.mix_text(), return_tensors="pt").input_ids[0]
-    finally:
-        mix.BUDGETS = budgets
-        mix._build.cache_clear()
-    rows = ids[: len(ids) // 512 * 512].reshape(-1, 512)  # (W, 512)
-    if len(rows) < EXTRA_FROM + n:
-        raise SystemExit(f"the {EXTRA_FACTOR}x mix has {len(rows)} windows: at most more{len(rows) - EXTRA_FROM}")
-    extra = [rows[i][None] for i in range(EXTRA_FROM, EXTRA_FROM + n)]
+    windows, source = builtin_tuning_windows(fp, DEFAULT_TUNE_WINDOWS + n)
 
     def grams(t):
         t = t.reshape(-1).tolist()
         return {tuple(t[i:i + 8]) for i in range(len(t) - 7)}
 
-    held_grams, extra_grams = grams(held), set().union(*(grams(w) for w in extra))
-    print(f"  more{n}: windows {EXTRA_FROM}..{EXTRA_FROM + n - 1} of the {EXTRA_FACTOR}x mix ({len(rows)} windows); "
-          f"{len(held_grams & extra_grams) / len(held_grams):.2%} of the held-out windows' token 8-grams occur in them",
-          flush=True)
-    return extra
+    held_grams = grams(held)
+    extra_grams = set().union(*(grams(w) for w in windows[DEFAULT_TUNE_WINDOWS:]))
+    print(f"  more{n}: {source}; {len(held_grams & extra_grams) / len(held_grams):.2%} of the held-out windows' "
+          f"token 8-grams occur in the extra windows", flush=True)
 
 
 def main() -> None:
@@ -94,7 +83,6 @@ def main() -> None:
     from lowbit.algorithms import scale_tuning
 
     config_cls, fake_quantize, tune = gptq.GPTQConfig, sq.fake_quantize_activations, scale_tuning.tune_scales
-    start_tuning = sq.start_tuning
     base = evaluate(fp, ref, quick=False)
     for run in runs:
         parts = run.split(":")
@@ -104,18 +92,10 @@ def main() -> None:
         sq.fake_quantize_activations = (lambda x, *a, **k: x) if "noact" in parts else fake_quantize
         scale_tuning.tune_scales = functools.partial(tune, learn_clip=True) if "learnclip" in parts else tune
         more = next((int(p[4:]) for p in parts if re.fullmatch(r"more\d+", p)), 0)
-        sq.start_tuning = start_tuning
         if more and not any(re.fullmatch(r"tune\d*", p) for p in parts):
             raise SystemExit(f"{run}: moreN adds tuning windows, so it needs tune (or tuneN)")
-        if more:  # the 96 built-in tuning windows, then the extra ones with their fp32 targets
-            extra = extended_windows(fp, more, held)
-
-            def extended_start(model, data, n, _extra=extra):
-                windows, targets, source = start_tuning(model, data, n)
-                return (windows + _extra, targets + scale_tuning.teacher_targets(model, _extra),
-                        f"{source} + {len(_extra)} windows of the {EXTRA_FACTOR}x mix")
-
-            sq.start_tuning = extended_start
+        if more:
+            print_extra_overlap(fp, more, held)
         kw = dict(rotate=True, weight_method=method)
         if preset == "w4a4":
             kw.update(act_clip=0.9, act_per_group=True, act_symmetric=False)
@@ -131,7 +111,7 @@ def main() -> None:
         if tune_parts:  # built-in windows: the first n_calib (= calib) for weights, 96 tuning
             epochs = int(tune_parts[0][4:] or 1)
             lr = next((float(p[2:]) for p in parts if p.startswith("lr")), config.tune_lr)
-            lowbit.quantize(m, override(config, n_calib=n_calib, tune_windows=96, tune_epochs=epochs, tune_lr=lr,
+            lowbit.quantize(m, override(config, n_calib=n_calib, tune_windows=96 + more, tune_epochs=epochs, tune_lr=lr,
                                         tune_bf16="bf16" in parts))
             print(f"  tuning: {m.lowbit_report.extra['scale_tuning']}", flush=True)
         else:
@@ -146,7 +126,6 @@ def main() -> None:
               f"| held-out calib KL {h['kl']:.4f} ppl {h['ppl']:.3f} | KL {r['kl_heldout']:.4f} {r['kl']:.4f} "
               f"{r['kl_science']:.4f} ({time.time() - t:.0f} s)", flush=True)
     gptq.GPTQConfig, sq.fake_quantize_activations, scale_tuning.tune_scales = config_cls, fake_quantize, tune
-    sq.start_tuning = start_tuning
 
 
 if __name__ == "__main__":

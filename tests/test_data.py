@@ -112,7 +112,7 @@ def test_calibration_mix_is_deterministic_and_holds_every_domain():
 
 
 def test_unknown_calibration_source_is_a_config_error():
-    with pytest.raises(ConfigError, match="mix, docs"):
+    with pytest.raises(ConfigError, match="mix, docs, mix-large"):
         lm_calib_text("wiki")
 
 
@@ -167,3 +167,26 @@ def test_lm_calib_source_switches_the_default_calibration_text():
     with pytest.raises(ConfigError):
         with lm_calib_source("wiki"):
             pass
+
+
+# The extended mix repeats the mix's own text up to where the mix's budgets cut it (measured: the
+# first 212,025 of 215,845 characters here); 90 % leaves room for other installs' budget-cut ends.
+MIN_LARGE_MIX_SHARED_PREFIX = 0.9
+
+
+def test_large_mix_extends_the_mix_and_stays_clean():
+    from lowbit.data import mix
+
+    small, large = lm_calib_text("mix"), lm_calib_text("mix-large")
+    cut = int(MIN_LARGE_MIX_SHARED_PREFIX * len(small))
+    assert large[:cut] == small[:cut]
+    assert len(large) > 2.5 * len(small)  # the docs domain runs out at ~69 kB; the others fill 5x
+    comp = lm_calib_composition("mix-large")
+    assert comp["budget_factor"] == mix.EXTENDED_FACTOR and lm_calib_composition()["budget_factor"] == 1
+    for domain, info in comp["domains"].items():
+        assert info["budget_chars"] == mix.EXTENDED_FACTOR * mix.BUDGETS[domain]
+        assert info["chars"] <= info["budget_chars"] + mix.CHUNK_CHARS
+    for name, text in mix.evaluation_texts().items():  # the same hygiene as the mix
+        assert overlap(large, text) < MAX_MIX_SPANNING_OVERLAP, name
+    with pytest.raises(ValueError, match="integer >= 1"):
+        mix.mix_text(0)

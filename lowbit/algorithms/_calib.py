@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
@@ -33,8 +34,8 @@ def default_calibration(model: nn.Module, n: int | None = None, lm_text: str | N
     """The built-in calibration batches for a model loaded by ``lowbit.models``.
 
     ``n`` counts samples: sentences (encoders), 512-token windows (causal LMs), images (classifiers).
-    ``lm_text`` names the causal-LM text (:func:`lowbit.data.lm_calib_text`: ``"mix"`` or ``"docs"``,
-    the docs-only text older results used; None: :func:`lowbit.data.lm_calib_default`, ``"mix"``
+    ``lm_text`` names the causal-LM text (:func:`lowbit.data.lm_calib_text`: ``"mix"``, ``"docs"``,
+    the docs-only text older results used, or ``"mix-large"``; None: :func:`lowbit.data.lm_calib_default`, ``"mix"``
     unless inside ``lowbit.data.lm_calib_source(...)``); windows are cut from its start.
     """
     task = getattr(model, "task", None)
@@ -142,7 +143,8 @@ def calibration_info(batches: list, source: str) -> dict:
         # prefix of the mix holds the domains in the same proportions) and its sha256
         from lowbit.data import lm_calib_composition
 
-        name = "docs" if source.startswith("lowbit.data.lm_calib_text('docs')") else "mix"
+        m = re.match(r"lowbit\.data\.lm_calib_text\('([\w-]+)'\)", source)
+        name = m.group(1) if m else "mix"
         comp = lm_calib_composition(name)
         info["calib_text"] = {"name": name, "bytes": comp["bytes"], "sha256": comp.get("sha256"),
                               "domain_bytes": {d: v["bytes"] for d, v in comp["domains"].items()}}

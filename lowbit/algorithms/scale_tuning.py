@@ -38,13 +38,16 @@ from torch import nn
 
 from lowbit.algorithms._recon import TrainingError
 from lowbit.core import Kind, get_format
-from lowbit.errors import ConfigError
+from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.qlinear import WeightOnlyQLinear
 from lowbit.nn.wa_linear import WAQLinear, fake_quantize_activations
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TUNE_WINDOWS = 96  # calibration windows 0..95 of the mix: held-out windows 99..106 stay unseen
+# Built-in tuning past 96 windows: windows EXTRA_FROM.. of lm_calib_text("mix-large") (the mix at 5x budgets,
+# whose text up to ~window 104 is the mix's own), so past the mix's 107 windows and its held-out windows 99..106.
+EXTRA_FROM = 115
 DEFAULT_TUNE_LR = 5e-4  # Adam on t; chosen on held-out calibration windows (bench/w4_heldout.py --tune-lr)
 TOPK = 128  # teacher tokens kept per position (KL_k); the rest of the vocabulary is one bucket
 CLIP_LR_FACTOR = 20  # learn_clip: Adam's lr on the log clip ratio is this times the scales' lr
@@ -248,15 +251,50 @@ def tune_scales(model: nn.Module, windows: list[torch.Tensor], targets: list[tup
 
 # ------------------------------------------------------------------------------- the handlers' two calls
 
+def builtin_tuning_windows(model: nn.Module, n_windows: int) -> tuple[list[torch.Tensor], str]:
+    """``n_windows`` built-in tuning windows (1, 512) and their source: the mix's windows 0..95, then
+    windows ``EXTRA_FROM``.. of ``lm_calib_text("mix-large")``. The windows 96..114 between are never read,
+    so the held-out calibration windows 99..106 (on which lowbit's defaults are chosen) stay unseen."""
+    from lowbit.algorithms._calib import default_calibration
+    from lowbit.algorithms._llm import warn_if_overlaps_eval
+
+    first = default_calibration(model, min(n_windows, DEFAULT_TUNE_WINDOWS), lm_text="mix")
+    source = f"lowbit.data.lm_calib_text('mix') windows 0..{len(first) - 1}"
+    extra = n_windows - len(first)
+    if extra > 0:
+        try:
+            large = default_calibration(model, EXTRA_FROM + extra, lm_text="mix-large")
+        except CalibrationError:
+            from lowbit.algorithms._calib import LM_CALIB_WINDOW
+            from lowbit.data import lm_calib_text
+
+            have = len(model.tokenizer(lm_calib_text("mix-large")).input_ids) // LM_CALIB_WINDOW
+            raise CalibrationError(f"tune_windows={n_windows}: the built-in tuning text holds at most "
+                                   f"{DEFAULT_TUNE_WINDOWS + max(0, have - EXTRA_FROM)} windows of {LM_CALIB_WINDOW} "
+                                   f"tokens for this model ({DEFAULT_TUNE_WINDOWS} of the mix + windows {EXTRA_FROM}.."
+                                   f"{have - 1} of 'mix-large'); ask for fewer or pass calibration data") from None
+        first = first + large[EXTRA_FROM:]
+        source += f" + lowbit.data.lm_calib_text('mix-large') windows {EXTRA_FROM}..{EXTRA_FROM + extra - 1}"
+    source += f" ({getattr(model, 'model_name', 'model')})"
+    warn_if_overlaps_eval(model, first)
+    return first, source
+
+
 def start_tuning(model: nn.Module, calibration_data, n_windows: int) -> tuple[list, list, str] | None:
-    """Before quantization: the first ``n_windows`` calibration rows (1, T) and the fp32 model's targets
-    on them (None when ``n_windows`` is 0)."""
+    """Before quantization: ``n_windows`` calibration rows (1, T) and the fp32 model's targets on them
+    (None when ``n_windows`` is 0): the first rows of ``calibration_data``, or without it the built-in
+    windows (:func:`builtin_tuning_windows`; the first rows of the docs-only text inside
+    ``lowbit.data.lm_calib_source("docs")``)."""
     from lowbit.algorithms._llm import lm_calibration
+    from lowbit.data import lm_calib_default
 
     if not n_windows:
         return None
-    batches, source = lm_calibration(model, calibration_data, n_windows)
-    windows = [row[None] for b in batches for row in b][:n_windows]  # (1, T) each
+    if calibration_data is None and lm_calib_default() == "mix" and getattr(model, "task", None) == "causal-lm":
+        windows, source = builtin_tuning_windows(model, n_windows)
+    else:
+        batches, source = lm_calibration(model, calibration_data, n_windows)
+        windows = [row[None] for b in batches for row in b][:n_windows]  # (1, T) each
     start = time.perf_counter()
     targets = teacher_targets(model, windows)
     log.info("scale tuning: fp32 targets on %d windows (%.1f s)", len(windows), time.perf_counter() - start)
@@ -279,6 +317,7 @@ def finish_tuning(model: nn.Module, prepared: tuple | None, lr: float, report, e
              info["kl_first_quarter"], info["kl_last_quarter"], 100 * info["max_scale_change"], info["seconds"])
 
 
-__all__ = ["CLIP_LR_FACTOR", "DEFAULT_TUNE_LR", "DEFAULT_TUNE_WINDOWS", "TOPK", "TunedScales", "check_tuning_fields",
+__all__ = ["CLIP_LR_FACTOR", "DEFAULT_TUNE_LR", "DEFAULT_TUNE_WINDOWS", "EXTRA_FROM", "TOPK", "TunedScales",
+           "builtin_tuning_windows", "check_tuning_fields",
            "clipped_grid", "finish_tuning", "kl_topk", "start_tuning", "teacher_targets", "tune_scales",
            "tunable_modules"]

@@ -82,7 +82,7 @@ def lm_science_text() -> str:
     return "\n\n".join(text for _, text in dataset_descriptions())
 
 
-LM_CALIB_SOURCES = ("mix", "docs")
+LM_CALIB_SOURCES = ("mix", "docs", "mix-large")
 _lm_calib_default = "mix"
 
 
@@ -112,12 +112,15 @@ def lm_calib_text(source: str = "mix") -> str:
       interleaved with fixed per-domain budgets, every evaluation text excluded
       (:mod:`lowbit.data.mix`; its composition: :func:`lm_calib_composition`);
     - ``"docs"`` (~110 kB): the calibration half of the docs prose, paragraphs joined (the
-      default before issue 18; older results were calibrated on it).
+      default before issue 18; older results were calibrated on it);
+    - ``"mix-large"`` (~630 kB): the same mix with every budget times
+      :data:`lowbit.data.mix.EXTENDED_FACTOR` (5), the text end-to-end scale tuning reads past its first
+      96 windows (``lowbit.algorithms.scale_tuning.builtin_tuning_windows``).
     """
-    if source == "mix":
-        from lowbit.data.mix import mix_text
+    if source in ("mix", "mix-large"):
+        from lowbit.data.mix import EXTENDED_FACTOR, mix_text
 
-        return mix_text()
+        return mix_text(EXTENDED_FACTOR if source == "mix-large" else 1)
     if source == "docs":
         return _docs_calib_text()
     raise ConfigError(f"unknown LM calibration source {source!r}; valid: {', '.join(LM_CALIB_SOURCES)}")
@@ -134,9 +137,9 @@ def lm_calib_composition(source: str = "mix") -> dict:
         raw = _docs_calib_text().encode("utf-8")
         return {"domains": {"docs": {"bytes": len(raw)}}, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     lm_calib_text(source)  # validates the name
-    from lowbit.data.mix import mix_composition
+    from lowbit.data.mix import EXTENDED_FACTOR, mix_composition
 
-    return mix_composition()
+    return mix_composition(EXTENDED_FACTOR if source == "mix-large" else 1)
 
 
 def max_sentences(half: str = "eval") -> int:

@@ -27,6 +27,12 @@ text holds the domains in proportion to their budgets (the built-in calibration 
 8-32 windows of 512 tokens). Characters per source are capped (:data:`SOURCE_CAP`), and licence
 files per package (:data:`FILES_PER_PACKAGE`), so that no one file or package dominates a domain.
 
+The extended mix (``factor`` > 1, :data:`EXTENDED_FACTOR`: ``lm_calib_text("mix-large")``) is the same
+recipe with every budget multiplied: more text for end-to-end scale tuning, which reads hundreds of
+windows. Its first ~98 % of the default mix's characters are the same (the domains are read in the same
+order; only the budget-cut ends differ); the docs domain runs out at ~69 kB, so past ~250 kB it is code,
+licences and READMEs.
+
 The exact text depends on the installed CPython and packages; within one install every call
 returns the same text (sorted file lists, fixed budgets, no randomness).
 """
@@ -54,6 +60,7 @@ BUDGETS = {"docs": 64_000, "code": 64_000, "legal": 40_000, "readme": 48_000}
 SOURCE_CAP = {"docs": None, "code": 2_500, "legal": 6_000, "readme": 2_500}
 # Licence files taken from one package at most (torch alone ships ~200 third-party licences).
 FILES_PER_PACKAGE = {"legal": 2}
+EXTENDED_FACTOR = 5  # lm_calib_text("mix-large"): every budget times this (~630 kB, ~335 windows of 512)
 CHUNK_CHARS = 1_000  # interleaving unit: whole paragraphs of one domain, at least this many characters
 MAX_SOURCE_OVERLAP = 0.01  # a source with more of its 8-grams in an evaluation text is dropped whole
 OVERLAP_N = 8  # word n-grams, as lowbit.data.overlap and the user-data check
@@ -202,9 +209,9 @@ def _cut(p: str, cap: int) -> str:
     return head[: head.rfind("\n")] if "\n" in head else head
 
 
-def _domain_paragraphs(domain: str, sources, stats: dict) -> list[str]:
-    """Clean paragraphs of one domain in order, within its budget and the per-source cap."""
-    budget, cap = BUDGETS[domain], SOURCE_CAP[domain]
+def _domain_paragraphs(domain: str, sources, stats: dict, budget: int) -> list[str]:
+    """Clean paragraphs of one domain in order, within ``budget`` characters and the per-source cap."""
+    cap = SOURCE_CAP[domain]
     taken, total, seen, per_package = [], 0, set(), {}
     for name, text in _order(sources, domain):
         if total >= budget:
@@ -260,14 +267,20 @@ def _chunks(paragraphs: list[str]) -> list[str]:
     return out
 
 
+def _check_factor(factor: int) -> None:
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"the mix's budget factor must be an integer >= 1, got {factor!r}")
+
+
 @functools.cache
-def _build() -> tuple[str, dict, tuple]:
+def _build(factor: int = 1) -> tuple[str, dict, tuple]:
     readers = {"docs": docs_sources, "code": code_sources, "legal": legal_sources, "readme": readme_sources}
+    budgets = {d: BUDGETS[d] * factor for d in DOMAINS}
     chunks, composition = {}, {}
     for domain in DOMAINS:
         stats = {"sources": [], "dropped_sources": [], "dropped_paragraphs": 0, "duplicates": 0}
-        chunks[domain] = _chunks(_domain_paragraphs(domain, readers[domain](), stats))
-        composition[domain] = {"budget_chars": BUDGETS[domain], **stats}
+        chunks[domain] = _chunks(_domain_paragraphs(domain, readers[domain](), stats, budgets[domain]))
+        composition[domain] = {"budget_chars": budgets[domain], **stats}
     # Interleave: next chunk from the domain furthest behind its budget share (ties: DOMAINS order),
     # so every prefix holds the domains in proportion to BUDGETS.
     emitted = {d: 0 for d in DOMAINS}
@@ -277,7 +290,7 @@ def _build() -> tuple[str, dict, tuple]:
         live = [d for d in DOMAINS if index[d] < len(chunks[d])]
         if not live:
             break
-        d = min(live, key=lambda d: (emitted[d] / BUDGETS[d], DOMAINS.index(d)))
+        d = min(live, key=lambda d: (emitted[d] / budgets[d], DOMAINS.index(d)))
         c = chunks[d][index[d]]
         index[d] += 1
         emitted[d] += len(c)
@@ -290,30 +303,34 @@ def _build() -> tuple[str, dict, tuple]:
         composition[d]["bytes"] = sum(len(c.encode("utf-8")) for c in chunks[d])
         composition[d]["n_chunks"] = len(chunks[d])
     total = sum(composition[d]["bytes"] for d in DOMAINS)
-    log.debug("calibration mix: %s", {d: composition[d]["bytes"] for d in DOMAINS})
-    for d in DOMAINS:
-        if composition[d]["bytes"] < BUDGETS[d] // 4:
+    log.debug("calibration mix (budgets x%d): %s", factor, {d: composition[d]["bytes"] for d in DOMAINS})
+    for d in DOMAINS:  # the extended mix is expected to exhaust domains (docs at ~69 kB)
+        if factor == 1 and composition[d]["bytes"] < BUDGETS[d] // 4:
             log.warning("calibration mix: domain %r has only %d bytes here (budget %d characters)",
                         d, composition[d]["bytes"], BUDGETS[d])
-    meta = {"domains": composition, "bytes": total, "sha256": hashlib.sha256(text.encode()).hexdigest(),
+    meta = {"domains": composition, "bytes": total, "budget_factor": factor, "sha256": hashlib.sha256(text.encode()).hexdigest(),
             "chunk_chars": CHUNK_CHARS, "overlap_n": OVERLAP_N, "max_source_overlap": MAX_SOURCE_OVERLAP,
             "site_packages": os.fspath(_site_packages())}
     return text, meta, tuple(layout)
 
 
-def mix_text() -> str:
-    """The calibration mix (see the module docstring): the same string on every call within one install."""
-    return _build()[0]
+def mix_text(factor: int = 1) -> str:
+    """The calibration mix (see the module docstring), every budget times ``factor``: the same string on
+    every call within one install."""
+    _check_factor(factor)
+    return _build(factor)[0]
 
 
-def mix_layout() -> tuple[tuple[str, int, int], ...]:
+def mix_layout(factor: int = 1) -> tuple[tuple[str, int, int], ...]:
     """(domain, start, end) character spans of the mix's chunks, in order (``text[start:end]``)."""
-    return _build()[2]
+    _check_factor(factor)
+    return _build(factor)[2]
 
 
-def mix_composition() -> dict:
+def mix_composition(factor: int = 1) -> dict:
     """What the mix holds: per domain its bytes, characters, budget, sources used and sources /
-    paragraphs dropped by the overlap check; the whole text's bytes and sha256."""
+    paragraphs dropped by the overlap check; the whole text's bytes, sha256 and budget factor."""
     import copy
 
-    return copy.deepcopy(_build()[1])
+    _check_factor(factor)
+    return copy.deepcopy(_build(factor)[1])
