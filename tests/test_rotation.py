@@ -319,3 +319,27 @@ def test_activation_clip_search_picks_per_input_clips():
         "lm.model.layers.0.self_attn.q_proj"]
     with pytest.raises(ConfigError, match="act_clip_search"):
         WAConfig(weight_bits=4, act_bits=4, alpha=None, weight_method="gptq", act_clip_search=True)
+
+
+def test_presets_take_a_group_size_that_reaches_the_modules_and_the_saved_folder(tmp_path):
+    from lowbit.config import build_config
+
+    cfg = build_config("w4a8", {"rotate": True, "group_size": 32})
+    assert cfg.group_size == 32 and cfg.scheme == "w4a8-g32-rot"
+    assert build_config("w4a8", {"group_size": 128}).scheme == "w4a8"  # the preset's own: name unchanged
+    with pytest.raises(ConfigError, match="per output channel"):
+        preset_config("w8a8", group_size=32)
+    with pytest.raises(ConfigError, match="group_size must be >= 1"):
+        preset_config("w4a4", group_size=-1)
+    m = tiny_llama()
+    lowbit.quantize(m, cfg, tiny_batches(4, 64))
+    q = m.lm.model.layers[0].self_attn.q_proj
+    assert isinstance(q, WAQLinear) and q.group_size == 32 and q.scale.shape[-1] * 32 == q.in_features
+    x = tiny_batches(1, 32, seed=5)[0]
+    with torch.no_grad():
+        y = m(x)
+    lowbit.save(m, tmp_path / "g32")
+    loaded = lowbit.load(tmp_path / "g32", model=tiny_llama(seed=123))
+    assert loaded.lowbit_config.group_size == 32
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)

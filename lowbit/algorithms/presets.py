@@ -26,6 +26,7 @@ from __future__ import annotations
 from lowbit.algorithms.scale_tuning import DEFAULT_TUNE_LR
 from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, WAConfig
 from lowbit.config import option_bool, register_scheme
+from lowbit.errors import ConfigError
 
 PRESETS = {
     "w8a8": dict(weight_bits=8, act_bits=8, group_size=0, symmetric=True),
@@ -42,8 +43,10 @@ PRESET_TUNE_LR = {"w4a4": 1e-3}
 def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method: str = "auto",
                   kernel: str = "auto", rotate: bool = False, act_clip: float = 1.0, rotate_seed: int = 0,
                   act_per_group: bool = False, act_symmetric: bool = True, tune_windows: int = 0,
-                  tune_lr: float | None = None, tune_epochs: int = 1, tune_bf16: bool = False) -> WAConfig:
+                  tune_lr: float | None = None, tune_epochs: int = 1, tune_bf16: bool = False,
+                  group_size: int | None = None) -> WAConfig:
     """The preset ``name``; ``rotate=True`` turns smoothing off (the rotation replaces it) and names it ``<name>-rot``.
+    ``group_size`` (None: the preset's) sets the weight groups of W4A8 / W4A4 / W2A8 (``<name>-g<N>`` when it differs).
     ``act_clip`` / ``act_per_group`` / ``act_symmetric``: the activation grid (``WAQLinear``); ``tune_windows``:
     end-to-end scale tuning afterwards (``lowbit.algorithms.scale_tuning``, ``-tuned`` in the name) at
     ``tune_lr`` (None: the preset's, ``PRESET_TUNE_LR``), ``tune_epochs`` passes, in bf16 with ``tune_bf16``."""
@@ -51,8 +54,17 @@ def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method:
         alpha = None
     if tune_lr is None:
         tune_lr = PRESET_TUNE_LR.get(name, DEFAULT_TUNE_LR)
-    return WAConfig(**PRESETS[name], alpha=alpha, weight_method=weight_method, kernel=kernel,
-                    name=f"{name}{'-rot' if rotate else ''}{'-tuned' if tune_windows else ''}", rotate=rotate,
+    fields = dict(PRESETS[name])
+    if group_size is not None and group_size != fields["group_size"]:
+        if not fields["group_size"]:
+            raise ConfigError(f"{name} quantizes its weights per output channel: group_size is for the W4A8 / W4A4 / "
+                              f"W2A8 presets")
+        if group_size < 1:
+            raise ConfigError(f"{name}: group_size must be >= 1, got {group_size}")
+        fields["group_size"] = group_size
+    groups = f"-g{fields['group_size']}" if fields["group_size"] != PRESETS[name]["group_size"] else ""
+    return WAConfig(**fields, alpha=alpha, weight_method=weight_method, kernel=kernel,
+                    name=f"{name}{groups}{'-rot' if rotate else ''}{'-tuned' if tune_windows else ''}", rotate=rotate,
                     act_clip=act_clip, rotate_seed=rotate_seed, act_per_group=act_per_group,
                     act_symmetric=act_symmetric, tune_windows=tune_windows, tune_lr=tune_lr,
                     tune_epochs=tune_epochs, tune_bf16=tune_bf16)
@@ -60,7 +72,7 @@ def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method:
 
 def _register(name: str, help: str) -> None:
     @register_scheme(name, help, options=("alpha", "kernel", "rotate", "act_clip", "act_per_group", "act_symmetric",
-                                       "tune_windows", "tune_epochs", "tune_bf16"))
+                                       "tune_windows", "tune_epochs", "tune_bf16", "group_size"))
     def build(options: dict) -> WAConfig:
         alpha = options.get("alpha", DEFAULT_ALPHA)
         return preset_config(name, None if alpha in (None, "none") else float(alpha),
@@ -70,7 +82,8 @@ def _register(name: str, help: str) -> None:
                              act_symmetric=option_bool(options.get("act_symmetric", True)),
                              tune_windows=int(options.get("tune_windows", 0)),
                              tune_epochs=int(options.get("tune_epochs", 1)),
-                             tune_bf16=option_bool(options.get("tune_bf16", False)))
+                             tune_bf16=option_bool(options.get("tune_bf16", False)),
+                             group_size=None if options.get("group_size") is None else int(options["group_size"]))
 
 
 _register("w8a8", "preset W8A8 (conservative): SmoothQuant + int8 weights per channel x int8 activations per token")
