@@ -83,6 +83,10 @@ def main() -> None:
     from lowbit.algorithms import scale_tuning
 
     config_cls, fake_quantize, tune = gptq.GPTQConfig, sq.fake_quantize_activations, scale_tuning.tune_scales
+    from lowbit.data import lm_calib_composition
+
+    mix = lm_calib_composition("mix")  # the text depends on the installed packages: name it in the log
+    print(f"  calibration mix: {mix['bytes']} bytes, sha256 {mix['sha256'][:12]}", flush=True)
     base = evaluate(fp, ref, quick=False)
     for run in runs:
         parts = run.split(":")
