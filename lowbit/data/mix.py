@@ -60,7 +60,7 @@ BUDGETS = {"docs": 64_000, "code": 64_000, "legal": 40_000, "readme": 48_000}
 SOURCE_CAP = {"docs": None, "code": 2_500, "legal": 6_000, "readme": 2_500}
 # Licence files taken from one package at most (torch alone ships ~200 third-party licences).
 FILES_PER_PACKAGE = {"legal": 2}
-EXTENDED_FACTOR = 5  # lm_calib_text("mix-large"): every budget times this (~630 kB, ~335 windows of 512)
+EXTENDED_FACTOR = 5  # lm_calib_text("mix-large"): every budget times this (~630 kB, ~330 windows of 512 SmolLM2 tokens)
 CHUNK_CHARS = 1_000  # interleaving unit: whole paragraphs of one domain, at least this many characters
 MAX_SOURCE_OVERLAP = 0.01  # a source with more of its 8-grams in an evaluation text is dropped whole
 OVERLAP_N = 8  # word n-grams, as lowbit.data.overlap and the user-data check
