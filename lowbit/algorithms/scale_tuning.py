@@ -283,14 +283,15 @@ def builtin_tuning_windows(model: nn.Module, n_windows: int) -> tuple[list[torch
 def start_tuning(model: nn.Module, calibration_data, n_windows: int) -> tuple[list, list, str] | None:
     """Before quantization: ``n_windows`` calibration rows (1, T) and the fp32 model's targets on them
     (None when ``n_windows`` is 0): the first rows of ``calibration_data``, or without it the built-in
-    windows (:func:`builtin_tuning_windows`; the first rows of the docs-only text inside
-    ``lowbit.data.lm_calib_source("docs")``)."""
+    windows (:func:`builtin_tuning_windows`, also inside ``lowbit.data.lm_calib_source("mix-large")``, whose start
+    is the mix; the first rows of the docs-only text inside ``lowbit.data.lm_calib_source("docs")``)."""
     from lowbit.algorithms._llm import lm_calibration
     from lowbit.data import lm_calib_default
 
     if not n_windows:
         return None
-    if calibration_data is None and lm_calib_default() == "mix" and getattr(model, "task", None) == "causal-lm":
+    builtin = lm_calib_default() in ("mix", "mix-large")
+    if calibration_data is None and builtin and getattr(model, "task", None) == "causal-lm":
         windows, source = builtin_tuning_windows(model, n_windows)
     else:
         batches, source = lm_calibration(model, calibration_data, n_windows)
