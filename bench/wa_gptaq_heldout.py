@@ -15,7 +15,8 @@ GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ,
 group scales tuned end to end on the first 96 calibration windows (``WAConfig.tune_windows``; ``tune2``: two
 passes, ``tune_epochs=2``, ``tuneN``: N passes; ``lrX``: tuning learning rate X instead of the preset's, e.g. ``lr1e-3``;
 ``learnclip``: the activation clips trained too, ``tune_scales(learn_clip=True)``; ``bf16``: the tuning under bf16
-autocast, ``tune_bf16=True``; ``gN``: weight group size N instead of the preset's 128, e.g. ``g32``; ``moreN``: the tuning runs on 96 + N
+autocast, ``tune_bf16=True``; ``gN``: weight group size N instead of the preset's 128, e.g. ``g32``; ``asym``: affine weight groups
+(a zero-point per group) instead of the preset's symmetric ones; ``moreN``: the tuning runs on 96 + N
 windows (``tune_windows=96+N``; the library's built-in windows past 96 are windows 115.. of the calibration mix built with
 5x its budgets, ``lm_calib_text("mix-large")``: text past the mix's 107 windows, so past the held-out windows, with an
 8-window margin; needs ``tune``; the 8-gram overlap with the held-out windows is printed). The variants are set by patching the GPTQConfig the preset builds (a side experiment,
@@ -109,6 +110,8 @@ def main() -> None:
         group = next((int(p[1:]) for p in parts if re.fullmatch(r"g\d+", p)), None)
         if group is not None:
             config = override(config, group_size=group)
+        if "asym" in parts:  # affine weight groups (an int8-stored zero-point per group) instead of symmetric
+            config = override(config, symmetric=False)
         m = copy.deepcopy(fp)
         t = time.time()
         tune_parts = [p for p in parts if re.fullmatch(r"tune\d*", p)]

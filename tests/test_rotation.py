@@ -343,3 +343,36 @@ def test_presets_take_a_group_size_that_reaches_the_modules_and_the_saved_folder
     assert loaded.lowbit_config.group_size == 32
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
+
+
+def test_affine_preset_weights_move_unsigned_codes_to_the_signed_grid(tmp_path):
+    from lowbit.algorithms.gptq import rtn_solution
+    from lowbit.config import build_config
+
+    # GPTQ / RTN give affine 4-bit codes on uint4 ([0, 15]); WAQLinear's int8 product wants them signed, same q - z
+    lin = torch.nn.Linear(64, 8, bias=False)
+    codes, qp = rtn_solution(lin.weight.detach(), "uint4", False, 32)
+    assert int(codes.min()) >= 0 and int(codes.max()) > 7
+    m = WAQLinear.from_quantized(lin, codes, qp, 32)
+    scale = qp.scale.reshape(8, 2, 1).half().float()  # stored in fp16
+    want = (codes.float().reshape(8, 2, 32) - qp.zero_point.float().reshape(8, 2, 1)) * scale  # (N, G, g)
+    assert torch.equal(m.dequantized_weight(), want.reshape(8, 64))
+    assert int(m.codes().min()) >= -8 and int(m.codes().max()) <= 7
+
+    cfg = build_config("w4a8", {"rotate": True, "symmetric": False})
+    assert not cfg.symmetric and cfg.scheme == "w4a8-affine-rot"
+    assert build_config("w2a8", {"symmetric": True}).scheme == "w2a8-sym"
+    assert build_config("w4a8", {"symmetric": True}).scheme == "w4a8"  # the preset's own: name unchanged
+    with pytest.raises(ConfigError, match="int8 weights are symmetric"):
+        preset_config("w8a8", symmetric=False)
+    model = tiny_llama()
+    lowbit.quantize(model, cfg, tiny_batches(4, 64))
+    q = model.lm.model.layers[0].self_attn.q_proj
+    assert isinstance(q, WAQLinear) and q.zero_point is not None
+    x = tiny_batches(1, 32, seed=5)[0]
+    with torch.no_grad():
+        y = model(x)
+    lowbit.save(model, tmp_path / "affine")
+    loaded = lowbit.load(tmp_path / "affine", model=tiny_llama(seed=123))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)

@@ -16,6 +16,8 @@ per group, which would have changed its saved layout.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,8 +76,17 @@ class WAQLinear(nn.Module):
     def from_quantized(cls, linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, act_bits: int = 8,
                        smooth: torch.Tensor | None = None, kernel: str = "auto", act_clip: float = 1.0,
                        act_per_group: bool = False, act_symmetric: bool = True) -> "WAQLinear":
-        """Wrap signed weight codes (N, K) of any method; ``smooth`` (K,) = SmoothQuant factors already in W."""
+        """Wrap weight codes (N, K) of any method; ``smooth`` (K,) = SmoothQuant factors already in W. Unsigned
+        affine codes (``uint4`` from GPTQ / RTN) move to the signed grid with their zero-point: ``q - 2^(b-1)``,
+        ``z - 2^(b-1)``, the same ``q - z``."""
         bits = qp.fmt.bits
+        if not qp.fmt.signed:
+            if qp.zero_point is None:
+                raise ConfigError(f"unsigned {qp.fmt.name} codes without a zero-point cannot be moved to WAQLinear's "
+                                  "signed grid")
+            offset = 1 << (bits - 1)
+            codes = codes.to(torch.int16) - offset
+            qp = dataclasses.replace(qp, zero_point=qp.zero_point - offset)
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
                 qp.zero_point is None, act_bits, smooth is not None, kernel, act_clip, act_per_group, act_symmetric)
         m.qweight.copy_(pack(codes.to(torch.int8), m.weight_format.storage_bits, signed=True))
