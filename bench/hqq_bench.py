@@ -49,6 +49,8 @@ ROWS = [
     ("HQQ W4 g128 asym", "hqq", dict(bits=4, group_size=128, symmetric=False)),
     ("RTN W3 g128 asym", "rtn", dict(bits=3, group_size=128, symmetric=False)),
     ("HQQ W3 g128 asym", "hqq", dict(bits=3, group_size=128, symmetric=False)),
+    # W3 affine's default beta_0 was 10 (the paper's) until bench/hqq_defaults.py chose 30 on held-out windows
+    ("HQQ beta 10 W3 g128 asym", "hqq", dict(bits=3, group_size=128, symmetric=False, beta=10.0)),
     ("RTN W4 g128 sym", "rtn", dict(bits=4, group_size=128, symmetric=True)),
     ("HQQ W4 g128 sym", "hqq", dict(bits=4, group_size=128, symmetric=True)),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
@@ -81,16 +83,16 @@ def gptq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, 
 
 
 def hqq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, integer_zero_point: bool = False,
-                keep_best: bool = True, backend: str = "auto") -> dict:
-    """HQQ on every decoder-layer linear with rtn_decoder's group-size policy; returns the summed squared
-    weight errors (HQQ's and RTN's)."""
+                keep_best: bool = True, backend: str = "auto", **settings) -> dict:
+    """HQQ on every decoder-layer linear with rtn_decoder's group-size policy (``settings``: HQQConfig fields
+    such as ``lp`` / ``beta``, else its defaults); returns the summed squared weight errors (HQQ's and RTN's)."""
     from lowbit.algorithms._llm import decoder_layers, effective_group_size, layer_linears
     from lowbit.algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
     from lowbit.nn import WeightOnlyQLinear
 
     if not hasattr(model, "lowbit_fp32_numel"):
         model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())
-    cfg = HQQConfig(bits=bits, group_size=group_size, symmetric=symmetric)
+    cfg = HQQConfig(bits=bits, group_size=group_size, symmetric=symmetric, **settings)
     err = {"sq_error": 0.0, "rtn_sq_error": 0.0}
     for layer in decoder_layers(model):
         for name, m in layer_linears(layer).items():
@@ -169,24 +171,29 @@ def main() -> None:
 
 
 def merge() -> None:
-    """hqq.md/.json from hqq.json plus the --part files (rows in ROWS order; fp32 from the first file)."""
+    """From the --part files: hqq.md/.json (the --quick parts) and hqq_full.md/.json (the parts on every window);
+    rows in ROWS order, a row name's first file wins, fp32 from the first file of each kind."""
     import json
 
     from bench._llm_common import RESULTS
 
-    files = sorted(RESULTS.glob("hqq_part_*.json"))  # hqq.json is the output; every row comes from a part
-    rows, meta = {}, None
-    for f in files:
-        if f.is_file():
+    files = sorted(RESULTS.glob("hqq_part_*.json"))  # hqq.json / hqq_full.json are outputs; rows come from parts
+    order = ["fp32"] + [name for name, _, _ in ROWS]
+    for quick, out in ((True, "hqq"), (False, "hqq_full")):
+        rows, meta = {}, None
+        for f in files:
             d = json.loads(f.read_text())
+            if bool(d["meta"].get("quick")) != quick:
+                continue
             meta = meta or d["meta"]
             for r in d["rows"]:
                 rows.setdefault(r["name"], r)
-    order = ["fp32"] + [name for name, _, _ in ROWS]
-    merged = [rows[n] for n in order if n in rows]
-    md = render(merged, meta)
-    write_results("hqq", merged, md, meta)
-    print(md)
+        if meta is None:
+            continue
+        merged = [rows[n] for n in order if n in rows]
+        md = render(merged, meta)
+        write_results(out, merged, md, meta)
+        print(md)
 
 
 def _removed(r: dict, rtn: dict | None, fp: dict, key: str) -> str:

@@ -340,3 +340,20 @@ def test_gptq_hqq_scheme_on_tiny_llama_and_bad_combos():
         GPTQConfig(init="kmeans")
     with pytest.raises(ConfigError, match="init='hqq'"):
         GPTQConfig(fmt="nf4", init="hqq")
+
+
+def test_default_beta_depends_on_the_grid():
+    from lowbit.algorithms.hqq import DEFAULT_BETA, DEFAULT_BETA_COARSE, default_beta
+
+    w = _linear(k=128, n=16).weight
+    assert DEFAULT_BETA_COARSE != DEFAULT_BETA
+    assert default_beta(3, False) == DEFAULT_BETA_COARSE
+    assert default_beta(4, False) == default_beta(3, True) == default_beta(4, True) == DEFAULT_BETA
+    for bits, symmetric in ((3, False), (4, False), (3, True)):
+        codes, qp, _ = hqq_quantize(w, bits, 64, symmetric)
+        codes_b, qp_b, _ = hqq_quantize(w, bits, 64, symmetric, beta=default_beta(bits, symmetric))
+        assert torch.equal(codes, codes_b) and torch.equal(qp.scale, qp_b.scale)
+    other, _, _ = hqq_quantize(w, 3, 64, False, beta=DEFAULT_BETA)
+    assert not torch.equal(other, hqq_quantize(w, 3, 64, False)[0])  # beta moves the affine fit
+    with pytest.raises(ConfigError, match="beta must be"):
+        hqq_quantize(w, 3, 64, False, beta=-1.0)
