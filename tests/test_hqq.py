@@ -172,6 +172,7 @@ def test_tiny_llama_quantize_save_load(tmp_path, symmetric):
     assert all(type(q.get_submodule(n)) is WeightOnlyQLinear for n in layers)
     assert q.lowbit_scheme == f"hqq-w4-g32-{'sym' if symmetric else 'asym'}"
     stats = q.lowbit_report.extra["hqq"]["layers"]
+    assert q.lowbit_report.extra["hqq"]["beta"] == 10.0  # W4: the paper's beta_0, recorded
     assert sum(s["sq_error"] for s in stats.values()) < HQQ_VS_RTN_MAX_G64 * sum(s["rtn_sq_error"] for s in stats.values())
     ids = tiny_batches(2, 32, seed=5)
     with torch.no_grad():

@@ -360,7 +360,8 @@ def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
         return new
 
     report = swap_modules(model, config, (nn.Linear,), convert)
-    report.extra["hqq"] = {"seconds": time.perf_counter() - t0, "layers": stats}
+    beta = default_beta(config.bits, config.symmetric) if config.beta is None else config.beta
+    report.extra["hqq"] = {"seconds": time.perf_counter() - t0, "beta": beta, "layers": stats}
     return report
 
 
