@@ -18,9 +18,9 @@ scale is then fitted too), to measure what storing float zero-points buys.
 Quantization time is the HQQ (or RTN) pass over all decoder linears, one torch thread, measured
 under the machine load recorded in the table; perplexity does not depend on the load.
 
-Writes bench/results/hqq.md and .json. The committed results were run with --quick (two processes,
-W4 and W3, then --merge) because at load 7-14 on the 2 shared cores a full evaluation of the fp32
-row alone had not finished after 20 minutes.
+Writes bench/results/hqq.md and .json (--part: hqq_part_<PART>.*). --merge gathers the --quick parts into
+hqq.md (1-2 windows per text: the first runs, at load 7-14, could not finish a full evaluation) and the
+parts on every window into hqq_full.md (stop 30: parts f1 and f2, docs/hqq.md).
 """
 
 from __future__ import annotations

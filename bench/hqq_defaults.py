@@ -43,17 +43,16 @@ GRID = [(bits, sym, label, kw) for bits, sym in ((3, False), (4, False), (4, Tru
 
 
 def main() -> None:
-    from lowbit.algorithms._calib import default_calibration
+    from lowbit.algorithms._calib import LM_CALIB_WINDOW, default_calibration
     from lowbit.analysis.evaluate import lm_scores
+    from lowbit.data import lm_calib_text
     from lowbit.models import load_model
 
     quiet()
     torch.set_num_threads(2)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     fp = load_model("smollm2")
-    from lowbit.data import lm_calib_text
-
-    n_windows = len(fp.tokenizer(lm_calib_text("mix")).input_ids) // 512
+    n_windows = len(fp.tokenizer(lm_calib_text("mix")).input_ids) // LM_CALIB_WINDOW
     windows = default_calibration(fp, n_windows)  # all of the mix's windows; the last 4 are scored
     held = torch.cat(windows[-HELD_OUT_WINDOWS:])  # (4, 512)
     base = lm_scores(fp, None, held)
