@@ -12,7 +12,7 @@ text and 16 windows of held-out docs (lowbit.analysis.evaluate). SmolLM2's weigh
 from Q4_1 (4-bit, blocks of 32, asymmetric), so 4-bit g32 affine RTN reproduces them almost exactly
 and cannot be improved on; the comparison is at g128 (a grid the weights were not made on) and 3-bit.
 
-Rows: RTN and HQQ at W4 g128 and W3 g128, affine (HQQ proper: fp16 zero-points, scale fixed) and
+Rows: RTN, HQQ, SINQ (RTN on Sinkhorn-normalised weights) and HQQ+SINQ at W4 g128 and W3 g128, affine (HQQ proper: fp16 zero-points, scale fixed) and
 symmetric (HQQ can only move the scale); "HQQ integer zp" rounds the zero-point to an integer (the
 scale is then fitted too), to measure what storing float zero-points buys.
 Quantization time is the HQQ (or RTN) pass over all decoder linears, one torch thread, measured
@@ -51,8 +51,14 @@ ROWS = [
     ("HQQ W3 g128 asym", "hqq", dict(bits=3, group_size=128, symmetric=False)),
     # W3 affine's default beta_0 was 10 (the paper's) until bench/hqq_defaults.py chose 30 on held-out windows
     ("HQQ beta 10 W3 g128 asym", "hqq", dict(bits=3, group_size=128, symmetric=False, beta=10.0)),
+    # SINQ (lowbit.algorithms.sinkhorn): the same rounding on W / t, Sinkhorn-normalised column scales t stored per layer
+    ("SINQ W4 g128 asym", "hqq", dict(bits=4, group_size=128, symmetric=False, iters=0, sinkhorn=True)),
+    ("HQQ+SINQ W4 g128 asym", "hqq", dict(bits=4, group_size=128, symmetric=False, sinkhorn=True)),
+    ("SINQ W3 g128 asym", "hqq", dict(bits=3, group_size=128, symmetric=False, iters=0, sinkhorn=True)),
+    ("HQQ+SINQ W3 g128 asym", "hqq", dict(bits=3, group_size=128, symmetric=False, sinkhorn=True)),
     ("RTN W4 g128 sym", "rtn", dict(bits=4, group_size=128, symmetric=True)),
     ("HQQ W4 g128 sym", "hqq", dict(bits=4, group_size=128, symmetric=True)),
+    ("SINQ W4 g128 sym", "hqq", dict(bits=4, group_size=128, symmetric=True, iters=0, sinkhorn=True)),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
     ("HQQ W3 g128 sym", "hqq", dict(bits=3, group_size=128, symmetric=True)),
     ("HQQ integer zp W4 g128 asym", "hqq-int", dict(bits=4, group_size=128, symmetric=False)),
@@ -156,7 +162,7 @@ def main() -> None:
         r = evaluate(model, ref, quick=args.quick)
         row = {"name": name, "family": family, **kw, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu,
                "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
-        if err:
+        if err and not kw.get("sinkhorn"):  # with SINQ both errors are of W / t: not comparable to the others
             row["sq_error_vs_rtn"] = err["sq_error"] / err["rtn_sq_error"]
         rows.append(row)
         print(f"    ppl held-out {r['ppl_heldout']:.3f}  licence {r['ppl']:.3f}  science {r['ppl_science']:.3f}  "
@@ -220,7 +226,9 @@ def render(rows: list[dict], meta: dict) -> str:
            "selection by squared error (the paper's iterations as they end). 'ppl / GPTQ' = the row's perplexity over "
            "GPTQ's (same bits, group, symmetry; GPTQ with its defaults: 16 windows of the built-in calibration mix) "
            "on held-out / licence / science; 'GPTQ+HQQ init' = GPTQ whose group scales / zero-points come from HQQ "
-           "(init='hqq'). 'torch rounds (timing only)' = the same HQQ with its rounds as torch ops (the C kernel's "
+           "(init='hqq'). 'SINQ' = RTN on W / t with Sinkhorn-normalised column scales t stored per layer "
+           "(Müller et al. 2025; calibration-free), 'HQQ+SINQ' = HQQ's rounds on W / t; 'removed' is against plain RTN. "
+           "'torch rounds (timing only)' = the same HQQ with its rounds as torch ops (the C kernel's "
            "twin), timed and not evaluated.",
            "",
            "| method | ppl held-out docs | Δ vs fp32 | removed | ppl licence | Δ vs fp32 | removed | ppl science | "

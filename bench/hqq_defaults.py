@@ -2,6 +2,10 @@
 
     nice -n 10 .venv/bin/python bench/hqq_defaults.py            # -> results/hqq_defaults.md / .json
 
+Also SINQ's Sinkhorn-normalised column scales under RTN and HQQ (lowbit.algorithms.sinkhorn; the number of
+Sinkhorn iterations), and GPTQ calibrated on the mix's first 16 windows as the yardstick a calibration-free method is
+judged against (issue 18: within 10 % of GPTQ).
+
 HQQ reads no text; its settings (p of the l_p norm, the half-quadratic penalty beta) were chosen on the last 4
 windows of the calibration mix (docs/hqq.md). This bench scores RTN and HQQ variants there, at W3 and W4 g128
 affine and W4 g128 symmetric (SmolLM2's decoder linears, the group policy of the other LLM benches: 128 on
@@ -26,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._llm_common import quiet, rtn_decoder, write_results  # noqa: E402
-from bench.hqq_bench import hqq_decoder  # noqa: E402
+from bench.hqq_bench import gptq_decoder, hqq_decoder  # noqa: E402
 
 HELD_OUT_WINDOWS = 4  # the last 4 windows of the calibration mix, as docs/hqq.md's choice of defaults
 
-# (bits, symmetric, row label, HQQ settings or None for RTN)
+# (bits, symmetric, row label, HQQ settings, None for RTN or "gptq" for the calibrated yardstick)
 GRID = [(bits, sym, label, kw) for bits, sym in ((3, False), (4, False), (4, True)) for label, kw in (
     ("RTN", None),
     ("HQQ p 0.7 beta 10 (the paper's)", dict(beta=10.0)),
@@ -39,6 +43,12 @@ GRID = [(bits, sym, label, kw) for bits, sym in ((3, False), (4, False), (4, Tru
     ("HQQ p 0.7 beta 300", dict(beta=300.0)),
     ("HQQ p 0.9 beta 10", dict(lp=0.9)),
     ("HQQ p 0.9 beta 100", dict(lp=0.9, beta=100.0)),
+    # SINQ's column scales (lowbit.algorithms.sinkhorn): RTN / HQQ on W / t, 4 (the default), 1 or 16 iterations
+    ("SINQ (RTN on W / t)", dict(iters=0, sinkhorn=True)),
+    ("HQQ+SINQ", dict(sinkhorn=True)),
+    ("HQQ+SINQ 1 Sinkhorn iteration", dict(sinkhorn=True, sinkhorn_iters=1)),
+    ("HQQ+SINQ 16 Sinkhorn iterations", dict(sinkhorn=True, sinkhorn_iters=16)),
+    ("GPTQ (calibrated on windows 0..15, the yardstick)", "gptq"),
 )]
 
 
@@ -61,6 +71,8 @@ def main() -> None:
         m = copy.deepcopy(fp)
         if kw is None:
             rtn_decoder(m, bits, 128, sym)
+        elif kw == "gptq":
+            gptq_decoder(m, bits, 128, sym)
         else:
             hqq_decoder(m, bits, 128, sym, **kw)
         r = lm_scores(m, fp, held)

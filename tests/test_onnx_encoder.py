@@ -203,6 +203,15 @@ def test_matmulnbits_float_zero_points(tmp_path):
     _check_causal_lm_in_ort(model, tmp_path / "fzp.onnx", NBITS_LOGIT_MAX_ABS_REF)
 
 
+def test_matmulnbits_with_sinq_column_scales(tmp_path):
+    """SINQ's per-input-channel scales go as a Mul before MatMulNBits and match lowbit's reference."""
+    from lowbit.algorithms.hqq import HQQConfig
+
+    q = lowbit.quantize(tiny_llama(), HQQConfig(bits=4, group_size=32, iters=0, sinkhorn=True, kernel="reference"))
+    summary = _check_causal_lm_in_ort(q, tmp_path / "sinq.onnx", NBITS_LOGIT_MAX_ABS_REF)
+    assert summary["ops"]["Mul"] >= summary["matmulnbits_layers"]
+
+
 def _check_causal_lm_in_ort(model, path, tol):
     summary = export_causal_lm_onnx(model, path)
     assert summary["ops"]["MatMulNBits"] == summary["matmulnbits_layers"] == len(_weight_only_linears(model))

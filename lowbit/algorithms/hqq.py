@@ -73,6 +73,7 @@ from torch import nn
 
 from lowbit.algorithms._swap import swap_modules
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
+from lowbit.algorithms.sinkhorn import DEFAULT_SINKHORN_ITERS, sinkhorn_column_scales
 from lowbit.api import register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import QParams, choose_qparams, get_format, per_channel, per_group
@@ -316,6 +317,10 @@ class HQQConfig(BaseConfig):
     relax: float = DEFAULT_RELAX  # parameter step: s <- s + relax * (s_fit - s), in (0, 2]
     patience: int = DEFAULT_PATIENCE  # a group stops after this many rounds without improving (0 = never)
     kernel: str = "auto"
+    # SINQ (lowbit.algorithms.sinkhorn): quantize W / t with Sinkhorn-normalised column scales t stored per layer
+    # (WeightOnlyQLinear.input_scale); with iters = 0 the rounding is RTN's (the ``sinq`` scheme)
+    sinkhorn: bool = False
+    sinkhorn_iters: int = DEFAULT_SINKHORN_ITERS
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, None, False)
@@ -331,26 +336,36 @@ class HQQConfig(BaseConfig):
             raise ConfigError(f"relax must be in (0, 2], got {self.relax}")
         if self.patience < 0:
             raise ConfigError(f"patience must be >= 0 (0 = run every round), got {self.patience}")
+        if self.sinkhorn_iters < 0:
+            raise ConfigError(f"sinkhorn_iters must be >= 0, got {self.sinkhorn_iters}")
 
     @property
     def scheme(self) -> str:
-        name = weight_scheme_name("hqq", self.bits, self.group_size, self.symmetric, None, False)
+        method = ("sinq" if self.iters == 0 else "hqq-sinq") if self.sinkhorn else "hqq"
+        name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, None, False)
         return name + ("-fitscale" if self.optimize_scale and not self.symmetric else "")
 
 
 def hqq_linear(linear: nn.Linear, config: HQQConfig, group_size: int | None = None) -> tuple[WeightOnlyQLinear, dict]:
-    """A ``WeightOnlyQLinear`` holding HQQ's codes for ``linear`` (``group_size`` overrides the config's)."""
+    """A ``WeightOnlyQLinear`` holding HQQ's codes for ``linear`` (``group_size`` overrides the config's); with
+    ``config.sinkhorn`` the codes of ``W / t`` and the column scales ``t`` (SINQ)."""
     g = config.group_size if group_size is None else group_size
-    codes, qp, stats = hqq_quantize(linear.weight, config.bits, g, config.symmetric, config.iters, config.lp,
+    w, t, sk = linear.weight, None, {}
+    if config.sinkhorn:
+        t, sk = sinkhorn_column_scales(w, config.sinkhorn_iters)
+        w = w.detach().float() / t  # (N, K) / (K,): M diag(r) of the module docstring, rows left to the groups
+    # the sinq scheme (no rounds): RTN's integer zero-points, which every exporter takes (plain hqq keeps fp16 ones)
+    rtn = config.sinkhorn and config.iters == 0 and not config.symmetric
+    codes, qp, stats = hqq_quantize(w, config.bits, g, config.symmetric, config.iters, config.lp,
                                     config.beta, config.kappa, config.relax, config.optimize_scale,
-                                    patience=config.patience)
-    return WeightOnlyQLinear.from_quantized(linear, codes, qp, g, config.kernel), stats
+                                    integer_zero_point=rtn, patience=config.patience)
+    return WeightOnlyQLinear.from_quantized(linear, codes, qp, g, config.kernel, input_scale=t), {**stats, **sk}
 
 
 @register_handler(HQQConfig)
 def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
     if calibration_data is not None:
-        log.info("hqq: calibration data ignored (HQQ reads only the weights)")
+        log.info("%s: calibration data ignored (it reads only the weights)", config.scheme)
     stats: dict[str, dict] = {}
     t0 = time.perf_counter()
 
@@ -362,6 +377,8 @@ def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
     report = swap_modules(model, config, (nn.Linear,), convert)
     beta = default_beta(config.bits, config.symmetric) if config.beta is None else config.beta
     report.extra["hqq"] = {"seconds": time.perf_counter() - t0, "beta": beta, "layers": stats}
+    if config.sinkhorn:
+        report.extra["hqq"]["sinkhorn_iters"] = config.sinkhorn_iters
     return report
 
 
@@ -369,7 +386,26 @@ def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
                  "affine by default): --bits {2,3,4,8} --group-size N (0 = per channel) --symmetric/--affine",
                  options=("bits", "group_size", "symmetric", "kernel"))
 def _hqq_scheme(options: dict) -> HQQConfig:
+    return _scheme_config(options, DEFAULT_ITERS, sinkhorn=False)
+
+
+def _scheme_config(options: dict, iters: int, sinkhorn: bool) -> HQQConfig:
+    """The CLI's options of the hqq / sinq / hqq-sinq schemes (affine; per channel at 8 bits, else g128)."""
     bits = int(options.get("bits", 4))
-    default_group = 0 if bits == 8 else 128
-    return HQQConfig(bits=bits, group_size=int(options.get("group_size", default_group)),
-                     symmetric=option_bool(options.get("symmetric", False)), kernel=options.get("kernel", "auto"))
+    return HQQConfig(bits=bits, group_size=int(options.get("group_size", 0 if bits == 8 else 128)),
+                     symmetric=option_bool(options.get("symmetric", False)), kernel=options.get("kernel", "auto"),
+                     iters=iters, sinkhorn=sinkhorn)
+
+
+@register_scheme("sinq", "SINQ weight-only, calibration-free: Sinkhorn-normalised column scales (stored per layer), then "
+                 "RTN: --bits {2,3,4,8} --group-size N --symmetric/--affine (affine by default)",
+                 options=("bits", "group_size", "symmetric", "kernel"))
+def _sinq_scheme(options: dict) -> HQQConfig:
+    return _scheme_config(options, 0, sinkhorn=True)
+
+
+@register_scheme("hqq-sinq", "HQQ on SINQ's Sinkhorn-normalised weights (column scales stored per layer), "
+                 "calibration-free: --bits --group-size --symmetric/--affine (affine by default)",
+                 options=("bits", "group_size", "symmetric", "kernel"))
+def _hqq_sinq_scheme(options: dict) -> HQQConfig:
+    return _scheme_config(options, DEFAULT_ITERS, sinkhorn=True)

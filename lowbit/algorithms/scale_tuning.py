@@ -122,6 +122,8 @@ class TunedScales(nn.Module):
 
     def __init__(self, module: WeightOnlyQLinear | WAQLinear, learn_clip: bool = False):
         super().__init__()
+        if getattr(module, "input_scale", None) is not None:
+            raise ConfigError("scale tuning does not handle per-input-channel scales (SINQ); tune a model without them")
         self.source = [module]  # a list: not a submodule
         n, k = module.out_features, module.in_features
         g = module.group_size or k

@@ -105,6 +105,8 @@ def on_grid(module: nn.Module, qtype: str) -> tuple[torch.Tensor, torch.Tensor, 
                 _per_block(module.offset, n, k, module.group_size), "exact")
     if type(module) is not WeightOnlyQLinear:  # subclasses (double-quantized scales) store scales differently
         return None
+    if module.input_scale is not None:  # SINQ: the codes hold W / t; requantize the weight W = dequant diag(t)
+        return None
     f = get_format(module.fmt)
     n, k, g = module.out_features, module.in_features, module.group_size
     if f.kind is not Kind.UNIFORM or k % BLOCK or (g and g % BLOCK):

@@ -83,6 +83,9 @@ def _layer_tensors(m: WeightOnlyQLinear, dtype: torch.dtype) -> tuple[dict, dict
         raise ConfigError(f"compressed-tensors pack-quantized holds integer codes; {m.fmt} is a {f.kind.value} format")
     if m.zero_point is not None and m.zero_point.is_floating_point():
         raise ConfigError("compressed-tensors zero-points are integers; this layer has fp16 zero-points (HQQ)")
+    if getattr(m, "input_scale", None) is not None:
+        raise ConfigError("compressed-tensors has no per-input-channel scale; this layer has SINQ's column scales "
+                          "(export it as ONNX MatMulNBits or GGUF, which requantizes, or quantize with hqq / rtn)")
     bits, g, k = f.bits, m.group_size, m.in_features
     if g and k % g:
         raise ConfigError(f"compressed-tensors needs in_features divisible by group_size; {k} % {g} != 0 "

@@ -131,7 +131,8 @@ class _MatMulNBits(torch.autograd.Function):
 
 
 class MatMulNBitsLinear(nn.Module):
-    """Export-time stand-in for a :class:`WeightOnlyQLinear`: one MatMulNBits node (+ Add for a bias)."""
+    """Export-time stand-in for a :class:`WeightOnlyQLinear`: one MatMulNBits node (+ Add for a bias; a Mul
+    before it for SINQ's per-input-channel ``input_scale``)."""
 
     def __init__(self, m: WeightOnlyQLinear):
         super().__init__()
@@ -141,8 +142,12 @@ class MatMulNBitsLinear(nn.Module):
         self.register_buffer("scales", t["scales"])
         self.register_buffer("zero_points", t["zero_points"])
         self.register_buffer("bias", None if m.bias is None else m.bias.detach().float().clone())
+        scale = getattr(m, "input_scale", None)
+        self.register_buffer("input_scale", None if scale is None else scale.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale  # (..., K) * (K,)
         y = _MatMulNBits.apply(x, self.B, self.scales, self.zero_points, self.k, self.n, self.bits, self.block_size)
         return y if self.bias is None else y + self.bias
 

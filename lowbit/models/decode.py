@@ -94,7 +94,7 @@ def block_weights(module: nn.Module) -> BlockWeights | None:
         s, b = module.scale.half(), module.offset.float()
         return BlockWeights(block_gemv.pack_codes(u, module.bits), s.contiguous(), b.contiguous(), module.bits,
                             module.group_size, module.in_features, bias)
-    if not isinstance(module, WeightOnlyQLinear):
+    if not isinstance(module, WeightOnlyQLinear) or module.input_scale is not None:  # SINQ's t: not in the kernels
         return None
     f = get_format(module.fmt)
     if f.kind is not Kind.UNIFORM or f.bits not in (4, 8):

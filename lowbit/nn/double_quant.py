@@ -99,6 +99,7 @@ class DoubleQuantQLinear(WeightOnlyQLinear):
         self.register_buffer("zero_point", torch.zeros(out_features, n_groups, dtype=torch.int8 if f.signed else torch.uint8)
                              if affine else None)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("input_scale", None)  # WeightOnlyQLinear's per-input-channel scale: never set here
         self._fast = None
         self._choice = None
 

@@ -114,10 +114,16 @@ class WeightOnlyQLinear(nn.Module):
     ``s (q - z)`` may then sit at any offset, not only whole steps (HQQ's zero-points,
     ``lowbit.algorithms.hqq``). Dequantization and the int4 kernel (``W = (u - 8) s + m``) take it
     as is; the spec records the flag, so save/load rebuild the same buffer.
+
+    ``input_scale=True`` adds a per-input-channel scale ``t`` (fp16, (K,)): the layer computes
+    ``y = (t * x) @ dequant(codes)^T + b``, i.e. its weight is ``dequant(codes) diag(t)`` (SINQ's column scales,
+    ``lowbit.algorithms.sinkhorn``). ``dequantized_weight`` includes ``t``; code that reads the codes directly
+    (exporters, the fast decoder) must check ``input_scale``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "int4",
-                 group_size: int = 128, symmetric: bool = True, kernel: str = "auto", float_zero_point: bool = False):
+                 group_size: int = 128, symmetric: bool = True, kernel: str = "auto", float_zero_point: bool = False,
+                 input_scale: bool = False):
         super().__init__()
         f = get_format(fmt)
         self.in_features, self.out_features = in_features, out_features
@@ -133,6 +139,7 @@ class WeightOnlyQLinear(nn.Module):
         zp_dtype = torch.float16 if float_zero_point else (torch.int8 if f.signed else torch.uint8)
         self.register_buffer("zero_point", torch.zeros(pshape, dtype=zp_dtype) if affine else None)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16) if input_scale else None)
         self._fast = None  # kernel-layout tensors, built on first use (not saved)
         self._choice = None
 
@@ -162,15 +169,23 @@ class WeightOnlyQLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int,
-                       kernel: str = "auto") -> "WeightOnlyQLinear":
+                       kernel: str = "auto", input_scale: torch.Tensor | None = None) -> "WeightOnlyQLinear":
         """Wrap codes (N, K) and qparams computed by any method (RTN, GPTQ, AWQ).
 
         ``qp.scale`` (and ``qp.zero_point``) have shape (N,) per channel or (N, ceil(K / group_size)); a
-        floating-point ``qp.zero_point`` gives a ``float_zero_point`` module (stored in fp16).
+        floating-point ``qp.zero_point`` gives a ``float_zero_point`` module (stored in fp16). ``input_scale``
+        (K,): the codes quantize ``W / input_scale`` (stored in fp16; see the class docstring).
         """
         float_zp = qp.zero_point is not None and qp.zero_point.is_floating_point()
+        extra = {"float_zero_point": True} if float_zp else {}
+        if input_scale is not None:
+            if input_scale.shape != (linear.in_features,):
+                raise ConfigError(f"input_scale must have shape ({linear.in_features},), got {tuple(input_scale.shape)}")
+            extra["input_scale"] = True
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, qp.fmt.name, group_size,
-                qp.zero_point is None, kernel, **({"float_zero_point": True} if float_zp else {}))
+                qp.zero_point is None, kernel, **extra)
+        if input_scale is not None:
+            m.input_scale.copy_(input_scale.detach().to(torch.float16))
         f = qp.fmt
         m.qweight.copy_(pack(codes, f.storage_bits, signed=codes.dtype == torch.int8))
         m.scale.copy_(qp.scale.reshape(m.scale.shape).to(torch.float16))
@@ -199,6 +214,8 @@ class WeightOnlyQLinear(nn.Module):
                 "symmetric": self.symmetric, "kernel": self.kernel}
         if self.zero_point is not None and self.zero_point.is_floating_point():
             spec["float_zero_point"] = True  # only when set: specs of integer zero-points are unchanged
+        if self.input_scale is not None:
+            spec["input_scale"] = True  # only when set, likewise
         return spec
 
     @classmethod
@@ -217,7 +234,8 @@ class WeightOnlyQLinear(nn.Module):
         pad = self.padded_in_features - self.in_features
         if pad:
             codes = F.pad(codes, (0, pad))  # (N, ceil(K/g) * g); the pad columns are discarded below
-        return dequantize(codes, self.qparams())[:, : self.in_features]
+        w = dequantize(codes, self.qparams())[:, : self.in_features]
+        return w if self.input_scale is None else w * self.input_scale.float()  # (N, K) * (K,): W diag(t)
 
     def _kernel_group(self) -> int:
         """The int4 kernel's group: the largest supported size dividing both K and our group size."""
@@ -277,6 +295,8 @@ class WeightOnlyQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._choice is None:
             self._prepare()
+        if self.input_scale is not None and self._op != "reference":  # the reference weight already holds t
+            x = x * self.input_scale.to(x.dtype)
         if self._op == "int8_weight_only_linear":
             qw, s = self._fast
             return weight_only.int8_weight_only_linear(x, qw, s, self.bias)
@@ -290,6 +310,7 @@ class WeightOnlyQLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, {self.fmt} {gran} "
                 f"{'sym' if self.symmetric else 'affine'}"
                 f"{' (float zero-point)' if self.zero_point is not None and self.zero_point.is_floating_point() else ''}"
+                f"{' (input scale)' if self.input_scale is not None else ''}"
                 f", kernel={self.kernel}")
 
 
