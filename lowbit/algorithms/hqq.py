@@ -53,6 +53,10 @@ Choices of this implementation (each says how it departs from the paper):
 - **Early stop per group** (``patience``, off by default): a group leaves the loop after ``patience``
   rounds in a row without a lower squared error.
 
+- **SINQ column scales** (``sinkhorn=True``; schemes ``sinq`` = no rounds, i.e. RTN, and ``hqq-sinq``): the
+  rounds run on ``W / t`` with Sinkhorn-normalised column scales ``t`` (:mod:`lowbit.algorithms.sinkhorn`, Müller et
+  al. 2025), stored in the layer (``WeightOnlyQLinear.input_scale``). Still no data: ``t`` comes from the weight.
+
 Speed: the rounds run in a fused C kernel (:mod:`lowbit.kernels.hqq_fit`: each group's weights stay in
 L1 for all its rounds, groups spread over OpenMP threads); :func:`hqq_quantize_ref` runs the same rounds
 as whole-tensor torch ops (the reference twin, and the fallback without a C compiler). SmolLM2's 210
