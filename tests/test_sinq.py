@@ -177,3 +177,14 @@ def test_scale_tuning_refuses_column_scales():
     m, _ = hqq_linear(_outlier_linear(), HQQConfig(bits=4, group_size=64, iters=0, sinkhorn=True))
     with pytest.raises(ConfigError, match="per-input-channel"):
         TunedScales(m)
+
+
+def test_hqq_sinq_symmetric_warns_towards_sinq(caplog):
+    with caplog.at_level("WARNING", logger="lowbit.algorithms.hqq"):
+        build_config("hqq-sinq", {"symmetric": True})
+    assert "scheme sinq --symmetric" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lowbit.algorithms.hqq"):
+        build_config("hqq-sinq", {})
+        build_config("sinq", {"symmetric": True})
+    assert caplog.text == ""
