@@ -168,7 +168,10 @@ def test_tiny_llama_quantize_save_load(tmp_path, symmetric):
                         tiny_batches(1, 8))  # calibration data is accepted and ignored
     r = lowbit.quantize(copy.deepcopy(fp), WeightOnlyConfig(bits=4, group_size=32, symmetric=symmetric))
     layers = list(q.lowbit_report.layers)
-    assert len(layers) == len(r.lowbit_report.layers) >= 14
+    # the tied LM head stays float (RTN quantizes it): every other linear is HQQ's
+    head = [n for n in r.lowbit_report.layers if n not in q.lowbit_report.layers]
+    assert len(layers) == len(r.lowbit_report.layers) - 1 >= 14 and head == ["lm.lm_head"]
+    assert "tied LM head" in q.lowbit_report.skipped["lm.lm_head"]
     assert all(type(q.get_submodule(n)) is WeightOnlyQLinear for n in layers)
     assert q.lowbit_scheme == f"hqq-w4-g32-{'sym' if symmetric else 'asym'}"
     stats = q.lowbit_report.extra["hqq"]["layers"]
@@ -358,3 +361,13 @@ def test_default_beta_depends_on_the_grid():
     assert not torch.equal(other, hqq_quantize(w, 3, 64, False)[0])  # beta moves the affine fit
     with pytest.raises(ConfigError, match="beta must be"):
         hqq_quantize(w, 3, 64, False, beta=-1.0)
+
+
+def test_untied_lm_head_is_quantized():
+    """Only a head that shares the embedding's table stays float; an untied head is an ordinary linear."""
+    from lowbit.algorithms.rotation import untie_head
+
+    fp = tiny_llama()
+    assert untie_head(fp)
+    q = lowbit.quantize(fp, HQQConfig(bits=4, group_size=32))
+    assert type(q.get_submodule("lm.lm_head")) is WeightOnlyQLinear and "lm.lm_head" not in q.lowbit_report.skipped

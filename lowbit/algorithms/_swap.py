@@ -65,6 +65,24 @@ def quantized_embedding(name: str, emb: nn.Embedding) -> nn.Module:
     return QEmbedding.from_float(emb)
 
 
+def tied_head_name(model: nn.Module) -> str | None:
+    """The full name of a causal LM's head when it shares its weight with the token embedding, else None."""
+    from lowbit.errors import ConfigError
+    from lowbit.models.adapters import adapter_for, backbone, backbone_prefix
+
+    try:
+        row = adapter_for(model)
+    except ConfigError:
+        return None
+    if not (row.embeddings and row.head):
+        return None
+    lm = backbone(model)
+    emb, head = lm.get_submodule(row.embeddings), lm.get_submodule(row.head)
+    if getattr(emb, "weight", None) is None or getattr(head, "weight", None) is not emb.weight:
+        return None
+    return backbone_prefix(model) + row.head
+
+
 def tie_embedding_to_head(model: nn.Module) -> str | None:
     """With tied input/output embeddings and a quantized LM head, make the token embedding look its
     rows up in the head's quantized table (``QTableEmbedding``), so the table is stored once, at the
