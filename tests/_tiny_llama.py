@@ -27,3 +27,22 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 12
 def tiny_batches(n: int = 4, length: int = 32, vocab: int = 128, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (1, length), generator=g) for _ in range(n)]
+
+
+def assert_reloads_identically(q, folder):
+    """Save the quantized tiny Llama ``q`` to ``folder``, load it into a fresh (differently seeded) instance (lowbit
+    cannot rebuild the tiny model by itself) and check its logits equal ``q``'s exactly; returns the loaded model."""
+    import lowbit
+
+    ids = tiny_batches(2, 32, seed=5)
+    with torch.no_grad():
+        before = [q(x) for x in ids]
+    lowbit.save(q, folder)
+    loaded = lowbit.load(folder, model=tiny_llama(seed=123))
+    with torch.no_grad():
+        after = [loaded(x) for x in ids]
+    for a, b in zip(before, after):
+        a = a.logits if hasattr(a, "logits") else a
+        b = b.logits if hasattr(b, "logits") else b
+        assert torch.equal(a, b)
+    return loaded

@@ -53,9 +53,29 @@ def _check(weight: torch.Tensor, iters: int) -> torch.Tensor:
     return w
 
 
-def _result(best_c: torch.Tensor, before: float, best: float, best_it: int) -> tuple[torch.Tensor, dict]:
-    t = best_c.reshape(-1).exp().to(torch.float16).float()  # (K,), as stored
-    return t, {"imbalance_before": before, "imbalance": best, "iteration": best_it}
+class _Best:
+    """The iterate of lowest imbalance seen so far (its log column scales), and the imbalance of iterate 0."""
+
+    def __init__(self):
+        self.imbalance, self.log_c, self.iteration, self.before = float("inf"), None, 0, 0.0
+
+    def see(self, it: int, row_std: torch.Tensor, col_std: torch.Tensor, log_c: torch.Tensor) -> None:
+        low = torch.minimum(row_std.min(), col_std.min()).clamp_min(_TINY)  # a zero row / column: finite, not kept
+        imb = float(torch.maximum(row_std.max(), col_std.max()) / low)
+        if it == 0:
+            self.before = imb
+        if imb < self.imbalance:
+            self.imbalance, self.log_c, self.iteration = imb, log_c, it
+
+    def result(self) -> tuple[torch.Tensor, dict]:
+        t = self.log_c.reshape(-1).float().exp().to(torch.float16).float()  # (K,), as stored
+        return t, {"imbalance_before": self.before, "imbalance": self.imbalance, "iteration": self.iteration}
+
+
+def _step(log_s: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """One normalisation step: ``log s += log std - mean(log std)`` (spreads towards their geometric mean), clamped."""
+    ls = std.clamp_min(_TINY).log()
+    return (log_s + ls - ls.mean()).clamp(-_LOG_LIMIT, _LOG_LIMIT)
 
 
 def sinkhorn_column_scales(weight: torch.Tensor, iters: int = DEFAULT_SINKHORN_ITERS) -> tuple[torch.Tensor, dict]:
@@ -81,20 +101,15 @@ def sinkhorn_column_scales(weight: torch.Tensor, iters: int = DEFAULT_SINKHORN_I
         var = (w2 @ (ic * ic) - (w @ ic) ** 2 / k) / (k - 1)
         return var.clamp_min(0).sqrt() * (-log_r).exp()
 
-    best, best_c, best_it, before = float("inf"), log_c, 0, 0.0
+    best = _Best()
     for it in range(iters + 1):
-        sc, sr = col_std().clamp_min(_TINY), row_std().clamp_min(_TINY)
-        imb = float(torch.maximum(sr.max(), sc.max()) / torch.minimum(sr.min(), sc.min()))
-        if it == 0:
-            before = imb
-        if imb < best:
-            best, best_c, best_it = imb, log_c, it
+        sc = col_std()
+        best.see(it, row_std(), sc, log_c)
         if it == iters:
             break
-        log_c = (log_c + sc.log() - sc.log().mean()).clamp(-_LOG_LIMIT, _LOG_LIMIT)
-        sr = row_std().clamp_min(_TINY).log()
-        log_r = (log_r + sr - sr.mean()).clamp(-_LOG_LIMIT, _LOG_LIMIT)
-    return _result(best_c.float(), before, best, best_it)
+        log_c = _step(log_c, sc)
+        log_r = _step(log_r, row_std())
+    return best.result()
 
 
 def sinkhorn_column_scales_ref(weight: torch.Tensor, iters: int = DEFAULT_SINKHORN_ITERS) -> tuple[torch.Tensor, dict]:
@@ -103,23 +118,17 @@ def sinkhorn_column_scales_ref(weight: torch.Tensor, iters: int = DEFAULT_SINKHO
     log_r = torch.zeros(w.shape[0], 1)  # (N, 1)
     log_c = torch.zeros(1, w.shape[1])  # (1, K)
     m = w
-    best, best_c, best_it, before = float("inf"), log_c, 0, 0.0
+    best = _Best()
     for it in range(iters + 1):
-        sc = m.std(0, keepdim=True).clamp_min(_TINY)  # (1, K): the current M's column and row spreads
-        sr = m.std(1, keepdim=True).clamp_min(_TINY)  # (N, 1)
-        imb = float(torch.maximum(sr.max(), sc.max()) / torch.minimum(sr.min(), sc.min()))
-        if it == 0:
-            before = imb
-        if imb < best:
-            best, best_c, best_it = imb, log_c, it
+        sc = m.std(0, keepdim=True)  # (1, K): the current M's column spreads
+        best.see(it, m.std(1), sc, log_c)
         if it == iters:
             break
-        log_c = (log_c + sc.log() - sc.log().mean()).clamp(-_LOG_LIMIT, _LOG_LIMIT)
+        log_c = _step(log_c, sc)
         m = w / log_r.exp() / log_c.exp()
-        sr = m.std(1, keepdim=True).clamp_min(_TINY).log()
-        log_r = (log_r + sr - sr.mean()).clamp(-_LOG_LIMIT, _LOG_LIMIT)
+        log_r = _step(log_r, m.std(1, keepdim=True))
         m = w / log_r.exp() / log_c.exp()
-    return _result(best_c, before, best, best_it)
+    return best.result()
 
 
 __all__ = ["sinkhorn_column_scales", "sinkhorn_column_scales_ref", "imbalance", "DEFAULT_SINKHORN_ITERS"]
