@@ -73,19 +73,24 @@ ROWS = [
     ("GPTQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ+HQQ init W4 g128 sym", "gptq-hqq", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ W3 g128 asym", "gptq", dict(bits=3, group_size=128, symmetric=False)),
+    # GPTQ on SINQ's normalised weights (scheme gptq-sinq): W / t against the Hessian of t * x, t stored per layer
+    ("GPTQ+SINQ W4 g128 asym", "gptq-sinq", dict(bits=4, group_size=128, symmetric=False)),
+    ("GPTQ+SINQ W4 g128 sym", "gptq-sinq", dict(bits=4, group_size=128, symmetric=True)),
+    ("GPTQ+SINQ W3 g128 asym", "gptq-sinq", dict(bits=3, group_size=128, symmetric=False)),
     ("GPTQ+HQQ init W3 g128 asym", "gptq-hqq", dict(bits=3, group_size=128, symmetric=False)),
 ]
 
 
-def gptq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, init: str = "minmax") -> None:
+def gptq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, init: str = "minmax",
+                 **extra) -> None:
     """GPTQ with its defaults (built-in calibration, 16 windows) on the decoder linears; init='hqq' takes each
-    group's scale / zero-point from HQQ."""
+    group's scale / zero-point from HQQ; ``extra``: other GPTQConfig fields (sinkhorn=True: SINQ's column scales)."""
     import lowbit
     from lowbit.algorithms.gptq import GPTQConfig
 
     if not hasattr(model, "lowbit_fp32_numel"):
         model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())
-    lowbit.quantize(model, GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric, init=init))
+    lowbit.quantize(model, GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric, init=init, **extra))
 
 
 def hqq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, integer_zero_point: bool = False,
@@ -148,8 +153,9 @@ def main() -> None:
         with Timer() as t:
             if family == "rtn":
                 rtn_decoder(model, **kw)
-            elif family in ("gptq", "gptq-hqq"):
-                gptq_decoder(model, **kw, init="hqq" if family == "gptq-hqq" else "minmax")
+            elif family in ("gptq", "gptq-hqq", "gptq-sinq"):
+                gptq_decoder(model, **kw, init="hqq" if family == "gptq-hqq" else "minmax",
+                             **({"sinkhorn": True} if family == "gptq-sinq" else {}))
             else:
                 err = hqq_decoder(model, **kw, integer_zero_point=family == "hqq-int", keep_best=family != "hqq-last",
                                   backend="torch" if family == "hqq-ref" else "auto")

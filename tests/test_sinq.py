@@ -15,7 +15,7 @@ from lowbit.algorithms.sinkhorn import imbalance, sinkhorn_column_scales, sinkho
 from lowbit.config import build_config, config_from_json, config_to_json
 from lowbit.errors import ConfigError
 from lowbit.nn import WeightOnlyQLinear, module_from_spec
-from tests._tiny_llama import assert_reloads_identically, tiny_llama
+from tests._tiny_llama import assert_reloads_identically, tiny_batches, tiny_llama
 
 # A weight with a few columns 30x the others (SmolLM2's inputs have such channels): SINQ's W4 g64 weight error must
 # be at most this share of RTN's. Measured ~0.2 on this weight; 0.6 leaves room for other seeds and still fails if
@@ -182,3 +182,36 @@ def test_hqq_sinq_symmetric_warns_towards_sinq(caplog):
         build_config("hqq-sinq", {})
         build_config("sinq", {"symmetric": True})
     assert caplog.text == ""
+
+
+def test_gptq_scaled_statistics_are_those_of_the_scaled_inputs():
+    from lowbit.algorithms.gptq import GPTQ
+
+    g = torch.Generator().manual_seed(4)
+    x, xf = torch.randn(3, 50, 24, generator=g), torch.randn(3, 50, 24, generator=g)
+    t = torch.rand(24, generator=g) + 0.5
+    plain, direct = GPTQ(24), GPTQ(24)
+    for b in range(3):
+        plain.add_batch(x[b])
+        plain.add_cross(xf[b], x[b])
+        direct.add_batch(x[b] * t)
+        direct.add_cross(xf[b] * t, x[b] * t)
+    s = plain.scaled(t)
+    torch.testing.assert_close(s.H, direct.H)
+    torch.testing.assert_close(s.P, direct.P)
+    assert s.n == direct.n and plain._factor is None  # the original is untouched
+
+
+def test_gptq_sinq_on_tiny_llama_and_bad_combos(tmp_path):
+    from lowbit.algorithms.gptq import GPTQConfig
+
+    fp = tiny_llama()
+    q = lowbit.quantize(copy.deepcopy(fp), GPTQConfig(bits=4, group_size=32, n_calib=4, sinkhorn=True),
+                        tiny_batches(4, 64))
+    layers = [n for n in q.lowbit_report.layers if hasattr(q.get_submodule(n), "qweight")]
+    assert len(layers) == 14 and all(q.get_submodule(n).input_scale is not None for n in layers)
+    assert q.lowbit_scheme == "gptq-w4-g32-sym-sinq" and build_config("gptq-sinq", {}).sinkhorn
+    assert_reloads_identically(q, tmp_path / "gptq-sinq")
+    for bad in (dict(fmt="nf4", bits=4), dict(rotate=True), dict(double_quant=True, group_size=64)):
+        with pytest.raises(ConfigError, match="sinkhorn"):
+            GPTQConfig(sinkhorn=True, **bad)

@@ -72,6 +72,7 @@ from lowbit.algorithms.scale_tuning import (
     start_tuning,
 )
 from lowbit.algorithms.sequential import process_layerwise
+from lowbit.algorithms.sinkhorn import sinkhorn_column_scales
 from lowbit.api import QuantizeReport, register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import Kind, QParams, choose_qparams, get_format, per_channel, per_group
@@ -242,6 +243,15 @@ class GPTQ:
         if self.P is None:
             self.P = torch.zeros_like(self.S)
         self.P += dx.T @ x_q
+
+    def scaled(self, t: torch.Tensor) -> "GPTQ":
+        """The statistics of the inputs ``t * x`` (``t`` (K,)): ``S' = T S T`` and GPTAQ's ``P' = T P T``, ``T = diag(t)``;
+        solving ``W / t`` with them gives the same layer outputs to fit (SINQ's column scales under GPTQ)."""
+        g = GPTQ(self.in_features)
+        tt = t.to(self.S.dtype)[:, None] * t.to(self.S.dtype)[None, :]  # (K, K): t_i t_j
+        g.S, g.n, g.alpha = self.S * tt, self.n, self.alpha
+        g.P = None if self.P is None else self.P * tt
+        return g
 
     def inverse_factor(self, percdamp: float, act_order: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The column order ``perm`` (K,) and the upper Cholesky factor ``U`` (K, K) of the damped,
@@ -414,6 +424,9 @@ class GPTQConfig(BaseConfig):
     tune_lr: float = DEFAULT_TUNE_LR
     tune_epochs: int = 1  # passes over the tuning windows
     tune_bf16: bool = False  # the tuning's forward / backward under bf16 autocast (~1.6x faster on CPUs with bf16)
+    # SINQ's column scales (lowbit.algorithms.sinkhorn): each linear solves W / t against the Hessian of t * x and
+    # stores t (WeightOnlyQLinear.input_scale); t comes from the weight alone
+    sinkhorn: bool = False
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -435,6 +448,9 @@ class GPTQConfig(BaseConfig):
             raise ConfigError(f"asym_alpha must be in [0, 1], got {self.asym_alpha}")
         if self.guard and self.guard_windows < 1:
             raise ConfigError(f"guard_windows must be >= 1 with guard=True, got {self.guard_windows}")
+        if self.sinkhorn and (self.fmt or self.gguf or self.double_quant or self.rotate):
+            raise ConfigError("sinkhorn=True stores per-layer column scales beside integer codes: not with fmt, gguf, "
+                              "double_quant or rotate")
         if self.rotate and self.gguf:
             raise ConfigError("rotate=True needs online Hadamard transforms that llama.cpp's graph does not have: "
                               "not with gguf")
@@ -449,14 +465,16 @@ class GPTQConfig(BaseConfig):
         name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
         return f"{name}{'-ggml' if self.gguf else ''}{'-guard' if self.guard else ''}" \
                f"{'' if self.init == 'minmax' else f'-{self.init}init'}{'-rot' if self.rotate else ''}" \
-               f"{'-tuned' if self.tune_windows else ''}"
+               f"{'-tuned' if self.tune_windows else ''}{'-sinq' if self.sinkhorn else ''}"
 
 
 def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, kernel: str,
-                   double_quant: bool) -> WeightOnlyQLinear:
-    """A ``WeightOnlyQLinear`` (or its double-quantized-scales variant) holding codes from any method."""
-    cls = DoubleQuantQLinear if double_quant else WeightOnlyQLinear
-    return cls.from_quantized(linear, codes, qp, group_size, kernel)
+                   double_quant: bool, input_scale: torch.Tensor | None = None) -> WeightOnlyQLinear:
+    """A ``WeightOnlyQLinear`` (or its double-quantized-scales variant) holding codes from any method
+    (``input_scale``: the codes are of ``W / input_scale``, SINQ's column scales)."""
+    if double_quant:
+        return DoubleQuantQLinear.from_quantized(linear, codes, qp, group_size, kernel)
+    return WeightOnlyQLinear.from_quantized(linear, codes, qp, group_size, kernel, input_scale=input_scale)
 
 
 def group_init_for(config: GPTQConfig):
@@ -529,8 +547,8 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
 
     if ranks_active():
         check_ranks_support(config)
-        if config.init != "minmax" or config.rotate or config.tune_windows:
-            raise ConfigError("GPTQ with init != 'minmax', rotate=True or tune_windows runs in one process "
+        if config.init != "minmax" or config.rotate or config.tune_windows or config.sinkhorn:
+            raise ConfigError("GPTQ with init != 'minmax', rotate=True, tune_windows or sinkhorn runs in one process "
                               "(not across torchrun ranks)")
     if config.tune_windows and calibration_data is not None:
         calibration_data = list(calibration_data)  # read twice: tuning windows, then the method's
@@ -617,8 +635,12 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
     if held_out and not config.guard:
         raise ConfigError("held-out windows are given but guard=False")
 
-    def build(n: str, m: nn.Module, codes: torch.Tensor, qp: QParams, g: int) -> nn.Module:
-        return wrap_quantized(m, codes, qp, g, config.kernel, config.double_quant) if wrap is None \
+    if config.sinkhorn and wrap is not None:
+        raise ConfigError(f"{config.scheme}: SINQ's column scales are stored by WeightOnlyQLinear; this path builds "
+                          "other modules (the W/A presets)")
+
+    def build(n: str, m: nn.Module, codes: torch.Tensor, qp: QParams, g: int, t: torch.Tensor | None = None):
+        return wrap_quantized(m, codes, qp, g, config.kernel, config.double_quant, t) if wrap is None \
             else wrap(n, m, codes, qp, g)
 
     def process(i: int, layer: nn.Module, inputs: list, kwargs: dict, fp_inputs: list | None = None) -> None:
@@ -664,10 +686,14 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
         for n, m in linears.items():
             t = time.perf_counter()
             g = effective_group_size(m.in_features, config.group_size)
-            codes, qp, loss = hess[owner[n]].solve(
-                m.weight, config.format_name, config.symmetric, g, config.block_size, config.percdamp,
+            h, w, t_col = hess[owner[n]], m.weight, None
+            if config.sinkhorn:  # solve W / t against the Hessian of t * x: the same layer output
+                t_col, _ = sinkhorn_column_scales(w)
+                h, w = h.scaled(t_col), w.detach().float() / t_col
+            codes, qp, loss = h.solve(
+                w, config.format_name, config.symmetric, g, config.block_size, config.percdamp,
                 config.act_order, double_quant=config.double_quant, grid=config.gguf, group_init=group_init)
-            new = build(n, m, codes, qp, g)
+            new = build(n, m, codes, qp, g, t_col)
             name = f"{prefix}.{i}.{n}"
             st = {"loss": loss, "seconds": 0.0, "group_size": g}
             if held_out:
@@ -754,6 +780,13 @@ def _gptaq_rot_tuned_scheme(options: dict) -> GPTQConfig:
                       tune_windows=int(options.get("tune_windows", DEFAULT_TUNE_WINDOWS)),
                       tune_epochs=int(options.get("tune_epochs", 1)),
                       tune_bf16=option_bool(options.get("tune_bf16", False)))
+
+
+@register_scheme("gptq-sinq", "GPTQ on SINQ's Sinkhorn-normalised weights: each linear solves W / t (column scales t "
+                 "from the weight, stored per layer) against the Hessian of t * x",
+                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+def _gptq_sinq_scheme(options: dict) -> GPTQConfig:
+    return GPTQConfig(**_weight_options(options), sinkhorn=True)
 
 
 @register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",

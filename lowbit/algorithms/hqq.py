@@ -417,7 +417,8 @@ def _scheme_config(options: dict, iters: int, sinkhorn: bool) -> HQQConfig:
 
 
 @register_scheme("sinq", "SINQ weight-only, calibration-free: Sinkhorn-normalised column scales (stored per layer), then "
-                 "RTN: --bits {2,3,4,8} --group-size N --symmetric/--affine (affine by default)",
+                 "RTN: --bits {2,3,4,8} --group-size N --symmetric/--affine (affine by default; the best "
+                 "calibration-free choice for symmetric grids, hqq-sinq for affine ones)",
                  options=("bits", "group_size", "symmetric", "kernel"))
 def _sinq_scheme(options: dict) -> HQQConfig:
     return _scheme_config(options, 0, sinkhorn=True)
