@@ -77,20 +77,26 @@ ROWS = [
     ("GPTQ+SINQ W4 g128 asym", "gptq-sinq", dict(bits=4, group_size=128, symmetric=False)),
     ("GPTQ+SINQ W4 g128 sym", "gptq-sinq", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ+SINQ W3 g128 asym", "gptq-sinq", dict(bits=3, group_size=128, symmetric=False)),
+    # GPTAQ (asymmetric calibration, RTN-fallback guard, MSE group scales: awq-gptaq's rounding) on SINQ's weights
+    ("GPTAQ+SINQ W4 g128 sym", "gptaq-sinq", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ+HQQ init W3 g128 asym", "gptq-hqq", dict(bits=3, group_size=128, symmetric=False)),
 ]
 
 
-def gptq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, init: str = "minmax",
-                 **extra) -> None:
-    """GPTQ with its defaults (built-in calibration, 16 windows) on the decoder linears; init='hqq' takes each
-    group's scale / zero-point from HQQ; ``extra``: other GPTQConfig fields (sinkhorn=True: SINQ's column scales)."""
+# GPTQConfig fields of each GPTQ family of rows (beyond bits / group / symmetry)
+GPTQ_FAMILIES = {"gptq": {}, "gptq-hqq": dict(init="hqq"), "gptq-sinq": dict(sinkhorn=True),
+                 "gptaq-sinq": dict(sinkhorn=True, asymmetric_calib=True, guard=True, init="mse")}
+
+
+def gptq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, **extra) -> None:
+    """GPTQ with its defaults (built-in calibration, 16 windows) on the decoder linears; ``extra``: other GPTQConfig
+    fields (init='hqq': each group's scale / zero-point from HQQ; sinkhorn=True: SINQ's column scales)."""
     import lowbit
     from lowbit.algorithms.gptq import GPTQConfig
 
     if not hasattr(model, "lowbit_fp32_numel"):
         model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())
-    lowbit.quantize(model, GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric, init=init, **extra))
+    lowbit.quantize(model, GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric, **extra))
 
 
 def hqq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, integer_zero_point: bool = False,
@@ -153,9 +159,8 @@ def main() -> None:
         with Timer() as t:
             if family == "rtn":
                 rtn_decoder(model, **kw)
-            elif family in ("gptq", "gptq-hqq", "gptq-sinq"):
-                gptq_decoder(model, **kw, init="hqq" if family == "gptq-hqq" else "minmax",
-                             **({"sinkhorn": True} if family == "gptq-sinq" else {}))
+            elif family in GPTQ_FAMILIES:
+                gptq_decoder(model, **kw, **GPTQ_FAMILIES[family])
             else:
                 err = hqq_decoder(model, **kw, integer_zero_point=family == "hqq-int", keep_best=family != "hqq-last",
                                   backend="torch" if family == "hqq-ref" else "auto")
