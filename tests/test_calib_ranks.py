@@ -14,7 +14,7 @@ import lowbit
 from lowbit.algorithms.awq import AWQConfig
 from lowbit.algorithms.smoothquant import WAConfig
 from lowbit.algorithms.static import StaticConfig
-from tests._ranks import TIMEOUT_S, free_port, run_ranks
+from tests._ranks import TIMEOUT_S, free_port, run_ranks, run_ranks_retrying
 from tests._tiny_llama import tiny_batches, tiny_llama
 
 N_WINDOWS = 4  # of 32 tokens: rank 0 runs windows 0 and 2, rank 1 windows 1 and 3
@@ -91,6 +91,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, die: bool = False) -
 
 
 def _run(world: int, out_dir: str, die: bool = False) -> list[int]:
+    if not die:  # must succeed: retried past gloo's teardown aborts (tests/_ranks.py)
+        return run_ranks_retrying(_worker, world, out_dir, die)
     return run_ranks(_worker, world, out_dir, die)
 
 
