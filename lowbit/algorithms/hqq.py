@@ -357,7 +357,7 @@ def hqq_linear(linear: nn.Linear, config: HQQConfig, group_size: int | None = No
     w, t, sk = linear.weight, None, {}
     if config.sinkhorn:
         t, sk = sinkhorn_column_scales(w, config.sinkhorn_iters)
-        w = w.detach().float() / t  # (N, K) / (K,): M diag(r) of the module docstring, rows left to the groups
+        w = w.detach().float() / t  # (N, K) / (K,): diag(r) M in sinkhorn.py's terms; the group scales absorb r
     # the sinq scheme (no rounds): RTN's integer zero-points, which every exporter takes (plain hqq keeps fp16 ones)
     rtn = config.sinkhorn and config.iters == 0 and not config.symmetric
     codes, qp, stats = hqq_quantize(w, config.bits, g, config.symmetric, config.iters, config.lp,
