@@ -11,7 +11,8 @@ scored by perplexity and KL(fp32 || model) on windows 99..106 of the same text (
 windows: never fitted at any --calib up to 99). Methods: rtn, rtn-mse (RTN with the MSE group-scale search),
 gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq, gptq-rot / gptaq-rot (QuaRot rotations
 folded in first, online Hadamard before down_proj); --init mse for the GPTQ step's group
-scales; --no-clip drops AWQ's clipping search, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
+scales, --init hqq for HQQ's rounding (rtn --init hqq: plain HQQ; awq --init hqq: AWQ's searches and codes with
+HQQ instead of RTN); --affine for affine groups; --no-clip drops AWQ's clipping search, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
 group scales end to end on the first N windows (N <= 96: the held-out windows stay unseen).
 
 Writes bench/results/w4_heldout.md and .json.
@@ -37,17 +38,20 @@ METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq", "g
 
 def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None,
              search_tokens: int | None = None, tune_windows: int = 0, tune_lr: float | None = None,
-             duo: bool = False):
+             duo: bool = False, affine: bool = False):
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
+    from lowbit.algorithms.hqq import HQQConfig
 
     from bench.llm_methods import rtn_mse_decoder
 
     model = copy.deepcopy(fp)
-    w = dict(bits=bits, group_size=128, symmetric=True)
+    w = dict(bits=bits, group_size=128, symmetric=not affine)
     damp = {} if percdamp is None else {"percdamp": percdamp}
-    if method == "rtn":
+    if method == "rtn" and init == "hqq":  # plain HQQ (calibration-free), on GPTQ / AWQ's groups
+        lowbit.quantize(model, HQQConfig(**w))
+    elif method == "rtn":
         rtn_decoder(model, **w)
     elif method == "rtn-mse":
         rtn_mse_decoder(model, **w)
@@ -63,6 +67,12 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
         lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib, duo_scaling=duo,
                                          **search))
     return model
+
+
+def _name(row: dict) -> str:
+    if row["method"] == "rtn" and row["init"] == "hqq":
+        return "hqq"
+    return "awq-hqq" if row["method"] == "awq" and row["init"] == "hqq" else row["method"]
 
 
 def _tuned(row: dict) -> str:
@@ -84,6 +94,7 @@ def main() -> None:
                     "end on the first N calibration windows (lowbit.algorithms.scale_tuning)")
     ap.add_argument("--tune-lr", type=float, default=None)
     ap.add_argument("--duo", action="store_true", help="AWQ: duo scaling (AWQConfig.duo_scaling)")
+    ap.add_argument("--affine", action="store_true", help="affine weight groups (a zero-point per group)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -102,25 +113,25 @@ def main() -> None:
             raise SystemExit(f"--calib / --tune-windows above {HELD_OUT.start} would fit the held-out windows")
         with Timer() as t:
             model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
-                             args.search_tokens, args.tune_windows, args.tune_lr, args.duo)
+                             args.search_tokens, args.tune_windows, args.tune_lr, args.duo, args.affine)
         s = lm_scores(model, fp, held)
         key = dict(method=args.method, bits=args.bits, init=args.init, clip=not args.no_clip, calib=args.calib,
                    percdamp=args.percdamp, search_tokens=args.search_tokens, tune_windows=args.tune_windows or None,
-                   tune_lr=args.tune_lr, duo=args.duo or None)
+                   tune_lr=args.tune_lr, duo=args.duo or None, affine=args.affine or None)
         rows = [r for r in rows if {k: r.get(k) for k in key} != key]
         rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
                      "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})
         print(rows[-1], flush=True)
-    rows.sort(key=lambda r: (r["bits"], METHODS.index(r["method"]), r["init"], not r["clip"], r["calib"] or 0,
+    rows.sort(key=lambda r: (r["bits"], bool(r.get("affine")), METHODS.index(r["method"]), r["init"], not r["clip"], r["calib"] or 0,
                              r["percdamp"] or 0, r.get("search_tokens") or 0, r.get("tune_windows") or 0))
     md = ["# W4 choices of issue 18, judged on held-out calibration windows", "",
-          f"SmolLM2 W-bits g128 sym; fitted on the first `calib` windows of the calibration mix (empty: the method's "
+          f"SmolLM2 W-bits g128 sym (bits 'affine': a zero-point per group); fitted on the first `calib` windows of the calibration mix (empty: the method's "
           f"default: GPTQ 16, AWQ 4, AWQ+GPTQ 16), scored on calibration windows {HELD_OUT.start}..{HELD_OUT.stop - 1} "
           "(never fitted; no evaluation text). percdamp empty: the default (0.1). Lower KL is better.", "",
           "| bits | method | init | AWQ clip | calib | percdamp | AWQ search tokens | ppl held-out calib | fp32 ppl | KL | "
           "tuned windows (lr) | quantize CPU s | load |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['bits']} | {r['method']}{' duo' if r.get('duo') else ''} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
+    md += [f"| {r['bits']}{' affine' if r.get('affine') else ''} | {_name(r)}{' duo' if r.get('duo') else ''} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
            f"{r['calib'] or ''} | {r['percdamp'] or ''} | {r.get('search_tokens') or ''} | {r['ppl']:.3f} | {r['fp32_ppl']:.3f} | {r['kl']:.4f} | "
            f"{_tuned(r)} | {r['quant_cpu_s']:.0f} | {r['loadavg']} |" for r in rows]
     write_results("w4_heldout", rows, "\n".join(md) + "\n", {"machine": machine()})

@@ -26,6 +26,10 @@ SCHEMES = {
     "q4_0": WeightOnlyConfig(gguf="q4_0", kernel="reference"),
     "hqq-float-zero-point": HQQConfig(bits=4, group_size=32, kernel="reference"),
     "int4-tied-embedding": WeightOnlyConfig(bits=4, group_size=32, kernel="reference", tie_embeddings=True),
+    # SINQ: per-layer input scales t, so the fused q/k/v and gate/up products run each part on t_p * x
+    "sinq-input-scale": HQQConfig(bits=4, group_size=32, sinkhorn=True, iters=0, kernel="reference"),
+    "sinq-int8-input-scale": HQQConfig(bits=8, group_size=32, symmetric=True, sinkhorn=True, iters=0,
+                                       kernel="reference"),
 }
 
 
@@ -55,6 +59,17 @@ def test_quantized_layers_run_on_the_block_kernels():
     d = Decoder(_model("int4-tied-embedding"), max_len=32)
     assert all(p.uses_kernel for L in d.layers for p in (L["qkv"], L["o"], L["gate_up"], L["down"]))
     assert d.head.uses_kernel and d.nbytes() > 0
+
+
+def test_input_scales_stay_on_the_block_kernels():
+    """SINQ layers (input scales t) are fused with one row of t per part, and the C step takes them."""
+    m = _model("sinq-input-scale")
+    assert m.lm.model.layers[0].self_attn.q_proj.input_scale is not None
+    d = Decoder(m, max_len=32)
+    assert all(p.uses_kernel for L in d.layers for p in (L["qkv"], L["o"], L["gate_up"], L["down"]))
+    qkv = d.layers[0]["qkv"].fused
+    assert qkv.input_scale.shape == (3, 64) and sum(qkv.parts) == qkv.out_features
+    assert d._step is not None
 
 
 def test_incremental_decoding_equals_the_full_forward():
@@ -168,7 +183,8 @@ def test_int8_activations_stay_close_and_differ_only_by_the_activation_rounding(
 A8_TOL = 0.05  # int8 per block of 32 keeps ~40 dB per activation; two layers of it move logits by ~1 %
 
 
-@pytest.mark.parametrize("scheme", ["int4-tied-embedding", "q4_1", "int8-per-channel", "hqq-float-zero-point"])
+@pytest.mark.parametrize("scheme", ["int4-tied-embedding", "q4_1", "int8-per-channel", "hqq-float-zero-point",
+                                    "sinq-input-scale", "sinq-int8-input-scale"])
 @pytest.mark.parametrize("activations", ["fp32", "int8"])
 def test_c_step_matches_the_torch_forward(scheme, activations):
     """The one-call C step (single tokens) against its reference twin, the decoder's torch forward,

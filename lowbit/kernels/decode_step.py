@@ -20,7 +20,7 @@ Walsh-Hadamard butterflies on each row of ``X`` (as :func:`lowbit.kernels.hadama
 whose twin is the dense product), then the small dense ``H_m^T`` over the rows.
 
 with the projections of :mod:`lowbit.kernels.block_gemv` (fp32 activations, or int8 per block of 32
-when ``a8``). Each projection is a ``lb_proj`` record (codes, scale, offset, bias, shape, bits) built
+when ``a8``; a projection with SINQ's input scales runs each part ``j`` of its rows on ``t_j * x``). Each projection is a ``lb_proj`` record (codes, scale, offset, bias, shape, bits) built
 once by :class:`lowbit.models.decode.Decoder`; the caches are that decoder's fp32 tensors of
 (n_kv, max_len, head_dim) per layer. The reference twin is the decoder's torch forward
 (``Decoder(..., kernel="reference")``); ``tests/test_decode.py`` checks that they agree.
@@ -36,6 +36,7 @@ _STEP_SOURCE = r"""
 typedef struct {
     const uint8_t* w; const uint16_t* s; const float* b; const float* bias;
     int64_t N, K, G, g; int64_t bits; float boff;
+    const float* t; int64_t P; int64_t pn[4];  /* input scales (P, K) and each part's rows, or t = NULL */
 } lb_proj;
 
 typedef struct {
@@ -74,9 +75,28 @@ static void lb_hadamard(float* x, const float* hm, int64_t m, int64_t I, float* 
     }
 }
 
-/* y = W x (+ bias) for one row x of K inputs; xq/d/X are scratch for the int8-activation path. */
+/* y = W x (+ bias) for one row x of K inputs; xq/d/X are scratch for the int8-activation path. With input
+   scales (SINQ) part j of the rows computes W_j (t_j * x) (xs: K floats of scratch). */
 static void lb_proj_apply(const lb_proj* p, const float* x, float* y, int a8, int8_t* xq, float* d, float* X,
-                          int nthreads) {
+                          float* xs, int nthreads) {
+    if (p->t) {
+        lb_proj part = *p;
+        part.t = NULL;
+        const int64_t row_bytes = p->bits == 4 ? p->K / 2 : p->K;
+        int64_t r0 = 0;
+        for (int64_t j = 0; j < p->P; ++j) {
+            const float* tj = p->t + j * p->K;
+            for (int64_t i = 0; i < p->K; ++i) xs[i] = tj[i] * x[i];
+            part.N = p->pn[j];
+            part.w = p->w + r0 * row_bytes;
+            part.s = p->s + r0 * p->G;
+            part.b = p->b ? p->b + r0 * p->G : NULL;
+            part.bias = p->bias ? p->bias + r0 : NULL;
+            lb_proj_apply(&part, xs, y + r0, a8, xq, d, X, NULL, nthreads);
+            r0 += p->pn[j];
+        }
+        return;
+    }
     if (a8 && p->bits == 4) {
         lowbit_quantize_blocks(x, xq, d, X, 1, p->K, p->G, p->g);
         lowbit_q4a8_linear(xq, d, X, p->w, p->s, p->b, p->boff, p->bias, y, 1, p->N, p->K, p->G, p->g, nthreads);
@@ -157,7 +177,7 @@ static void lb_rope(float* x, const float* cos, const float* sin, int64_t hd) {
     }
 }
 
-/* scratch must hold 2 H + 2 I + (nh + 2 nkv) hd + nh * max_len floats and 2 max(H, I) bytes. */
+/* scratch must hold scratch_floats(...) floats (2 max(H, I) + 2 I + H + (2 nh + 2 nkv) hd + nh max_len + 2 (max(H, I) / 32 + 1)) and max(H, I) bytes. */
 void lowbit_llama_token(const lb_layer* layers, int64_t L, float* h, int64_t pos, const float* cos_t,
                         const float* sin_t, int64_t H, int64_t I, int64_t nh, int64_t nkv, int64_t hd,
                         int64_t max_len, float eps, int a8, float* scratch, int8_t* qscratch, int nthreads) {
@@ -169,6 +189,7 @@ void lowbit_llama_token(const lb_layer* layers, int64_t L, float* h, int64_t pos
     float* scores = tmp + H;               /* (nh, max_len) */
     float* d = scores + nh * max_len;      /* (max(H, I) / 32) block scales */
     float* X = d + (H > I ? H : I) / 32 + 1; /* group sums */
+    float* xs = X + (H > I ? H : I) / 32 + 1; /* (max(H, I)) input times a part's input scales */
     const float* cs = cos_t + pos * hd;
     const float* sn = sin_t + pos * hd;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -176,7 +197,7 @@ void lowbit_llama_token(const lb_layer* layers, int64_t L, float* h, int64_t pos
     for (int64_t l = 0; l < L; ++l) {
         const lb_layer* ly = layers + l;
         lb_rms_norm(h, ly->in_norm, x, H, eps);
-        lb_proj_apply(&ly->qkv, x, qkv, a8, qscratch, d, X, nthreads);
+        lb_proj_apply(&ly->qkv, x, qkv, a8, qscratch, d, X, xs, nthreads);
         float* q = qkv;
         float* k = qkv + nh * hd;
         float* v = k + nkv * hd;
@@ -207,13 +228,13 @@ void lowbit_llama_token(const lb_layer* layers, int64_t L, float* h, int64_t pos
                 for (int64_t i = 0; i < hd; ++i) out[i] += p * vh[t * hd + i];
             }
         }
-        lb_proj_apply(&ly->o, att, tmp, a8, qscratch, d, X, nthreads);
+        lb_proj_apply(&ly->o, att, tmp, a8, qscratch, d, X, xs, nthreads);
         for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
         lb_rms_norm(h, ly->post_norm, x, H, eps);
-        lb_proj_apply(&ly->gu, x, gu, a8, qscratch, d, X, nthreads);
+        lb_proj_apply(&ly->gu, x, gu, a8, qscratch, d, X, xs, nthreads);
         lb_silu_mul(gu, gu + I, x, I);
         if (ly->down_hm) lb_hadamard(x, ly->down_hm, ly->down_m, I, gu);  /* gu is free after the product */
-        lb_proj_apply(&ly->down, x, tmp, a8, qscratch, d, X, nthreads);
+        lb_proj_apply(&ly->down, x, tmp, a8, qscratch, d, X, xs, nthreads);
         for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
     }
 }
@@ -225,7 +246,8 @@ _SOURCE = block_gemv._C_SOURCE + _STEP_SOURCE
 class Proj(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("b", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64), ("g", ctypes.c_int64),
-                ("bits", ctypes.c_int64), ("boff", ctypes.c_float)]
+                ("bits", ctypes.c_int64), ("boff", ctypes.c_float),
+                ("t", ctypes.c_void_p), ("P", ctypes.c_int64), ("pn", ctypes.c_int64 * 4)]
 
 
 class Layer(ctypes.Structure):
@@ -242,16 +264,23 @@ def library():
     }, cflags=("-ffp-contract=off",))
 
 
-def proj_record(packed, s, b, bias, bits: int, in_features: int, group_size: int) -> Proj:
-    """The C record of one projection (the tensors must outlive it: the decoder holds them)."""
+def proj_record(packed, s, b, bias, bits: int, in_features: int, group_size: int, input_scale=None,
+                parts: tuple[int, ...] = ()) -> Proj:
+    """The C record of one projection (the tensors must outlive it: the decoder holds them); ``input_scale``
+    fp32 (P, K) with ``parts`` the P parts' row counts (at most 4), or None."""
     g = group_size or in_features
+    if input_scale is not None and (len(parts) != input_scale.shape[0] or not 1 <= len(parts) <= 4
+                                    or sum(parts) != packed.shape[0]):
+        raise ValueError(f"input scales {tuple(input_scale.shape)} do not match parts {parts} of {packed.shape[0]} rows")
+    pn = (ctypes.c_int64 * 4)(*(parts if input_scale is not None else ()))
     return Proj(packed.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(),
                 None if bias is None else bias.data_ptr(), packed.shape[0], in_features, s.shape[1], g, bits,
-                block_gemv.offset_constant(bits))
+                block_gemv.offset_constant(bits), None if input_scale is None else input_scale.data_ptr(),
+                0 if input_scale is None else len(parts), pn)
 
 
 def scratch_floats(hidden: int, inter: int, n_heads: int, n_kv: int, head_dim: int, max_len: int) -> int:
     """Floats of scratch :func:`llama_token_step` needs (see the C source's layout)."""
     wide = max(hidden, inter)
     return wide + (n_heads + 2 * n_kv) * head_dim + n_heads * head_dim + 2 * inter + hidden + n_heads * max_len \
-        + 2 * (wide // 32 + 1)
+        + 2 * (wide // 32 + 1) + wide

@@ -15,8 +15,9 @@ gate/up each computed as one product over the concatenated rows, and every 4- or
 through :mod:`lowbit.kernels.block_gemv` (single tokens: codes read once per token) or, for prompts
 and batches, :mod:`lowbit.kernels.block_gemm` (weight tiles unpacked once per call and reused by
 every row; no dequantized copy of the weights). A tied
-quantized head doubles as the embedding table (rows unpacked on lookup). Linears the block kernels
-cannot take (other formats, fp32) run as the model's own modules.
+quantized head doubles as the embedding table (rows unpacked on lookup). SINQ's per-input-channel scales
+(``WeightOnlyQLinear.input_scale``) are applied to the input first, ``W_p (t_p * x)`` for each part ``p`` of a
+fused product. Linears the block kernels cannot take (other formats, fp32) run as the model's own modules.
 
 ``Decoder.generate`` is greedy or samples (temperature / top-p, seeded); ``Decoder.logits`` gives
 the full-sequence logits that the tests compare with the model's own forward.
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2")
 INITIAL_CAPACITY = 256  # KV-cache positions allocated first; doubled on demand up to max_len
+MAX_PARTS = 4  # parts of a fused product with input scales (the C step's record holds this many row counts)
 
 
 # ------------------------------------------------------------------------------------ linears
@@ -58,12 +60,32 @@ class BlockWeights:
     in_features: int
     bias: torch.Tensor | None
     int8_activations: bool = False  # W4A8 decoding: x rounded to int8 per block of 32 (ggml's Q8_0)
+    # SINQ's per-input-channel scales t (WeightOnlyQLinear.input_scale): fp32 (P, K), one row per part of a fused
+    # product (``parts``: each part's output rows); part p computes W_p (t_p * x). None: no input scales.
+    input_scale: torch.Tensor | None = None
+    parts: tuple[int, ...] = ()
 
     @property
     def out_features(self) -> int:
         return self.packed.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is None:
+            return self._apply(x)
+        return torch.cat([part._apply(x * t) for part, t in zip(self._part_views(), self.input_scale)], dim=-1)
+
+    def _part_views(self) -> list["BlockWeights"]:
+        """Each part as a BlockWeights over its rows (views of this one's tensors), no input scale."""
+        views, r0 = [], 0
+        for n in self.parts or (self.out_features,):
+            sl = slice(r0, r0 + n)
+            views.append(BlockWeights(self.packed[sl], self.s[sl], None if self.b is None else self.b[sl], self.bits,
+                                      self.group_size, self.in_features,
+                                      None if self.bias is None else self.bias[sl], self.int8_activations))
+            r0 += n
+        return views
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.int8_activations and self.bits == 4:  # W4A8 for every input, prompts included
             if rows >= block_gemm.A8_MIN_ROWS:  # prompts, batches: the register-tiled GEMM
@@ -74,10 +96,13 @@ class BlockWeights:
         return block_gemv.block_linear(x, self.packed, self.s, self.b, self.bits, self.group_size, self.bias)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            raise ConfigError("rows of a table with input scales are not its embedding rows")
         return block_gemv.block_rows(ids, self.packed, self.s, self.b, self.bits, self.in_features, self.group_size)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.s, self.b, self.bias) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.s, self.b, self.bias, self.input_scale)
+                   if t is not None)
 
 
 def block_weights(module: nn.Module) -> BlockWeights | None:
@@ -94,7 +119,7 @@ def block_weights(module: nn.Module) -> BlockWeights | None:
         s, b = module.scale.half(), module.offset.float()
         return BlockWeights(block_gemv.pack_codes(u, module.bits), s.contiguous(), b.contiguous(), module.bits,
                             module.group_size, module.in_features, bias)
-    if not isinstance(module, WeightOnlyQLinear) or module.input_scale is not None:  # SINQ's t: not in the kernels
+    if not isinstance(module, WeightOnlyQLinear):
         return None
     f = get_format(module.fmt)
     if f.kind is not Kind.UNIFORM or f.bits not in (4, 8):
@@ -111,7 +136,9 @@ def block_weights(module: nn.Module) -> BlockWeights | None:
     else:
         zp = torch.zeros(s.shape) if qp.zero_point is None else qp.zero_point.float().reshape(s.shape)
         b = (-s.float() * (zp + offset)).contiguous()  # W = s (q - zp) = s u - s (offset + zp)
-    return BlockWeights(block_gemv.pack_codes(u, f.bits), s, b, f.bits, module.group_size, module.in_features, bias)
+    t = None if module.input_scale is None else module.input_scale.float().reshape(1, -1).contiguous()  # (1, K)
+    return BlockWeights(block_gemv.pack_codes(u, f.bits), s, b, f.bits, module.group_size, module.in_features, bias,
+                        input_scale=t, parts=() if t is None else (module.out_features,))
 
 
 def fuse(parts: list[BlockWeights]) -> BlockWeights | None:
@@ -128,8 +155,15 @@ def fuse(parts: list[BlockWeights]) -> BlockWeights | None:
     if any(p.b is not None for p in parts):
         c = block_gemv.offset_constant(first.bits)
         b = torch.cat([p.b if p.b is not None else p.s.float() * c for p in parts]).contiguous()
+    t, sizes = None, ()
+    if any(p.input_scale is not None for p in parts):  # one row of input scales per part (ones where it has none)
+        t = torch.cat([p.input_scale if p.input_scale is not None else torch.ones(1, p.in_features)
+                       for p in parts]).contiguous()  # (P, K)
+        sizes = tuple(p.out_features for p in parts)
+        if len(sizes) > MAX_PARTS:
+            return None
     return BlockWeights(torch.cat([p.packed for p in parts]), torch.cat([p.s for p in parts]).contiguous(),
-                        b, first.bits, first.group_size, first.in_features, bias)
+                        b, first.bits, first.group_size, first.in_features, bias, input_scale=t, parts=sizes)
 
 
 class _Projection:
@@ -300,7 +334,8 @@ class Decoder:
             rec = [L["in_norm"].data_ptr(), L["post_norm"].data_ptr()]
             for key in ("qkv", "o", "gate_up", "down"):
                 w = L[key].fused
-                rec.append(decode_step.proj_record(w.packed, w.s, w.b, w.bias, w.bits, w.in_features, w.group_size))
+                rec.append(decode_step.proj_record(w.packed, w.s, w.b, w.bias, w.bits, w.in_features, w.group_size,
+                                                   w.input_scale, w.parts))
             rec += [self.k_cache[i, 0].data_ptr(), self.v_cache[i, 0].data_ptr()]
             hm = L["down_hm"]
             rec += [None if hm is None else hm.data_ptr(), 0 if hm is None else hm.shape[0]]
@@ -336,7 +371,7 @@ class Decoder:
 
         if isinstance(emb, QTableEmbedding):
             table = self.head.fused if emb.table is head and self.head.fused is not None else block_weights(emb.table)
-            if table is not None:
+            if table is not None and table.input_scale is None:
                 return table.rows
         return lambda ids: emb(ids).float()
 
