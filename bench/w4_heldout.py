@@ -115,23 +115,28 @@ def main() -> None:
             model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
                              args.search_tokens, args.tune_windows, args.tune_lr, args.duo, args.affine)
         s = lm_scores(model, fp, held)
-        key = dict(method=args.method, bits=args.bits, init=args.init, clip=not args.no_clip, calib=args.calib,
+        from lowbit.data import lm_calib_composition
+
+        key = dict(mix=lm_calib_composition()["sha256"][:12], method=args.method, bits=args.bits, init=args.init, clip=not args.no_clip, calib=args.calib,
                    percdamp=args.percdamp, search_tokens=args.search_tokens, tune_windows=args.tune_windows or None,
                    tune_lr=args.tune_lr, duo=args.duo or None, affine=args.affine or None)
-        rows = [r for r in rows if {k: r.get(k) for k in key} != key]
+        rows = [r for r in rows if {k: r.get(k) for k in key} != key]  # rows without "mix": an earlier environment
         rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
                      "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})
         print(rows[-1], flush=True)
-    rows.sort(key=lambda r: (r["bits"], bool(r.get("affine")), METHODS.index(r["method"]), r["init"], not r["clip"], r["calib"] or 0,
+    rows.sort(key=lambda r: (r.get("mix") or "", r["bits"], bool(r.get("affine")), METHODS.index(r["method"]), r["init"], not r["clip"], r["calib"] or 0,
                              r["percdamp"] or 0, r.get("search_tokens") or 0, r.get("tune_windows") or 0))
     md = ["# W4 choices of issue 18, judged on held-out calibration windows", "",
           f"SmolLM2 W-bits g128 sym (bits 'affine': a zero-point per group); fitted on the first `calib` windows of the calibration mix (empty: the method's "
           f"default: GPTQ 16, AWQ 4, AWQ+GPTQ 16), scored on calibration windows {HELD_OUT.start}..{HELD_OUT.stop - 1} "
           "(never fitted; no evaluation text). percdamp empty: the default (0.1). Lower KL is better.", "",
-          "| bits | method | init | AWQ clip | calib | percdamp | AWQ search tokens | ppl held-out calib | fp32 ppl | KL | "
+          "Compare rows of one calibration mix only (`mix`: the first 12 hex digits of its sha256; it holds the installed "
+          "packages' licences and READMEs, so it moves with the environment; empty: rows from before stop 32, one "
+          "earlier environment, fp32 ppl 12.713 there).", "",
+          "| mix | bits | method | init | AWQ clip | calib | percdamp | AWQ search tokens | ppl held-out calib | fp32 ppl | KL | "
           "tuned windows (lr) | quantize CPU s | load |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['bits']}{' affine' if r.get('affine') else ''} | {_name(r)}{' duo' if r.get('duo') else ''} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r.get('mix') or ''} | {r['bits']}{' affine' if r.get('affine') else ''} | {_name(r)}{' duo' if r.get('duo') else ''} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
            f"{r['calib'] or ''} | {r['percdamp'] or ''} | {r.get('search_tokens') or ''} | {r['ppl']:.3f} | {r['fp32_ppl']:.3f} | {r['kl']:.4f} | "
            f"{_tuned(r)} | {r['quant_cpu_s']:.0f} | {r['loadavg']} |" for r in rows]
     write_results("w4_heldout", rows, "\n".join(md) + "\n", {"machine": machine()})
