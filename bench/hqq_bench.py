@@ -12,7 +12,8 @@ text and 16 windows of held-out docs (lowbit.analysis.evaluate). SmolLM2's weigh
 from Q4_1 (4-bit, blocks of 32, asymmetric), so 4-bit g32 affine RTN reproduces them almost exactly
 and cannot be improved on; the comparison is at g128 (a grid the weights were not made on) and 3-bit.
 
-Rows: RTN, HQQ, SINQ (RTN on Sinkhorn-normalised weights) and HQQ+SINQ at W4 g128 and W3 g128, affine (HQQ proper: fp16 zero-points, scale fixed) and
+Rows: RTN, HQQ, SINQ (RTN on Sinkhorn-normalised weights) and HQQ+SINQ at W4 g128 and W3 g128 (and the
+calibrated references: GPTQ, GPTQ with HQQ / SINQ, AWQ with RTN's or HQQ's rounding), affine (HQQ proper: fp16 zero-points, scale fixed) and
 symmetric (HQQ can only move the scale); "HQQ integer zp" rounds the zero-point to an integer (the
 scale is then fitted too), to measure what storing float zero-points buys.
 Quantization time is the HQQ (or RTN) pass over all decoder linears, one torch thread, measured
@@ -80,12 +81,32 @@ ROWS = [
     # GPTAQ (asymmetric calibration, RTN-fallback guard, MSE group scales: awq-gptaq's rounding) on SINQ's weights
     ("GPTAQ+SINQ W4 g128 sym", "gptaq-sinq", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ+HQQ init W3 g128 asym", "gptq-hqq", dict(bits=3, group_size=128, symmetric=False)),
+    # AWQ (its default calibration: 4 windows for the scale search) with RTN's or HQQ's rounding (scheme awq-hqq)
+    ("AWQ W4 g128 asym", "awq", dict(bits=4, group_size=128, symmetric=False)),
+    ("AWQ+HQQ W4 g128 asym", "awq-hqq", dict(bits=4, group_size=128, symmetric=False)),
+    ("AWQ W3 g128 asym", "awq", dict(bits=3, group_size=128, symmetric=False)),
+    ("AWQ+HQQ W3 g128 asym", "awq-hqq", dict(bits=3, group_size=128, symmetric=False)),
 ]
 
 
 # GPTQConfig fields of each GPTQ family of rows (beyond bits / group / symmetry)
 GPTQ_FAMILIES = {"gptq": {}, "gptq-hqq": dict(init="hqq"), "gptq-sinq": dict(sinkhorn=True),
                  "gptaq-sinq": dict(sinkhorn=True, asymmetric_calib=True, guard=True, init="mse")}
+
+
+# AWQConfig fields of each AWQ family of rows
+AWQ_FAMILIES = {"awq": {}, "awq-hqq": dict(init="hqq")}
+
+
+def awq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, **extra) -> None:
+    """AWQ with its defaults (built-in calibration, clipping search) on the decoder linears; ``extra``: other
+    AWQConfig fields (init='hqq': HQQ's rounding in the searches and the stored codes)."""
+    import lowbit
+    from lowbit.algorithms.awq import AWQConfig
+
+    if not hasattr(model, "lowbit_fp32_numel"):
+        model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())
+    lowbit.quantize(model, AWQConfig(bits=bits, group_size=group_size, symmetric=symmetric, **extra))
 
 
 def gptq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, **extra) -> None:
@@ -161,6 +182,8 @@ def main() -> None:
                 rtn_decoder(model, **kw)
             elif family in GPTQ_FAMILIES:
                 gptq_decoder(model, **kw, **GPTQ_FAMILIES[family])
+            elif family in AWQ_FAMILIES:
+                awq_decoder(model, **kw, **AWQ_FAMILIES[family])
             else:
                 err = hqq_decoder(model, **kw, integer_zero_point=family == "hqq-int", keep_best=family != "hqq-last",
                                   backend="torch" if family == "hqq-ref" else "auto")

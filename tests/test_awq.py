@@ -152,3 +152,14 @@ def test_awq_with_hqq_rounding_on_tiny_llama():
     for bad in (dict(fmt="nf4"), dict(double_quant=True), dict(gguf="q4_1", bits=4, group_size=32)):
         with pytest.raises(ConfigError, match="HQQ's rounding"):
             AWQConfig(**{"symmetric": False, "init": "hqq", **bad})
+
+
+def test_awq_hqq_scheme_is_affine_by_default_and_warns_on_symmetric(caplog):
+    from lowbit.config import build_config
+
+    cfg = build_config("awq-hqq", {"bits": 3, "group_size": 16})
+    assert (cfg.init, cfg.rounding, cfg.symmetric, cfg.clips) == ("hqq", "rtn", False, True)
+    assert cfg.scheme == "awq-hqq-w3-g16-asym"
+    with caplog.at_level("WARNING", logger="lowbit.algorithms.awq"):
+        assert build_config("awq-hqq", {"symmetric": True}).symmetric
+    assert "awq-hqq with a symmetric grid" in caplog.text
