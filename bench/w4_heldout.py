@@ -12,7 +12,7 @@ windows: never fitted at any --calib up to 99). Methods: rtn, rtn-mse (RTN with 
 gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq, gptq-rot / gptaq-rot (QuaRot rotations
 folded in first, online Hadamard before down_proj); --init mse for the GPTQ step's group
 scales, --init hqq for HQQ's rounding (rtn --init hqq: plain HQQ; awq --init hqq: AWQ's searches and codes with
-HQQ instead of RTN); --affine for affine groups; --no-clip drops AWQ's clipping search, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
+HQQ instead of RTN; awq --init sinq: with RTN on SINQ's Sinkhorn-normalised weights); --affine for affine groups; --no-clip drops AWQ's clipping search, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
 group scales end to end on the first N windows (N <= 96: the held-out windows stay unseen).
 
 Writes bench/results/w4_heldout.md and .json.
@@ -72,7 +72,7 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
 def _name(row: dict) -> str:
     if row["method"] == "rtn" and row["init"] == "hqq":
         return "hqq"
-    return "awq-hqq" if row["method"] == "awq" and row["init"] == "hqq" else row["method"]
+    return f"awq-{row['init']}" if row["method"] == "awq" and row["init"] in ("hqq", "sinq") else row["method"]
 
 
 def _tuned(row: dict) -> str:
@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", choices=METHODS)
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--init", default="minmax", choices=("minmax", "mse", "hqq"))
+    ap.add_argument("--init", default="minmax", choices=("minmax", "mse", "hqq", "sinq"))
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--calib", type=int, default=None, help="calibration windows (default: the method's own)")
     ap.add_argument("--percdamp", type=float, default=None)

@@ -136,10 +136,14 @@ def test_awq_with_hqq_rounding_on_tiny_llama():
     assert q.lowbit_scheme == "awq-hqq-w3-g16-asym-noclip" and len(q.lowbit_report.layers) == 14
     lin = q.get_submodule("lm.model.layers.0.mlp.down_proj")
     assert isinstance(lin, WeightOnlyQLinear) and lin.zero_point.dtype == torch.float16  # HQQ's fp16 zero-points
-    # what the searches fake-quantize is what is stored
+    # what the searches fake-quantize is what is stored (HQQ's codes; SINQ's codes of W / t and t)
     m = torch.nn.Linear(48, 8, bias=False)
-    torch.testing.assert_close(_store(m, cfg, 16).dequantized_weight().float(),
-                               fake_quant_weight(m.weight.detach(), cfg, 16), atol=1e-6, rtol=0)
+    for c in (cfg, AWQConfig(bits=3, group_size=16, symmetric=False, init="sinq"),
+              AWQConfig(bits=4, group_size=16, init="sinq")):
+        stored = _store(m, c, 16)
+        assert (stored.input_scale is not None) == (c.init == "sinq")
+        torch.testing.assert_close(stored.dequantized_weight().float(), fake_quant_weight(m.weight.detach(), c, 16),
+                                   atol=1e-6, rtol=0)
     a = lowbit.quantize(copy.deepcopy(fp), AWQConfig(bits=3, group_size=16, symmetric=False, n_grid=10, clip=False),
                         calib)
     h = lowbit.quantize(copy.deepcopy(fp), HQQConfig(bits=3, group_size=16))
@@ -163,3 +167,14 @@ def test_awq_hqq_scheme_is_affine_by_default_and_warns_on_symmetric(caplog):
     with caplog.at_level("WARNING", logger="lowbit.algorithms.awq"):
         assert build_config("awq-hqq", {"symmetric": True}).symmetric
     assert "awq-hqq with a symmetric grid" in caplog.text
+
+
+def test_awq_with_sinq_rounding_stores_input_scales():
+    fp = tiny_llama(layers=1)
+    q = lowbit.quantize(copy.deepcopy(fp), AWQConfig(bits=3, group_size=16, n_grid=4, init="sinq"), tiny_batches(2, 32))
+    assert q.lowbit_scheme == "awq-sinq-w3-g16-sym"
+    lin = q.get_submodule("lm.model.layers.0.mlp.gate_proj")
+    assert isinstance(lin, WeightOnlyQLinear) and lin.input_scale is not None and lin.zero_point is None
+    ids = tiny_batches(1, 32, seed=9)[0]
+    with torch.no_grad():
+        assert torch.isfinite(q(ids)).all()

@@ -63,6 +63,7 @@ from lowbit.algorithms._llm import (effective_group_size, layer_linears, layer_p
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
 from lowbit.algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
+from lowbit.algorithms.sinkhorn import sinkhorn_column_scales
 from lowbit.algorithms.ranks import (broadcast_from, collective_guard, gather_batches, local_indices, ordered_sum,
                                     ranks_active, require_batches, shard, with_world_size, world_rank)
 from lowbit.algorithms.sequential import process_layerwise, run_layer
@@ -80,6 +81,7 @@ CLIP_RATIOS = 20  # shrink ratios 1.0, 0.975, ..., 0.525 (the paper's grid: 0.5.
 CLIP_MIN_RATIO = 0.5
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
 ROUNDINGS = ("rtn", "gptq", "gptaq")
+CALIBRATION_FREE_ROUNDINGS = ("hqq", "sinq")  # AWQConfig.init values that replace RTN (with rounding "rtn")
 # gguf type -> the (bits, group_size, symmetric) it is; fmt None and double_quant False for all
 GGUF_FIELDS = {"q4_0": (4, GGML_BLOCK, True), "q4_1": (4, GGML_BLOCK, False), "q8_0": (8, GGML_BLOCK, True)}
 
@@ -102,7 +104,8 @@ class AWQConfig(BaseConfig):
     kernel: str = "auto"
     rounding: str = "rtn"  # "gptq": GPTQ's error-compensating rounding of the scaled, clipped layer; "gptaq": GPTAQ's
     # rounding "gptq" / "gptaq": the GPTQ step's group parameters (GPTQConfig.init, e.g. "mse"); rounding "rtn":
-    # "hqq" replaces RTN by HQQ (lowbit.algorithms.hqq) in the searches and the stored codes (the ``awq-hqq`` scheme)
+    # "hqq" replaces RTN by HQQ (lowbit.algorithms.hqq) in the searches and the stored codes (the ``awq-hqq`` scheme),
+    # "sinq" by RTN on SINQ's Sinkhorn-normalised weights W / t, t stored per layer (lowbit.algorithms.sinkhorn)
     init: str = "minmax"
     gguf: str | None = None  # "q4_0" | "q4_1" | "q8_0": ggml's grid and rounding (rounding="gptq": "q4_0" only)
     duo_scaling: bool = False  # s = a^alpha / w^(1 - alpha) (AutoAWQ's variant; awq_scales) instead of a^alpha
@@ -113,13 +116,14 @@ class AWQConfig(BaseConfig):
             raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
-        if self.init not in ("minmax", "hqq") and self.rounding == "rtn":
+        if self.init not in ("minmax", *CALIBRATION_FREE_ROUNDINGS) and self.rounding == "rtn":
             raise ConfigError(f"awq init={self.init!r} chooses the GPTQ step's group parameters: it needs rounding "
-                              "'gptq' or 'gptaq' (plain AWQ's clipping search chooses its ranges; init 'hqq' "
-                              "rounds with HQQ instead of RTN)")
-        if self.hqq_rounding and (self.fmt or self.double_quant or self.gguf):
-            raise ConfigError("awq init='hqq' (HQQ's rounding) stores int codes with fp16 scales and zero-points: "
-                              "no fmt, double_quant or gguf (use rounding 'gptq' for GPTQ with HQQ group parameters)")
+                              "'gptq' or 'gptaq' (plain AWQ's clipping search chooses its ranges; init 'hqq' / "
+                              "'sinq' round with HQQ / SINQ instead of RTN)")
+        if self.final_rounding and (self.fmt or self.double_quant or self.gguf):
+            raise ConfigError(f"awq init={self.init!r} ({self.init.upper()}'s rounding) stores int codes with their own "
+                              "scales (and zero-points): no fmt, double_quant or gguf (use rounding 'gptq' for GPTQ "
+                              "with HQQ group parameters)")
         if self.gguf is not None:
             if self.gguf not in GGUF_FIELDS:
                 raise ConfigError(f"awq gguf must be one of {', '.join(GGML_TYPES)}, got {self.gguf!r}")
@@ -135,9 +139,10 @@ class AWQConfig(BaseConfig):
                                   "(q8_0 and q4_1 need no option: --bits 8 / --affine at --group-size 32)")
 
     @property
-    def hqq_rounding(self) -> bool:
-        """HQQ instead of RTN in the scale / clipping searches and the stored codes (``init="hqq"``, rounding "rtn")."""
-        return self.init == "hqq" and self.rounding == "rtn"
+    def final_rounding(self) -> str | None:
+        """"hqq" / "sinq": that rounding instead of RTN in the scale / clipping searches and the stored codes
+        (``init`` of that name with rounding "rtn"); None: RTN (or the GPTQ step)."""
+        return self.init if self.init in CALIBRATION_FREE_ROUNDINGS and self.rounding == "rtn" else None
 
     @property
     def clips(self) -> bool:
@@ -164,11 +169,11 @@ class AWQConfig(BaseConfig):
 
     @property
     def scheme(self) -> str:
-        method = "awq-hqq" if self.hqq_rounding else "awq" if self.rounding == "rtn" else f"awq-{self.rounding}"
+        method = f"awq-{self.final_rounding}" if self.final_rounding else "awq" if self.rounding == "rtn" else f"awq-{self.rounding}"
         name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
         default = self.rounding != "gptaq"
         name += "" if self.clips == default else ("-clip" if self.clips else "-noclip")
-        init = "" if self.init == "minmax" or self.hqq_rounding else f"-{self.init}init"
+        init = "" if self.init == "minmax" or self.final_rounding else f"-{self.init}init"
         return f"{name}{'-ggml' if self.gguf else ''}{init}" \
                f"{'-duo' if self.duo_scaling else ''}"
 
@@ -189,9 +194,13 @@ def fake_quant_weight(w: torch.Tensor, config: AWQConfig, group_size: int) -> to
         if m is not None:
             deq = deq + m.float()[..., None]
         return deq.reshape(n, k).to(w.dtype)
-    if config.hqq_rounding:  # HQQ's fitted (fp16) scales and zero-points
-        codes, qp, _ = hqq_quantize(w, config.bits, group_size, config.symmetric)
-        return dequantize(codes, qp).to(w.dtype)
+    if config.final_rounding:  # HQQ's fitted (fp16) scales and zero-points, or RTN on SINQ's W / t
+        hqq = _hqq_config(config, group_size)
+        t = sinkhorn_column_scales(w, hqq.sinkhorn_iters)[0] if hqq.sinkhorn else None
+        codes, qp, _ = hqq_quantize(w if t is None else w.float() / t, config.bits, group_size, config.symmetric,
+                                    hqq.iters, integer_zero_point=hqq.sinkhorn and not config.symmetric)
+        deq = dequantize(codes, qp)
+        return (deq if t is None else deq * t).to(w.dtype)
     gran = per_group(group_size) if group_size else per_channel(0)
     qp = choose_qparams(w, config.format_name, config.symmetric, gran)
     qp.scale = double_quant_roundtrip(qp.scale) if config.double_quant else qp.scale.to(torch.float16).float()
@@ -459,12 +468,18 @@ def _fold(norm_weight: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor, 
         m.weight.data *= s[None, :]
 
 
+def _hqq_config(config: AWQConfig, group_size: int) -> HQQConfig:
+    """The HQQ / SINQ settings of ``config.final_rounding`` (hqq_linear stores them: the ``hqq`` / ``sinq`` schemes')."""
+    sinq = config.final_rounding == "sinq"
+    return HQQConfig(bits=config.bits, group_size=group_size, symmetric=config.symmetric, kernel=config.kernel,
+                     **(dict(iters=0, sinkhorn=True) if sinq else {}))
+
+
 def _store(m: nn.Linear, config: AWQConfig, group_size: int) -> nn.Module:
     if config.gguf:  # ggml's codes and fp16 d (and m): WeightOnlyQLinear, or BlockMinQLinear for q4_1
         return linear_on_ggml_grid(m, config.gguf, config.kernel)
-    if config.hqq_rounding:
-        return hqq_linear(m, HQQConfig(bits=config.bits, group_size=group_size, symmetric=config.symmetric,
-                                       kernel=config.kernel), group_size)[0]
+    if config.final_rounding:
+        return hqq_linear(m, _hqq_config(config, group_size), group_size)[0]
     if config.double_quant:
         return DoubleQuantQLinear.from_float(m, config.bits, group_size, config.symmetric, config.fmt, config.kernel)
     return WeightOnlyQLinear.from_float(m, config.bits, group_size, config.symmetric, config.fmt, config.kernel)
