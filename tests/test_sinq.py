@@ -173,13 +173,14 @@ def test_scale_tuning_refuses_column_scales():
         TunedScales(m)
 
 
-def test_hqq_sinq_symmetric_warns_towards_sinq(caplog):
+@pytest.mark.parametrize("scheme", ["hqq-sinq", "hqq"])
+def test_hqq_symmetric_warns_towards_sinq(caplog, scheme):
     with caplog.at_level("WARNING", logger="lowbit.algorithms.hqq"):
-        build_config("hqq-sinq", {"symmetric": True})
+        build_config(scheme, {"symmetric": True})
     assert "scheme sinq --symmetric" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="lowbit.algorithms.hqq"):
-        build_config("hqq-sinq", {})
+        build_config(scheme, {})
         build_config("sinq", {"symmetric": True})
     assert caplog.text == ""
 

@@ -405,7 +405,12 @@ def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
                  "affine by default): --bits {2,3,4,8} --group-size N (0 = per channel) --symmetric/--affine",
                  options=("bits", "group_size", "symmetric", "kernel"))
 def _hqq_scheme(options: dict) -> HQQConfig:
-    return _scheme_config(options, DEFAULT_ITERS, sinkhorn=False)
+    config = _scheme_config(options, DEFAULT_ITERS, sinkhorn=False)
+    if config.symmetric:  # bench/results/hqq_full.md, W4 g128 sym: licence -8 % of RTN's increase; sinq 55 / 3 / 31 %
+        log.warning("hqq with a symmetric grid: HQQ can only fit the scale there (no zero-point), which measured worse "
+                    "than RTN's perplexity on the licence text; `--scheme sinq --symmetric` is the calibration-free "
+                    "choice for symmetric grids")
+    return config
 
 
 def _scheme_config(options: dict, iters: int, sinkhorn: bool) -> HQQConfig:
