@@ -151,7 +151,7 @@ def test_tiny_llama_sinq_quantize_save_load(tmp_path):
 
 def test_exporters_and_decoder_handle_the_column_scales():
     """GGUF requantizes W = dequant diag(t) (its blocks have no column scale), compressed-tensors refuses, the fast
-    decoder leaves such a layer to its own forward."""
+    decoder's block layout carries t (tests/test_decode.py runs it against the model's forward)."""
     from lowbit.io.gguf_export import on_grid
     from lowbit.io.hf_export import _layer_tensors
     from lowbit.models.decode import block_weights
@@ -160,9 +160,10 @@ def test_exporters_and_decoder_handle_the_column_scales():
     assert on_grid(m, "q4_0") is None and on_grid(m, "q4_1") is None
     with pytest.raises(ConfigError, match="per-input-channel scale"):
         _layer_tensors(m, torch.float16)
-    assert block_weights(m) is None
+    blocks = block_weights(m)
+    assert blocks.parts == (64,) and torch.equal(blocks.input_scale[0], m.input_scale.float())
     plain, _ = hqq_linear(_outlier_linear(), HQQConfig(bits=4, group_size=64, iters=0))
-    assert block_weights(plain) is not None
+    assert block_weights(plain).input_scale is None
 
 
 def test_scale_tuning_refuses_column_scales():
