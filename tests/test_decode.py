@@ -30,6 +30,8 @@ SCHEMES = {
     "sinq-input-scale": HQQConfig(bits=4, group_size=32, sinkhorn=True, iters=0, kernel="reference"),
     "sinq-int8-input-scale": HQQConfig(bits=8, group_size=32, symmetric=True, sinkhorn=True, iters=0,
                                        kernel="reference"),
+    "sinq-sym-input-scale": HQQConfig(bits=4, group_size=32, symmetric=True, sinkhorn=True, iters=0,
+                                      kernel="reference"),  # implied offsets (no b) in each part
 }
 
 
@@ -181,10 +183,14 @@ def test_int8_activations_stay_close_and_differ_only_by_the_activation_rounding(
 
 
 A8_TOL = 0.05  # int8 per block of 32 keeps ~40 dB per activation; two layers of it move logits by ~1 %
+# int8 activations, C step vs torch: where the two sides' fp32 sums differ in the last bit, one activation's int8
+# code can round the other way (seen: 8.5e-4 at one step of sinq-sym at 2 threads, 1e-7 at every other step); a
+# wrong product (part offsets, scales) moves logits by > 1e-2
+A8_FLIP_TOL = 2e-3
 
 
 @pytest.mark.parametrize("scheme", ["int4-tied-embedding", "q4_1", "int8-per-channel", "hqq-float-zero-point",
-                                    "sinq-input-scale", "sinq-int8-input-scale"])
+                                    "sinq-input-scale", "sinq-int8-input-scale", "sinq-sym-input-scale"])
 @pytest.mark.parametrize("activations", ["fp32", "int8"])
 def test_c_step_matches_the_torch_forward(scheme, activations):
     """The one-call C step (single tokens) against its reference twin, the decoder's torch forward,
@@ -199,7 +205,7 @@ def test_c_step_matches_the_torch_forward(scheme, activations):
         for p in range(6, 18):
             token = torch.argmax(b, dim=-1, keepdim=True)
             a, b = fast.forward(token, p), ref.forward(token, p)
-            assert _rel(a, b) < LOGIT_TOL, (scheme, activations, p)
+            assert _rel(a, b) < (LOGIT_TOL if activations == "fp32" else A8_FLIP_TOL), (scheme, activations, p)
 
 
 def test_cache_grows_on_demand(monkeypatch):
