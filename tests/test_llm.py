@@ -164,6 +164,11 @@ def test_quantize_from_disk_matches_lowbit_quantize_and_saves(tmp_path):
     assert (tmp_path / "q" / "metadata.json").is_file()
     c = quantize_from_disk(tmp_path / "fp", AWQConfig(bits=4, group_size=16), calib)
     assert len(c.lowbit_report.layers) == 14
+    hqq = AWQConfig(bits=4, group_size=16, symmetric=False, n_grid=4, init="hqq")  # awq-hqq: HQQ's rounding
+    d, e = quantize_from_disk(tmp_path / "fp", hqq, calib), lowbit.quantize(copy.deepcopy(fp), hqq, calib)
+    assert d.lowbit_scheme == "awq-hqq-w4-g16-asym" and len(d.lowbit_report.layers) == 14
+    for name in e.lowbit_report.layers:
+        assert torch.equal(d.get_submodule(name).dequantized_weight(), e.get_submodule(name).dequantized_weight()), name
     with pytest.raises(ConfigError, match="supports gptq and awq"):
         quantize_from_disk(tmp_path / "fp", build_config("w8a8", {}), calib)
     with pytest.raises(ConfigError, match="no model.safetensors"):
