@@ -186,6 +186,17 @@ def test_hqq_symmetric_warns_towards_sinq(caplog, scheme):
     assert caplog.text == ""
 
 
+def test_sinq_at_3_bits_affine_warns_towards_hqq_sinq(caplog):
+    with caplog.at_level("WARNING", logger="lowbit.algorithms.hqq"):
+        build_config("sinq", {"bits": 3})
+    assert "scheme hqq-sinq" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lowbit.algorithms.hqq"):
+        build_config("sinq", {"bits": 4})
+        build_config("hqq-sinq", {"bits": 3})
+    assert caplog.text == ""
+
+
 def test_gptq_scaled_statistics_are_those_of_the_scaled_inputs():
     from lowbit.algorithms.gptq import GPTQ
 

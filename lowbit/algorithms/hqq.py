@@ -426,7 +426,12 @@ def _scheme_config(options: dict, iters: int, sinkhorn: bool) -> HQQConfig:
                  "calibration-free choice for symmetric grids, hqq-sinq for affine ones)",
                  options=("bits", "group_size", "symmetric", "kernel"))
 def _sinq_scheme(options: dict) -> HQQConfig:
-    return _scheme_config(options, 0, sinkhorn=True)
+    config = _scheme_config(options, 0, sinkhorn=True)
+    if config.bits <= 3 and not config.symmetric:  # bench/results/hqq_defaults.md, W3 g128 affine: KL 1.229 vs 1.099
+        log.warning("sinq at %d bits (affine): RTN on the normalised weights measured worse than hqq-sinq on held-out "
+                    "calibration windows and worse than RTN's perplexity on the licence text; `--scheme hqq-sinq` "
+                    "is the better choice", config.bits)
+    return config
 
 
 @register_scheme("hqq-sinq", "HQQ on SINQ's Sinkhorn-normalised weights (column scales stored per layer), "
