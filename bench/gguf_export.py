@@ -2,7 +2,7 @@
 same fp32 weights (the gguf package's reference quantizer, ``gguf.quants.quantize``), perplexity measured
 INSIDE llama.cpp and in lowbit, and the memory of importing a GGUF file into lowbit's packed modules.
 
-    flock /tmp/lowbit-heavy.lock nice -n 10 .venv/bin/python bench/gguf_export.py [--part abcde]
+    flock /tmp/lowbit-heavy.lock nice -n 10 .venv/bin/python bench/gguf_export.py [--part abcdef]
     .venv/bin/python bench/gguf_export.py --memory-only | --merge-memory
 
 Every file is written by ``lowbit.io.gguf_export.export_gguf`` and evaluated twice on the same token ids
@@ -21,7 +21,9 @@ In every file ``token_embd`` (also the tied output head) is Q8_0 from the fp32 t
 Q4_1 file; only the decoder linears differ between rows. Parts (``--part``, one locked run each; the
 default runs all and re-measures memory): a = fp32, llama.cpp's Q4_0, lowbit rtn / GPTQ on the Q4_0 grid;
 b = AWQ and AWQ+GPTQ on the Q4_0 grid (``AWQConfig(gguf="q4_0")``, rounding rtn / gptq); c = Q4_1 (llama.cpp's, SmolLM2's
-own file, rtn on the Q4_1 grid, GPTQ affine); d, e = files off ggml's rounding (codes [-7, 7], g128).
+own file, rtn on the Q4_1 grid, GPTQ affine); d, e = files off ggml's rounding (codes [-7, 7], g128); f = W4 g128
+affine files written as Q4_1 with their codes (AWQ with HQQ's rounding, ``awq-hqq``, whose fp16 zero-points become
+Q4_1's min, against RTN at the same grid).
 Each part writes bench/results/gguf_part_<p>.json; every write merges the part files present into
 bench/results/gguf.md and .json.
 
@@ -89,7 +91,8 @@ def peak_memory(what: str) -> dict:
 
 
 sha = sha256_file
-PARTS = "abcde"  # a: Q4_0 rtn/gptq; b: Q4_0 awq/awq-gptq; c: Q4_1; d, e: off-grid files (codes [-7, 7], requantized)
+PARTS = "abcdef"  # a: Q4_0 rtn/gptq; b: Q4_0 awq/awq-gptq; c: Q4_1; d, e: off-grid files (codes [-7, 7], requantized);
+# f: HQQ's fp16 zero-points as Q4_1's min (awq-hqq, hqq at g128: exact codes)
 LLAMA_THREADS = 2
 DECODE_TOKENS = 64
 
@@ -258,6 +261,11 @@ def main() -> None:
             lowbit_file("lowbit gptq w4 g128 sym (each g128 scale repeated over its Q4_0 blocks)", "q4_0", GPTQConfig(bits=4, group_size=128))
         elif part == "e":
             lowbit_file("lowbit awq w4 g32 sym (codes [-7, 7])", "q4_0", AWQConfig(bits=4, group_size=32))
+        elif part == "f":
+            lowbit_file("lowbit awq-hqq w4 g128 affine (fp16 zero-point -> Q4_1 min)", "q4_1",
+                        AWQConfig(bits=4, group_size=128, symmetric=False, init="hqq"))
+            lowbit_file("lowbit rtn w4 g128 affine (int zero-point -> Q4_1 min)", "q4_1",
+                        WeightOnlyConfig(bits=4, group_size=128, symmetric=False, exclude=head))
         meta["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         save()
     tmp.rmdir()
