@@ -151,6 +151,10 @@ def test_torchrun_cli_one_and_two_ranks_write_the_same_folder(tmp_path):
 
 
 AWQ_CONFIG = AWQConfig(bits=4, group_size=16, n_grid=3, search_tokens=64, clip_tokens=16, rounding="gptq")
+# awq-hqq: the clipping searches (round-robin over ranks) and the stored codes with HQQ's rounding
+AWQ_HQQ_CONFIG = AWQConfig(bits=4, group_size=16, symmetric=False, n_grid=3, search_tokens=64, clip_tokens=16,
+                           init="hqq")
+DISK_CONFIGS = (("gptq", CONFIG), ("awq", AWQ_CONFIG), ("awq-hqq", AWQ_HQQ_CONFIG))
 
 
 def _disk_worker(rank: int, world: int, port: int, folder: str, out_dir: str) -> None:
@@ -160,7 +164,7 @@ def _disk_worker(rank: int, world: int, port: int, folder: str, out_dir: str) ->
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
-        for name, config in (("gptq", CONFIG), ("awq", AWQ_CONFIG)):
+        for name, config in DISK_CONFIGS:
             model = quantize_from_disk(folder, config, tiny_batches(N_WINDOWS))
             if rank == 0:
                 torch.save({"tensors": _quantized_tensors(model), "calib": model.lowbit_calibration},
@@ -171,19 +175,19 @@ def _disk_worker(rank: int, world: int, port: int, folder: str, out_dir: str) ->
 
 
 def test_low_memory_across_ranks_equals_in_memory(tmp_path):
-    """GPTQ and AWQ(+GPTQ) a layer at a time from safetensors on 2 ranks give the in-memory result of one
-    plain process bit for bit."""
+    """GPTQ, AWQ(+GPTQ) and AWQ with HQQ's rounding a layer at a time from safetensors on 2 ranks give the in-memory
+    result of one plain process bit for bit."""
     tiny_llama().lm.save_pretrained(str(tmp_path / "fp"))
     assert run_ranks_retrying(_disk_worker, 2, str(tmp_path / "fp"), str(tmp_path)) == [0, 0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, config in (("gptq", CONFIG), ("awq", AWQ_CONFIG)):
+        for name, config in DISK_CONFIGS:
             mem = lowbit.quantize(tiny_llama(), config, tiny_batches(N_WINDOWS))
             disk = torch.load(tmp_path / f"disk2_{name}.pt", weights_only=True)
             mem_tensors = _quantized_tensors(mem)
             quantized = [k for k in mem_tensors if k.endswith("qweight")]
-            assert quantized and all(torch.equal(disk["tensors"][k], mem_tensors[k]) for k in quantized), name
+            assert quantized and all(torch.equal(disk["tensors"][k], mem_tensors[k]) for k in mem_tensors), name
             assert disk["calib"]["world_size"] == 2 and disk["calib"]["sha256"] == mem.lowbit_calibration["sha256"]
     finally:
         torch.set_num_threads(threads)
