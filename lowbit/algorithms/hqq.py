@@ -405,20 +405,37 @@ def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
                  "affine by default): --bits {2,3,4,8} --group-size N (0 = per channel) --symmetric/--affine",
                  options=("bits", "group_size", "symmetric", "kernel"))
 def _hqq_scheme(options: dict) -> HQQConfig:
-    config = _scheme_config(options, DEFAULT_ITERS, sinkhorn=False)
-    if config.symmetric:  # bench/results/hqq_full.md, W4 g128 sym: licence -8 % of RTN's increase; sinq 55 / 3 / 31 %
-        log.warning("hqq with a symmetric grid: HQQ can only fit the scale there (no zero-point), which measured worse "
-                    "than RTN's perplexity on the licence text; `--scheme sinq --symmetric` is the calibration-free "
-                    "choice for symmetric grids")
-    return config
+    return _scheme_config(options, DEFAULT_ITERS, sinkhorn=False)
 
 
 def _scheme_config(options: dict, iters: int, sinkhorn: bool) -> HQQConfig:
-    """The CLI's options of the hqq / sinq / hqq-sinq schemes (affine; per channel at 8 bits, else g128)."""
+    """The CLI's options of the hqq / sinq / hqq-sinq schemes (affine; per channel at 8 bits, else g128); a
+    warning where the grid measured worse than a sibling scheme's (:func:`_advice`)."""
     bits = int(options.get("bits", 4))
-    return HQQConfig(bits=bits, group_size=int(options.get("group_size", 0 if bits == 8 else 128)),
-                     symmetric=option_bool(options.get("symmetric", False)), kernel=options.get("kernel", "auto"),
-                     iters=iters, sinkhorn=sinkhorn)
+    config = HQQConfig(bits=bits, group_size=int(options.get("group_size", 0 if bits == 8 else 128)),
+                       symmetric=option_bool(options.get("symmetric", False)), kernel=options.get("kernel", "auto"),
+                       iters=iters, sinkhorn=sinkhorn)
+    advice = _advice(config)
+    if advice:
+        log.warning(advice)
+    return config
+
+
+def _advice(config: HQQConfig) -> str | None:
+    """Why another scheme suits this grid better, where it measured so (SmolLM2), else None."""
+    method = config.scheme.split("-w")[0]
+    if config.symmetric and config.iters:
+        # HQQ can only fit the scale on a symmetric grid. bench/results/hqq_full.md, W4 g128 sym: hqq licence -8 % of
+        # RTN's increase (sinq 55 / 3 / 31 %); hqq_defaults.md: hqq-sinq KL 0.420 against sinq's 0.311
+        return (f"{method} with a symmetric grid: HQQ can only fit the scale there (no zero-point), which measured worse "
+                "than RTN" + (" on the normalised weights" if config.sinkhorn else "'s perplexity on the licence text")
+                + "; `--scheme sinq --symmetric` is the calibration-free choice for symmetric grids")
+    if config.sinkhorn and not config.iters and config.bits <= 3 and not config.symmetric:
+        # bench/results/hqq_defaults.md, W3 g128 affine: KL 1.229 against hqq-sinq's 1.099; hqq_full.md: licence -10 %
+        return (f"sinq at {config.bits} bits (affine): RTN on the normalised weights measured worse than hqq-sinq on "
+                "held-out calibration windows and worse than RTN's perplexity on the licence text; `--scheme "
+                "hqq-sinq` is the better choice")
+    return None
 
 
 @register_scheme("sinq", "SINQ weight-only, calibration-free: Sinkhorn-normalised column scales (stored per layer), then "
@@ -426,20 +443,11 @@ def _scheme_config(options: dict, iters: int, sinkhorn: bool) -> HQQConfig:
                  "calibration-free choice for symmetric grids, hqq-sinq for affine ones)",
                  options=("bits", "group_size", "symmetric", "kernel"))
 def _sinq_scheme(options: dict) -> HQQConfig:
-    config = _scheme_config(options, 0, sinkhorn=True)
-    if config.bits <= 3 and not config.symmetric:  # bench/results/hqq_defaults.md, W3 g128 affine: KL 1.229 vs 1.099
-        log.warning("sinq at %d bits (affine): RTN on the normalised weights measured worse than hqq-sinq on held-out "
-                    "calibration windows and worse than RTN's perplexity on the licence text; `--scheme hqq-sinq` "
-                    "is the better choice", config.bits)
-    return config
+    return _scheme_config(options, 0, sinkhorn=True)
 
 
 @register_scheme("hqq-sinq", "HQQ on SINQ's Sinkhorn-normalised weights (column scales stored per layer), "
                  "calibration-free: --bits --group-size --symmetric/--affine (affine by default)",
                  options=("bits", "group_size", "symmetric", "kernel"))
 def _hqq_sinq_scheme(options: dict) -> HQQConfig:
-    config = _scheme_config(options, DEFAULT_ITERS, sinkhorn=True)
-    if config.symmetric:  # bench/results/hqq_defaults.md, W4 g128 sym: KL 0.420 against sinq's 0.311
-        log.warning("hqq-sinq with a symmetric grid: HQQ can only fit the scale there, which measured worse than "
-                    "RTN on the normalised weights; `--scheme sinq --symmetric` is the better choice")
-    return config
+    return _scheme_config(options, DEFAULT_ITERS, sinkhorn=True)
