@@ -121,9 +121,9 @@ class AWQConfig(BaseConfig):
                               "'gptq' or 'gptaq' (plain AWQ's clipping search chooses its ranges; init 'hqq' / "
                               "'sinq' round with HQQ / SINQ instead of RTN)")
         if self.final_rounding and (self.fmt or self.double_quant or self.gguf):
-            raise ConfigError(f"awq init={self.init!r} ({self.init.upper()}'s rounding) stores int codes with their own "
-                              "scales (and zero-points): no fmt, double_quant or gguf (use rounding 'gptq' for GPTQ "
-                              "with HQQ group parameters)")
+            raise ConfigError(f"awq init={self.init!r} ({self.init.upper()}'s rounding) stores int codes with their "
+                              "own scales (and zero-points): no fmt, double_quant or gguf (use rounding 'gptq' for "
+                              "GPTQ with HQQ group parameters)")
         if self.gguf is not None:
             if self.gguf not in GGUF_FIELDS:
                 raise ConfigError(f"awq gguf must be one of {', '.join(GGML_TYPES)}, got {self.gguf!r}")
@@ -169,7 +169,8 @@ class AWQConfig(BaseConfig):
 
     @property
     def scheme(self) -> str:
-        method = f"awq-{self.final_rounding}" if self.final_rounding else "awq" if self.rounding == "rtn" else f"awq-{self.rounding}"
+        rounding = self.final_rounding or self.rounding
+        method = "awq" if rounding == "rtn" else f"awq-{rounding}"
         name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
         default = self.rounding != "gptaq"
         name += "" if self.clips == default else ("-clip" if self.clips else "-noclip")
@@ -469,7 +470,7 @@ def _fold(norm_weight: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor, 
 
 
 def _hqq_config(config: AWQConfig, group_size: int) -> HQQConfig:
-    """The HQQ / SINQ settings of ``config.final_rounding`` (hqq_linear stores them: the ``hqq`` / ``sinq`` schemes')."""
+    """The HQQ / SINQ settings of ``config.final_rounding``: the ``hqq`` / ``sinq`` schemes' (hqq_linear stores)."""
     sinq = config.final_rounding == "sinq"
     return HQQConfig(bits=config.bits, group_size=group_size, symmetric=config.symmetric, kernel=config.kernel,
                      **(dict(iters=0, sinkhorn=True) if sinq else {}))

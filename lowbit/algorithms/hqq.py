@@ -427,9 +427,10 @@ def _advice(config: HQQConfig) -> str | None:
     if config.symmetric and config.iters:
         # HQQ can only fit the scale on a symmetric grid. bench/results/hqq_full.md, W4 g128 sym: hqq licence -8 % of
         # RTN's increase (sinq 55 / 3 / 31 %); hqq_defaults.md: hqq-sinq KL 0.420 against sinq's 0.311
-        return (f"{method} with a symmetric grid: HQQ can only fit the scale there (no zero-point), which measured worse "
-                "than RTN" + (" on the normalised weights" if config.sinkhorn else "'s perplexity on the licence text")
-                + "; `--scheme sinq --symmetric` is the calibration-free choice for symmetric grids")
+        than_rtn = " on the normalised weights" if config.sinkhorn else "'s perplexity on the licence text"
+        return (f"{method} with a symmetric grid: HQQ can only fit the scale there (no zero-point), which measured "
+                f"worse than RTN{than_rtn}; `--scheme sinq --symmetric` is the calibration-free choice for symmetric "
+                "grids")
     if config.sinkhorn and not config.iters and config.bits <= 3 and not config.symmetric:
         # bench/results/hqq_defaults.md, W3 g128 affine: KL 1.229 against hqq-sinq's 1.099; hqq_full.md: licence -10 %
         return (f"sinq at {config.bits} bits (affine): RTN on the normalised weights measured worse than hqq-sinq on "

@@ -20,7 +20,8 @@ Walsh-Hadamard butterflies on each row of ``X`` (as :func:`lowbit.kernels.hadama
 whose twin is the dense product), then the small dense ``H_m^T`` over the rows.
 
 with the projections of :mod:`lowbit.kernels.block_gemv` (fp32 activations, or int8 per block of 32
-when ``a8``; a projection with SINQ's input scales runs each part ``j`` of its rows on ``t_j * x``). Each projection is a ``lb_proj`` record (codes, scale, offset, bias, shape, bits) built
+when ``a8``; a projection with SINQ's input scales runs each part ``j`` of its rows on ``t_j * x``).
+Each projection is a ``lb_proj`` record (codes, scale, offset, bias, shape, bits, input scales) built
 once by :class:`lowbit.models.decode.Decoder`; the caches are that decoder's fp32 tensors of
 (n_kv, max_len, head_dim) per layer. The reference twin is the decoder's torch forward
 (``Decoder(..., kernel="reference")``); ``tests/test_decode.py`` checks that they agree.
