@@ -341,10 +341,10 @@ def write(mem: dict) -> None:
                "texts):", ""] + verdict
     md += ["", "Runs (one per part; perplexity does not depend on load, the tok/s columns do):", ""]
     for meta in metas:
-        md.append(f"- part {meta['part']}: `{meta['command']}`; load at start `{meta['uptime']}`"
+        md.append(f"- part {meta['part']}: `{meta['command']}`; uptime at start `{meta['uptime']}`"
                   + (f"; at end `{meta['uptime_end']}`" if "uptime_end" in meta else " (run did not finish)"))
     md += ["", "Peak memory (max RSS of a separate process; `libs` = torch + transformers + lowbit + gguf imported):",
-           "", "| process | max RSS MB after loading | after one 4-token forward | model MB |",
+           "", "| process | max RSS MB after loading | after one four-token forward | model MB |",
            "|---|---:|---:|---:|"]
     for w, label in (("libs", "libraries only"), ("gguf-notok", "load_gguf(SmolLM2 Q4_1 file, tokenizer=False)"),
                      ("gguf", "load_gguf(SmolLM2 Q4_1 file) with transformers' GGUF tokenizer"),

@@ -101,23 +101,26 @@ AWQ_FAMILIES = {"awq": {}, "awq-hqq": dict(init="hqq")}
 def awq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, **extra) -> None:
     """AWQ with its defaults (built-in calibration, clipping search) on the decoder linears; ``extra``: other
     AWQConfig fields (init='hqq': HQQ's rounding in the searches and the stored codes)."""
-    import lowbit
     from lowbit.algorithms.awq import AWQConfig
+
+    _calibrated(model, AWQConfig(bits=bits, group_size=group_size, symmetric=symmetric, **extra))
+
+
+def _calibrated(model: nn.Module, config) -> None:
+    """``lowbit.quantize(model, config)`` with the built-in calibration, the fp32 size recorded first."""
+    import lowbit
 
     if not hasattr(model, "lowbit_fp32_numel"):
         model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())
-    lowbit.quantize(model, AWQConfig(bits=bits, group_size=group_size, symmetric=symmetric, **extra))
+    lowbit.quantize(model, config)
 
 
 def gptq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, **extra) -> None:
     """GPTQ with its defaults (built-in calibration, 16 windows) on the decoder linears; ``extra``: other GPTQConfig
     fields (init='hqq': each group's scale / zero-point from HQQ; sinkhorn=True: SINQ's column scales)."""
-    import lowbit
     from lowbit.algorithms.gptq import GPTQConfig
 
-    if not hasattr(model, "lowbit_fp32_numel"):
-        model.lowbit_fp32_numel = sum(p.numel() for p in model.parameters())
-    lowbit.quantize(model, GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric, **extra))
+    _calibrated(model, GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric, **extra))
 
 
 def hqq_decoder(model: nn.Module, bits: int, group_size: int, symmetric: bool, integer_zero_point: bool = False,

@@ -12,7 +12,8 @@ windows: never fitted at any --calib up to 99). Methods: rtn, rtn-mse (RTN with 
 gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq, gptq-rot / gptaq-rot (QuaRot rotations
 folded in first, online Hadamard before down_proj); --init mse for the GPTQ step's group
 scales, --init hqq for HQQ's rounding (rtn --init hqq: plain HQQ; awq --init hqq: AWQ's searches and codes with
-HQQ instead of RTN; awq --init sinq: with RTN on SINQ's Sinkhorn-normalised weights); --affine for affine groups; --no-clip drops AWQ's clipping search, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
+HQQ instead of RTN; awq --init sinq: with RTN on SINQ's Sinkhorn-normalised weights); --affine for affine groups;
+--no-clip drops AWQ's clipping search, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
 group scales end to end on the first N windows (N <= 96: the held-out windows stay unseen).
 
 Writes bench/results/w4_heldout.md and .json.

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -64,6 +64,7 @@ class BlockWeights:
     # product (``parts``: each part's output rows); part p computes W_p (t_p * x). None: no input scales.
     input_scale: torch.Tensor | None = None
     parts: tuple[int, ...] = ()
+    _views: list | None = field(default=None, repr=False, compare=False)  # the parts' views, built on first use
 
     @property
     def out_features(self) -> int:
@@ -76,6 +77,8 @@ class BlockWeights:
 
     def _part_views(self) -> list["BlockWeights"]:
         """Each part as a BlockWeights over its rows (views of this one's tensors), no input scale."""
+        if self._views is not None:
+            return self._views
         views, r0 = [], 0
         for n in self.parts or (self.out_features,):
             sl = slice(r0, r0 + n)
@@ -83,6 +86,7 @@ class BlockWeights:
                                       self.group_size, self.in_features,
                                       None if self.bias is None else self.bias[sl], self.int8_activations))
             r0 += n
+        self._views = views
         return views
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
