@@ -29,7 +29,7 @@ def _states(tokens: int, seed: int = 0):
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_layer_returns_window_exactly_and_past_within_half_a_step(bits):
-    layer = QuantizedKVLayer(bits, group=8, residual=4)
+    layer = QuantizedKVLayer(bits, group=8, residual=4, sink=0)  # KIVI's layout alone
     k, v = _states(45)
     out_k, out_v = layer.update(k[..., :30, :], v[..., :30, :])
     assert torch.equal(out_k, k[..., :30, :])  # the prefill attends to its own states in full precision
@@ -48,9 +48,34 @@ def test_layer_returns_window_exactly_and_past_within_half_a_step(bits):
     assert (v_err <= 0.5 * v_step * 1.01 + 1e-2 * v_step).all()
 
 
+def test_sink_tokens_stay_exact_and_blocks_start_after_them():
+    k, v = _states(46, seed=1)
+    k[..., 0, :] *= 50  # an attention-sink token: a huge first key
+
+    def filled(sink):
+        layer = QuantizedKVLayer(4, group=8, residual=4, sink=sink)
+        layer.update(k[..., :7, :], v[..., :7, :])  # fewer tokens than the sink + window
+        layer.update(k[..., 7:45, :], v[..., 7:45, :])
+        return layer, *layer.update(k[..., 45:, :], v[..., 45:, :])  # reads the quantized past back
+
+    layer, out_k, out_v = filled(sink=2)
+    assert out_k.shape == k.shape and layer.get_seq_length() == 46
+    assert torch.equal(out_k[..., :2, :], k[..., :2, :]) and torch.equal(out_v[..., :2, :], v[..., :2, :])
+    assert layer.n_quantized == 40  # blocks of 8 from token 2 on; 4 tokens left in the window
+    assert torch.equal(out_k[..., 34:, :], k[..., 34:, :])  # quantized by this update: read in full
+    _, plain_k, _ = filled(sink=0)
+    err = float((out_k[..., 2:10, :] - k[..., 2:10, :]).abs().max())
+    err_plain = float((plain_k[..., 1:8, :] - k[..., 1:8, :]).abs().max())
+    assert err < 0.1 * err_plain  # the sink's range no longer widens its block's per-channel grids
+    layer.reset()
+    assert layer.get_seq_length() == 0
+    out_k, _ = layer.update(k[..., :3, :], v[..., :3, :])
+    assert torch.equal(out_k, k[..., :3, :]) and layer.sink_keys.shape[-2] == 2
+
+
 def test_per_channel_keys_beat_per_token_keys_on_outlier_channel():
     k, _ = _states(64, seed=3)
-    layer = QuantizedKVLayer(4, group=64, residual=0)
+    layer = QuantizedKVLayer(4, group=64, residual=0, sink=0)
     out_k, _ = layer.update(k, k)
     out_k, out_v = layer.update(k[..., :1, :], k[..., :1, :])  # read the quantized past back
     err_channel = float(((out_k[..., :64, :] - k) ** 2).mean())  # keys: per channel
@@ -98,9 +123,11 @@ def test_bytes_per_token_and_bad_input(tiny):
     assert b8 < fp / 2.5 and b4 < 0.7 * b8
     cache = make_cache(cfg, "int4")
     with torch.no_grad():
-        tiny.lm(input_ids=tiny_batches(1, 64)[0], cache=cache, use_cache=True)
-    assert 0 < cache.nbytes() < 64 * fp
+        tiny.lm(input_ids=tiny_batches(1, 96, seed=2)[0], cache=cache, use_cache=True)  # sink 1, a block, a window
+    assert 0 < cache.nbytes() < 96 * fp
     with pytest.raises(ConfigError, match="valid: int8, int4"):
         make_cache(cfg, "int3")
     with pytest.raises(ConfigError, match="bits must be one of"):
         QuantizedKVLayer(bits=3)
+    with pytest.raises(ConfigError, match="sink >= 0"):
+        QuantizedKVLayer(bits=4, sink=-1)
