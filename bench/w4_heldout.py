@@ -39,7 +39,7 @@ METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq", "g
 
 def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None,
              search_tokens: int | None = None, tune_windows: int = 0, tune_lr: float | None = None,
-             duo: bool = False, affine: bool = False):
+             duo: bool = False, affine: bool = False, sink_tokens: int = 0):
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
@@ -66,7 +66,7 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
         rounding = {"awq": "rtn", "awq-gptq": "gptq", "awq-gptaq": "gptaq"}[method]
         search = {} if search_tokens is None else {"search_tokens": search_tokens}
         lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib, duo_scaling=duo,
-                                         **search))
+                                         sink_tokens=sink_tokens, **search))
     return model
 
 
@@ -74,6 +74,10 @@ def _name(row: dict) -> str:
     if row["method"] == "rtn" and row["init"] == "hqq":
         return "hqq"
     return f"awq-{row['init']}" if row["method"] == "awq" and row["init"] in ("hqq", "sinq") else row["method"]
+
+
+def _sink(row: dict) -> str:
+    return f" sink {row['sink']}" if row.get("sink") else ""
 
 
 def _tuned(row: dict) -> str:
@@ -96,6 +100,8 @@ def main() -> None:
     ap.add_argument("--tune-lr", type=float, default=None)
     ap.add_argument("--duo", action="store_true", help="AWQ: duo scaling (AWQConfig.duo_scaling)")
     ap.add_argument("--affine", action="store_true", help="affine weight groups (a zero-point per group)")
+    ap.add_argument("--sink-tokens", type=int, default=0, help="AWQ: each window's first tokens left out of its "
+                    "statistics and losses (AWQConfig.sink_tokens)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -114,13 +120,14 @@ def main() -> None:
             raise SystemExit(f"--calib / --tune-windows above {HELD_OUT.start} would fit the held-out windows")
         with Timer() as t:
             model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
-                             args.search_tokens, args.tune_windows, args.tune_lr, args.duo, args.affine)
+                             args.search_tokens, args.tune_windows, args.tune_lr, args.duo, args.affine, args.sink_tokens)
         s = lm_scores(model, fp, held)
         from lowbit.data import lm_calib_composition
 
         key = dict(mix=lm_calib_composition()["sha256"][:12], method=args.method, bits=args.bits, init=args.init, clip=not args.no_clip, calib=args.calib,
                    percdamp=args.percdamp, search_tokens=args.search_tokens, tune_windows=args.tune_windows or None,
-                   tune_lr=args.tune_lr, duo=args.duo or None, affine=args.affine or None)
+                   tune_lr=args.tune_lr, duo=args.duo or None, affine=args.affine or None,
+                   sink=args.sink_tokens or None)
         rows = [r for r in rows if {k: r.get(k) for k in key} != key]  # rows without "mix": an earlier environment
         rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
                      "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})
@@ -137,7 +144,7 @@ def main() -> None:
           "| mix | bits | method | init | AWQ clip | calib | percdamp | AWQ search tokens | ppl held-out calib | fp32 ppl | KL | "
           "tuned windows (lr) | quantize CPU s | load |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r.get('mix') or ''} | {r['bits']}{' affine' if r.get('affine') else ''} | {_name(r)}{' duo' if r.get('duo') else ''} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
+    md += [f"| {r.get('mix') or ''} | {r['bits']}{' affine' if r.get('affine') else ''} | {_name(r)}{' duo' if r.get('duo') else ''}{_sink(r)} | {r['init']} | {r['clip'] if r['method'].startswith('awq') else ''} | "
            f"{r['calib'] or ''} | {r['percdamp'] or ''} | {r.get('search_tokens') or ''} | {r['ppl']:.3f} | {r['fp32_ppl']:.3f} | {r['kl']:.4f} | "
            f"{_tuned(r)} | {r['quant_cpu_s']:.0f} | {r['loadavg']} |" for r in rows]
     write_results("w4_heldout", rows, "\n".join(md) + "\n", {"machine": machine()})

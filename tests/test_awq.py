@@ -95,6 +95,19 @@ def test_awq_beats_rtn_on_tiny_llama(bits):
     assert q.lowbit_calibration["n_samples"] == 4
 
 
+def test_sink_tokens_ablation_names_itself_and_checks_its_range():
+    fp = tiny_llama(layers=1)
+    q = lowbit.quantize(copy.deepcopy(fp), AWQConfig(group_size=16, n_grid=4, sink_tokens=1), tiny_batches(2, 32))
+    plain = lowbit.quantize(copy.deepcopy(fp), AWQConfig(group_size=16, n_grid=4), tiny_batches(2, 32))
+    assert q.lowbit_scheme == "awq-w4-g16-sym-sink1" and plain.lowbit_scheme == "awq-w4-g16-sym"
+    name = next(iter(q.lowbit_report.layers))
+    assert not torch.equal(q.get_submodule(name).state_dict()["scale"], plain.get_submodule(name).state_dict()["scale"])
+    with pytest.raises(ConfigError, match="sink_tokens must be >= 0"):
+        AWQConfig(sink_tokens=-1)
+    with pytest.raises(ConfigError, match="leaves no token"):
+        lowbit.quantize(copy.deepcopy(fp), AWQConfig(group_size=16, n_grid=4, sink_tokens=32), tiny_batches(2, 32))
+
+
 def test_awq_nf4_double_quant_and_bad_config():
     fp = tiny_llama(layers=1)
     q = lowbit.quantize(copy.deepcopy(fp), AWQConfig(fmt="nf4", group_size=16, double_quant=True, n_grid=4),
