@@ -120,7 +120,8 @@ def main() -> None:
             raise SystemExit(f"--calib / --tune-windows above {HELD_OUT.start} would fit the held-out windows")
         with Timer() as t:
             model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
-                             args.search_tokens, args.tune_windows, args.tune_lr, args.duo, args.affine, args.sink_tokens)
+                             args.search_tokens, args.tune_windows, args.tune_lr, args.duo, args.affine,
+                             args.sink_tokens)
         s = lm_scores(model, fp, held)
         from lowbit.data import lm_calib_composition
 

@@ -46,7 +46,7 @@ DEFAULT_GROUP = 32  # tokens per key block (KIVI uses 32)
 DEFAULT_RESIDUAL = 32  # tokens always kept in full precision (KIVI: 32-128)
 # the sequence's first tokens, kept in full precision for good: SmolLM2 parks attention on its first token, whose
 # residual stream runs to ~2e4 (others ~1e2); quantized into the first key block, it widens every channel's grid.
-# Held-out calibration KL of int4: 0.0070 with none, 0.0012 with 1, 0.0013 with 4 (docs/llm.md, KV cache)
+# Held-out calibration KL of int4 (bench/kv_cache.py): 0.0065 with none, 0.0015 with 1 (4: no better, scratch run)
 DEFAULT_SINK = 1
 EVAL_CHUNK = 64  # tokens per forward when evaluating through the cache
 
