@@ -165,7 +165,7 @@ def main() -> None:
     from lowbit.algorithms.gptq import GPTQConfig
     from lowbit.algorithms.rtn import WeightOnlyConfig
     from lowbit.analysis.evaluate import evaluate, lm_context, lm_windows
-    from lowbit.data import lm_eval_text, lm_heldout_text
+    from lowbit.data import lm_calib_composition, lm_eval_text, lm_heldout_text
     from lowbit.io.gguf_export import export_gguf
     from lowbit.io.gguf_import import load_gguf
     from lowbit.models import load_model
@@ -190,7 +190,8 @@ def main() -> None:
         rows: list[dict] = []
         meta = {"machine": machine(), "part": part, "command": f"flock /tmp/lowbit-heavy.lock nice -n 10 "
                 f".venv/bin/python bench/gguf_export.py --part {part}",
-                "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+                "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+                "mix": lm_calib_composition()["sha256"][:12]}
 
         def save():
             write_part(part, rows, meta)
@@ -341,7 +342,8 @@ def write(mem: dict) -> None:
                "texts):", ""] + verdict
     md += ["", "Runs (one per part; perplexity does not depend on load, the tok/s columns do):", ""]
     for meta in metas:
-        md.append(f"- part {meta['part']}: `{meta['command']}`; uptime at start `{meta['uptime']}`"
+        md.append(f"- part {meta['part']}: `{meta['command']}`; calibration mix `{meta.get('mix', '?')}`; "
+                  f"uptime at start `{meta['uptime']}`"
                   + (f"; at end `{meta['uptime_end']}`" if "uptime_end" in meta else " (run did not finish)"))
     md += ["", "Peak memory (max RSS of a separate process; `libs` = torch + transformers + lowbit + gguf imported):",
            "", "| process | max RSS MB after loading | after one four-token forward | model MB |",
