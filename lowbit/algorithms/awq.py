@@ -367,7 +367,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
         skip = config.sink_tokens
         if skip >= inputs[0].shape[-2]:
             raise ConfigError(f"awq sink_tokens={skip} leaves no token of a {inputs[0].shape[-2]}-token window")
-        per_window = max(1, (inputs[0].shape[-2] - skip) * inputs[0].shape[0])
+        scored = max(1, (inputs[0].shape[-2] - skip) * inputs[0].shape[0])  # tokens per window in the losses
         flat = lambda xs: [x[:, skip:].reshape(-1, x.shape[-1]) for x in xs]  # noqa: E731  (tokens, K) per window
         # per window: each window's terms are reduced in window order
         x_mlp, x_down, x_o = (flat(seen[n]) for n in ("mlp.gate_proj", "mlp.down_proj", "self_attn.o_proj"))
@@ -388,7 +388,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
                     return [attn(hidden_states=x, **_attn_kwargs(kwargs))[0][:, skip:] for x in x_attn]
                 ref = attn_block()
                 s, alpha, loss = search_scale(spread.mean_abs(flat(x_attn), hidden), qkv, attn_block, ref, config,
-                                              [g(m) for m in qkv], reducer(per_window * attn.o_proj.out_features))
+                                              [g(m) for m in qkv], reducer(scored * attn.o_proj.out_features))
                 _fold(layer.input_layernorm.weight, qkv, s, norm_offset)
                 s_qkv = s
                 info["qkv_alpha"] = alpha
@@ -398,7 +398,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
                 ref = apply(mlp, x_mlp)
                 s, alpha, loss = search_scale(spread.mean_abs(x_mlp, hidden), gu,
                                               lambda: apply(mlp, x_mlp), ref, config, [g(m) for m in gu],
-                                              reducer(per_window * mlp.down_proj.out_features))
+                                              reducer(scored * mlp.down_proj.out_features))
                 _fold(layer.post_attention_layernorm.weight, gu, s, norm_offset)
                 s_gu = s
                 info["gate_up_alpha"] = alpha
@@ -408,7 +408,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
                 ref = apply(dn, x_down)
                 s, alpha, loss = search_scale(spread.mean_abs(x_down, inter), [dn],
                                               lambda: apply(dn, x_down), ref, config, [g(dn)],
-                                              reducer(per_window * dn.out_features))
+                                              reducer(scored * dn.out_features))
                 mlp.up_proj.weight.data /= s[:, None]  # rows of up = channels of down's input
                 dn.weight.data *= s[None, :]
                 x_down = apply(lambda x: x / s, x_down)

@@ -69,7 +69,7 @@ EXCLUDED_DISTS = ("lowbit", "scikit-learn", "scikit_learn")
 # The distributions whose licences and READMEs may enter the mix: those of requirements.lock (names normalised as
 # PEP 503 with "_"), less EXCLUDED_DISTS. Anything else installed beside lowbit (a bench peer such as
 # llama-cpp-python and its diskcache) is ignored, so installing it does not change the calibration text; a
-# distribution of this list that is missing, or at another version, still does. tests/test_data_mix.py keeps this
+# distribution of this list that is missing, or at another version, still does. tests/test_data.py keeps this
 # list equal to the lock's.
 MIX_DISTRIBUTIONS = (
     "accelerate", "annotated_doc", "annotated_types", "anyio", "certifi", "charset_normalizer", "click",

@@ -166,7 +166,7 @@ class QuantizedKVLayer(DynamicLayer):
         raise ConfigError("the quantized KV cache does not support beam search; use greedy or sampling")
 
     def nbytes(self) -> int:
-        """Bytes held: codes, scales and lows of the quantized blocks plus the full-precision window."""
+        """Bytes held: codes, scales and lows of the quantized blocks plus the full-precision window and sink."""
         n = 0 if not self.is_initialized else (self.keys.nbytes + self.values.nbytes + self.sink_keys.nbytes
                                                + self.sink_values.nbytes)
         if self._q is not None:
