@@ -556,9 +556,7 @@ def _awq_gptq_scheme(options: dict) -> AWQConfig:
 def _awq_hqq_scheme(options: dict) -> AWQConfig:
     # bench/results/w4_heldout.md (SmolLM2 W4 g128, held-out calibration KL): affine AWQ 0.278, AWQ+HQQ 0.210 (0.252
     # without the clipping search); symmetric AWQ+HQQ 0.505, above plain AWQ's (HQQ can only move the scale there)
-    config = AWQConfig(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
-                       symmetric=option_bool(options.get("symmetric", False)), kernel=options.get("kernel", "auto"),
-                       init="hqq")
+    config = dataclasses.replace(_awq_options(options, symmetric=False), init="hqq")
     if config.symmetric:
         log.warning("awq-hqq with a symmetric grid: HQQ can only fit the scale there, which measured worse than AWQ's "
                     "own rounding; `--scheme awq --symmetric` (or awq-hqq --affine) is the better choice")
