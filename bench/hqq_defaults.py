@@ -1,6 +1,7 @@
 """HQQ's settings per bit width, chosen on held-out *calibration* windows (issue 18: HQQ at W3 lost to RTN).
 
     nice -n 10 .venv/bin/python bench/hqq_defaults.py            # -> results/hqq_defaults.md / .json
+    nice -n 10 .venv/bin/python bench/hqq_defaults.py --only guard --part guard   # -> hqq_defaults_part_guard.*
 
 Also SINQ's Sinkhorn-normalised column scales under RTN and HQQ (lowbit.algorithms.sinkhorn; the number of
 Sinkhorn iterations), and GPTQ calibrated on the mix's first 16 windows as the yardstick a calibration-free method is
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._llm_common import quiet, rtn_decoder, write_results  # noqa: E402
-from bench.hqq_bench import gptq_decoder, hqq_decoder  # noqa: E402
+from bench.hqq_bench import _calibrated, gptq_decoder, hqq_decoder  # noqa: E402
 
 HELD_OUT_WINDOWS = 4  # the last 4 windows of the calibration mix, as docs/hqq.md's choice of defaults
 
@@ -48,16 +49,28 @@ GRID = [(bits, sym, label, kw) for bits, sym in ((3, False), (4, False), (4, Tru
     ("HQQ+SINQ", dict(sinkhorn=True)),
     ("HQQ+SINQ 1 Sinkhorn iteration", dict(sinkhorn=True, sinkhorn_iters=1)),
     ("HQQ+SINQ 16 Sinkhorn iterations", dict(sinkhorn=True, sinkhorn_iters=16)),
+    # the RTN-fallback guard (lowbit.algorithms.rtn_guard), judging each linear on the mix's first 4 windows
+    ("HQQ + guard", dict(guard=True)),
+    ("SINQ (RTN on W / t) + guard", dict(iters=0, sinkhorn=True, guard=True)),
+    ("HQQ+SINQ + guard", dict(sinkhorn=True, guard=True)),
     ("GPTQ (calibrated on windows 0..15, the yardstick)", "gptq"),
 )]
 
 
 def main() -> None:
+    import argparse
+
     from lowbit.algorithms._calib import LM_CALIB_WINDOW, default_calibration
+    from lowbit.algorithms.hqq import HQQConfig
     from lowbit.analysis.evaluate import lm_scores
     from lowbit.data import lm_calib_text
     from lowbit.models import load_model
 
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="comma-separated substrings of row labels (RTN rows always run)")
+    ap.add_argument("--part", default="", help="write results/hqq_defaults_part_<PART>.* instead")
+    args = ap.parse_args()
+    wanted = [w for w in args.only.split(",") if w]
     quiet()
     torch.set_num_threads(2)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -68,11 +81,15 @@ def main() -> None:
     base = lm_scores(fp, None, held)
     rows = [{"name": "fp32", "bits": 32, "ppl": base["ppl"], "kl": 0.0}]
     for bits, sym, label, kw in GRID:
+        if wanted and kw is not None and not any(w in label for w in wanted):
+            continue
         m = copy.deepcopy(fp)
         if kw is None:
             rtn_decoder(m, bits, 128, sym)
         elif kw == "gptq":
             gptq_decoder(m, bits, 128, sym)
+        elif kw.get("guard"):  # through the handler: the guard reads calibration windows (the mix's first 4)
+            _calibrated(m, HQQConfig(bits=bits, group_size=128, symmetric=sym, **kw))
         else:
             hqq_decoder(m, bits, 128, sym, **kw)
         r = lm_scores(m, fp, held)
@@ -88,7 +105,7 @@ def main() -> None:
           "| row | ppl | KL |", "|---|---|---|"]
     md += [f"| {r['name']} | {r['ppl']:.3f} | {r['kl']:.4f} |" for r in rows]
     md += ["", f"`uptime` at start: {meta['uptime_start']}; at end: {meta['uptime_end']}", ""]
-    write_results("hqq_defaults", rows, "\n".join(md), meta)
+    write_results(f"hqq_defaults_part_{args.part}" if args.part else "hqq_defaults", rows, "\n".join(md), meta)
     print("\n".join(md))
 
 

@@ -71,6 +71,7 @@ from lowbit.algorithms.scale_tuning import (
     finish_tuning,
     start_tuning,
 )
+from lowbit.algorithms.rtn_guard import guard_record, held_out_error
 from lowbit.algorithms.sequential import process_layerwise
 from lowbit.algorithms.sinkhorn import sinkhorn_column_scales
 from lowbit.api import QuantizeReport, register_handler
@@ -503,18 +504,6 @@ def rtn_solution(weight: torch.Tensor, fmt: str, symmetric: bool, group_size: in
     return codes, qp
 
 
-def held_out_error(linear: nn.Linear, module: nn.Module, xs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """``sum_b ||T_b W^T - module(X_b)||^2`` over held-out windows: ``X_b`` the linear's inputs through the
-    quantized model, ``T_b`` the inputs the error is measured against (``X_b`` itself for GPTQ, the float
-    model's for GPTAQ), ``W`` / bias the float linear's. The bias cancels."""
-    err = 0.0
-    with torch.inference_mode():
-        for x, t in zip(xs, targets):
-            d = torch.nn.functional.linear(t.float(), linear.weight.float(), linear.bias) - module(x).float()
-            err += float((d.double() ** 2).sum())
-    return err
-
-
 def check_enough_tokens(batches: list[torch.Tensor], in_features: int, window: int) -> None:
     """A Hessian of K inputs needs at least K tokens to have full rank."""
     have = n_tokens(batches)
@@ -531,14 +520,6 @@ def split_held_out(batches: list, n_held: int, source: str) -> tuple[list, list]
         raise CalibrationError(f"the GPTQ guard holds out the last {n_held} calibration windows and needs at least "
                                f"one more to fit; {source} gave {len(batches)} (give more windows, or guard=False)")
     return (batches[:-n_held], batches[-n_held:]) if n_held else (batches, [])
-
-
-def guard_record(stats: dict, held: list) -> dict:
-    """What metadata.json's calibration records of the guard: the held-out windows and the linears
-    that kept RTN's codes, with both errors."""
-    reverted = {n: s["guard"] for n, s in stats.items() if s.get("fallback") == "rtn"}
-    return {"held_out": calibration_info(held, "last windows of the calibration data"),
-            "judged": sum(1 for s in stats.values() if "guard" in s), "reverted": reverted}
 
 
 @register_handler(GPTQConfig)
@@ -574,7 +555,8 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
     report.extra["gptq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats}
     model.lowbit_calibration = calibration_info(batches, source)
     if config.guard:
-        model.lowbit_calibration["guard"] = report.extra["gptq"]["guard"] = guard_record(stats, held)
+        model.lowbit_calibration["guard"] = report.extra["gptq"]["guard"] = guard_record(
+            stats, "held_out", calibration_info(held, "last windows of the calibration data"))
         log.info("gptq guard: %d of %d linears kept RTN's codes", len(model.lowbit_calibration["guard"]["reverted"]),
                  len(stats))
     finish_tuning(model, tuning, config.tune_lr, report, config.tune_epochs, config.tune_bf16)

@@ -77,8 +77,9 @@ from torch import nn
 
 from lowbit.algorithms._swap import Skip, swap_modules, tied_head_name
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
+from lowbit.algorithms.rtn_guard import DEFAULT_GUARD_WINDOWS, guarded_decoder
 from lowbit.algorithms.sinkhorn import DEFAULT_SINKHORN_ITERS, sinkhorn_column_scales
-from lowbit.api import register_handler
+from lowbit.api import QuantizeReport, register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import QParams, choose_qparams, get_format, per_channel, per_group
 from lowbit.errors import ConfigError
@@ -325,9 +326,15 @@ class HQQConfig(BaseConfig):
     # (WeightOnlyQLinear.input_scale); with iters = 0 the rounding is RTN's (the ``sinq`` scheme)
     sinkhorn: bool = False
     sinkhorn_iters: int = DEFAULT_SINKHORN_ITERS
+    # RTN-fallback guard (lowbit.algorithms.rtn_guard): a decoder linear whose output error on guard_windows
+    # calibration windows is above RTN's keeps RTN's codes; reads calibration text (causal LMs only)
+    guard: bool = False
+    guard_windows: int = DEFAULT_GUARD_WINDOWS
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, None, False)
+        if self.guard and self.guard_windows < 1:
+            raise ConfigError(f"guard_windows must be >= 1 with guard=True, got {self.guard_windows}")
         if self.iters < 0:
             raise ConfigError(f"iters must be >= 0, got {self.iters}")
         if not 0 < self.lp < 1:
@@ -347,7 +354,8 @@ class HQQConfig(BaseConfig):
     def scheme(self) -> str:
         method = ("sinq" if self.iters == 0 else "hqq-sinq") if self.sinkhorn else "hqq"
         name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, None, False)
-        return name + ("-fitscale" if self.optimize_scale and not self.symmetric else "")
+        return name + ("-fitscale" if self.optimize_scale and not self.symmetric else "") + \
+            ("-guard" if self.guard else "")
 
 
 def hqq_linear(linear: nn.Linear, config: HQQConfig, group_size: int | None = None) -> tuple[WeightOnlyQLinear, dict]:
@@ -379,11 +387,14 @@ def _group_for(in_features: int, group_size: int) -> int:
 
 @register_handler(HQQConfig)
 def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
-    if calibration_data is not None:
+    if calibration_data is not None and not config.guard:
         log.info("%s: calibration data ignored (it reads only the weights)", config.scheme)
     stats: dict[str, dict] = {}
     t0 = time.perf_counter()
     tied_head = tied_head_name(model)
+    report = QuantizeReport()
+    if config.guard:  # decoder linears layer by layer, each judged against RTN's on calibration windows
+        report.extra["guard"] = _guarded(model, config, calibration_data, report, stats)
 
     def convert(name: str, m: nn.Linear):
         if name == tied_head:  # SmolLM2, held-out calibration KL: hqq 0.554 with it quantized, 0.375 without (docs/hqq.md)
@@ -393,7 +404,7 @@ def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
         log.debug("hqq %s: squared error %.4g (RTN %.4g)", name, stats[name]["sq_error"], stats[name]["rtn_sq_error"])
         return new
 
-    report = swap_modules(model, config, (nn.Linear,), convert)
+    swap_modules(model, config, (nn.Linear,), convert, report)  # the rest (all linears without the guard)
     beta = default_beta(config.bits, config.symmetric) if config.beta is None else config.beta
     report.extra["hqq"] = {"seconds": time.perf_counter() - t0, "beta": beta, "layers": stats}
     if config.sinkhorn:
@@ -401,9 +412,36 @@ def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
     return report
 
 
+def _guarded(model: nn.Module, config: HQQConfig, calibration_data, report: QuantizeReport, stats: dict) -> dict:
+    """HQQ on the decoder linears with the RTN-fallback guard (:mod:`lowbit.algorithms.rtn_guard`); returns its
+    record, also kept in ``model.lowbit_calibration["guard"]``."""
+    import fnmatch
+
+    from lowbit.algorithms._calib import calibration_info
+    from lowbit.algorithms._llm import decoder_layers, lm_calibration
+
+    decoder_layers(model)  # a causal LM's decoder, or a clear error (the guard runs it layer by layer)
+    windows, source = lm_calibration(model, calibration_data, config.guard_windows)
+
+    def selected(name: str) -> bool:
+        return (any(fnmatch.fnmatchcase(name, p) for p in config.include)
+                and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
+
+    def build(name: str, m: nn.Linear):
+        return hqq_linear(m, config, _group_for(m.in_features, config.group_size))
+
+    def rtn(name: str, m: nn.Linear):
+        g = _group_for(m.in_features, config.group_size)
+        return WeightOnlyQLinear.from_float(m, config.bits, g, config.symmetric, None, config.kernel)
+
+    record = guarded_decoder(model, windows, source, build, rtn, selected, report, stats, config.scheme)
+    model.lowbit_calibration = dict(calibration_info(windows, source), guard=record)
+    return record
+
+
 @register_scheme("hqq", "HQQ weight-only, calibration-free (half-quadratic fit of fp16 zero-points to the weights; "
                  "affine by default): --bits {2,3,4,8} --group-size N (0 = per channel) --symmetric/--affine",
-                 options=("bits", "group_size", "symmetric", "kernel"))
+                 options=("bits", "group_size", "symmetric", "kernel", "guard"))
 def _hqq_scheme(options: dict) -> HQQConfig:
     return _scheme_config(options, DEFAULT_ITERS, sinkhorn=False)
 
@@ -414,7 +452,7 @@ def _scheme_config(options: dict, iters: int, sinkhorn: bool) -> HQQConfig:
     bits = int(options.get("bits", 4))
     config = HQQConfig(bits=bits, group_size=int(options.get("group_size", 0 if bits == 8 else 128)),
                        symmetric=option_bool(options.get("symmetric", False)), kernel=options.get("kernel", "auto"),
-                       iters=iters, sinkhorn=sinkhorn)
+                       iters=iters, sinkhorn=sinkhorn, guard=option_bool(options.get("guard", False)))
     advice = _advice(config)
     if advice:
         log.warning(advice)
@@ -442,13 +480,13 @@ def _advice(config: HQQConfig) -> str | None:
 @register_scheme("sinq", "SINQ weight-only, calibration-free: Sinkhorn-normalised column scales (stored per layer), then "
                  "RTN: --bits {2,3,4,8} --group-size N --symmetric/--affine (affine by default; the best "
                  "calibration-free choice for symmetric grids, hqq-sinq for affine ones)",
-                 options=("bits", "group_size", "symmetric", "kernel"))
+                 options=("bits", "group_size", "symmetric", "kernel", "guard"))
 def _sinq_scheme(options: dict) -> HQQConfig:
     return _scheme_config(options, 0, sinkhorn=True)
 
 
 @register_scheme("hqq-sinq", "HQQ on SINQ's Sinkhorn-normalised weights (column scales stored per layer), "
                  "calibration-free: --bits --group-size --symmetric/--affine (affine by default)",
-                 options=("bits", "group_size", "symmetric", "kernel"))
+                 options=("bits", "group_size", "symmetric", "kernel", "guard"))
 def _hqq_sinq_scheme(options: dict) -> HQQConfig:
     return _scheme_config(options, DEFAULT_ITERS, sinkhorn=True)

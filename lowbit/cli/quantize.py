@@ -183,6 +183,9 @@ def register(app: typer.Typer) -> None:
         tune_bf16: bool = typer.Option(False, "--tune-bf16", help="run the tuning's forward / backward in bf16 "
                                                                    "(~1.6x faster; scales stay fp16)"),
         kernel: Optional[str] = typer.Option(None, "--kernel", help="auto | fast | reference"),
+        guard: bool = typer.Option(False, "--guard", help="hqq / sinq / hqq-sinq on causal LMs: a decoder linear "
+                                                          "whose output error on 4 calibration windows is above "
+                                                          "RTN's keeps RTN's codes (reads calibration text)"),
         budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="mixed precision: size budget in MB"),
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="mixed precision: latency budget"),
         kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache quantization for generation: int8 | int4"),
@@ -222,7 +225,8 @@ def register(app: typer.Typer) -> None:
                        max_latency_ms=max_latency_ms, kv_cache=kv_cache, gguf=gguf,
                        tie_embeddings=tie_embeddings or None, rotate=rotate or None, act_clip=act_clip,
                        act_per_group=act_per_group or None, act_symmetric=False if act_affine else None,
-                       tune_windows=tune_windows, tune_epochs=tune_epochs, tune_bf16=tune_bf16 or None)
+                       tune_windows=tune_windows, tune_epochs=tune_epochs, tune_bf16=tune_bf16 or None,
+                       guard=guard or None)
         config = build_config(scheme, options)  # --calib sizes the calibration set for any scheme
         if out is not None and out.exists() and not force:
             raise ConfigError(f"{out} exists; pass --force to replace it")
