@@ -86,6 +86,14 @@ ROWS = [
     ("AWQ+HQQ W4 g128 asym", "awq-hqq", dict(bits=4, group_size=128, symmetric=False)),
     ("AWQ W3 g128 asym", "awq", dict(bits=3, group_size=128, symmetric=False)),
     ("AWQ+HQQ W3 g128 asym", "awq-hqq", dict(bits=3, group_size=128, symmetric=False)),
+    # the RTN-fallback guard (lowbit.algorithms.rtn_guard; --guard): per decoder linear the method's module or RTN's,
+    # whichever errs less on the mix's first 4 windows; through lowbit.quantize (the handler runs the guard)
+    ("HQQ+guard W4 g128 sym", "hqq-guard", dict(bits=4, group_size=128, symmetric=True)),
+    ("SINQ+guard W4 g128 sym", "hqq-guard", dict(bits=4, group_size=128, symmetric=True, iters=0, sinkhorn=True)),
+    ("HQQ+guard W4 g128 asym", "hqq-guard", dict(bits=4, group_size=128, symmetric=False)),
+    ("HQQ+SINQ+guard W4 g128 asym", "hqq-guard", dict(bits=4, group_size=128, symmetric=False, sinkhorn=True)),
+    ("SINQ+guard W3 g128 asym", "hqq-guard", dict(bits=3, group_size=128, symmetric=False, iters=0, sinkhorn=True)),
+    ("HQQ+SINQ+guard W3 g128 asym", "hqq-guard", dict(bits=3, group_size=128, symmetric=False, sinkhorn=True)),
 ]
 
 
@@ -187,6 +195,10 @@ def main() -> None:
                 gptq_decoder(model, **kw, **GPTQ_FAMILIES[family])
             elif family in AWQ_FAMILIES:
                 awq_decoder(model, **kw, **AWQ_FAMILIES[family])
+            elif family == "hqq-guard":
+                from lowbit.algorithms.hqq import HQQConfig
+
+                _calibrated(model, HQQConfig(**kw, guard=True))
             else:
                 err = hqq_decoder(model, **kw, integer_zero_point=family == "hqq-int", keep_best=family != "hqq-last",
                                   backend="torch" if family == "hqq-ref" else "auto")
@@ -199,6 +211,9 @@ def main() -> None:
         r = evaluate(model, ref, quick=args.quick)
         row = {"name": name, "family": family, **kw, **r, "quant_wall_s": t.wall, "quant_cpu_s": t.cpu,
                "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+        if family == "hqq-guard":
+            row["guard_reverted"] = sorted(model.lowbit_calibration["guard"]["reverted"])
+            print(f"    guard: {len(row['guard_reverted'])} of 210 linears kept RTN's codes", flush=True)
         if err and not kw.get("sinkhorn"):  # with SINQ both errors are of W / t: not comparable to the others
             row["sq_error_vs_rtn"] = err["sq_error"] / err["rtn_sq_error"]
         rows.append(row)

@@ -66,6 +66,18 @@ ROWS = [
      "RTN W3 g128 affine"),
     ("HQQ+SINQ W3 g128 affine (hqq-sinq --bits 3)", "hqq-sinq", dict(bits=3, group_size=128, symmetric=False),
      "RTN W3 g128 affine"),
+    # the RTN-fallback guard (--guard; lowbit.algorithms.rtn_guard), judged on the mix's first 4 windows
+    ("HQQ+guard W4 g128 sym (hqq --symmetric --guard)", "hqq", dict(W4, symmetric=True, guard=True),
+     "RTN W4 g128 sym"),
+    ("SINQ+guard W4 g128 sym (sinq --symmetric --guard)", "sinq", dict(W4, symmetric=True, guard=True),
+     "RTN W4 g128 sym"),
+    ("HQQ+guard W4 g128 affine (hqq --guard)", "hqq", dict(W4, symmetric=False, guard=True), "RTN W4 g128 affine"),
+    ("HQQ+SINQ+guard W4 g128 affine (hqq-sinq --guard)", "hqq-sinq", dict(W4, symmetric=False, guard=True),
+     "RTN W4 g128 affine"),
+    ("SINQ+guard W3 g128 affine (sinq --bits 3 --guard)", "sinq", dict(bits=3, group_size=128, symmetric=False,
+                                                                      guard=True), "RTN W3 g128 affine"),
+    ("HQQ+SINQ+guard W3 g128 affine (hqq-sinq --bits 3 --guard)", "hqq-sinq",
+     dict(bits=3, group_size=128, symmetric=False, guard=True), "RTN W3 g128 affine"),
 ]
 TEXTS = (("held-out docs", "lm_heldout_text", 16), ("licence", "lm_eval_text", None),
          ("science", "lm_science_text", None))
@@ -255,6 +267,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings of scheme rows (their RTN rows are added)")
     ap.add_argument("--quick", action="store_true", help="2 windows per text (a smoke run, not a result)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--part", default="", help="write results/layer_vs_rtn_part_<PART>.* (rows run separately)")
     args = ap.parse_args()
     quiet()
     torch.set_num_threads(args.threads)
@@ -289,7 +302,8 @@ def main() -> None:
                               for name, acc in sums.items()}
             print(f"scored {text}: {ids.shape[0]} windows", flush=True)
     summary = summarise(per_text, rows)
-    meta = {"command": "bench/layer_vs_rtn.py" + (f" --only {args.only}" if args.only else "")
+    meta = {"command": "bench/layer_vs_rtn.py" + (f" --only \"{args.only}\"" if args.only else "")
+                       + (f" --part {args.part}" if args.part else "")
                        + (" --quick" if args.quick else ""),
             "load_start": load_start, "load_end": [round(x, 2) for x in os.getloadavg()],
             "mix": lm_calib_composition()["sha256"][:12], "windows": {t: int(i.shape[0]) for t, i in windows.items()},
@@ -297,7 +311,8 @@ def main() -> None:
     blocks = {text: {name: {f"{m}/{k}{i}": v for (m, k, i), v in errs.items()} for name, errs in per.items()}
               for text, per in per_text.items()}
     md = render(summary, meta)
-    write_results("layer_vs_rtn" + ("_quick" if args.quick else ""), summary, md, {**meta, "blocks": blocks})
+    out = "layer_vs_rtn" + (f"_part_{args.part}" if args.part else "") + ("_quick" if args.quick else "")
+    write_results(out, summary, md, {**meta, "blocks": blocks})
     print(md)
 
 

@@ -462,6 +462,12 @@ def _scheme_config(options: dict, iters: int, sinkhorn: bool) -> HQQConfig:
 def _advice(config: HQQConfig) -> str | None:
     """Why another scheme suits this grid better, where it measured so (SmolLM2), else None."""
     method = config.scheme.split("-w")[0]
+    if config.guard and config.symmetric and config.iters:
+        # bench/results/hqq_defaults_part_guard.md, W4 g128 sym, held-out calibration KL: hqq 0.676 with the guard
+        # against 0.549 without (RTN 0.578), hqq-sinq 0.457 against 0.420: the per-linear choice mixes RTN's and
+        # HQQ's fitted scales (mostly q_proj / k_proj reverted) and the model loses more than any linear gains
+        return (f"{method} --symmetric --guard: the guard measured worse than no guard on symmetric HQQ fits (and "
+                "than RTN for hqq); `--scheme sinq --symmetric --guard` is the choice for symmetric grids")
     if config.symmetric and config.iters:
         # HQQ can only fit the scale on a symmetric grid. bench/results/hqq_full.md, W4 g128 sym: hqq licence -8 % of
         # RTN's increase (sinq 55 / 3 / 31 %); hqq_defaults.md: hqq-sinq KL 0.420 against sinq's 0.311

@@ -10,10 +10,10 @@ on SmolLM2 SINQ W4 sym is worse than RTN on 45 of 210 linears, mostly ``k_proj``
 
 over ``windows`` calibration windows (``X_b``: the linear's inputs with the layers before it quantized and
 its own layer float, as GPTQ's guard and Hessians; ``W``: the float weight), and keeps RTN's module (same
-bits, group and symmetry) where its error is strictly lower. Nothing is fitted to the windows: they only choose between two
-candidates per linear. Needs a decoder (Llama-layout) model and calibration text; the choice is recorded in
-``metadata.json`` (``calibration.guard``).
-"""
+bits, group and symmetry) where its error is strictly lower. Nothing is fitted to the windows: they only
+choose between two candidates per linear. Needs a causal LM whose family :mod:`lowbit.models.adapters`
+knows (the decoder runs layer by layer) and calibration text (the built-in mix by default); the choice is
+recorded in ``metadata.json`` (``calibration.guard``)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,18 @@ def held_out_error(linear: nn.Linear, module: nn.Module, xs: list[torch.Tensor],
     return err
 
 
+def output_errors(linear: nn.Linear, modules, xs: list[torch.Tensor]) -> list[float]:
+    """:func:`held_out_error` of each of ``modules`` on inputs ``xs`` (targets: ``xs`` themselves), the float
+    outputs computed once."""
+    errs = [0.0] * len(modules)
+    with torch.inference_mode():
+        for x in xs:
+            y = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias)
+            for j, module in enumerate(modules):
+                errs[j] += float(((y - module(x).float()).double() ** 2).sum())
+    return errs
+
+
 def guarded_decoder(model: nn.Module, windows: list[torch.Tensor], source: str, build: Build,
                     rtn: Callable[[str, nn.Linear], nn.Module], selected: Callable[[str], bool], report, stats: dict,
                     desc: str) -> dict:
@@ -70,8 +82,8 @@ def guarded_decoder(model: nn.Module, windows: list[torch.Tensor], source: str, 
             name = f"{prefix}.{i}.{n}"
             new, st = build(name, m)
             alt = rtn(name, m)
-            xs = inputs[n]
-            st["guard"] = {"method_error": held_out_error(m, new, xs, xs), "rtn_error": held_out_error(m, alt, xs, xs)}
+            method_error, rtn_error = output_errors(m, (new, alt), inputs[n])
+            st["guard"] = {"method_error": method_error, "rtn_error": rtn_error}
             if st["guard"]["rtn_error"] < st["guard"]["method_error"]:
                 new, st["fallback"] = alt, "rtn"
                 log.debug("%s guard: %s keeps RTN's codes (error %.4g < %.4g)", desc, name,
@@ -93,4 +105,4 @@ def guard_record(stats: dict, key: str, windows: dict) -> dict:
     return {key: windows, "judged": sum(1 for s in stats.values() if "guard" in s), "reverted": reverted}
 
 
-__all__ = ["DEFAULT_GUARD_WINDOWS", "guarded_decoder", "guard_record", "held_out_error"]
+__all__ = ["DEFAULT_GUARD_WINDOWS", "guarded_decoder", "guard_record", "held_out_error", "output_errors"]
