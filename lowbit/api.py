@@ -97,13 +97,14 @@ def select_modules(
     """Named submodules of ``types`` whose name matches an include pattern and no exclude pattern."""
     include, exclude = tuple(include), tuple(exclude)
     for name, module in model.named_modules():
-        if not name or not isinstance(module, types):
-            continue
-        if not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            continue
-        yield name, module
+        if name and isinstance(module, types) and name_selected(name, include, exclude):
+            yield name, module
+
+
+def name_selected(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    """Whether a module name matches an include pattern (fnmatch) and no exclude pattern: a config's selection."""
+    return (any(fnmatch.fnmatchcase(name, p) for p in include)
+            and not any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

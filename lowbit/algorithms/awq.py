@@ -47,7 +47,6 @@ as ``GPTQConfig(gguf=...)`` requires; every quantized linear needs ``in_features
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import time
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ from lowbit.algorithms.sinkhorn import sinkhorn_column_scales
 from lowbit.algorithms.ranks import (broadcast_from, collective_guard, gather_batches, local_indices, ordered_sum,
                                     ranks_active, require_batches, shard, with_world_size, world_rank)
 from lowbit.algorithms.sequential import process_layerwise, run_layer
-from lowbit.api import QuantizeReport, register_handler
+from lowbit.api import QuantizeReport, name_selected, register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import choose_qparams, dequantize, per_channel, per_group, quantize
 from lowbit.errors import ConfigError
@@ -338,8 +337,7 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
     windows ``r, r + W, ...``; all of them in one process)."""
 
     def selected(name: str) -> bool:
-        return (any(fnmatch.fnmatchcase(name, p) for p in config.include)
-                and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
+        return name_selected(name, config.include, config.exclude)
 
     def process(i: int, layer: nn.Module, inputs: list, kwargs: dict) -> None:
         t0 = time.perf_counter()

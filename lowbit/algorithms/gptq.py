@@ -74,7 +74,7 @@ from lowbit.algorithms.scale_tuning import (
 from lowbit.algorithms.rtn_guard import guard_record, held_out_error
 from lowbit.algorithms.sequential import process_layerwise
 from lowbit.algorithms.sinkhorn import sinkhorn_column_scales
-from lowbit.api import QuantizeReport, register_handler
+from lowbit.api import QuantizeReport, name_selected, register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import Kind, QParams, choose_qparams, get_format, per_channel, per_group
 from lowbit.core.threads import torch_threads
@@ -568,13 +568,8 @@ def selected_linears(config, layer: nn.Module, layer_name: str,
     """The linears of ``layer`` that ``config.include`` / ``exclude`` select (by full name
     ``layer_name.<linear>``), and for each the linear whose Hessian it uses: one Hessian per distinct
     input (q/k/v share one, gate/up share one, the first present linear of each group owns it)."""
-    import fnmatch
-
-    def selected(full: str) -> bool:
-        return (any(fnmatch.fnmatchcase(full, p) for p in config.include)
-                and not any(fnmatch.fnmatchcase(full, p) for p in config.exclude))
-
-    linears = {n: m for n, m in layer_linears(layer).items() if selected(f"{layer_name}.{n}")}
+    linears = {n: m for n, m in layer_linears(layer).items()
+               if name_selected(f"{layer_name}.{n}", config.include, config.exclude)}
     owner: dict[str, str] = {}
     for group in groups:
         present = [n for n in group if n in linears]

@@ -61,7 +61,8 @@ Speed: the rounds run in a fused C kernel (:mod:`lowbit.kernels.hqq_fit`: each g
 L1 for all its rounds, groups spread over OpenMP threads); :func:`hqq_quantize_ref` runs the same rounds
 as whole-tensor torch ops (the reference twin, and the fallback without a C compiler). SmolLM2's 210
 decoder linears: 1.4 s wall with the kernel vs 6.7 s with the torch rounds (2 threads, load 1.3).
-No calibration data is read.
+No calibration data is read, unless ``guard=True`` (``--guard``): then :mod:`lowbit.algorithms.rtn_guard` keeps
+RTN's codes for each decoder linear whose output error on 4 calibration windows is above RTN's.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ from lowbit.algorithms._swap import Skip, swap_modules, tied_head_name
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
 from lowbit.algorithms.rtn_guard import DEFAULT_GUARD_WINDOWS, guarded_decoder
 from lowbit.algorithms.sinkhorn import DEFAULT_SINKHORN_ITERS, sinkhorn_column_scales
-from lowbit.api import QuantizeReport, register_handler
+from lowbit.api import QuantizeReport, name_selected, register_handler
 from lowbit.config import BaseConfig, option_bool, register_config, register_scheme
 from lowbit.core import QParams, choose_qparams, get_format, per_channel, per_group
 from lowbit.errors import ConfigError
@@ -415,8 +416,6 @@ def _quantize_hqq(model: nn.Module, config: HQQConfig, calibration_data=None):
 def _guarded(model: nn.Module, config: HQQConfig, calibration_data, report: QuantizeReport, stats: dict) -> dict:
     """HQQ on the decoder linears with the RTN-fallback guard (:mod:`lowbit.algorithms.rtn_guard`); returns its
     record, also kept in ``model.lowbit_calibration["guard"]``."""
-    import fnmatch
-
     from lowbit.algorithms._calib import calibration_info
     from lowbit.algorithms._llm import decoder_layers, lm_calibration
 
@@ -424,8 +423,7 @@ def _guarded(model: nn.Module, config: HQQConfig, calibration_data, report: Quan
     windows, source = lm_calibration(model, calibration_data, config.guard_windows)
 
     def selected(name: str) -> bool:
-        return (any(fnmatch.fnmatchcase(name, p) for p in config.include)
-                and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
+        return name_selected(name, config.include, config.exclude)
 
     def build(name: str, m: nn.Linear):
         return hqq_linear(m, config, _group_for(m.in_features, config.group_size))
@@ -440,7 +438,8 @@ def _guarded(model: nn.Module, config: HQQConfig, calibration_data, report: Quan
 
 
 @register_scheme("hqq", "HQQ weight-only, calibration-free (half-quadratic fit of fp16 zero-points to the weights; "
-                 "affine by default): --bits {2,3,4,8} --group-size N (0 = per channel) --symmetric/--affine",
+                 "affine by default): --bits {2,3,4,8} --group-size N (0 = per channel) --symmetric/--affine; --guard: "
+                 "RTN's codes for any decoder linear that errs more than RTN on 4 calibration windows",
                  options=("bits", "group_size", "symmetric", "kernel", "guard"))
 def _hqq_scheme(options: dict) -> HQQConfig:
     return _scheme_config(options, DEFAULT_ITERS, sinkhorn=False)
@@ -485,14 +484,14 @@ def _advice(config: HQQConfig) -> str | None:
 
 @register_scheme("sinq", "SINQ weight-only, calibration-free: Sinkhorn-normalised column scales (stored per layer), then "
                  "RTN: --bits {2,3,4,8} --group-size N --symmetric/--affine (affine by default; the best "
-                 "calibration-free choice for symmetric grids, hqq-sinq for affine ones)",
+                 "calibration-free choice for symmetric grids, hqq-sinq for affine ones); --guard as for hqq",
                  options=("bits", "group_size", "symmetric", "kernel", "guard"))
 def _sinq_scheme(options: dict) -> HQQConfig:
     return _scheme_config(options, 0, sinkhorn=True)
 
 
 @register_scheme("hqq-sinq", "HQQ on SINQ's Sinkhorn-normalised weights (column scales stored per layer), "
-                 "calibration-free: --bits --group-size --symmetric/--affine (affine by default)",
+                 "calibration-free: --bits --group-size --symmetric/--affine (affine by default); --guard as for hqq",
                  options=("bits", "group_size", "symmetric", "kernel", "guard"))
 def _hqq_sinq_scheme(options: dict) -> HQQConfig:
     return _scheme_config(options, DEFAULT_ITERS, sinkhorn=True)
