@@ -192,7 +192,7 @@ def score_window(fp, models: dict, ids: torch.Tensor, sums: dict) -> None:
 
 
 def summarise(per_text: dict, rows: list) -> list[dict]:
-    """Per scheme and text: blocks worse than its RTN (local / stream), the worst ratio and where, the geometric
+    """Per scheme, text and measure: blocks (linears) worse than its RTN, the worst ratio and where, the geometric
     mean ratio; ``per_text[text][name][(measure, kind, layer)]`` are token means."""
     import math
 
