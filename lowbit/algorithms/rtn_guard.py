@@ -3,7 +3,7 @@ method's module or round-to-nearest's, whichever has the lower output error on c
 
 A weight-only objective (HQQ's ``l_p`` fit, SINQ's balanced spreads) cannot see which input columns carry
 large activations, so a linear can come out with a lower weight error than RTN and a higher output error:
-on SmolLM2 SINQ W4 sym is worse than RTN on 45 of 210 linears, mostly ``k_proj`` / ``q_proj``
+on SmolLM2 SINQ W4 sym is worse than RTN on 43-47 of 210 linears, mostly ``k_proj`` / ``q_proj``
 (bench/results/layer_vs_rtn.md), although better on every decoder block. The guard judges each linear by
 
     err(M) = sum_b || X_b W^T - M(X_b) ||^2
