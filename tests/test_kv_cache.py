@@ -131,3 +131,22 @@ def test_bytes_per_token_and_bad_input(tiny):
         QuantizedKVLayer(bits=3)
     with pytest.raises(ConfigError, match="sink >= 0"):
         QuantizedKVLayer(bits=4, sink=-1)
+
+
+@pytest.mark.parametrize("args, words", [(["--kv-sink", "2"], "needs --kv-cache"),
+                                         (["--kv-cache", "int4", "--kv-sink", "-1"], ">= 0")])
+def test_eval_kv_sink_refuses_bad_values_before_loading(monkeypatch, args, words):
+    """`lowbit eval --kv-sink`: a clean error before any model loads (a sink without a cache, a negative count)."""
+    from typer.testing import CliRunner
+
+    import lowbit.cli.eval as eval_cli
+    from lowbit.cli import app
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded despite an invalid value")
+
+    monkeypatch.setattr(eval_cli, "_load_target", forbidden)
+    result = CliRunner().invoke(app, ["eval", "smollm2", *args])
+    out = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 2, (result.exit_code, out, result.exception)
+    assert words in out and "Traceback" not in out

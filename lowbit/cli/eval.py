@@ -58,6 +58,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
         quick: bool = typer.Option(False, "--quick", help="Fewer sentences/windows and repeats (for smoke tests)."),
         kv_cache: str = typer.Option(None, "--kv-cache", help="causal LMs: run through an int8 | int4 KV cache"),
+        kv_sink: int = typer.Option(None, "--kv-sink", help="with --kv-cache: the first N tokens of each sequence "
+                                                           "(the attention sink) stay full precision (default 1; "
+                                                           "0 quantizes every token)"),
         eval_data: Path = typer.Option(None, "--eval-data", help="your evaluation texts (.txt / .jsonl) instead of "
                                                                  "lowbit's built-in ones"),
         reference: str = typer.Option(None, "--reference", help="the fp32 model to compare with (default: the "
@@ -70,6 +73,10 @@ def register(app: typer.Typer) -> None:
         from lowbit.data.user import read_samples
         from lowbit.errors import ConfigError
 
+        if kv_sink is not None and kv_cache is None:
+            raise ConfigError("--kv-sink needs --kv-cache (it says which tokens that cache keeps in full precision)")
+        if kv_sink is not None and kv_sink < 0:
+            raise ConfigError(f"--kv-sink takes a token count >= 0, got {kv_sink}")
         model = _load_target(target)
         texts = None
         if eval_data is not None:
@@ -80,7 +87,10 @@ def register(app: typer.Typer) -> None:
         if kv_cache is not None:
             from lowbit.nn.kv_cache import KVCacheLM
 
-            model = KVCacheLM(model, kv_cache)  # chunked forward through the quantized cache
+            from lowbit.nn.kv_cache import DEFAULT_SINK
+
+            sink = DEFAULT_SINK if kv_sink is None else kv_sink
+            model = KVCacheLM(model, kv_cache, sink=sink)  # chunked forward through the quantized cache
         result = evaluate(model, ref, quick=quick, eval_data=texts)
         if as_json:
             typer.echo(json.dumps(result))
