@@ -104,7 +104,8 @@ def main() -> None:
           "g128 = 128 on down_proj, 64 on the 576-wide inputs.", "",
           "| row | ppl | KL |", "|---|---|---|"]
     md += [f"| {r['name']} | {r['ppl']:.3f} | {r['kl']:.4f} |" for r in rows]
-    md += ["", f"`uptime` at start: {meta['uptime_start']}; at end: {meta['uptime_end']}", ""]
+    md += ["", f"`uptime` at start: {meta['uptime_start']}; at end: {meta['uptime_end']} (the load dates the run; "
+               "no timing is reported here)", ""]
     write_results(f"hqq_defaults_part_{args.part}" if args.part else "hqq_defaults", rows, "\n".join(md), meta)
     print("\n".join(md))
 

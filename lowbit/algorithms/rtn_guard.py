@@ -35,28 +35,24 @@ DEFAULT_GUARD_WINDOWS = 4
 Build = Callable[[str, nn.Linear], "tuple[nn.Module, dict]"]
 
 
-def held_out_error(linear: nn.Linear, module: nn.Module, xs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """``sum_b ||T_b W^T - module(X_b)||^2`` over held-out windows: ``X_b`` the linear's inputs through the
-    quantized model, ``T_b`` the inputs the error is measured against (``X_b`` itself for GPTQ and this guard,
-    the float model's for GPTAQ), ``W`` / bias the float linear's. The bias cancels."""
-    err = 0.0
-    with torch.inference_mode():
-        for x, t in zip(xs, targets):
-            d = torch.nn.functional.linear(t.float(), linear.weight.float(), linear.bias) - module(x).float()
-            err += float((d.double() ** 2).sum())
-    return err
-
-
-def output_errors(linear: nn.Linear, modules, xs: list[torch.Tensor]) -> list[float]:
-    """:func:`held_out_error` of each of ``modules`` on inputs ``xs`` (targets: ``xs`` themselves), the float
-    outputs computed once."""
+def output_errors(linear: nn.Linear, modules, xs: list[torch.Tensor], targets: list[torch.Tensor] | None = None
+                  ) -> list[float]:
+    """``sum_b ||T_b W^T - M(X_b)||^2`` over held-out windows for each module ``M`` of ``modules``: ``X_b`` the
+    linear's inputs through the quantized model, ``T_b`` the inputs the error is measured against (``targets``;
+    ``X_b`` itself by default, as for GPTQ and this guard; the float model's for GPTAQ), ``W`` / bias the float
+    linear's, its outputs computed once. The bias cancels."""
     errs = [0.0] * len(modules)
     with torch.inference_mode():
-        for x in xs:
-            y = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias)
+        for x, t in zip(xs, xs if targets is None else targets):
+            y = torch.nn.functional.linear(t.float(), linear.weight.float(), linear.bias)
             for j, module in enumerate(modules):
                 errs[j] += float(((y - module(x).float()).double() ** 2).sum())
     return errs
+
+
+def held_out_error(linear: nn.Linear, module: nn.Module, xs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """:func:`output_errors` of one module."""
+    return output_errors(linear, (module,), xs, targets)[0]
 
 
 def guarded_decoder(model: nn.Module, windows: list[torch.Tensor], source: str, build: Build,
