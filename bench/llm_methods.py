@@ -41,7 +41,8 @@ from bench._llm_common import CachedReference, Timer, machine, quiet, rtn_decode
 # (AWQ scales + clipping, GPTQ rounding) | "awq-gptaq" (AWQ scales, GPTAQ rounding); GPTQ rows may set guard=True (RTN
 # fallback judged on held-out calibration windows), asymmetric_calib=True (GPTAQ), init="mse" and rotate=True (QuaRot
 # rotations folded in first: lowbit.algorithms.rotation) and tune_windows (group scales then tuned end to end:
-# lowbit.algorithms.scale_tuning); AWQ rows clip and init
+# lowbit.algorithms.scale_tuning), attention_hessian=True (v_proj's Hessian of attention-mixed inputs); AWQ rows clip,
+# init and attention_hessian
 ROWS = [
     ("RTN W4 g128 sym", "rtn", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True)),
@@ -58,9 +59,20 @@ ROWS = [
                                                rotate=True)),
     ("GPTAQ-MSE-rot-tuned W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True,
                                                      init="mse", rotate=True, tune_windows=96)),
+    # v_proj's Hessian of the attention-mixed inputs (GPTQConfig.attention_hessian; stop 35)
+    ("GPTQ+attnH W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, attention_hessian=True)),
+    ("GPTAQ+guard+attnH W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True,
+                                                   guard=True, attention_hessian=True)),
+    ("AWQ+GPTAQ-MSE+attnH W4 g128 sym", "awq-gptaq", dict(bits=4, group_size=128, symmetric=True, init="mse",
+                                                          attention_hessian=True)),
+    ("GPTAQ-MSE-rot+attnH W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True,
+                                                     init="mse", rotate=True, attention_hessian=True)),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, guard=True)),
+    ("GPTQ+attnH W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, attention_hessian=True)),
+    ("GPTAQ+guard+attnH W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, asymmetric_calib=True,
+                                                   guard=True, attention_hessian=True)),
     ("GPTAQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, asymmetric_calib=True, guard=True)),
     ("AWQ W3 g128 sym", "awq", dict(bits=3, group_size=128, symmetric=True)),
     ("AWQ+GPTQ W3 g128 sym", "awq-gptq", dict(bits=3, group_size=128, symmetric=True)),

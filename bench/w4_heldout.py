@@ -13,7 +13,7 @@ gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq, gptq-rot / 
 folded in first, online Hadamard before down_proj); --init mse for the GPTQ step's group
 scales, --init hqq for HQQ's rounding (rtn --init hqq: plain HQQ; awq --init hqq: AWQ's searches and codes with
 HQQ instead of RTN; awq --init sinq: with RTN on SINQ's Sinkhorn-normalised weights); --affine for affine groups;
---no-clip drops AWQ's clipping search, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
+--no-clip drops AWQ's clipping search, --attn-hessian gives GPTQ / GPTAQ v_proj's attention-mixed Hessian, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
 group scales end to end on the first N windows (N <= 96: the held-out windows stay unseen).
 
 Writes bench/results/w4_heldout.md and .json.
@@ -39,7 +39,7 @@ METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq", "g
 
 def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None,
              search_tokens: int | None = None, tune_windows: int = 0, tune_lr: float | None = None,
-             duo: bool = False, affine: bool = False, sink_tokens: int = 0):
+             duo: bool = False, affine: bool = False, sink_tokens: int = 0, attn_hessian: bool = False):
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
@@ -59,8 +59,11 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
     elif method in ("gptq", "gptaq", "gptq-rot", "gptaq-rot"):
         tune = dict(tune_windows=tune_windows, **({} if tune_lr is None else {"tune_lr": tune_lr}))
         lowbit.quantize(model, GPTQConfig(**w, init=init, n_calib=n_calib, asymmetric_calib=method.startswith("gptaq"),
-                                          rotate=method.endswith("-rot"), **damp, **tune))
+                                          rotate=method.endswith("-rot"), attention_hessian=attn_hessian, **damp,
+                                          **tune))
     else:
+        if attn_hessian:
+            raise SystemExit("--attn-hessian: GPTQ / GPTAQ only")
         if percdamp is not None:
             raise SystemExit("--percdamp: GPTQ / GPTAQ only (AWQ's GPTQ step keeps the default)")
         rounding = {"awq": "rtn", "awq-gptq": "gptq", "awq-gptaq": "gptaq"}[method]
@@ -77,7 +80,7 @@ def _name(row: dict) -> str:
 
 
 def _sink(row: dict) -> str:
-    return f" sink {row['sink']}" if row.get("sink") else ""
+    return (f" sink {row['sink']}" if row.get("sink") else "") + (" + attention Hessian" if row.get("attnh") else "")
 
 
 def _tuned(row: dict) -> str:
@@ -102,6 +105,8 @@ def main() -> None:
     ap.add_argument("--affine", action="store_true", help="affine weight groups (a zero-point per group)")
     ap.add_argument("--sink-tokens", type=int, default=0, help="AWQ: each window's first tokens left out of its "
                     "statistics and losses (AWQConfig.sink_tokens)")
+    ap.add_argument("--attn-hessian", action="store_true", help="GPTQ / GPTAQ: v_proj's Hessian of the attention-mixed "
+                    "inputs (GPTQConfig.attention_hessian)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -121,14 +126,14 @@ def main() -> None:
         with Timer() as t:
             model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
                              args.search_tokens, args.tune_windows, args.tune_lr, args.duo, args.affine,
-                             args.sink_tokens)
+                             args.sink_tokens, args.attn_hessian)
         s = lm_scores(model, fp, held)
         from lowbit.data import lm_calib_composition
 
         key = dict(mix=lm_calib_composition()["sha256"][:12], method=args.method, bits=args.bits, init=args.init, clip=not args.no_clip, calib=args.calib,
                    percdamp=args.percdamp, search_tokens=args.search_tokens, tune_windows=args.tune_windows or None,
                    tune_lr=args.tune_lr, duo=args.duo or None, affine=args.affine or None,
-                   sink=args.sink_tokens or None)
+                   sink=args.sink_tokens or None, attnh=args.attn_hessian or None)
         rows = [r for r in rows if {k: r.get(k) for k in key} != key]  # rows without "mix": an earlier environment
         rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
                      "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})

@@ -298,7 +298,8 @@ def test_gptq_on_q4_0_grid_exports_its_own_codes(tmp_path):
     from lowbit.algorithms.gptq import GPTQConfig
     from lowbit.config import build_config
 
-    assert build_config("gptq", {"gguf": "q4_0"}) == GPTQConfig(bits=4, group_size=32, gguf="q4_0")
+    assert build_config("gptq", {"gguf": "q4_0"}) == GPTQConfig(bits=4, group_size=32, gguf="q4_0",
+                                                             attention_hessian=True)
     with pytest.raises(ConfigError, match="q4_0"):
         GPTQConfig(bits=4, group_size=128, gguf="q4_0")
     model = lowbit.quantize(tiny_llama(), GPTQConfig(bits=4, group_size=32, gguf="q4_0"), tiny_batches(4, 64))
@@ -363,7 +364,7 @@ def test_awq_gguf_option_validates_and_cli_accepts_it(tmp_path):
     assert config_from_json(config_to_json(cfg)) == cfg
     cfg = build_config("awq-gptq", {"gguf": "q4_0"})
     assert (cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding) == (4, 32, True, "gptq")
-    assert cfg.gptq_config().gguf == "q4_0" and cfg.scheme == "awq-gptq-w4-g32-sym-ggml"
+    assert cfg.gptq_config().gguf == "q4_0" and cfg.scheme == "awq-gptq-w4-g32-sym-ggml-attnh"
     for bad in (dict(gguf="q5_k"), dict(gguf="q4_0"), dict(gguf="q4_0", group_size=32, symmetric=False),
                 dict(gguf="q8_0", bits=4, group_size=32), dict(gguf="q4_0", group_size=32, fmt="nf4"),
                 dict(gguf="q8_0", bits=8, group_size=32, rounding="gptq")):

@@ -60,7 +60,13 @@ from lowbit.algorithms._llm import (effective_group_size, layer_linears, layer_p
                                    require_llama_layout,
                                    widest_input)
 from lowbit.algorithms._weights import check_weight_fields, weight_scheme_name
-from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
+from lowbit.algorithms.gptq import (
+    DEFAULT_CALIB_WINDOWS,
+    GPTQConfig,
+    check_enough_tokens,
+    make_gptq_process,
+    scheme_attention_hessian,
+)
 from lowbit.algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
 from lowbit.algorithms.sinkhorn import sinkhorn_column_scales
 from lowbit.algorithms.ranks import (broadcast_from, collective_guard, gather_batches, local_indices, ordered_sum,
@@ -111,6 +117,7 @@ class AWQConfig(BaseConfig):
     # each window's first tokens left out of the statistics, losses and clip samples (an ablation: SmolLM2's first
     # token is its attention sink, residual stream ~2e4; leaving it out raised held-out calibration KL 0.382 -> 0.648)
     sink_tokens: int = 0
+    attention_hessian: bool = False  # the GPTQ / GPTAQ step's v_proj Hessian of attention-mixed inputs (GPTQConfig)
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -120,6 +127,9 @@ class AWQConfig(BaseConfig):
             raise ConfigError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.attention_hessian and self.rounding == "rtn":
+            raise ConfigError("awq attention_hessian=True shapes the GPTQ step's v_proj Hessian: it needs rounding "
+                              "'gptq' or 'gptaq'")
         if self.init not in ("minmax", *CALIBRATION_FREE_ROUNDINGS) and self.rounding == "rtn":
             raise ConfigError(f"awq init={self.init!r} chooses the GPTQ step's group parameters: it needs rounding "
                               "'gptq' or 'gptaq' (plain AWQ's clipping search chooses its ranges; init 'hqq' / "
@@ -165,7 +175,7 @@ class AWQConfig(BaseConfig):
         return GPTQConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, fmt=self.fmt,
                           double_quant=self.double_quant, kernel=self.kernel, include=self.include,
                           exclude=self.exclude, gguf=self.gguf, asymmetric_calib=self.rounding == "gptaq",
-                          init=self.init)
+                          init=self.init, attention_hessian=self.attention_hessian)
 
     @property
     def format_name(self) -> str:
@@ -180,7 +190,8 @@ class AWQConfig(BaseConfig):
         name += "" if self.clips == default else ("-clip" if self.clips else "-noclip")
         init = "" if self.init == "minmax" or self.final_rounding else f"-{self.init}init"
         return f"{name}{'-ggml' if self.gguf else ''}{init}" \
-               f"{'-duo' if self.duo_scaling else ''}{f'-sink{self.sink_tokens}' if self.sink_tokens else ''}"
+               f"{'-duo' if self.duo_scaling else ''}{f'-sink{self.sink_tokens}' if self.sink_tokens else ''}" \
+               f"{'-attnh' if self.attention_hessian else ''}"
 
 
 # ------------------------------------------------------------------------------- the math
@@ -542,9 +553,10 @@ def _awq_scheme(options: dict) -> AWQConfig:
 @register_scheme("awq-gptq", "AWQ's channel scales and clipping, then GPTQ's error-compensating rounding of the "
                  "transformed layer: --bits --group-size --symmetric/--affine; --gguf q4_0 fits llama.cpp's Q4_0 "
                  "grid; causal LMs only",
-                 options=("bits", "group_size", "symmetric", "kernel", "gguf"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "gguf", "attention_hessian"), models=("smollm2",))
 def _awq_gptq_scheme(options: dict) -> AWQConfig:
-    return dataclasses.replace(_awq_options(options, symmetric=True), rounding="gptq")
+    return dataclasses.replace(_awq_options(options, symmetric=True), rounding="gptq",
+                               attention_hessian=scheme_attention_hessian(options))
 
 
 @register_scheme("awq-hqq", "AWQ's channel scales and clipping search with HQQ's rounding (fp16 scales and zero-points "
@@ -564,7 +576,8 @@ def _awq_hqq_scheme(options: dict) -> AWQConfig:
 @register_scheme("awq-gptaq", "AWQ's channel scales (no clipping), then GPTAQ's rounding of the transformed layer "
                  "(each linear matches the fp32 model's outputs from the quantized model's inputs) with MSE-searched "
                  "group scales: --bits --group-size --symmetric/--affine; one process; causal LMs only",
-                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
 def _awq_gptaq_scheme(options: dict) -> AWQConfig:
     # init "mse": held-out calibration KL 0.195 vs 0.208 with min-max (SmolLM2 W4 g128, bench/results/w4_heldout.md)
-    return dataclasses.replace(_awq_options(options, symmetric=True), rounding="gptaq", init="mse")
+    return dataclasses.replace(_awq_options(options, symmetric=True), rounding="gptaq", init="mse",
+                               attention_hessian=scheme_attention_hessian(options))

@@ -38,6 +38,10 @@ accumulated error ``dX`` of those tokens rather than its systematic part.
 ``P`` is summed per window in window order like ``S`` (:meth:`GPTQ.add_cross`) and scaled by the
 same ``2 / M``.
 
+``GPTQConfig(attention_hessian=True)``: v_proj's Hessian (and GPTAQ's cross term) is built from its inputs mixed
+by each head's attention probabilities, ``z_i = sum_j a_ij x_j``, the inputs its error reaches the model through
+(``attention_hessian.py``; BoA, Kim et al. 2025).
+
 Interface: ``g = GPTQ(K); g.add_batch(x)`` per calibration batch, then
 ``codes, qparams, loss = g.solve(W, fmt, symmetric, group_size)``; ``WeightOnlyQLinear.from_quantized``
 wraps the result. The handler runs decoder layers sequentially (``sequential.py``).
@@ -45,6 +49,7 @@ wraps the result. The handler runs decoder layers sequentially (``sequential.py`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -53,6 +58,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, capture_inputs
+from lowbit.algorithms.attention_hessian import mixed_value_inputs, value_projection
 from lowbit.algorithms._llm import (
     LLAMA_INPUT_GROUPS,
     effective_group_size,
@@ -428,6 +434,9 @@ class GPTQConfig(BaseConfig):
     # SINQ's column scales (lowbit.algorithms.sinkhorn): each linear solves W / t against the Hessian of t * x and
     # stores t (WeightOnlyQLinear.input_scale); t comes from the weight alone
     sinkhorn: bool = False
+    # v_proj's Hessian from its inputs mixed by the attention probabilities (lowbit.algorithms.attention_hessian):
+    # its error as the attention outputs see it, the attention sink weighted by the attention it receives
+    attention_hessian: bool = False
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -466,7 +475,8 @@ class GPTQConfig(BaseConfig):
         name = weight_scheme_name(method, self.bits, self.group_size, self.symmetric, self.fmt, self.double_quant)
         return f"{name}{'-ggml' if self.gguf else ''}{'-guard' if self.guard else ''}" \
                f"{'' if self.init == 'minmax' else f'-{self.init}init'}{'-rot' if self.rotate else ''}" \
-               f"{'-tuned' if self.tune_windows else ''}{'-sinq' if self.sinkhorn else ''}"
+               f"{'-tuned' if self.tune_windows else ''}{'-sinq' if self.sinkhorn else ''}" \
+               f"{'-attnh' if self.attention_hessian else ''}"
 
 
 def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, kernel: str,
@@ -630,28 +640,41 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
                 for j in range(len(fp_inputs)):
                     fp_inputs[j] = run_layer(layer, [fp_inputs[j]], kwargs, i)[0]
             return
+        attn = getattr(layer, "self_attn", None)
+        v = value_projection(attn) if config.attention_hessian and attn is not None else None
+        mixed_v = next((n for n, m in linears.items() if m is v), None) if v is not None else None
+        if mixed_v is not None:
+            owner[mixed_v] = mixed_v  # its own Hessian, of the attention-mixed inputs (attention_hessian.py)
         hess = {n: GPTQ(linears[n].in_features) for n in set(owner.values())}
         full = {f"{prefix}.{i}.{n}": n for n in hess}  # hooks name the full layer on NaN
-        mods = {f: linears[n] for f, n in full.items()}
+        fv = f"{prefix}.{i}.{mixed_v}"
+        mods = {f: linears[n] for f, n in full.items() if n != mixed_v}
+
+        def mixing(fn, transform=None):
+            """v_proj's attention-mixed inputs to ``fn`` during a pass (nothing without attention_hessian)."""
+            return mixed_value_inputs(attn, fn, transform) if mixed_v is not None else contextlib.nullcontext()
         n_fit = len(inputs) - held_out
         held_q: dict[str, list] = {n: [] for n in hess}  # held-out inputs through the quantized model
         held_fp: dict[str, list] = {n: [] for n in hess}  # GPTAQ: the float model's, same windows
         if not asym:
-            with capture_inputs(mods, lambda f, x: hess[full[f]].add_batch(x)):
+            with capture_inputs(mods, lambda f, x: hess[full[f]].add_batch(x)), \
+                    mixing(lambda z: hess[mixed_v].add_batch(z)):
                 run_layer(layer, inputs[:n_fit] if held_out else inputs, kwargs, i, keep=False)
             if held_out:
-                with capture_inputs(mods, lambda f, x: held_q[full[f]].append(x)):
+                with capture_inputs(mods, lambda f, x: held_q[full[f]].append(x)), \
+                        mixing(lambda z: held_q[mixed_v].append(z)):
                     run_layer(layer, inputs[n_fit:], kwargs, i, keep=False)
         else:
             for j in range(len(inputs)):  # window by window: x_q and x_fp of one window alive at a time
                 xq: dict[str, torch.Tensor] = {}
                 xf: dict[str, torch.Tensor] = {}
-                with capture_inputs(mods, xq.__setitem__):
+                with capture_inputs(mods, xq.__setitem__), mixing(
+                        lambda z: xq.__setitem__(fv, z), None if act_quant is None else lambda x: act_quant(fv, x)):
                     run_layer(layer, [inputs[j]], kwargs, i, keep=False)
-                with capture_inputs(mods, xf.__setitem__):
+                with capture_inputs(mods, xf.__setitem__), mixing(lambda z: xf.__setitem__(fv, z)):
                     fp_inputs[j] = run_layer(layer, [fp_inputs[j]], kwargs, i)[0]  # the float stream advances
                 for f, n in full.items():
-                    if act_quant is not None:  # what the quantized linear will multiply at run time
+                    if act_quant is not None and f != fv:  # what the quantized linear will multiply at run time
                         xq[f] = act_quant(f, xq[f])
                     if j < n_fit:
                         hess[n].alpha = config.asym_alpha
@@ -673,6 +696,8 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
             new = build(n, m, codes, qp, g, t_col)
             name = f"{prefix}.{i}.{n}"
             st = {"loss": loss, "seconds": 0.0, "group_size": g}
+            if n == mixed_v:
+                st["hessian"] = "attention-mixed inputs"
             if held_out:
                 rcodes, rqp = rtn_solution(m.weight, config.format_name, config.symmetric, g, config.double_quant,
                                            config.gguf)
@@ -695,46 +720,57 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
     return process
 
 
+# the GPTQ-family schemes (and awq-gptq / awq-gptaq) build v_proj's Hessian from attention-mixed inputs unless told
+# otherwise: held-out calibration KL, bench/results/w4_heldout.md (GPTQConfig keeps attention_hessian=False)
+SCHEME_ATTENTION_HESSIAN = True
+
+
 def _weight_options(options: dict) -> dict:
     """The CLI's --bits / --group-size / --symmetric / --kernel as GPTQConfig fields (the GPTQ schemes' defaults)."""
     return dict(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
-                symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"))
+                symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"),
+                attention_hessian=scheme_attention_hessian(options))
+
+
+def scheme_attention_hessian(options: dict) -> bool:
+    """The schemes' --attention-hessian / --plain-hessian (default :data:`SCHEME_ATTENTION_HESSIAN`)."""
+    return option_bool(options.get("attention_hessian", SCHEME_ATTENTION_HESSIAN))
 
 
 @register_scheme("gptq", "GPTQ weight-only (Hessian error compensation, act-order, lazy blocks), decoder layers "
                  "one at a time: --bits {2,3,4,8} --group-size N --symmetric/--affine; causal LMs only",
-                 options=("bits", "group_size", "symmetric", "kernel", "gguf"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "gguf"), models=("smollm2",))
 def _gptq_scheme(options: dict) -> GPTQConfig:
     if options.get("gguf"):  # --gguf q4_0: llama.cpp's Q4_0 grid (int4 symmetric, blocks of 32, codes -8..7)
         return GPTQConfig(bits=4, group_size=32, symmetric=True, gguf=options["gguf"],
-                          kernel=options.get("kernel", "auto"))
+                          kernel=options.get("kernel", "auto"), attention_hessian=scheme_attention_hessian(options))
     return GPTQConfig(**_weight_options(options))
 
 
 @register_scheme("gptaq", "GPTAQ: GPTQ calibrated asymmetrically (each linear matches the fp32 model's outputs from "
                  "the quantized model's inputs) with the RTN-fallback guard on held-out calibration windows",
-                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
 def _gptaq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, guard=True)
 
 
 @register_scheme("gptq-guard", "GPTQ with the RTN-fallback guard: a linear whose output error on held-out "
                  "calibration windows is above RTN's keeps RTN's codes (recorded in metadata.json)",
-                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
 def _gptq_guard_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), guard=True)
 
 
 @register_scheme("gptq-hqq", "GPTQ whose group scales / zero-points come from HQQ's fit to the group's error-updated "
                  "weights instead of min-max (affine: fp16 zero-points)",
-                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
 def _gptq_hqq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), init="hqq")
 
 
 @register_scheme("gptq-mse", "GPTQ whose group scales come from the shrink of the min-max range minimising the "
                  "group's l_2.4 rounding error on its error-updated weights (the GPTQ reference's mse search)",
-                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
 def _gptq_mse_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), init="mse")
 
@@ -742,7 +778,7 @@ def _gptq_mse_scheme(options: dict) -> GPTQConfig:
 @register_scheme("gptaq-rot", "QuaRot + GPTAQ weight-only: Hadamard rotations folded into the float weights (online "
                  "transforms before down_proj and, with a tied head, in the final norm), then GPTAQ with MSE group "
                  "scales; Llama-layout causal LMs; decodes on the fast decoder, not exportable to GGUF",
-                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
 def _gptaq_rot_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, init="mse", rotate=True)
 
@@ -750,7 +786,7 @@ def _gptaq_rot_scheme(options: dict) -> GPTQConfig:
 @register_scheme("gptaq-rot-tuned", "gptaq-rot, then its group scales tuned end to end against the fp32 model's "
                  f"next-token distribution on {DEFAULT_TUNE_WINDOWS} calibration windows, codes fixed (EfficientQAT's "
                  "E2E-QP; ~6 more minutes on SmolLM2 and 2 cores); same size and kernels",
-                 options=("bits", "group_size", "symmetric", "kernel", "tune_windows", "tune_epochs", "tune_bf16"),
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "tune_windows", "tune_epochs", "tune_bf16"),
                  models=("smollm2",))
 def _gptaq_rot_tuned_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, init="mse", rotate=True,
@@ -761,13 +797,13 @@ def _gptaq_rot_tuned_scheme(options: dict) -> GPTQConfig:
 
 @register_scheme("gptq-sinq", "GPTQ on SINQ's Sinkhorn-normalised weights: each linear solves W / t (column scales t "
                  "from the weight, stored per layer) against the Hessian of t * x",
-                 options=("bits", "group_size", "symmetric", "kernel"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
 def _gptq_sinq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), sinkhorn=True)
 
 
 @register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",
-                 options=("group_size", "kernel"), models=("smollm2",))
+                 options=("group_size", "kernel", "attention_hessian"), models=("smollm2",))
 def _gptq_nf4_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(bits=4, fmt="nf4", group_size=int(options.get("group_size", 64)), double_quant=True,
-                      kernel=options.get("kernel", "auto"))
+                      kernel=options.get("kernel", "auto"), attention_hessian=scheme_attention_hessian(options))

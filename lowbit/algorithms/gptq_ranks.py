@@ -27,6 +27,8 @@ caller writes the folder atomically after the whole model is done), so a failed 
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 
@@ -59,8 +61,8 @@ def reduce_hessian(sums: list[torch.Tensor], counts: list[int], n_batches: int, 
 
 
 def check_ranks_support(config) -> None:
-    """The across-ranks step runs plain GPTQ: GPTAQ's float activation stream and the guard's held-out
-    windows are not sharded (yet)."""
+    """The across-ranks step runs plain GPTQ (v_proj's attention-mixed Hessian included): GPTAQ's float
+    activation stream and the guard's held-out windows are not sharded (yet)."""
     if getattr(config, "asymmetric_calib", False) or getattr(config, "guard", False):
         raise ConfigError(f"{config.scheme}: GPTAQ (asymmetric_calib) and the RTN-fallback guard run in one process "
                           "only, not across torchrun ranks; run it without torchrun, or use plain gptq")
@@ -106,6 +108,7 @@ def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches:
 
     ``wrap(name, linear, codes, qparams, group_size) -> module`` as in ``make_gptq_process`` (default:
     ``WeightOnlyQLinear``); the W/A presets pass one that builds ``WAQLinear``."""
+    from lowbit.algorithms.attention_hessian import mixed_value_inputs, value_projection
     from lowbit.algorithms.gptq import selected_linears, wrap_quantized
 
     check_ranks_support(config)
@@ -114,6 +117,11 @@ def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches:
         linears, owner = selected_linears(config, layer, f"{prefix}.{i}", groups)
         if not linears:
             return
+        attn = getattr(layer, "self_attn", None)
+        v = value_projection(attn) if config.attention_hessian and attn is not None else None
+        mixed_v = next((n for n, m in linears.items() if m is v), None) if v is not None else None
+        if mixed_v is not None:
+            owner[mixed_v] = mixed_v  # its own Hessian, of the attention-mixed inputs (as make_gptq_process)
         # Hessian groups in the adapter's linear order: every rank issues the same collectives in the
         # same order (a set's order depends on each process's string hash seed)
         sums: dict[str, list[torch.Tensor]] = {n: [] for n in dict.fromkeys(owner[n] for n in linears)}
@@ -126,7 +134,10 @@ def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches:
             counts[full[f]].append(x.shape[0])
 
         try:
-            with capture_inputs({f: linears[n] for f, n in full.items()}, add):
+            fv = f"{prefix}.{i}.{mixed_v}"
+            with capture_inputs({f: linears[n] for f, n in full.items() if n != mixed_v}, add), \
+                    (mixed_value_inputs(attn, lambda z: add(fv, z)) if mixed_v is not None
+                     else contextlib.nullcontext()):
                 run_layer(layer, inputs, kwargs, i, keep=False)
             hess = {n: reduce_hessian(sums[n], counts[n], n_batches, linears[n].in_features) for n in sums}
             del sums

@@ -186,6 +186,10 @@ def register(app: typer.Typer) -> None:
         guard: bool = typer.Option(False, "--guard", help="hqq / sinq / hqq-sinq on causal LMs: a decoder linear "
                                                           "whose output error on 4 calibration windows is above "
                                                           "RTN's keeps RTN's codes (reads calibration text)"),
+        attention_hessian: Optional[bool] = typer.Option(
+            None, "--attention-hessian/--plain-hessian",
+            help="GPTQ-family schemes and awq-gptq / awq-gptaq: v_proj's GPTQ Hessian from its inputs mixed by the "
+                 "attention probabilities (the default) or from the plain inputs"),
         budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="mixed precision: size budget in MB"),
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="mixed precision: latency budget"),
         kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache quantization for generation: int8 | int4"),
@@ -226,7 +230,7 @@ def register(app: typer.Typer) -> None:
                        tie_embeddings=tie_embeddings or None, rotate=rotate or None, act_clip=act_clip,
                        act_per_group=act_per_group or None, act_symmetric=False if act_affine else None,
                        tune_windows=tune_windows, tune_epochs=tune_epochs, tune_bf16=tune_bf16 or None,
-                       guard=guard or None)
+                       guard=guard or None, attention_hessian=attention_hessian)
         config = build_config(scheme, options)  # --calib sizes the calibration set for any scheme
         if out is not None and out.exists() and not force:
             raise ConfigError(f"{out} exists; pass --force to replace it")
