@@ -137,3 +137,26 @@ def test_scheme_option_and_bad_input():
         build_config("awq", {"attention_hessian": True})  # plain AWQ rounds with RTN: no Hessian
     with pytest.raises(ConfigError, match="rounding 'gptq' or 'gptaq'"):
         AWQConfig(attention_hessian=True)
+
+
+def test_attention_without_the_interface_gets_plain_inputs_and_a_warning(caplog):
+    from types import SimpleNamespace
+
+    class Direct(torch.nn.Module):  # computes its own attention: the probe never sees probabilities
+        def __init__(self):
+            super().__init__()
+            self.v_proj = torch.nn.Linear(8, 8)
+            self.config = SimpleNamespace(_attn_implementation="sdpa")
+
+        def forward(self, x):
+            return self.v_proj(x)
+
+    attn, got, x = Direct(), [], torch.randn(1, 5, 8)
+    with mixed_value_inputs(attn, got.append), torch.no_grad():
+        attn(x)
+        attn(x)
+    assert len(got) == 2 and torch.equal(got[0], x[0]) and attn.config._attn_implementation == "sdpa"
+    assert caplog.text.count("no attention probabilities") == 1
+    with pytest.raises(ValueError, match="no v_proj"):
+        with mixed_value_inputs(torch.nn.Linear(2, 2), got.append):
+            pass

@@ -111,12 +111,16 @@ def mixed_value_inputs(attn: nn.Module, fn: Callable[[torch.Tensor], None],
         raise ValueError(f"{type(attn).__name__} has no v_proj / config: no attention-mixed inputs")
     _register()
     pending: list[torch.Tensor] = []
+    warned: list[bool] = []
 
     def flush_plain() -> None:
         while pending:
             x = pending.pop()
-            log.warning("%s: no attention probabilities reached the probe (the module does not dispatch through "
-                        "transformers' AttentionInterface); its v_proj gets the plain Hessian", type(attn).__name__)
+            if not warned:
+                warned.append(True)
+                log.warning("%s: no attention probabilities reached the probe (the module does not dispatch through "
+                            "transformers' AttentionInterface); its v_proj gets the plain Hessian",
+                            type(attn).__name__)
             fn(x.reshape(-1, x.shape[-1]))
 
     def take_input(module, args):
