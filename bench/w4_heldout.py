@@ -13,7 +13,7 @@ gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq, gptq-rot / 
 folded in first, online Hadamard before down_proj); --init mse for the GPTQ step's group
 scales, --init hqq for HQQ's rounding (rtn --init hqq: plain HQQ; awq --init hqq: AWQ's searches and codes with
 HQQ instead of RTN; awq --init sinq: with RTN on SINQ's Sinkhorn-normalised weights); --affine for affine groups;
---no-clip drops AWQ's clipping search, --attn-hessian gives GPTQ / GPTAQ v_proj's attention-mixed Hessian, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
+--no-clip drops AWQ's clipping search, --attn-hessian gives GPTQ / GPTAQ (and AWQ's GPTQ / GPTAQ step) v_proj's attention-mixed Hessian, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
 group scales end to end on the first N windows (N <= 96: the held-out windows stay unseen).
 
 Writes bench/results/w4_heldout.md and .json.
@@ -62,14 +62,14 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
                                           rotate=method.endswith("-rot"), attention_hessian=attn_hessian, **damp,
                                           **tune))
     else:
-        if attn_hessian:
-            raise SystemExit("--attn-hessian: GPTQ / GPTAQ only")
+        if attn_hessian and method == "awq":
+            raise SystemExit("--attn-hessian: GPTQ / GPTAQ and AWQ's GPTQ / GPTAQ rounding only")
         if percdamp is not None:
             raise SystemExit("--percdamp: GPTQ / GPTAQ only (AWQ's GPTQ step keeps the default)")
         rounding = {"awq": "rtn", "awq-gptq": "gptq", "awq-gptaq": "gptaq"}[method]
         search = {} if search_tokens is None else {"search_tokens": search_tokens}
         lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib, duo_scaling=duo,
-                                         sink_tokens=sink_tokens, **search))
+                                         sink_tokens=sink_tokens, attention_hessian=attn_hessian, **search))
     return model
 
 
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--affine", action="store_true", help="affine weight groups (a zero-point per group)")
     ap.add_argument("--sink-tokens", type=int, default=0, help="AWQ: each window's first tokens left out of its "
                     "statistics and losses (AWQConfig.sink_tokens)")
-    ap.add_argument("--attn-hessian", action="store_true", help="GPTQ / GPTAQ: v_proj's Hessian of the attention-mixed "
+    ap.add_argument("--attn-hessian", action="store_true", help="GPTQ / GPTAQ (also awq-gptq / awq-gptaq): v_proj's Hessian of the attention-mixed "
                     "inputs (GPTQConfig.attention_hessian)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render", action="store_true")
