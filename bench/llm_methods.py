@@ -67,6 +67,7 @@ ROWS = [
                                                           attention_hessian=True)),
     ("GPTAQ-MSE-rot+attnH W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True, asymmetric_calib=True,
                                                      init="mse", rotate=True, attention_hessian=True)),
+    ("GPTQ+attnH W4 g128 asym", "gptq", dict(bits=4, group_size=128, symmetric=False, attention_hessian=True)),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, guard=True)),

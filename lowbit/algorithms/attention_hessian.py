@@ -99,6 +99,18 @@ def value_projection(attn: nn.Module) -> nn.Module | None:
     return v if isinstance(v, nn.Module) and hasattr(attn, "config") else None
 
 
+def mixed_value_linear(layer: nn.Module, linears: dict[str, nn.Module], owner: dict[str, str],
+                       enabled: bool) -> tuple[nn.Module | None, str | None]:
+    """The decoder layer's attention module and the name (a key of ``linears``) of its v_proj when ``enabled`` and
+    selected, else ``(attn, None)``; that v_proj becomes the owner of its own Hessian in ``owner`` (in place)."""
+    attn = getattr(layer, "self_attn", None)
+    v = value_projection(attn) if enabled and attn is not None else None
+    name = next((n for n, m in linears.items() if m is v), None) if v is not None else None
+    if name is not None:
+        owner[name] = name
+    return attn, name
+
+
 @contextmanager
 def mixed_value_inputs(attn: nn.Module, fn: Callable[[torch.Tensor], None],
                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
@@ -149,3 +161,6 @@ def mixed_value_inputs(attn: nn.Module, fn: Callable[[torch.Tensor], None],
         _RECORDERS.pop(id(attn), None)
         _ORIGINAL.pop(id(config), None)
         hook.remove()
+
+
+__all__ = ["attention_probs", "mixed_value_inputs", "mixed_value_linear", "value_projection"]

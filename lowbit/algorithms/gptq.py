@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, capture_inputs
-from lowbit.algorithms.attention_hessian import mixed_value_inputs, value_projection
+from lowbit.algorithms.attention_hessian import mixed_value_inputs, mixed_value_linear
 from lowbit.algorithms._llm import (
     LLAMA_INPUT_GROUPS,
     effective_group_size,
@@ -640,11 +640,8 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
                 for j in range(len(fp_inputs)):
                     fp_inputs[j] = run_layer(layer, [fp_inputs[j]], kwargs, i)[0]
             return
-        attn = getattr(layer, "self_attn", None)
-        v = value_projection(attn) if config.attention_hessian and attn is not None else None
-        mixed_v = next((n for n, m in linears.items() if m is v), None) if v is not None else None
-        if mixed_v is not None:
-            owner[mixed_v] = mixed_v  # its own Hessian, of the attention-mixed inputs (attention_hessian.py)
+        # v_proj (when attention_hessian): its own Hessian, of the attention-mixed inputs (attention_hessian.py)
+        attn, mixed_v = mixed_value_linear(layer, linears, owner, config.attention_hessian)
         hess = {n: GPTQ(linears[n].in_features) for n in set(owner.values())}
         full = {f"{prefix}.{i}.{n}": n for n in hess}  # hooks name the full layer on NaN
         fv = f"{prefix}.{i}.{mixed_v}"

@@ -108,7 +108,7 @@ def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches:
 
     ``wrap(name, linear, codes, qparams, group_size) -> module`` as in ``make_gptq_process`` (default:
     ``WeightOnlyQLinear``); the W/A presets pass one that builds ``WAQLinear``."""
-    from lowbit.algorithms.attention_hessian import mixed_value_inputs, value_projection
+    from lowbit.algorithms.attention_hessian import mixed_value_inputs, mixed_value_linear
     from lowbit.algorithms.gptq import selected_linears, wrap_quantized
 
     check_ranks_support(config)
@@ -117,11 +117,8 @@ def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches:
         linears, owner = selected_linears(config, layer, f"{prefix}.{i}", groups)
         if not linears:
             return
-        attn = getattr(layer, "self_attn", None)
-        v = value_projection(attn) if config.attention_hessian and attn is not None else None
-        mixed_v = next((n for n, m in linears.items() if m is v), None) if v is not None else None
-        if mixed_v is not None:
-            owner[mixed_v] = mixed_v  # its own Hessian, of the attention-mixed inputs (as make_gptq_process)
+        # v_proj (when attention_hessian): its own Hessian, of the attention-mixed inputs (attention_hessian.py)
+        attn, mixed_v = mixed_value_linear(layer, linears, owner, config.attention_hessian)
         # Hessian groups in the adapter's linear order: every rank issues the same collectives in the
         # same order (a set's order depends on each process's string hash seed)
         sums: dict[str, list[torch.Tensor]] = {n: [] for n in dict.fromkeys(owner[n] for n in linears)}
