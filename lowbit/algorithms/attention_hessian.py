@@ -13,8 +13,8 @@ the attention the other tokens give it.
 The attention probabilities come from a probe registered with transformers' ``AttentionInterface``: while
 :func:`mixed_value_inputs` is active, the layer's attention dispatches to the probe, which runs the model's own
 implementation (so the layer's outputs are unchanged) and recomputes ``softmax(q k^T * scaling + mask)`` when that
-implementation returns no probabilities (sdpa). Attention modules that do not dispatch through the interface (or have
-no ``v_proj``) give plain inputs, with a warning.
+implementation returns no probabilities (sdpa). Attention modules that do not dispatch through the interface give
+plain inputs, with a warning; layers without a ``v_proj`` (fused projections) keep GPTQ's plain Hessian.
 """
 
 from __future__ import annotations
