@@ -80,6 +80,12 @@ ROWS = [
      "RTN W4 g128 sym"),
     ("GPTQ+attnH W4 g128 affine (gptq --affine)", "gptq", dict(W4, symmetric=False, attention_hessian=True),
      "RTN W4 g128 affine"),
+    # o_proj / down_proj tokens weighted by 1 / rms of the residual after their add (--residual-weights;
+    # lowbit.algorithms.residual_hessian)
+    ("GPTQ+attnH+resW W4 g128 sym (gptq --residual-weights)", "gptq",
+     dict(W4, symmetric=True, attention_hessian=True, residual_weights=True), "RTN W4 g128 sym"),
+    ("GPTAQ+guard+attnH+resW W4 g128 sym (gptaq --residual-weights)", "gptaq",
+     dict(W4, symmetric=True, attention_hessian=True, residual_weights=True), "RTN W4 g128 sym"),
     # the RTN-fallback guard (--guard; lowbit.algorithms.rtn_guard), judged on the mix's first 4 windows
     ("HQQ+guard W4 g128 sym (hqq --symmetric --guard)", "hqq", dict(W4, symmetric=True, guard=True),
      "RTN W4 g128 sym"),

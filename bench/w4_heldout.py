@@ -13,7 +13,8 @@ gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq, gptq-rot / 
 folded in first, online Hadamard before down_proj); --init mse for the GPTQ step's group
 scales, --init hqq for HQQ's rounding (rtn --init hqq: plain HQQ; awq --init hqq: AWQ's searches and codes with
 HQQ instead of RTN; awq --init sinq: with RTN on SINQ's Sinkhorn-normalised weights); --affine for affine groups;
---no-clip drops AWQ's clipping search, --attn-hessian gives GPTQ / GPTAQ (and AWQ's GPTQ / GPTAQ step) v_proj's attention-mixed Hessian, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
+--no-clip drops AWQ's clipping search, --attn-hessian gives GPTQ / GPTAQ (and AWQ's GPTQ / GPTAQ step) v_proj's attention-mixed Hessian, --resid-weights weighs the residual writers' tokens by 1 / rms of
+the residual after their add, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
 group scales end to end on the first N windows (N <= 96: the held-out windows stay unseen).
 
 Writes bench/results/w4_heldout.md and .json.
@@ -39,7 +40,7 @@ METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq", "g
 
 def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None,
              search_tokens: int | None = None, tune_windows: int = 0, tune_lr: float | None = None,
-             duo: bool = False, affine: bool = False, sink_tokens: int = 0, attn_hessian: bool = False):
+             duo: bool = False, affine: bool = False, sink_tokens: int = 0, attn_hessian: bool = False, resid_weights: bool = False):
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
@@ -59,7 +60,8 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
     elif method in ("gptq", "gptaq", "gptq-rot", "gptaq-rot"):
         tune = dict(tune_windows=tune_windows, **({} if tune_lr is None else {"tune_lr": tune_lr}))
         lowbit.quantize(model, GPTQConfig(**w, init=init, n_calib=n_calib, asymmetric_calib=method.startswith("gptaq"),
-                                          rotate=method.endswith("-rot"), attention_hessian=attn_hessian, **damp,
+                                          rotate=method.endswith("-rot"), attention_hessian=attn_hessian,
+                                          residual_weights=resid_weights, **damp,
                                           **tune))
     else:
         if attn_hessian and method == "awq":
@@ -80,7 +82,8 @@ def _name(row: dict) -> str:
 
 
 def _sink(row: dict) -> str:
-    return (f" sink {row['sink']}" if row.get("sink") else "") + (" + attention Hessian" if row.get("attnh") else "")
+    return (f" sink {row['sink']}" if row.get("sink") else "") + (" + attention Hessian" if row.get("attnh") else "") \
+        + (" + residual weights" if row.get("resw") else "")
 
 
 def _tuned(row: dict) -> str:
@@ -105,6 +108,8 @@ def main() -> None:
     ap.add_argument("--affine", action="store_true", help="affine weight groups (a zero-point per group)")
     ap.add_argument("--sink-tokens", type=int, default=0, help="AWQ: each window's first tokens left out of its "
                     "statistics and losses (AWQConfig.sink_tokens)")
+    ap.add_argument("--resid-weights", action="store_true", help="GPTQ / GPTAQ: o_proj / down_proj tokens weighted by "
+                    "1 / rms of the residual after their add (lowbit.algorithms.residual_hessian)")
     ap.add_argument("--attn-hessian", action="store_true", help="GPTQ / GPTAQ (also awq-gptq / awq-gptaq): v_proj's Hessian of the attention-mixed "
                     "inputs (GPTQConfig.attention_hessian)")
     ap.add_argument("--threads", type=int, default=2)
@@ -126,14 +131,15 @@ def main() -> None:
         with Timer() as t:
             model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
                              args.search_tokens, args.tune_windows, args.tune_lr, args.duo, args.affine,
-                             args.sink_tokens, args.attn_hessian)
+                             args.sink_tokens, args.attn_hessian, args.resid_weights)
         s = lm_scores(model, fp, held)
         from lowbit.data import lm_calib_composition
 
         key = dict(mix=lm_calib_composition()["sha256"][:12], method=args.method, bits=args.bits, init=args.init, clip=not args.no_clip, calib=args.calib,
                    percdamp=args.percdamp, search_tokens=args.search_tokens, tune_windows=args.tune_windows or None,
                    tune_lr=args.tune_lr, duo=args.duo or None, affine=args.affine or None,
-                   sink=args.sink_tokens or None, attnh=args.attn_hessian or None)
+                   sink=args.sink_tokens or None, attnh=args.attn_hessian or None,
+                   resw=args.resid_weights or None)
         rows = [r for r in rows if {k: r.get(k) for k in key} != key]  # rows without "mix": an earlier environment
         rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
                      "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})

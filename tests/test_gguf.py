@@ -299,7 +299,7 @@ def test_gptq_on_q4_0_grid_exports_its_own_codes(tmp_path):
     from lowbit.config import build_config
 
     assert build_config("gptq", {"gguf": "q4_0"}) == GPTQConfig(bits=4, group_size=32, gguf="q4_0",
-                                                             attention_hessian=True)
+                                                             attention_hessian=True, residual_weights=True)
     with pytest.raises(ConfigError, match="q4_0"):
         GPTQConfig(bits=4, group_size=128, gguf="q4_0")
     model = lowbit.quantize(tiny_llama(), GPTQConfig(bits=4, group_size=32, gguf="q4_0"), tiny_batches(4, 64))

@@ -157,7 +157,7 @@ def test_gptaq_with_guard_runs_and_records():
     q = lowbit.quantize(copy.deepcopy(fp), build_config("gptaq", {"bits": 3, "group_size": 16}),
                         calib + tiny_batches(n=2, length=64, seed=6))
     assert q.lowbit_config.asymmetric_calib and q.lowbit_config.guard
-    assert q.lowbit_scheme == "gptaq-w3-g16-sym-guard-attnh" and q.lowbit_calibration["guard"]["judged"] == 14
+    assert q.lowbit_scheme == "gptaq-w3-g16-sym-guard-attnh-resw" and q.lowbit_calibration["guard"]["judged"] == 14
 
 
 def test_clear_errors():

@@ -324,8 +324,9 @@ def test_gptq_hqq_scheme_on_tiny_llama_and_bad_combos():
 
     fp = tiny_llama()
     cfg = build_config("gptq-hqq", {"bits": 4, "group_size": 16, "symmetric": "false"})
-    assert cfg == GPTQConfig(bits=4, group_size=16, symmetric=False, init="hqq", attention_hessian=True)
-    assert cfg.scheme.endswith("-hqqinit-attnh") and config_from_json(config_to_json(cfg)) == cfg
+    assert cfg == GPTQConfig(bits=4, group_size=16, symmetric=False, init="hqq", attention_hessian=True,
+                             residual_weights=True)
+    assert cfg.scheme.endswith("-hqqinit-attnh-resw") and config_from_json(config_to_json(cfg)) == cfg
     q = lowbit.quantize(copy.deepcopy(fp), cfg, tiny_batches(n=4, length=64))
     m = q.get_submodule(next(iter(q.lowbit_report.layers)))
     assert m.zero_point.dtype == torch.float16 and m.spec()["float_zero_point"] is True

@@ -191,8 +191,10 @@ def test_calibration_overlap_warns(caplog):
 
 
 def test_schemes_and_bad_options():
-    assert build_config("gptq", {"bits": 3, "group_size": 64, "symmetric": False}).scheme == "gptq-w3-g64-asym-attnh"
-    assert build_config("gptq", {"bits": 3, "attention_hessian": False}).scheme == "gptq-w3-g128-sym"
+    assert build_config("gptq", {"bits": 3, "group_size": 64, "symmetric": False}).scheme == "gptq-w3-g64-asym-attnh-resw"
+    assert build_config("gptq", {"bits": 3, "attention_hessian": False}).scheme == "gptq-w3-g128-sym-resw"
+    assert build_config("gptq", {"bits": 3, "attention_hessian": False, "residual_weights": False}).scheme == \
+        "gptq-w3-g128-sym"
     assert build_config("awq", {"bits": 4}).scheme == "awq-w4-g128-asym"  # affine by default, as AutoAWQ
     assert build_config("awq", {"symmetric": True}).scheme == "awq-w4-g128-sym"
     assert build_config("awq-gptq", {}).symmetric and build_config("awq-gptaq", {}).symmetric

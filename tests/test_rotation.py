@@ -280,7 +280,7 @@ def test_rotated_weight_only_gptaq_saves_loads_and_beats_unrotated_calibration_e
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
     cfg = build_config("gptaq-rot")
-    assert cfg.rotate and cfg.asymmetric_calib and cfg.init == "mse" and cfg.scheme == "gptaq-w4-g128-sym-mseinit-rot-attnh"
+    assert cfg.rotate and cfg.asymmetric_calib and cfg.init == "mse" and cfg.scheme == "gptaq-w4-g128-sym-mseinit-rot-attnh-resw"
     with pytest.raises(ConfigError, match="gguf"):
         GPTQConfig(bits=4, group_size=32, gguf="q4_0", rotate=True)
 

@@ -93,7 +93,7 @@ def test_gptq_config_tunes_records_and_saves(tmp_path):
     from lowbit.config import build_config
 
     cfg = build_config("gptaq-rot-tuned", {"tune_windows": 8})
-    assert cfg.rotate and cfg.tune_windows == 8 and cfg.scheme == "gptaq-w4-g128-sym-mseinit-rot-tuned-attnh"
+    assert cfg.rotate and cfg.tune_windows == 8 and cfg.scheme == "gptaq-w4-g128-sym-mseinit-rot-tuned-attnh-resw"
     assert build_config("w4a8", {"rotate": True, "tune_windows": 4}).scheme == "w4a8-rot-tuned"
 
 

@@ -93,7 +93,7 @@ def test_gptq_mse_init_on_a_linear():
 def test_gptq_mse_scheme_and_config_on_tiny_llama():
     fp, batches = tiny_llama(), tiny_batches(n=4, length=64)
     q = lowbit.quantize(copy.deepcopy(fp), build_config("gptq-mse", {"group_size": 16}), batches)
-    assert q.lowbit_scheme == "gptq-w4-g16-sym-mseinit-attnh" and len(q.lowbit_report.layers) == 14
+    assert q.lowbit_scheme == "gptq-w4-g16-sym-mseinit-attnh-resw" and len(q.lowbit_report.layers) == 14
     assert all(isinstance(q.get_submodule(n), WeightOnlyQLinear) for n in q.lowbit_report.layers)
     with pytest.raises(ConfigError, match="init must be one of"):
         GPTQConfig(init="percentile")

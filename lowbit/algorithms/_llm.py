@@ -25,6 +25,7 @@ OVERLAP_WARN = 0.01  # warn when more than 1% of the calibration 8-grams occur i
 
 # Linears of a Llama decoder layer, by the input they share (one Hessian / one smoothing factor each).
 LLAMA_INPUT_GROUPS = tuple(names for names, _ in LLAMA_GROUPS)
+LLAMA_GROUP_NORMS = tuple(norm for _, norm in LLAMA_GROUPS)
 LLM_METHODS = "the LLM methods (gptq, awq, smoothquant)"
 
 
@@ -48,6 +49,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def input_groups(model: nn.Module) -> tuple[tuple[str, ...], ...]:
     """Names (inside a decoder layer) of the linears grouped by the input they share."""
     return tuple(names for names, _ in adapters.adapter_for(model, LLM_METHODS).input_groups)
+
+
+def group_norms(model: nn.Module) -> tuple[str | None, ...]:
+    """For each of :func:`input_groups`' groups, the name of the norm module feeding it (None: a residual writer's
+    group, which reads another linear's output)."""
+    return tuple(norm for _, norm in adapters.adapter_for(model, LLM_METHODS).input_groups)
 
 
 def require_llama_layout(model: nn.Module, method: str) -> float:

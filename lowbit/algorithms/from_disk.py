@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms._calib import calibration_info
-from lowbit.algorithms._llm import input_groups, lm_calibration, n_tokens, require_llama_layout, widest_input
+from lowbit.algorithms._llm import group_norms, input_groups, lm_calibration, n_tokens, require_llama_layout, widest_input
 from lowbit.algorithms.awq import AWQConfig, make_awq_process
 from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
 from lowbit.algorithms.sequential import causal_lm_skeleton, quantize_from_safetensors
@@ -69,9 +69,11 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
                               f"{len(batches)} windows for {world} ranks (raise --calib or use fewer ranks)")
         mine = batches[rank::world]  # windows r, r + W, ...: statistics reduced in window order (ranks.py)
     if isinstance(config, GPTQConfig) and distributed:
-        process = make_gptq_ranks_process(config, layers_prefix, report, stats, len(batches), input_groups(model))
+        process = make_gptq_ranks_process(config, layers_prefix, report, stats, len(batches), input_groups(model),
+                                           norms=group_norms(model))
     elif isinstance(config, GPTQConfig):
-        process = make_gptq_process(config, layers_prefix, report, stats, groups=input_groups(model))
+        process = make_gptq_process(config, layers_prefix, report, stats, groups=input_groups(model),
+                                    norms=group_norms(model))
     else:  # AWQ: the same per-window, window-ordered path in one process and across ranks
         process = make_awq_process(config, layers_prefix, report, stats, require_llama_layout(model, config.scheme),
                                    n_batches=len(batches))

@@ -59,9 +59,12 @@ from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, capture_inputs
 from lowbit.algorithms.attention_hessian import mixed_value_inputs, mixed_value_linear
+from lowbit.algorithms.residual_hessian import residual_scales, residual_sources, residual_weighted_inputs
 from lowbit.algorithms._llm import (
+    LLAMA_GROUP_NORMS,
     LLAMA_INPUT_GROUPS,
     effective_group_size,
+    group_norms,
     input_groups,
     layer_linears,
     layer_prefix,
@@ -437,6 +440,9 @@ class GPTQConfig(BaseConfig):
     # v_proj's Hessian from its inputs mixed by the attention probabilities (lowbit.algorithms.attention_hessian):
     # its error as the attention outputs see it, the attention sink weighted by the attention it receives
     attention_hessian: bool = False
+    # o_proj / down_proj (the residual writers): each token's inputs weighted by 1 / rms of the residual after the
+    # add, the factor the next norm applies to its error (lowbit.algorithms.residual_hessian)
+    residual_weights: bool = False
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -476,7 +482,7 @@ class GPTQConfig(BaseConfig):
         return f"{name}{'-ggml' if self.gguf else ''}{'-guard' if self.guard else ''}" \
                f"{'' if self.init == 'minmax' else f'-{self.init}init'}{'-rot' if self.rotate else ''}" \
                f"{'-tuned' if self.tune_windows else ''}{'-sinq' if self.sinkhorn else ''}" \
-               f"{'-attnh' if self.attention_hessian else ''}"
+               f"{'-attnh' if self.attention_hessian else ''}{'-resw' if self.residual_weights else ''}"
 
 
 def wrap_quantized(linear: nn.Linear, codes: torch.Tensor, qp: QParams, group_size: int, kernel: str,
@@ -560,7 +566,8 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_data=None) 
         return quantize_gptq_ranks(model, config, batches, source)
     stats: dict[str, dict] = {}
     t0 = time.perf_counter()
-    process = make_gptq_process(config, prefix, report, stats, groups=input_groups(model), held_out=len(held))
+    process = make_gptq_process(config, prefix, report, stats, groups=input_groups(model), held_out=len(held),
+                                norms=group_norms(model))
     process_layerwise(model, batches + held, process, desc=config.scheme)
     report.extra["gptq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats}
     model.lowbit_calibration = calibration_info(batches, source)
@@ -591,12 +598,14 @@ def selected_linears(config, layer: nn.Module, layer_name: str,
 
 
 def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, stats: dict, wrap=None,
-                      groups: tuple[tuple[str, ...], ...] = LLAMA_INPUT_GROUPS, held_out: int = 0, act_quant=None):
+                      groups: tuple[tuple[str, ...], ...] = LLAMA_INPUT_GROUPS, held_out: int = 0, act_quant=None,
+                      norms: tuple[str | None, ...] = LLAMA_GROUP_NORMS):
     """The per-layer step of sequential GPTQ: Hessians from one float pass, solve, swap modules.
 
     ``wrap(name, linear, codes, qparams, group_size) -> module`` builds the quantized module
     (default: ``WeightOnlyQLinear``; the W/A presets pass one that builds ``WAQLinear``). ``groups``:
-    the layer's linears by shared input (one Hessian each), from the family's adapter row.
+    the layer's linears by shared input (one Hessian each), from the family's adapter row; ``norms`` the norm
+    feeding each group (None: a residual writer), which ``config.residual_weights`` needs.
 
     ``config.asymmetric_calib`` (GPTAQ): the process asks ``process_layerwise`` for the float stream
     (``process.float_stream``) and is called with the float model's hidden states as a fifth argument;
@@ -646,33 +655,46 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
         full = {f"{prefix}.{i}.{n}": n for n in hess}  # hooks name the full layer on NaN
         fv = f"{prefix}.{i}.{mixed_v}"
         mods = {f: linears[n] for f, n in full.items() if n != mixed_v}
+        # the residual writers (when residual_weights): inputs scaled by 1 / rms of the residual after their add
+        sources = residual_sources(layer, tuple(zip(groups, norms))) if config.residual_weights else {}
+        wsrc = {f: sources[n] for f, n in full.items() if n in sources}
+        plain = {f: m for f, m in mods.items() if f not in wsrc}
 
         def mixing(fn, transform=None):
             """v_proj's attention-mixed inputs to ``fn`` during a pass (nothing without attention_hessian)."""
             return mixed_value_inputs(attn, fn, transform) if mixed_v is not None else contextlib.nullcontext()
+
+        def weighting(fn):
+            """The residual writers' weighted inputs to ``fn(full name, x)`` (nothing without residual_weights)."""
+            return residual_weighted_inputs(layer, {f: mods[f] for f in wsrc}, wsrc, fn) if wsrc \
+                else contextlib.nullcontext()
         n_fit = len(inputs) - held_out
         held_q: dict[str, list] = {n: [] for n in hess}  # held-out inputs through the quantized model
         held_fp: dict[str, list] = {n: [] for n in hess}  # GPTAQ: the float model's, same windows
         if not asym:
-            with capture_inputs(mods, lambda f, x: hess[full[f]].add_batch(x)), \
-                    mixing(lambda z: hess[mixed_v].add_batch(z)):
+            with capture_inputs(plain, lambda f, x: hess[full[f]].add_batch(x)), \
+                    weighting(lambda f, x: hess[full[f]].add_batch(x)), mixing(lambda z: hess[mixed_v].add_batch(z)):
                 run_layer(layer, inputs[:n_fit] if held_out else inputs, kwargs, i, keep=False)
             if held_out:
-                with capture_inputs(mods, lambda f, x: held_q[full[f]].append(x)), \
-                        mixing(lambda z: held_q[mixed_v].append(z)):
+                with capture_inputs(plain, lambda f, x: held_q[full[f]].append(x)), \
+                        weighting(lambda f, x: held_q[full[f]].append(x)), mixing(lambda z: held_q[mixed_v].append(z)):
                     run_layer(layer, inputs[n_fit:], kwargs, i, keep=False)
         else:
             for j in range(len(inputs)):  # window by window: x_q and x_fp of one window alive at a time
                 xq: dict[str, torch.Tensor] = {}
                 xf: dict[str, torch.Tensor] = {}
+                s_fp: dict[str, torch.Tensor] = {}  # the writers' 1 / rms(residual), (1, T, 1), of the float stream
                 with capture_inputs(mods, xq.__setitem__), mixing(
                         lambda z: xq.__setitem__(fv, z), None if act_quant is None else lambda x: act_quant(fv, x)):
                     run_layer(layer, [inputs[j]], kwargs, i, keep=False)
-                with capture_inputs(mods, xf.__setitem__), mixing(lambda z: xf.__setitem__(fv, z)):
+                with capture_inputs(mods, xf.__setitem__), mixing(lambda z: xf.__setitem__(fv, z)), \
+                        residual_scales(layer, wsrc, s_fp.__setitem__):
                     fp_inputs[j] = run_layer(layer, [fp_inputs[j]], kwargs, i)[0]  # the float stream advances
                 for f, n in full.items():
                     if act_quant is not None and f != fv:  # what the quantized linear will multiply at run time
                         xq[f] = act_quant(f, xq[f])
+                    if f in s_fp:  # one weight per token for both streams: the cross term stays x_fp - x_q
+                        xq[f], xf[f] = xq[f].float() * s_fp[f], xf[f].float() * s_fp[f]
                     if j < n_fit:
                         hess[n].alpha = config.asym_alpha
                         hess[n].add_batch(xq[f])
@@ -695,6 +717,8 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
             st = {"loss": loss, "seconds": 0.0, "group_size": g}
             if n == mixed_v:
                 st["hessian"] = "attention-mixed inputs"
+            elif owner[n] in sources:
+                st["hessian"] = "residual-weighted inputs"
             if held_out:
                 rcodes, rqp = rtn_solution(m.weight, config.format_name, config.symmetric, g, config.double_quant,
                                            config.gguf)
@@ -722,13 +746,23 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
 # -> mixed (bench/results/w4_heldout.md): GPTQ 0.393 -> 0.245, GPTAQ 0.235 -> 0.193, gptaq-rot 0.154 -> 0.139,
 # awq-gptq 0.281 -> 0.253, awq-gptaq 0.198 -> 0.190 (its licence KL rises, 0.308 -> 0.384: docs/llm.md)
 SCHEME_ATTENTION_HESSIAN = True
+# ... and weight the residual writers' tokens by 1 / ms(residual after the add) (residual_hessian.py; GPTQConfig keeps
+# residual_weights=False): held-out calibration KL without -> with, GPTQ W4 0.245 -> 0.250, GPTAQ W4 0.193 -> 0.192,
+# gptaq-rot W4 0.139 -> 0.133, GPTQ W3 1.329 -> 1.299 (docs/llm.md); GPTQ W4 then has no block or linear worse than RTN's
+SCHEME_RESIDUAL_WEIGHTS = True
 
 
 def _weight_options(options: dict) -> dict:
     """The CLI's --bits / --group-size / --symmetric / --kernel as GPTQConfig fields (the GPTQ schemes' defaults)."""
     return dict(bits=int(options.get("bits", 4)), group_size=int(options.get("group_size", 128)),
                 symmetric=option_bool(options.get("symmetric", True)), kernel=options.get("kernel", "auto"),
-                attention_hessian=scheme_attention_hessian(options))
+                attention_hessian=scheme_attention_hessian(options),
+                residual_weights=scheme_residual_weights(options))
+
+
+def scheme_residual_weights(options: dict) -> bool:
+    """The schemes' --residual-weights / --plain-tokens (default :data:`SCHEME_RESIDUAL_WEIGHTS`)."""
+    return option_bool(options.get("residual_weights", SCHEME_RESIDUAL_WEIGHTS))
 
 
 def scheme_attention_hessian(options: dict) -> bool:
@@ -738,38 +772,39 @@ def scheme_attention_hessian(options: dict) -> bool:
 
 @register_scheme("gptq", "GPTQ weight-only (Hessian error compensation, act-order, lazy blocks), decoder layers "
                  "one at a time: --bits {2,3,4,8} --group-size N --symmetric/--affine; causal LMs only",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "gguf"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights", "gguf"), models=("smollm2",))
 def _gptq_scheme(options: dict) -> GPTQConfig:
     if options.get("gguf"):  # --gguf q4_0: llama.cpp's Q4_0 grid (int4 symmetric, blocks of 32, codes -8..7)
         return GPTQConfig(bits=4, group_size=32, symmetric=True, gguf=options["gguf"],
-                          kernel=options.get("kernel", "auto"), attention_hessian=scheme_attention_hessian(options))
+                          kernel=options.get("kernel", "auto"), attention_hessian=scheme_attention_hessian(options),
+                          residual_weights=scheme_residual_weights(options))
     return GPTQConfig(**_weight_options(options))
 
 
 @register_scheme("gptaq", "GPTAQ: GPTQ calibrated asymmetrically (each linear matches the fp32 model's outputs from "
                  "the quantized model's inputs) with the RTN-fallback guard on held-out calibration windows",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
 def _gptaq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, guard=True)
 
 
 @register_scheme("gptq-guard", "GPTQ with the RTN-fallback guard: a linear whose output error on held-out "
                  "calibration windows is above RTN's keeps RTN's codes (recorded in metadata.json)",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
 def _gptq_guard_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), guard=True)
 
 
 @register_scheme("gptq-hqq", "GPTQ whose group scales / zero-points come from HQQ's fit to the group's error-updated "
                  "weights instead of min-max (affine: fp16 zero-points)",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
 def _gptq_hqq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), init="hqq")
 
 
 @register_scheme("gptq-mse", "GPTQ whose group scales come from the shrink of the min-max range minimising the "
                  "group's l_2.4 rounding error on its error-updated weights (the GPTQ reference's mse search)",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
 def _gptq_mse_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), init="mse")
 
@@ -777,7 +812,7 @@ def _gptq_mse_scheme(options: dict) -> GPTQConfig:
 @register_scheme("gptaq-rot", "QuaRot + GPTAQ weight-only: Hadamard rotations folded into the float weights (online "
                  "transforms before down_proj and, with a tied head, in the final norm), then GPTAQ with MSE group "
                  "scales; Llama-layout causal LMs; decodes on the fast decoder, not exportable to GGUF",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
 def _gptaq_rot_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, init="mse", rotate=True)
 
@@ -785,7 +820,7 @@ def _gptaq_rot_scheme(options: dict) -> GPTQConfig:
 @register_scheme("gptaq-rot-tuned", "gptaq-rot, then its group scales tuned end to end against the fp32 model's "
                  f"next-token distribution on {DEFAULT_TUNE_WINDOWS} calibration windows, codes fixed (EfficientQAT's "
                  "E2E-QP; ~6 more minutes on SmolLM2 and 2 cores); same size and kernels",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "tune_windows", "tune_epochs", "tune_bf16"),
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights", "tune_windows", "tune_epochs", "tune_bf16"),
                  models=("smollm2",))
 def _gptaq_rot_tuned_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, init="mse", rotate=True,
@@ -796,13 +831,14 @@ def _gptaq_rot_tuned_scheme(options: dict) -> GPTQConfig:
 
 @register_scheme("gptq-sinq", "GPTQ on SINQ's Sinkhorn-normalised weights: each linear solves W / t (column scales t "
                  "from the weight, stored per layer) against the Hessian of t * x",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian"), models=("smollm2",))
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
 def _gptq_sinq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), sinkhorn=True)
 
 
 @register_scheme("gptq-nf4", "GPTQ onto the NF4 codebook with double-quantized group scales (QLoRA storage)",
-                 options=("group_size", "kernel", "attention_hessian"), models=("smollm2",))
+                 options=("group_size", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
 def _gptq_nf4_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(bits=4, fmt="nf4", group_size=int(options.get("group_size", 64)), double_quant=True,
-                      kernel=options.get("kernel", "auto"), attention_hessian=scheme_attention_hessian(options))
+                      kernel=options.get("kernel", "auto"), attention_hessian=scheme_attention_hessian(options),
+                      residual_weights=scheme_residual_weights(options))

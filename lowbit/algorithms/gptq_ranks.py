@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lowbit.algorithms._calib import calibration_info, capture_inputs
-from lowbit.algorithms._llm import effective_group_size, input_groups, layer_prefix, n_tokens
+from lowbit.algorithms._llm import effective_group_size, group_norms, input_groups, layer_prefix, n_tokens
 from lowbit.algorithms.ranks import ordered_sum, ranks_active  # noqa: F401 (ranks_active: gptq.py imports it here)
 from lowbit.algorithms.sequential import process_layerwise, run_layer
 from lowbit.core import Kind, QParams, get_format, per_channel, per_group
@@ -103,12 +103,15 @@ def _broadcast_solution(config, weight, g, owner: int, solved):
 
 
 def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches: int,
-                            groups: tuple[tuple[str, ...], ...], wrap=None):
+                            groups: tuple[tuple[str, ...], ...], wrap=None, norms: tuple[str | None, ...] | None = None):
     """The per-layer step of :func:`quantize_gptq_ranks`: sharded Hessians, fixed-order reduce, split solve.
 
     ``wrap(name, linear, codes, qparams, group_size) -> module`` as in ``make_gptq_process`` (default:
-    ``WeightOnlyQLinear``); the W/A presets pass one that builds ``WAQLinear``."""
+    ``WeightOnlyQLinear``); the W/A presets pass one that builds ``WAQLinear``. ``norms``: the norm feeding each
+    group (``config.residual_weights`` needs them; default: Llama's)."""
+    from lowbit.algorithms._llm import LLAMA_GROUP_NORMS
     from lowbit.algorithms.attention_hessian import mixed_value_inputs, mixed_value_linear
+    from lowbit.algorithms.residual_hessian import residual_sources, residual_weighted_inputs
     from lowbit.algorithms.gptq import selected_linears, wrap_quantized
 
     check_ranks_support(config)
@@ -130,9 +133,15 @@ def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches:
             sums[full[f]].append(x.T @ x)
             counts[full[f]].append(x.shape[0])
 
+        # the residual writers (when residual_weights): inputs scaled by 1 / rms of the residual after their add
+        sources = residual_sources(layer, tuple(zip(groups, norms or LLAMA_GROUP_NORMS))) \
+            if config.residual_weights else {}
+        wsrc = {f: sources[n] for f, n in full.items() if n in sources}
         try:
             fv = f"{prefix}.{i}.{mixed_v}"
-            with capture_inputs({f: linears[n] for f, n in full.items() if n != mixed_v}, add), \
+            with capture_inputs({f: linears[n] for f, n in full.items() if n != mixed_v and f not in wsrc}, add), \
+                    (residual_weighted_inputs(layer, {f: linears[full[f]] for f in wsrc}, wsrc, add) if wsrc
+                     else contextlib.nullcontext()), \
                     (mixed_value_inputs(attn, lambda z: add(fv, z)) if mixed_v is not None
                      else contextlib.nullcontext()):
                 run_layer(layer, inputs, kwargs, i, keep=False)
@@ -180,7 +189,8 @@ def quantize_gptq_ranks(model: nn.Module, config, batches: list[torch.Tensor], s
     report = QuantizeReport()
     stats: dict[str, dict] = {}
     t0 = time.perf_counter()
-    process = make_gptq_ranks_process(config, layer_prefix(model), report, stats, len(batches), input_groups(model))
+    process = make_gptq_ranks_process(config, layer_prefix(model), report, stats, len(batches), input_groups(model),
+                                      norms=group_norms(model))
     log.info("rank %d of %d: %d of %d calibration windows", rank, world, len(batches[rank::world]), len(batches))
     process_layerwise(model, batches[rank::world], process, desc=config.scheme)
     report.extra["gptq"] = {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens(batches), "layers": stats,

@@ -190,6 +190,10 @@ def register(app: typer.Typer) -> None:
             None, "--attention-hessian/--plain-hessian",
             help="GPTQ-family schemes and awq-gptq / awq-gptaq: v_proj's GPTQ Hessian from its inputs mixed by the "
                  "attention probabilities (the default) or from the plain inputs"),
+        residual_weights: Optional[bool] = typer.Option(
+            None, "--residual-weights/--plain-tokens",
+            help="GPTQ-family schemes: o_proj / down_proj's GPTQ Hessian with each token weighted by 1 / mean square "
+                 "of the residual stream after their add (the next norm's factor; the default), or every token alike"),
         budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="mixed precision: size budget in MB"),
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="mixed precision: latency budget"),
         kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache quantization for generation: int8 | int4"),
@@ -230,7 +234,8 @@ def register(app: typer.Typer) -> None:
                        tie_embeddings=tie_embeddings or None, rotate=rotate or None, act_clip=act_clip,
                        act_per_group=act_per_group or None, act_symmetric=False if act_affine else None,
                        tune_windows=tune_windows, tune_epochs=tune_epochs, tune_bf16=tune_bf16 or None,
-                       guard=guard or None, attention_hessian=attention_hessian)
+                       guard=guard or None, attention_hessian=attention_hessian,
+                       residual_weights=residual_weights)
         config = build_config(scheme, options)  # --calib sizes the calibration set for any scheme
         if out is not None and out.exists() and not force:
             raise ConfigError(f"{out} exists; pass --force to replace it")
