@@ -48,17 +48,17 @@ from bench._llm_common import machine, quiet, rtn_decoder, write_results  # noqa
 W4 = dict(bits=4, group_size=128)
 ROWS = [
     ("RTN W4 g128 sym", None, dict(W4, symmetric=True), None),
-    ("GPTQ W4 g128 sym", "gptq", dict(W4, symmetric=True, attention_hessian=False), "RTN W4 g128 sym"),
-    ("GPTAQ+guard W4 g128 sym (gptaq --plain-hessian)", "gptaq", dict(W4, symmetric=True, attention_hessian=False), "RTN W4 g128 sym"),
+    ("GPTQ W4 g128 sym", "gptq", dict(W4, symmetric=True, attention_hessian=False, residual_weights=False), "RTN W4 g128 sym"),
+    ("GPTAQ+guard W4 g128 sym (gptaq --plain-hessian)", "gptaq", dict(W4, symmetric=True, attention_hessian=False, residual_weights=False), "RTN W4 g128 sym"),
     ("AWQ W4 g128 sym (awq --symmetric)", "awq", dict(W4, symmetric=True), "RTN W4 g128 sym"),
     ("AWQ+GPTAQ-MSE W4 g128 sym (awq-gptaq --plain-hessian)", "awq-gptaq", dict(W4, symmetric=True, attention_hessian=False),
      "RTN W4 g128 sym"),
-    ("GPTAQ-MSE-rot W4 g128 sym (gptaq-rot --plain-hessian)", "gptaq-rot", dict(W4, symmetric=True, attention_hessian=False),
+    ("GPTAQ-MSE-rot W4 g128 sym (gptaq-rot --plain-hessian)", "gptaq-rot", dict(W4, symmetric=True, attention_hessian=False, residual_weights=False),
      "RTN W4 g128 sym"),
     ("HQQ W4 g128 sym (hqq --symmetric)", "hqq", dict(W4, symmetric=True), "RTN W4 g128 sym"),
     ("SINQ W4 g128 sym (sinq --symmetric)", "sinq", dict(W4, symmetric=True), "RTN W4 g128 sym"),
     ("RTN W4 g128 affine", None, dict(W4, symmetric=False), None),
-    ("GPTQ W4 g128 affine", "gptq", dict(W4, symmetric=False, attention_hessian=False), "RTN W4 g128 affine"),
+    ("GPTQ W4 g128 affine", "gptq", dict(W4, symmetric=False, attention_hessian=False, residual_weights=False), "RTN W4 g128 affine"),
     ("AWQ W4 g128 affine (awq)", "awq", dict(W4, symmetric=False), "RTN W4 g128 affine"),
     ("AWQ+HQQ W4 g128 affine (awq-hqq)", "awq-hqq", dict(W4, symmetric=False), "RTN W4 g128 affine"),
     ("HQQ W4 g128 affine (hqq)", "hqq", dict(W4, symmetric=False), "RTN W4 g128 affine"),
@@ -70,18 +70,22 @@ ROWS = [
      "RTN W3 g128 affine"),
     # v_proj's Hessian of attention-mixed inputs (stop 35: the GPTQ-family schemes' default since; the GPTQ-family
     # rows above were measured before it and now pass attention_hessian=False, the CLI's --plain-hessian)
-    ("GPTQ+attnH W4 g128 sym (gptq)", "gptq", dict(W4, symmetric=True, attention_hessian=True),
+    ("GPTQ+attnH W4 g128 sym (gptq --plain-tokens)", "gptq", dict(W4, symmetric=True, attention_hessian=True,
+         residual_weights=False),
      "RTN W4 g128 sym"),
-    ("GPTAQ+guard+attnH W4 g128 sym (gptaq)", "gptaq", dict(W4, symmetric=True, attention_hessian=True),
+    ("GPTAQ+guard+attnH W4 g128 sym (gptaq --plain-tokens)", "gptaq", dict(W4, symmetric=True, attention_hessian=True,
+         residual_weights=False),
      "RTN W4 g128 sym"),
     ("AWQ+GPTAQ-MSE+attnH W4 g128 sym (awq-gptaq)", "awq-gptaq", dict(W4, symmetric=True, attention_hessian=True),
      "RTN W4 g128 sym"),
-    ("GPTAQ-MSE-rot+attnH W4 g128 sym (gptaq-rot)", "gptaq-rot", dict(W4, symmetric=True, attention_hessian=True),
+    ("GPTAQ-MSE-rot+attnH W4 g128 sym (gptaq-rot --plain-tokens)", "gptaq-rot", dict(W4, symmetric=True, attention_hessian=True,
+         residual_weights=False),
      "RTN W4 g128 sym"),
-    ("GPTQ+attnH W4 g128 affine (gptq --affine)", "gptq", dict(W4, symmetric=False, attention_hessian=True),
+    ("GPTQ+attnH W4 g128 affine (gptq --affine --plain-tokens)", "gptq", dict(W4, symmetric=False, attention_hessian=True,
+         residual_weights=False),
      "RTN W4 g128 affine"),
-    # o_proj / down_proj tokens weighted by 1 / rms of the residual after their add (--residual-weights;
-    # lowbit.algorithms.residual_hessian)
+    # o_proj / down_proj tokens weighted by 1 / rms of the residual after their add (stop 36: the GPTQ-family schemes'
+    # default since; the rows above pass residual_weights=False, the CLI's --plain-tokens; residual_hessian.py)
     ("GPTQ+attnH+resW W4 g128 sym (gptq --residual-weights)", "gptq",
      dict(W4, symmetric=True, attention_hessian=True, residual_weights=True), "RTN W4 g128 sym"),
     ("GPTAQ+guard+attnH+resW W4 g128 sym (gptaq --residual-weights)", "gptaq",

@@ -154,21 +154,23 @@ def test_cli_quantizes_a_folder(folders, tmp_path):
     assert again.lowbit_metadata.is_quantized and again.lowbit_config.bits == 8
 
 
-@pytest.mark.parametrize("attention_hessian", (False, True))
+@pytest.mark.parametrize("weighted", (False, True))
 @pytest.mark.parametrize("family", ("qwen2", "gemma"))
-def test_low_memory_matches_in_memory(family, attention_hessian, folders, caplog):
-    """Layer-from-disk GPTQ on another family gives the same model as the in-memory run (v_proj's attention-mixed
-    Hessian too: the probe finds these families' attention probabilities)."""
+def test_low_memory_matches_in_memory(family, weighted, folders, caplog):
+    """Layer-from-disk GPTQ on another family gives the same model as the in-memory run (with v_proj's
+    attention-mixed Hessian and the residual writers' token weights too: the probe finds these families' attention
+    probabilities, the hooks their norms)."""
     from lowbit.algorithms.from_disk import quantize_from_disk
 
-    cfg = GPTQConfig(bits=4, group_size=16, attention_hessian=attention_hessian)
+    cfg = GPTQConfig(bits=4, group_size=16, attention_hessian=weighted, residual_weights=weighted)
     a = open_model(str(folders[family]))
     lowbit.quantize(a, cfg, _calib())
     b = quantize_from_disk(folders[family], cfg, calibration_data=_calib())
     assert a.lowbit_report.layers == b.lowbit_report.layers
     assert torch.equal(_out(a), _out(b))
     stats = a.lowbit_report.extra["gptq"]["layers"]
-    assert sum(s.get("hessian") == "attention-mixed inputs" for s in stats.values()) == (2 if attention_hessian else 0)
+    assert sum(s.get("hessian") == "attention-mixed inputs" for s in stats.values()) == (2 if weighted else 0)
+    assert sum(s.get("hessian") == "residual-weighted inputs" for s in stats.values()) == (4 if weighted else 0)
     assert "no attention probabilities" not in caplog.text
 
 

@@ -750,6 +750,7 @@ SCHEME_ATTENTION_HESSIAN = True
 # residual_weights=False): held-out calibration KL without -> with, GPTQ W4 0.245 -> 0.250, GPTAQ W4 0.193 -> 0.192,
 # gptaq-rot W4 0.139 -> 0.133, GPTQ W3 1.329 -> 1.299 (docs/llm.md); GPTQ W4 then has no block or linear worse than RTN's
 SCHEME_RESIDUAL_WEIGHTS = True
+SCHEME_OPTIONS = ("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights")
 
 
 def _weight_options(options: dict) -> dict:
@@ -772,7 +773,7 @@ def scheme_attention_hessian(options: dict) -> bool:
 
 @register_scheme("gptq", "GPTQ weight-only (Hessian error compensation, act-order, lazy blocks), decoder layers "
                  "one at a time: --bits {2,3,4,8} --group-size N --symmetric/--affine; causal LMs only",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights", "gguf"), models=("smollm2",))
+                 options=SCHEME_OPTIONS + ("gguf",), models=("smollm2",))
 def _gptq_scheme(options: dict) -> GPTQConfig:
     if options.get("gguf"):  # --gguf q4_0: llama.cpp's Q4_0 grid (int4 symmetric, blocks of 32, codes -8..7)
         return GPTQConfig(bits=4, group_size=32, symmetric=True, gguf=options["gguf"],
@@ -783,28 +784,28 @@ def _gptq_scheme(options: dict) -> GPTQConfig:
 
 @register_scheme("gptaq", "GPTAQ: GPTQ calibrated asymmetrically (each linear matches the fp32 model's outputs from "
                  "the quantized model's inputs) with the RTN-fallback guard on held-out calibration windows",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
+                 options=SCHEME_OPTIONS, models=("smollm2",))
 def _gptaq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, guard=True)
 
 
 @register_scheme("gptq-guard", "GPTQ with the RTN-fallback guard: a linear whose output error on held-out "
                  "calibration windows is above RTN's keeps RTN's codes (recorded in metadata.json)",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
+                 options=SCHEME_OPTIONS, models=("smollm2",))
 def _gptq_guard_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), guard=True)
 
 
 @register_scheme("gptq-hqq", "GPTQ whose group scales / zero-points come from HQQ's fit to the group's error-updated "
                  "weights instead of min-max (affine: fp16 zero-points)",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
+                 options=SCHEME_OPTIONS, models=("smollm2",))
 def _gptq_hqq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), init="hqq")
 
 
 @register_scheme("gptq-mse", "GPTQ whose group scales come from the shrink of the min-max range minimising the "
                  "group's l_2.4 rounding error on its error-updated weights (the GPTQ reference's mse search)",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
+                 options=SCHEME_OPTIONS, models=("smollm2",))
 def _gptq_mse_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), init="mse")
 
@@ -812,7 +813,7 @@ def _gptq_mse_scheme(options: dict) -> GPTQConfig:
 @register_scheme("gptaq-rot", "QuaRot + GPTAQ weight-only: Hadamard rotations folded into the float weights (online "
                  "transforms before down_proj and, with a tied head, in the final norm), then GPTAQ with MSE group "
                  "scales; Llama-layout causal LMs; decodes on the fast decoder, not exportable to GGUF",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
+                 options=SCHEME_OPTIONS, models=("smollm2",))
 def _gptaq_rot_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, init="mse", rotate=True)
 
@@ -820,7 +821,7 @@ def _gptaq_rot_scheme(options: dict) -> GPTQConfig:
 @register_scheme("gptaq-rot-tuned", "gptaq-rot, then its group scales tuned end to end against the fp32 model's "
                  f"next-token distribution on {DEFAULT_TUNE_WINDOWS} calibration windows, codes fixed (EfficientQAT's "
                  "E2E-QP; ~6 more minutes on SmolLM2 and 2 cores); same size and kernels",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights", "tune_windows", "tune_epochs", "tune_bf16"),
+                 options=SCHEME_OPTIONS + ("tune_windows", "tune_epochs", "tune_bf16"),
                  models=("smollm2",))
 def _gptaq_rot_tuned_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), asymmetric_calib=True, init="mse", rotate=True,
@@ -831,7 +832,7 @@ def _gptaq_rot_tuned_scheme(options: dict) -> GPTQConfig:
 
 @register_scheme("gptq-sinq", "GPTQ on SINQ's Sinkhorn-normalised weights: each linear solves W / t (column scales t "
                  "from the weight, stored per layer) against the Hessian of t * x",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"), models=("smollm2",))
+                 options=SCHEME_OPTIONS, models=("smollm2",))
 def _gptq_sinq_scheme(options: dict) -> GPTQConfig:
     return GPTQConfig(**_weight_options(options), sinkhorn=True)
 

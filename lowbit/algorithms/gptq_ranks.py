@@ -103,7 +103,8 @@ def _broadcast_solution(config, weight, g, owner: int, solved):
 
 
 def make_gptq_ranks_process(config, prefix: str, report, stats: dict, n_batches: int,
-                            groups: tuple[tuple[str, ...], ...], wrap=None, norms: tuple[str | None, ...] | None = None):
+                            groups: tuple[tuple[str, ...], ...], wrap=None,
+                            norms: tuple[str | None, ...] | None = None):
     """The per-layer step of :func:`quantize_gptq_ranks`: sharded Hessians, fixed-order reduce, split solve.
 
     ``wrap(name, linear, codes, qparams, group_size) -> module`` as in ``make_gptq_process`` (default:
