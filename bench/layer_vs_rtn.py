@@ -90,6 +90,10 @@ ROWS = [
      dict(W4, symmetric=True, attention_hessian=True, residual_weights=True), "RTN W4 g128 sym"),
     ("GPTAQ+guard+attnH+resW W4 g128 sym (gptaq --residual-weights)", "gptaq",
      dict(W4, symmetric=True, attention_hessian=True, residual_weights=True), "RTN W4 g128 sym"),
+    ("GPTAQ-MSE-rot+attnH+resW W4 g128 sym (gptaq-rot)", "gptaq-rot",
+     dict(W4, symmetric=True, attention_hessian=True, residual_weights=True), "RTN W4 g128 sym"),
+    ("GPTQ+attnH+resW W4 g128 affine (gptq --affine)", "gptq",
+     dict(W4, symmetric=False, attention_hessian=True, residual_weights=True), "RTN W4 g128 affine"),
     # the RTN-fallback guard (--guard; lowbit.algorithms.rtn_guard), judged on the mix's first 4 windows
     ("HQQ+guard W4 g128 sym (hqq --symmetric --guard)", "hqq", dict(W4, symmetric=True, guard=True),
      "RTN W4 g128 sym"),
