@@ -50,6 +50,7 @@ def _configs() -> dict:
         "qwen2": lambda: tf.Qwen2Config(**dec, tie_word_embeddings=True),
         "qwen3": lambda: tf.Qwen3Config(**dec, head_dim=16),
         "gemma": lambda: tf.GemmaConfig(**dec, head_dim=16),
+        "gemma2": lambda: tf.Gemma2Config(**dec, head_dim=16),
         "phi3": lambda: tf.Phi3Config(**dec),
         "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                       bos_token_id=5, eos_token_id=6),

@@ -69,7 +69,14 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     _llama_like("qwen2"),
     _llama_like("qwen3"),
     _llama_like("gemma", norm_offset=1.0),
-    _llama_like("gemma2", norm_offset=1.0),
+    # Gemma 2's sandwich norms: post_attention_layernorm normalises the attention *output* before the add and
+    # pre_feedforward_layernorm feeds gate / up, so the methods that fold scales into Llama's norms refuse it
+    Adapter("gemma2", "causal-lm", "model.layers", (
+        (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+        (("self_attn.o_proj",), None),
+        (("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm"),
+        (("mlp.down_proj",), None),
+    ), "model.embed_tokens", "lm_head", norm_offset=1.0),
     Adapter("phi3", "causal-lm", "model.layers", (
         (("self_attn.qkv_proj",), "input_layernorm"),
         (("self_attn.o_proj",), None),
