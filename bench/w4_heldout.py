@@ -64,14 +64,15 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
                                           residual_weights=resid_weights, **damp,
                                           **tune))
     else:
-        if attn_hessian and method == "awq":
-            raise SystemExit("--attn-hessian: GPTQ / GPTAQ and AWQ's GPTQ / GPTAQ rounding only")
+        if (attn_hessian or resid_weights) and method == "awq":
+            raise SystemExit("--attn-hessian / --resid-weights: GPTQ / GPTAQ and AWQ's GPTQ / GPTAQ rounding only")
         if percdamp is not None:
             raise SystemExit("--percdamp: GPTQ / GPTAQ only (AWQ's GPTQ step keeps the default)")
         rounding = {"awq": "rtn", "awq-gptq": "gptq", "awq-gptaq": "gptaq"}[method]
         search = {} if search_tokens is None else {"search_tokens": search_tokens}
         lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib, duo_scaling=duo,
-                                         sink_tokens=sink_tokens, attention_hessian=attn_hessian, **search))
+                                         sink_tokens=sink_tokens, attention_hessian=attn_hessian,
+                                         residual_weights=resid_weights, **search))
     return model
 
 
@@ -108,7 +109,7 @@ def main() -> None:
     ap.add_argument("--affine", action="store_true", help="affine weight groups (a zero-point per group)")
     ap.add_argument("--sink-tokens", type=int, default=0, help="AWQ: each window's first tokens left out of its "
                     "statistics and losses (AWQConfig.sink_tokens)")
-    ap.add_argument("--resid-weights", action="store_true", help="GPTQ / GPTAQ: o_proj / down_proj tokens weighted by "
+    ap.add_argument("--resid-weights", action="store_true", help="GPTQ / GPTAQ (also awq-gptq / awq-gptaq): o_proj / down_proj tokens weighted by "
                     "1 / rms of the residual after their add (lowbit.algorithms.residual_hessian)")
     ap.add_argument("--attn-hessian", action="store_true", help="GPTQ / GPTAQ (also awq-gptq / awq-gptaq): v_proj's Hessian of the attention-mixed "
                     "inputs (GPTQConfig.attention_hessian)")

@@ -129,3 +129,9 @@ def test_gptaq_guard_and_scheme_options():
     assert GPTQConfig().residual_weights is False
     with pytest.raises(ConfigError, match="does not take residual_weights"):
         build_config("awq", {"residual_weights": True})
+    from lowbit.algorithms.awq import AWQConfig
+
+    cfg = AWQConfig(rounding="gptaq", residual_weights=True)
+    assert cfg.gptq_config().residual_weights and cfg.scheme.endswith("-resw")
+    with pytest.raises(ConfigError, match="rounding 'gptq' or 'gptaq'"):
+        AWQConfig(residual_weights=True)  # plain AWQ rounds with RTN: no Hessian

@@ -118,6 +118,7 @@ class AWQConfig(BaseConfig):
     # token is its attention sink, residual stream ~2e4; leaving it out raised held-out calibration KL 0.382 -> 0.648)
     sink_tokens: int = 0
     attention_hessian: bool = False  # the GPTQ / GPTAQ step's v_proj Hessian of attention-mixed inputs (GPTQConfig)
+    residual_weights: bool = False  # the GPTQ / GPTAQ step's o_proj / down_proj tokens weighted by 1 / ms(residual)
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -130,6 +131,9 @@ class AWQConfig(BaseConfig):
         if self.attention_hessian and self.rounding == "rtn":
             raise ConfigError("awq attention_hessian=True shapes the GPTQ step's v_proj Hessian: it needs rounding "
                               "'gptq' or 'gptaq'")
+        if self.residual_weights and self.rounding == "rtn":
+            raise ConfigError("awq residual_weights=True shapes the GPTQ step's o_proj / down_proj Hessians: it needs "
+                              "rounding 'gptq' or 'gptaq'")
         if self.init not in ("minmax", *CALIBRATION_FREE_ROUNDINGS) and self.rounding == "rtn":
             raise ConfigError(f"awq init={self.init!r} chooses the GPTQ step's group parameters: it needs rounding "
                               "'gptq' or 'gptaq' (plain AWQ's clipping search chooses its ranges; init 'hqq' / "
@@ -175,7 +179,8 @@ class AWQConfig(BaseConfig):
         return GPTQConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, fmt=self.fmt,
                           double_quant=self.double_quant, kernel=self.kernel, include=self.include,
                           exclude=self.exclude, gguf=self.gguf, asymmetric_calib=self.rounding == "gptaq",
-                          init=self.init, attention_hessian=self.attention_hessian)
+                          init=self.init, attention_hessian=self.attention_hessian,
+                          residual_weights=self.residual_weights)
 
     @property
     def format_name(self) -> str:
@@ -191,7 +196,7 @@ class AWQConfig(BaseConfig):
         init = "" if self.init == "minmax" or self.final_rounding else f"-{self.init}init"
         return f"{name}{'-ggml' if self.gguf else ''}{init}" \
                f"{'-duo' if self.duo_scaling else ''}{f'-sink{self.sink_tokens}' if self.sink_tokens else ''}" \
-               f"{'-attnh' if self.attention_hessian else ''}"
+               f"{'-attnh' if self.attention_hessian else ''}{'-resw' if self.residual_weights else ''}"
 
 
 # ------------------------------------------------------------------------------- the math
