@@ -80,6 +80,8 @@ ROWS = [
                                                   residual_weights=True)),
     ("GPTQ+attnH+resW W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, attention_hessian=True,
                                                  residual_weights=True)),
+    ("AWQ+GPTAQ-MSE+attnH+resW W4 g128 sym", "awq-gptaq", dict(bits=4, group_size=128, symmetric=True, init="mse",
+                                                               attention_hessian=True, residual_weights=True)),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, guard=True)),

@@ -124,8 +124,11 @@ def test_gptaq_guard_and_scheme_options():
     assert st["hessian"] == "residual-weighted inputs" and set(st["guard"]) == {"gptq_error", "rtn_error"}
     with torch.no_grad():
         assert torch.isfinite(q(windows[0])).all()
-    for scheme in ("gptq", "gptaq", "gptaq-rot", "gptq-nf4"):
-        assert build_config(scheme, {"residual_weights": True}).residual_weights is True
+    for scheme in ("gptq", "gptaq", "gptaq-rot", "gptq-nf4", "awq-gptaq"):
+        assert build_config(scheme, {}).residual_weights is True  # on in these schemes (calibration windows)
+        assert build_config(scheme, {"residual_weights": False}).residual_weights is False
+    assert build_config("awq-gptq", {}).residual_weights is False  # off there (it raised held-out calibration KL)
+    assert build_config("awq-gptq", {"residual_weights": True}).gptq_config().residual_weights is True
     assert GPTQConfig().residual_weights is False
     with pytest.raises(ConfigError, match="does not take residual_weights"):
         build_config("awq", {"residual_weights": True})

@@ -761,9 +761,9 @@ def _weight_options(options: dict) -> dict:
                 residual_weights=scheme_residual_weights(options))
 
 
-def scheme_residual_weights(options: dict) -> bool:
+def scheme_residual_weights(options: dict, default: bool = SCHEME_RESIDUAL_WEIGHTS) -> bool:
     """The schemes' --residual-weights / --plain-tokens (default :data:`SCHEME_RESIDUAL_WEIGHTS`)."""
-    return option_bool(options.get("residual_weights", SCHEME_RESIDUAL_WEIGHTS))
+    return option_bool(options.get("residual_weights", default))
 
 
 def scheme_attention_hessian(options: dict) -> bool:

@@ -192,7 +192,7 @@ def register(app: typer.Typer) -> None:
                  "attention probabilities (the default) or from the plain inputs"),
         residual_weights: Optional[bool] = typer.Option(
             None, "--residual-weights/--plain-tokens",
-            help="GPTQ-family schemes: o_proj / down_proj's GPTQ Hessian with each token weighted by 1 / mean square "
+            help="GPTQ-family schemes and awq-gptaq (awq-gptq: off by default): o_proj / down_proj's GPTQ Hessian with each token weighted by 1 / mean square "
                  "of the residual stream after their add (the next norm's factor; the default), or every token alike"),
         budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="mixed precision: size budget in MB"),
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="mixed precision: latency budget"),
