@@ -40,7 +40,9 @@ same ``2 / M``.
 
 ``GPTQConfig(attention_hessian=True)``: v_proj's Hessian (and GPTAQ's cross term) is built from its inputs mixed
 by each head's attention probabilities, ``z_i = sum_j a_ij x_j``, the inputs its error reaches the model through
-(``attention_hessian.py``; BoA, Kim et al. 2025).
+(``attention_hessian.py``; BoA, Kim et al. 2025). ``GPTQConfig(residual_weights=True)``: o_proj / down_proj's
+Hessians (and cross terms) weigh each token by ``1 / ms(r_t)``, ``r_t`` the residual after their add, the factor the
+next norm applies to their error, ``H = sum_t x_t x_t^T / ms(r_t)`` (``residual_hessian.py``).
 
 Interface: ``g = GPTQ(K); g.add_batch(x)`` per calibration batch, then
 ``codes, qparams, loss = g.solve(W, fmt, symmetric, group_size)``; ``WeightOnlyQLinear.from_quantized``
@@ -748,7 +750,8 @@ def make_gptq_process(config: GPTQConfig, prefix: str, report: QuantizeReport, s
 SCHEME_ATTENTION_HESSIAN = True
 # ... and weight the residual writers' tokens by 1 / ms(residual after the add) (residual_hessian.py; GPTQConfig keeps
 # residual_weights=False): held-out calibration KL without -> with, GPTQ W4 0.245 -> 0.250, GPTAQ W4 0.193 -> 0.192,
-# gptaq-rot W4 0.139 -> 0.133, GPTQ W3 1.329 -> 1.299 (docs/llm.md); GPTQ W4 then has no block or linear worse than RTN's
+# gptaq-rot W4 0.139 -> 0.133, GPTQ W3 1.329 -> 1.299, awq-gptaq 0.190 -> 0.187 (awq-gptq 0.253 -> 0.260 and its
+# perplexity worse too: off there; docs/llm.md); GPTQ W4 then has no block or linear worse than RTN's
 SCHEME_RESIDUAL_WEIGHTS = True
 SCHEME_OPTIONS = ("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights")
 
