@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from lowbit.errors import CalibrationError
+from lowbit.algorithms._calib import capture_inputs
 
 log = logging.getLogger(__name__)
 
@@ -96,27 +96,14 @@ def residual_weighted_inputs(layer: nn.Module, writers: dict[str, nn.Module], so
     ``sources`` maps the same keys to :func:`residual_sources`' entries."""
     pending: dict[str, torch.Tensor] = {}
 
-    def take(key: str):
-        def hook(mod, args, out):
-            x = args[0].detach()
-            if not torch.isfinite(x).all():
-                raise CalibrationError(f"non-finite (NaN/inf) activation entering layer {key!r} during calibration")
-            pending[key] = x
-        return hook
-
     def scale(key: str, s: torch.Tensor) -> None:
         x = pending.pop(key, None)
         if x is None:
             raise RuntimeError(f"{key}: the residual after its add was seen before its input")
         fn(key, x.float() * s)
 
-    handles = [m.register_forward_hook(take(k)) for k, m in writers.items()]
-    try:
-        with residual_scales(layer, sources, scale):
-            yield
-    finally:
-        for h in handles:
-            h.remove()
+    with capture_inputs(writers, pending.__setitem__), residual_scales(layer, sources, scale):
+        yield
     if pending:
         raise RuntimeError(f"no residual reached the norm after {', '.join(pending)}")
 
