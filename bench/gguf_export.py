@@ -23,7 +23,9 @@ default runs all and re-measures memory): a = fp32, llama.cpp's Q4_0, lowbit rtn
 b = AWQ and AWQ+GPTQ on the Q4_0 grid (``AWQConfig(gguf="q4_0")``, rounding rtn / gptq); c = Q4_1 (llama.cpp's, SmolLM2's
 own file, rtn on the Q4_1 grid, GPTQ affine); d, e = files off ggml's rounding (codes [-7, 7], g128); f = W4 g128
 affine files written as Q4_1 with their codes (AWQ with HQQ's rounding, ``awq-hqq``, whose fp16 zero-points become
-Q4_1's min, against RTN at the same grid).
+Q4_1's min, against RTN at the same grid); g = ``--scheme gptq`` / ``awq-gptq --gguf q4_0`` exactly as the CLI builds
+them (``lowbit.config.build_config``: the schemes' attention-mixed v_proj Hessian and, for gptq, residual token
+weights; parts a / b are the library configs' defaults, the plain Hessian).
 Each part writes bench/results/gguf_part_<p>.json; every write merges the part files present into
 bench/results/gguf.md and .json.
 
@@ -91,8 +93,9 @@ def peak_memory(what: str) -> dict:
 
 
 sha = sha256_file
-PARTS = "abcdef"  # a: Q4_0 rtn/gptq; b: Q4_0 awq/awq-gptq; c: Q4_1; d, e: off-grid files (codes [-7, 7], requantized);
-# f: HQQ's fp16 zero-points as Q4_1's min (awq-hqq, hqq at g128: exact codes)
+PARTS = "abcdefg"  # a: Q4_0 rtn/gptq; b: Q4_0 awq/awq-gptq; c: Q4_1; d, e: off-grid files (codes [-7, 7], requantized);
+# f: HQQ's fp16 zero-points as Q4_1's min (awq-hqq, hqq at g128: exact codes); g: gptq / awq-gptq --gguf q4_0 with
+# the schemes' defaults (a / b build GPTQConfig / AWQConfig, whose options default off)
 LLAMA_THREADS = 2
 DECODE_TOKENS = 64
 
@@ -242,12 +245,12 @@ def main() -> None:
             reference_file("q4_0")
             lowbit_file("lowbit rtn on the Q4_0 grid (--scheme rtn --gguf q4_0)", "q4_0",
                         WeightOnlyConfig(gguf="q4_0", exclude=head))
-            lowbit_file("lowbit gptq on the Q4_0 grid (--scheme gptq --gguf q4_0)", "q4_0",
+            lowbit_file("lowbit gptq on the Q4_0 grid (GPTQConfig(gguf='q4_0'): plain Hessian, plain tokens; = --scheme gptq --gguf q4_0 --plain-hessian --plain-tokens)", "q4_0",
                         GPTQConfig(bits=4, group_size=32, gguf="q4_0"))
         elif part == "b":
             lowbit_file("lowbit awq on the Q4_0 grid (--scheme awq --gguf q4_0)", "q4_0",
                         AWQConfig(bits=4, group_size=32, gguf="q4_0"))
-            lowbit_file("lowbit awq-gptq on the Q4_0 grid (--scheme awq-gptq --gguf q4_0)", "q4_0",
+            lowbit_file("lowbit awq-gptq on the Q4_0 grid (AWQConfig(gguf='q4_0', rounding='gptq'): plain Hessian; = --scheme awq-gptq --gguf q4_0 --plain-hessian)", "q4_0",
                         AWQConfig(bits=4, group_size=32, gguf="q4_0", rounding="gptq"))
         elif part == "c":
             reference_file("q4_1")
@@ -267,6 +270,14 @@ def main() -> None:
                         AWQConfig(bits=4, group_size=128, symmetric=False, init="hqq"))
             lowbit_file("lowbit rtn w4 g128 affine (int zero-point -> Q4_1 min)", "q4_1",
                         WeightOnlyConfig(bits=4, group_size=128, symmetric=False, exclude=head))
+        elif part == "g":  # parts a / b's calibrated rows as the CLI builds them today (the scheme defaults)
+            from lowbit.config import build_config
+
+            for scheme in ("gptq", "awq-gptq"):
+                cfg = build_config(scheme, {"gguf": "q4_0"})
+                lowbit_file(f"lowbit {scheme} on the Q4_0 grid, the scheme's defaults (--scheme {scheme} --gguf q4_0; "
+                            f"attention_hessian={cfg.attention_hessian}, residual_weights={cfg.residual_weights})",
+                            "q4_0", cfg)
         meta["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         save()
     tmp.rmdir()
