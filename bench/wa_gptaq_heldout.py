@@ -12,7 +12,8 @@ PRESET ``w4a4`` runs QuaRot-rotated W4A4 with per-token-and-group affine activat
 ``noact`` = GPTAQ without the activation grid (its x_q is the layer input as is), ``mse`` / ``minmax`` =
 GPTQ's group-scale init (the presets' default since stop 24: ``mse`` with GPTAQ, ``minmax`` with GPTQ),
 ``attnh`` = v_proj's GPTQ Hessian of attention-mixed inputs (``GPTQConfig.attention_hessian``; its inputs on
-the activation grid first), ``clipsearch`` = each input's activation clip searched (``WAConfig.act_clip_search``), ``tune`` = then the
+the activation grid first), ``resw`` = o_proj / down_proj's tokens weighted by ``1 / ms`` of the residual after
+their add (``GPTQConfig.residual_weights``), ``clipsearch`` = each input's activation clip searched (``WAConfig.act_clip_search``), ``tune`` = then the
 group scales tuned end to end on the first 96 calibration windows (``WAConfig.tune_windows``; ``tune2``: two
 passes, ``tune_epochs=2``, ``tuneN``: N passes; ``lrX``: tuning learning rate X instead of the preset's, e.g. ``lr1e-3``;
 ``learnclip``: the activation clips trained too, ``tune_scales(learn_clip=True)``; ``bf16``: the tuning under bf16
@@ -96,6 +97,8 @@ def main() -> None:
         extra = dict(init="mse") if "mse" in parts else dict(init="minmax") if "minmax" in parts else {}
         if "attnh" in parts:  # v_proj's Hessian of attention-mixed (activation-quantized) inputs
             extra["attention_hessian"] = True
+        if "resw" in parts:  # o_proj / down_proj's tokens weighted by 1 / ms(residual after their add)
+            extra["residual_weights"] = True
         gptq.GPTQConfig = (lambda a, e: (lambda **kw: config_cls(**{**kw, "asym_alpha": a, **e})))(float(alpha), extra)
         sq.fake_quantize_activations = (lambda x, *a, **k: x) if "noact" in parts else fake_quantize
         scale_tuning.tune_scales = functools.partial(tune, learn_clip=True) if "learnclip" in parts else tune

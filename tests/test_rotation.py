@@ -175,6 +175,37 @@ def test_cli_options_build_the_rotated_preset():
     assert all(flag in out for flag in ("--rotate", "--act-clip", "--act-per-group", "--act-affine"))
 
 
+def test_presets_take_the_gptq_hessian_options_in_their_weight_step():
+    """--attention-hessian / --residual-weights on a W/A preset reach its GPTQ step: v_proj solves the
+    attention-mixed Hessian, o_proj / down_proj the residual-weighted one (recorded per linear), layer 0's
+    q_proj (same inputs, same plain Hessian) keeps its codes; where there is no GPTQ step they are refused."""
+    from lowbit.algorithms.smoothquant import WAConfig
+    from lowbit.config import build_config
+
+    cfg = build_config("w4a8", {"rotate": True, "attention_hessian": True, "residual_weights": True})
+    assert cfg.attention_hessian and cfg.residual_weights and cfg.scheme == "w4a8-rot-attnh-resw"
+    fp, calib = tiny_llama(hidden=64, inter=128), tiny_batches(4, 64)
+    models = {}
+    for opts in (False, True):
+        m = copy.deepcopy(fp)
+        lowbit.quantize(m, preset_config("w4a8", rotate=True, group_size=32, attention_hessian=opts,
+                                         residual_weights=opts), calib)
+        models[opts] = m
+    st = models[True].lowbit_report.extra["gptq"]["layers"]
+    assert st["lm.model.layers.0.self_attn.v_proj"]["hessian"] == "attention-mixed inputs"
+    assert st["lm.model.layers.1.self_attn.o_proj"]["hessian"] == "residual-weighted inputs"
+    assert st["lm.model.layers.1.mlp.down_proj"]["hessian"] == "residual-weighted inputs"
+    assert "hessian" not in models[False].lowbit_report.extra["gptq"]["layers"]["lm.model.layers.0.self_attn.v_proj"]
+    layers = {k: m.lm.model.layers[0] for k, m in models.items()}
+    assert torch.equal(layers[True].self_attn.q_proj.qweight, layers[False].self_attn.q_proj.qweight)
+    assert not torch.equal(layers[True].self_attn.v_proj.qweight, layers[False].self_attn.v_proj.qweight)
+    assert not torch.equal(layers[True].mlp.down_proj.qweight, layers[False].mlp.down_proj.qweight)
+    with pytest.raises(ConfigError, match="not 'rtn'"):
+        WAConfig(weight_bits=4, group_size=32, weight_method="rtn", attention_hessian=True)
+    with pytest.raises(ConfigError, match="no GPTQ step"):
+        lowbit.quantize(copy.deepcopy(fp), preset_config("w8a8", rotate=True, residual_weights=True), calib)
+
+
 # The decoder and the model's forward compute in fp32 from the same dequantized weights and the same
 # Hadamard (fast transform in torch, butterflies + the dense 12 x 12 factor in C): summation order only.
 DECODER_LOGIT_TOL = 1e-4

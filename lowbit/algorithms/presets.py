@@ -46,13 +46,15 @@ def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method:
                   kernel: str = "auto", rotate: bool = False, act_clip: float = 1.0, rotate_seed: int = 0,
                   act_per_group: bool = False, act_symmetric: bool = True, tune_windows: int = 0,
                   tune_lr: float | None = None, tune_epochs: int = 1, tune_bf16: bool = False,
-                  group_size: int | None = None, symmetric: bool | None = None) -> WAConfig:
+                  group_size: int | None = None, symmetric: bool | None = None, attention_hessian: bool = False,
+                  residual_weights: bool = False) -> WAConfig:
     """The preset ``name``; ``rotate=True`` turns smoothing off (the rotation replaces it) and names it ``<name>-rot``.
     ``group_size`` (None: the preset's) sets the weight groups of W4A8 / W4A4 / W2A8 (``<name>-g<N>`` when it differs);
     ``symmetric`` (None: the preset's) their grid: affine (a zero-point per group, ``-affine``) or symmetric (``-sym``).
     ``act_clip`` / ``act_per_group`` / ``act_symmetric``: the activation grid (``WAQLinear``); ``tune_windows``:
     end-to-end scale tuning afterwards (``lowbit.algorithms.scale_tuning``, ``-tuned`` in the name) at
-    ``tune_lr`` (None: the preset's, ``PRESET_TUNE_LR``), ``tune_epochs`` passes, in bf16 with ``tune_bf16``."""
+    ``tune_lr`` (None: the preset's, ``PRESET_TUNE_LR``), ``tune_epochs`` passes, in bf16 with ``tune_bf16``;
+    ``attention_hessian`` / ``residual_weights``: the GPTQ-family options of the weight step (``-attnh`` / ``-resw``)."""
     if rotate:
         alpha = None
     if tune_lr is None:
@@ -73,15 +75,18 @@ def preset_config(name: str, alpha: float | None = DEFAULT_ALPHA, weight_method:
     if fields["symmetric"] != PRESETS[name]["symmetric"]:
         groups += "-sym" if fields["symmetric"] else "-affine"
     return WAConfig(**fields, alpha=alpha, weight_method=weight_method, kernel=kernel,
-                    name=f"{name}{groups}{'-rot' if rotate else ''}{'-tuned' if tune_windows else ''}", rotate=rotate,
+                    name=f"{name}{groups}{'-rot' if rotate else ''}{'-tuned' if tune_windows else ''}"
+                         f"{'-attnh' if attention_hessian else ''}{'-resw' if residual_weights else ''}", rotate=rotate,
                     act_clip=act_clip, rotate_seed=rotate_seed, act_per_group=act_per_group,
                     act_symmetric=act_symmetric, tune_windows=tune_windows, tune_lr=tune_lr,
-                    tune_epochs=tune_epochs, tune_bf16=tune_bf16)
+                    tune_epochs=tune_epochs, tune_bf16=tune_bf16, attention_hessian=attention_hessian,
+                    residual_weights=residual_weights)
 
 
 def _register(name: str, help: str) -> None:
     @register_scheme(name, help, options=("alpha", "kernel", "rotate", "act_clip", "act_per_group", "act_symmetric",
-                                       "tune_windows", "tune_epochs", "tune_bf16", "group_size", "symmetric"))
+                                       "tune_windows", "tune_epochs", "tune_bf16", "group_size", "symmetric",
+                                       "attention_hessian", "residual_weights"))
     def build(options: dict) -> WAConfig:
         alpha = options.get("alpha", DEFAULT_ALPHA)
         return preset_config(name, None if alpha in (None, "none") else float(alpha),
@@ -93,7 +98,9 @@ def _register(name: str, help: str) -> None:
                              tune_epochs=int(options.get("tune_epochs", 1)),
                              tune_bf16=option_bool(options.get("tune_bf16", False)),
                              group_size=None if options.get("group_size") is None else int(options["group_size"]),
-                             symmetric=None if options.get("symmetric") is None else option_bool(options["symmetric"]))
+                             symmetric=None if options.get("symmetric") is None else option_bool(options["symmetric"]),
+                             attention_hessian=option_bool(options.get("attention_hessian", False)),
+                             residual_weights=option_bool(options.get("residual_weights", False)))
 
 
 _register("w8a8", "preset W8A8 (conservative): SmoothQuant + int8 weights per channel x int8 activations per token")

@@ -87,6 +87,10 @@ class WAConfig(BaseConfig):
     tune_lr: float = DEFAULT_TUNE_LR
     tune_epochs: int = 1  # passes over the tuning windows
     tune_bf16: bool = False  # the tuning's forward / backward under bf16 autocast (~1.6x faster on CPUs with bf16)
+    # GPTQ / GPTAQ weights (LLMs): v_proj's Hessian of attention-mixed inputs, and the residual writers' tokens weighted
+    # by 1 / ms(residual after their add) (GPTQConfig.attention_hessian / residual_weights; off: the presets' results)
+    attention_hessian: bool = False
+    residual_weights: bool = False
 
     def __post_init__(self):
         check_tuning_fields(self.tune_windows, self.tune_lr, tune_epochs=self.tune_epochs)
@@ -109,6 +113,9 @@ class WAConfig(BaseConfig):
         if self.act_clip_search and self.weight_method not in ("gptaq", "auto"):
             raise ConfigError("act_clip_search runs inside GPTAQ's activation-aware pass: weight_method 'gptaq' "
                               "or 'auto'")
+        if (self.attention_hessian or self.residual_weights) and self.weight_method == "rtn":
+            raise ConfigError("attention_hessian / residual_weights shape GPTQ's Hessians: weight_method 'gptq', "
+                              "'gptaq' or 'auto', not 'rtn'")
         if self.rotate and self.alpha is not None:
             raise ConfigError("rotate replaces SmoothQuant (the rotation spreads the outlier channels that smoothing "
                               "migrates); pass alpha=None with rotate=True")
@@ -120,7 +127,8 @@ class WAConfig(BaseConfig):
         gran = f"g{self.group_size}" if self.group_size else "pc"
         return (f"w{self.weight_bits}a{self.act_bits}-{gran}{'-sq' if self.alpha is not None else ''}"
                 f"{'-rot' if self.rotate else ''}{'-ag' if self.act_per_group else ''}"
-                f"{'-aa' if not self.act_symmetric else ''}{'-tuned' if self.tune_windows else ''}")
+                f"{'-aa' if not self.act_symmetric else ''}{'-tuned' if self.tune_windows else ''}"
+                f"{'-attnh' if self.attention_hessian else ''}{'-resw' if self.residual_weights else ''}")
 
 
 def _is_w8a8(config: WAConfig, g: int) -> bool:
@@ -189,6 +197,8 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
     if method == "auto":
         method = "gptaq" if config.rotate and not ranks_active() else "gptq"
     gptq_step = method in ("gptq", "gptaq") and not (config.weight_bits == 8 and config.group_size == 0)
+    if not gptq_step:
+        _refuse_hessian_options(config, "W8A8 per channel has no GPTQ step")
     from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS
 
     # the GPTQ step takes GPTQ's own default (16 windows: the size its benches and defaults were measured at)
@@ -208,7 +218,7 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
         from lowbit.algorithms.gptq import GPTQConfig, check_enough_tokens, make_gptq_process
         from lowbit.algorithms.sequential import process_layerwise
 
-        from lowbit.algorithms._llm import input_groups, widest_input
+        from lowbit.algorithms._llm import group_norms, input_groups, widest_input
 
         check_enough_tokens(batches, widest_input(model), batches[0].shape[-1])
         weight_init = config.weight_init or ("mse" if method == "gptaq" else "minmax")  # see WEIGHT_INIT_NOTE
@@ -216,7 +226,8 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
             raise ConfigError(f"weight_init={weight_init!r} runs in one process (not across torchrun ranks)")
         gcfg = GPTQConfig(bits=config.weight_bits, group_size=config.group_size, symmetric=config.symmetric,
                           include=config.include, exclude=config.exclude, asymmetric_calib=method == "gptaq",
-                          init=weight_init)
+                          init=weight_init, attention_hessian=config.attention_hessian,
+                          residual_weights=config.residual_weights)
 
         # act_clip_search: one clip per input (the linears that share it, e.g. q/k/v, share its grid as they share
         # GPTAQ's Hessian), chosen on the layer's first calibration window against their stacked weights
@@ -250,11 +261,11 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
             from lowbit.algorithms.gptq_ranks import make_gptq_ranks_process
 
             process = make_gptq_ranks_process(gcfg, layer_prefix(model), report, stats, len(batches),
-                                              input_groups(model), wrap)
+                                              input_groups(model), wrap, norms=group_norms(model))
             process_layerwise(model, shard(batches), process, desc=config.scheme)
         else:
             process_layerwise(model, batches, make_gptq_process(
-                gcfg, layer_prefix(model), report, stats, wrap, groups=input_groups(model),
+                gcfg, layer_prefix(model), report, stats, wrap, groups=input_groups(model), norms=group_norms(model),
                 act_quant=act_quant if method == "gptaq" else None), desc=config.scheme)
         report.extra["gptq"] = {"layers": stats}
     else:
@@ -283,7 +294,15 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
 # ----------------------------------------------------------------------------- generic path
 
 
+def _refuse_hessian_options(config: WAConfig, why: str) -> None:
+    """attention_hessian / residual_weights act only in the GPTQ step of a Llama-layout causal LM."""
+    if config.attention_hessian or config.residual_weights:
+        raise ConfigError(f"{config.scheme}: attention_hessian / residual_weights shape the GPTQ step's Hessians, and "
+                          f"{why}")
+
+
 def _quantize_generic(model: nn.Module, config: WAConfig, calibration_data) -> QuantizeReport:
+    _refuse_hessian_options(config, "this model is not a Llama-layout causal LM (its weights are rounded, not solved)")
     if config.tune_windows:
         raise ConfigError("tune_windows tunes a causal LM against its next-token distribution: Llama-layout "
                           "causal LMs only")
