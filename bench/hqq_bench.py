@@ -78,6 +78,10 @@ ROWS = [
     ("GPTQ+SINQ W4 g128 asym", "gptq-sinq", dict(bits=4, group_size=128, symmetric=False)),
     ("GPTQ+SINQ W4 g128 sym", "gptq-sinq", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ+SINQ W3 g128 asym", "gptq-sinq", dict(bits=3, group_size=128, symmetric=False)),
+    # the same as the CLI's --scheme gptq-sinq builds it since stops 35 / 36: v_proj's attention-mixed Hessian and the
+    # residual writers' token weights (the rows above are GPTQConfig's defaults, = --plain-hessian --plain-tokens)
+    ("GPTQ+SINQ+attnH+resW W4 g128 sym", "gptq-sinq-scheme", dict(bits=4, group_size=128, symmetric=True)),
+    ("GPTQ+SINQ+attnH+resW W4 g128 asym", "gptq-sinq-scheme", dict(bits=4, group_size=128, symmetric=False)),
     # GPTAQ (asymmetric calibration, RTN-fallback guard, MSE group scales: awq-gptaq's rounding) on SINQ's weights
     ("GPTAQ+SINQ W4 g128 sym", "gptaq-sinq", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ+HQQ init W3 g128 asym", "gptq-hqq", dict(bits=3, group_size=128, symmetric=False)),
@@ -99,6 +103,7 @@ ROWS = [
 
 # GPTQConfig fields of each GPTQ family of rows (beyond bits / group / symmetry)
 GPTQ_FAMILIES = {"gptq": {}, "gptq-hqq": dict(init="hqq"), "gptq-sinq": dict(sinkhorn=True),
+                 "gptq-sinq-scheme": dict(sinkhorn=True, attention_hessian=True, residual_weights=True),
                  "gptaq-sinq": dict(sinkhorn=True, asymmetric_calib=True, guard=True, init="mse")}
 
 
