@@ -116,6 +116,9 @@ class WAConfig(BaseConfig):
         if (self.attention_hessian or self.residual_weights) and self.weight_method == "rtn":
             raise ConfigError("attention_hessian / residual_weights shape GPTQ's Hessians: weight_method 'gptq', "
                               "'gptaq' or 'auto', not 'rtn'")
+        if (self.attention_hessian or self.residual_weights) and _is_w8a8(self, self.group_size):
+            raise ConfigError("attention_hessian / residual_weights shape GPTQ's Hessians, and W8A8 per channel has no "
+                              "GPTQ step (its int8 weights are rounded)")
         if self.rotate and self.alpha is not None:
             raise ConfigError("rotate replaces SmoothQuant (the rotation spreads the outlier channels that smoothing "
                               "migrates); pass alpha=None with rotate=True")
@@ -197,8 +200,6 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
     if method == "auto":
         method = "gptaq" if config.rotate and not ranks_active() else "gptq"
     gptq_step = method in ("gptq", "gptaq") and not (config.weight_bits == 8 and config.group_size == 0)
-    if not gptq_step:
-        _refuse_hessian_options(config, "W8A8 per channel has no GPTQ step")
     from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS
 
     # the GPTQ step takes GPTQ's own default (16 windows: the size its benches and defaults were measured at)
