@@ -98,6 +98,10 @@ ROWS = [
      dict(W4, symmetric=False, attention_hessian=True, residual_weights=True), "RTN W4 g128 affine"),
     ("AWQ+GPTAQ-MSE+attnH+resW W4 g128 sym (awq-gptaq)", "awq-gptaq",
      dict(W4, symmetric=True, attention_hessian=True, residual_weights=True), "RTN W4 g128 sym"),
+    # GPTQ on SINQ's normalised weights as the CLI builds it since stop 36 (both GPTQ options on)
+    ("GPTQ+SINQ+attnH+resW W4 g128 sym (gptq-sinq)", "gptq-sinq", dict(W4, symmetric=True), "RTN W4 g128 sym"),
+    ("GPTQ+SINQ+attnH+resW W4 g128 affine (gptq-sinq --affine)", "gptq-sinq", dict(W4, symmetric=False),
+     "RTN W4 g128 affine"),
     # the RTN-fallback guard (--guard; lowbit.algorithms.rtn_guard), judged on the mix's first 4 windows
     ("HQQ+guard W4 g128 sym (hqq --symmetric --guard)", "hqq", dict(W4, symmetric=True, guard=True),
      "RTN W4 g128 sym"),
