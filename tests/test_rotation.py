@@ -204,6 +204,11 @@ def test_presets_take_the_gptq_hessian_options_in_their_weight_step():
         WAConfig(weight_bits=4, group_size=32, weight_method="rtn", attention_hessian=True)
     with pytest.raises(ConfigError, match="no GPTQ step"):
         lowbit.quantize(copy.deepcopy(fp), preset_config("w8a8", rotate=True, residual_weights=True), calib)
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 64))  # the generic path rounds its weights: refused, untouched
+    with pytest.raises(ConfigError, match="not a Llama-layout"):
+        lowbit.quantize(plain, WAConfig(weight_bits=4, group_size=32, alpha=None, weight_method="gptq",
+                                        residual_weights=True), [torch.randn(2, 64)])
+    assert isinstance(plain[0], torch.nn.Linear)
 
 
 # The decoder and the model's forward compute in fp32 from the same dequantized weights and the same

@@ -113,12 +113,11 @@ class WAConfig(BaseConfig):
         if self.act_clip_search and self.weight_method not in ("gptaq", "auto"):
             raise ConfigError("act_clip_search runs inside GPTAQ's activation-aware pass: weight_method 'gptaq' "
                               "or 'auto'")
-        if (self.attention_hessian or self.residual_weights) and self.weight_method == "rtn":
-            raise ConfigError("attention_hessian / residual_weights shape GPTQ's Hessians: weight_method 'gptq', "
-                              "'gptaq' or 'auto', not 'rtn'")
-        if (self.attention_hessian or self.residual_weights) and _is_w8a8(self, self.group_size):
-            raise ConfigError("attention_hessian / residual_weights shape GPTQ's Hessians, and W8A8 per channel has no "
-                              "GPTQ step (its int8 weights are rounded)")
+        if (self.attention_hessian or self.residual_weights) and (self.weight_method == "rtn"
+                                                                  or _is_w8a8(self, self.group_size)):
+            raise ConfigError("attention_hessian / residual_weights shape GPTQ's Hessians, and this config has no GPTQ "
+                              "step: they need weight_method 'gptq', 'gptaq' or 'auto', not 'rtn', and weights other "
+                              "than W8A8's int8 per channel (rounded)")
         if self.rotate and self.alpha is not None:
             raise ConfigError("rotate replaces SmoothQuant (the rotation spreads the outlier channels that smoothing "
                               "migrates); pass alpha=None with rotate=True")
@@ -295,15 +294,10 @@ def _quantize_llama(model: nn.Module, config: WAConfig, calibration_data) -> Qua
 # ----------------------------------------------------------------------------- generic path
 
 
-def _refuse_hessian_options(config: WAConfig, why: str) -> None:
-    """attention_hessian / residual_weights act only in the GPTQ step of a Llama-layout causal LM."""
+def _quantize_generic(model: nn.Module, config: WAConfig, calibration_data) -> QuantizeReport:
     if config.attention_hessian or config.residual_weights:
         raise ConfigError(f"{config.scheme}: attention_hessian / residual_weights shape the GPTQ step's Hessians, and "
-                          f"{why}")
-
-
-def _quantize_generic(model: nn.Module, config: WAConfig, calibration_data) -> QuantizeReport:
-    _refuse_hessian_options(config, "this model is not a Llama-layout causal LM (its weights are rounded, not solved)")
+                          "this model is not a Llama-layout causal LM (its weights are rounded, not solved)")
     if config.tune_windows:
         raise ConfigError("tune_windows tunes a causal LM against its next-token distribution: Llama-layout "
                           "causal LMs only")
