@@ -102,6 +102,13 @@ ROWS = [
     ("GPTQ+SINQ+attnH+resW W4 g128 sym (gptq-sinq)", "gptq-sinq", dict(W4, symmetric=True), "RTN W4 g128 sym"),
     ("GPTQ+SINQ+attnH+resW W4 g128 affine (gptq-sinq --affine)", "gptq-sinq", dict(W4, symmetric=False),
      "RTN W4 g128 affine"),
+    # AWQ's GPTQ / GPTAQ schemes with and without the q/k/v scale search (stop 38; AWQConfig.attention_scales)
+    ("AWQ+GPTQ+attnH W4 g128 sym (awq-gptq --attention-scales)", "awq-gptq",
+     dict(W4, symmetric=True, attention_scales=True), "RTN W4 g128 sym"),
+    ("AWQ+GPTQ+attnH, no q/k/v scales W4 g128 sym (awq-gptq --no-attention-scales)", "awq-gptq",
+     dict(W4, symmetric=True, attention_scales=False), "RTN W4 g128 sym"),
+    ("AWQ+GPTAQ-MSE+attnH+resW, no q/k/v scales W4 g128 sym (awq-gptaq --no-attention-scales)", "awq-gptaq",
+     dict(W4, symmetric=True, attention_scales=False), "RTN W4 g128 sym"),
     # the RTN-fallback guard (--guard; lowbit.algorithms.rtn_guard), judged on the mix's first 4 windows
     ("HQQ+guard W4 g128 sym (hqq --symmetric --guard)", "hqq", dict(W4, symmetric=True, guard=True),
      "RTN W4 g128 sym"),
@@ -117,7 +124,7 @@ ROWS = [
 ]
 TEXTS = (("held-out docs", "lm_heldout_text", 16), ("licence", "lm_eval_text", None),
          ("science", "lm_science_text", None))
-SPANNING = ("awq", "awq-gptaq", "awq-hqq", "gptaq-rot")  # schemes whose transforms span linears: no "linear" measure
+SPANNING = ("awq", "awq-gptq", "awq-gptaq", "awq-hqq", "gptaq-rot")  # schemes whose transforms span linears: no "linear" measure
 MEASURES = ("local", "stream", "linear")
 
 

@@ -42,7 +42,7 @@ from bench._llm_common import CachedReference, Timer, machine, quiet, rtn_decode
 # fallback judged on held-out calibration windows), asymmetric_calib=True (GPTAQ), init="mse" and rotate=True (QuaRot
 # rotations folded in first: lowbit.algorithms.rotation) and tune_windows (group scales then tuned end to end:
 # lowbit.algorithms.scale_tuning), attention_hessian=True (v_proj's Hessian of attention-mixed inputs); AWQ rows clip,
-# init and attention_hessian
+# init, attention_hessian, residual_weights and attention_scales
 ROWS = [
     ("RTN W4 g128 sym", "rtn", dict(bits=4, group_size=128, symmetric=True)),
     ("GPTQ W4 g128 sym", "gptq", dict(bits=4, group_size=128, symmetric=True)),
@@ -86,6 +86,14 @@ ROWS = [
                                                                 asymmetric_calib=True, init="mse", rotate=True,
                                                                 tune_windows=96, attention_hessian=True,
                                                                 residual_weights=True)),
+    # AWQ's GPTQ / GPTAQ schemes as the CLI builds them, with and without the q/k/v scale search
+    # (AWQConfig.attention_scales; stop 38)
+    ("AWQ+GPTQ+attnH W4 g128 sym", "awq-gptq", dict(bits=4, group_size=128, symmetric=True, attention_hessian=True)),
+    ("AWQ+GPTQ+attnH-noqkvS W4 g128 sym", "awq-gptq", dict(bits=4, group_size=128, symmetric=True,
+                                                           attention_hessian=True, attention_scales=False)),
+    ("AWQ+GPTAQ-MSE+attnH+resW-noqkvS W4 g128 sym", "awq-gptaq", dict(bits=4, group_size=128, symmetric=True,
+                                                                      init="mse", attention_hessian=True,
+                                                                      residual_weights=True, attention_scales=False)),
     ("RTN W3 g128 sym", "rtn", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True)),
     ("GPTQ+guard W3 g128 sym", "gptq", dict(bits=3, group_size=128, symmetric=True, guard=True)),

@@ -40,7 +40,8 @@ METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq", "g
 
 def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None,
              search_tokens: int | None = None, tune_windows: int = 0, tune_lr: float | None = None,
-             duo: bool = False, affine: bool = False, sink_tokens: int = 0, attn_hessian: bool = False, resid_weights: bool = False):
+             duo: bool = False, affine: bool = False, sink_tokens: int = 0, attn_hessian: bool = False, resid_weights: bool = False,
+             attn_scales: bool = True):
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
@@ -72,7 +73,7 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
         search = {} if search_tokens is None else {"search_tokens": search_tokens}
         lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib, duo_scaling=duo,
                                          sink_tokens=sink_tokens, attention_hessian=attn_hessian,
-                                         residual_weights=resid_weights, **search))
+                                         residual_weights=resid_weights, attention_scales=attn_scales, **search))
     return model
 
 
@@ -84,7 +85,7 @@ def _name(row: dict) -> str:
 
 def _sink(row: dict) -> str:
     return (f" sink {row['sink']}" if row.get("sink") else "") + (" + attention Hessian" if row.get("attnh") else "") \
-        + (" + residual weights" if row.get("resw") else "")
+        + (" + residual weights" if row.get("resw") else "") + (" - attention scales" if row.get("noattn") else "")
 
 
 def _tuned(row: dict) -> str:
@@ -113,6 +114,8 @@ def main() -> None:
                     "1 / rms of the residual after their add (lowbit.algorithms.residual_hessian)")
     ap.add_argument("--attn-hessian", action="store_true", help="GPTQ / GPTAQ (also awq-gptq / awq-gptaq): v_proj's Hessian of the attention-mixed "
                     "inputs (GPTQConfig.attention_hessian)")
+    ap.add_argument("--no-attn-scales", action="store_true", help="AWQ: no scale search for q/k/v "
+                    "(AWQConfig.attention_scales=False)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -132,7 +135,7 @@ def main() -> None:
         with Timer() as t:
             model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
                              args.search_tokens, args.tune_windows, args.tune_lr, args.duo, args.affine,
-                             args.sink_tokens, args.attn_hessian, args.resid_weights)
+                             args.sink_tokens, args.attn_hessian, args.resid_weights, not args.no_attn_scales)
         s = lm_scores(model, fp, held)
         from lowbit.data import lm_calib_composition
 
@@ -140,7 +143,7 @@ def main() -> None:
                    percdamp=args.percdamp, search_tokens=args.search_tokens, tune_windows=args.tune_windows or None,
                    tune_lr=args.tune_lr, duo=args.duo or None, affine=args.affine or None,
                    sink=args.sink_tokens or None, attnh=args.attn_hessian or None,
-                   resw=args.resid_weights or None)
+                   resw=args.resid_weights or None, noattn=args.no_attn_scales or None)
         rows = [r for r in rows if {k: r.get(k) for k in key} != key]  # rows without "mix": an earlier environment
         rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
                      "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})

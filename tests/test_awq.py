@@ -108,6 +108,25 @@ def test_sink_tokens_ablation_names_itself_and_checks_its_range():
         lowbit.quantize(copy.deepcopy(fp), AWQConfig(group_size=16, n_grid=4, sink_tokens=32), tiny_batches(2, 32))
 
 
+def test_attention_scales_off_leaves_the_attention_input_untouched():
+    """attention_scales=False: no q/k/v scale search (input_layernorm and q/k/v keep their float weights before
+    rounding), the MLP's searches run as before."""
+    fp = tiny_llama(layers=1)
+    q = lowbit.quantize(copy.deepcopy(fp), AWQConfig(group_size=16, n_grid=4, attention_scales=False, clip=False),
+                        tiny_batches(2, 32))
+    plain = lowbit.quantize(copy.deepcopy(fp), AWQConfig(group_size=16, n_grid=4, clip=False), tiny_batches(2, 32))
+    assert q.lowbit_scheme == "awq-w4-g16-sym-noclip-noattnscales"
+    layer, fp_layer = q.lm.model.layers[0], fp.lm.model.layers[0]
+    assert torch.equal(layer.input_layernorm.weight, fp_layer.input_layernorm.weight)
+    assert not torch.equal(plain.lm.model.layers[0].input_layernorm.weight, fp_layer.input_layernorm.weight)
+    stats = q.lowbit_report.extra["awq"]["layers"]["lm.model.layers.0"]
+    assert "qkv_alpha" not in stats and {"gate_up_alpha", "down_alpha"} <= set(stats)
+    # q_proj is RTN of the fp32 weight: bit-identical codes to plain RTN on the same grid
+    rtn = lowbit.quantize(copy.deepcopy(fp), WeightOnlyConfig(bits=4, group_size=16))
+    name = "lm.model.layers.0.self_attn.q_proj"
+    assert torch.equal(q.get_submodule(name).state_dict()["qweight"], rtn.get_submodule(name).state_dict()["qweight"])
+
+
 def test_awq_nf4_double_quant_and_bad_config():
     fp = tiny_llama(layers=1)
     q = lowbit.quantize(copy.deepcopy(fp), AWQConfig(fmt="nf4", group_size=16, double_quant=True, n_grid=4),

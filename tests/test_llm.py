@@ -198,6 +198,9 @@ def test_schemes_and_bad_options():
     assert build_config("awq", {"bits": 4}).scheme == "awq-w4-g128-asym"  # affine by default, as AutoAWQ
     assert build_config("awq", {"symmetric": True}).scheme == "awq-w4-g128-sym"
     assert build_config("awq-gptq", {}).symmetric and build_config("awq-gptaq", {}).symmetric
+    assert build_config("awq-gptq", {"attention_scales": False}).scheme.endswith("-noattnscales")
+    with pytest.raises(ConfigError, match="does not take attention_scales"):
+        build_config("awq", {"attention_scales": False})
     assert build_config("w4a4", {}).act_bits == 4
     with pytest.raises(ConfigError, match="does not take"):
         build_config("w4a8", {"bits": 4})

@@ -120,6 +120,7 @@ class AWQConfig(BaseConfig):
     sink_tokens: int = 0
     attention_hessian: bool = False  # the GPTQ / GPTAQ step's v_proj Hessian of attention-mixed inputs (GPTQConfig)
     residual_weights: bool = False  # the GPTQ / GPTAQ step's o_proj / down_proj tokens weighted by 1 / ms(residual)
+    attention_scales: bool = True  # False: no scale search for q/k/v (input_layernorm untouched); the MLP's stay
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -197,7 +198,8 @@ class AWQConfig(BaseConfig):
         init = "" if self.init == "minmax" or self.final_rounding else f"-{self.init}init"
         return f"{name}{'-ggml' if self.gguf else ''}{init}" \
                f"{'-duo' if self.duo_scaling else ''}{f'-sink{self.sink_tokens}' if self.sink_tokens else ''}" \
-               f"{'-attnh' if self.attention_hessian else ''}{'-resw' if self.residual_weights else ''}"
+               f"{'-attnh' if self.attention_hessian else ''}{'-resw' if self.residual_weights else ''}" \
+               f"{'' if self.attention_scales else '-noattnscales'}"
 
 
 # ------------------------------------------------------------------------------- the math
@@ -398,7 +400,8 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
 
             # 1. input_layernorm -> q, k, v, judged on the attention output.
             qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-            if all(n in linears for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
+            if config.attention_scales and all(n in linears for n in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                          "self_attn.v_proj")):
                 def attn_block():
                     return [attn(hidden_states=x, **_attn_kwargs(kwargs))[0][:, skip:] for x in x_attn]
                 ref = attn_block()
@@ -559,13 +562,15 @@ def _awq_scheme(options: dict) -> AWQConfig:
 @register_scheme("awq-gptq", "AWQ's channel scales and clipping, then GPTQ's error-compensating rounding of the "
                  "transformed layer: --bits --group-size --symmetric/--affine; --gguf q4_0 fits llama.cpp's Q4_0 "
                  "grid; causal LMs only",
-                 options=("bits", "group_size", "symmetric", "kernel", "gguf", "attention_hessian", "residual_weights"),
+                 options=("bits", "group_size", "symmetric", "kernel", "gguf", "attention_hessian", "residual_weights",
+                          "attention_scales"),
                  models=("smollm2",))
 def _awq_gptq_scheme(options: dict) -> AWQConfig:
     # the residual weights stay off here: held-out calibration KL 0.253 -> 0.260 with them (docs/llm.md)
     return dataclasses.replace(_awq_options(options, symmetric=True), rounding="gptq",
                                attention_hessian=scheme_attention_hessian(options),
-                               residual_weights=scheme_residual_weights(options, default=False))
+                               residual_weights=scheme_residual_weights(options, default=False),
+                               attention_scales=option_bool(options.get("attention_scales", True)))
 
 
 @register_scheme("awq-hqq", "AWQ's channel scales and clipping search with HQQ's rounding (fp16 scales and zero-points "
@@ -585,11 +590,13 @@ def _awq_hqq_scheme(options: dict) -> AWQConfig:
 @register_scheme("awq-gptaq", "AWQ's channel scales (no clipping), then GPTAQ's rounding of the transformed layer "
                  "(each linear matches the fp32 model's outputs from the quantized model's inputs) with MSE-searched "
                  "group scales: --bits --group-size --symmetric/--affine; one process; causal LMs only",
-                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights"),
+                 options=("bits", "group_size", "symmetric", "kernel", "attention_hessian", "residual_weights",
+                          "attention_scales"),
                  models=("smollm2",))
 def _awq_gptaq_scheme(options: dict) -> AWQConfig:
     # init "mse": held-out calibration KL 0.195 vs 0.208 with min-max (SmolLM2 W4 g128, bench/results/w4_heldout.md);
     # the residual weights: 0.190 -> 0.187 (docs/llm.md)
     return dataclasses.replace(_awq_options(options, symmetric=True), rounding="gptaq", init="mse",
                                attention_hessian=scheme_attention_hessian(options),
-                               residual_weights=scheme_residual_weights(options))
+                               residual_weights=scheme_residual_weights(options),
+                               attention_scales=option_bool(options.get("attention_scales", True)))

@@ -194,6 +194,10 @@ def register(app: typer.Typer) -> None:
             None, "--residual-weights/--plain-tokens",
             help="GPTQ-family schemes and awq-gptaq (awq-gptq: off by default): o_proj / down_proj's GPTQ Hessian with each token weighted by 1 / mean square "
                  "of the residual stream after their add (the next norm's factor; the default), or every token alike"),
+        attention_scales: Optional[bool] = typer.Option(
+            None, "--attention-scales/--no-attention-scales",
+            help="awq-gptq / awq-gptaq: AWQ's channel scale search for q/k/v (folded into input_layernorm), or none "
+                 "(the MLP's scales stay)"),
         budget_mb: Optional[float] = typer.Option(None, "--budget-mb", help="mixed precision: size budget in MB"),
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="mixed precision: latency budget"),
         kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache quantization for generation: int8 | int4"),
@@ -235,7 +239,7 @@ def register(app: typer.Typer) -> None:
                        act_per_group=act_per_group or None, act_symmetric=False if act_affine else None,
                        tune_windows=tune_windows, tune_epochs=tune_epochs, tune_bf16=tune_bf16 or None,
                        guard=guard or None, attention_hessian=attention_hessian,
-                       residual_weights=residual_weights)
+                       residual_weights=residual_weights, attention_scales=attention_scales)
         config = build_config(scheme, options)  # --calib sizes the calibration set for any scheme
         if out is not None and out.exists() and not force:
             raise ConfigError(f"{out} exists; pass --force to replace it")
