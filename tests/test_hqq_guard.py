@@ -63,11 +63,52 @@ def test_each_linear_is_the_method_or_rtn_whichever_errs_less(settings):
             assert torch.equal(m.dequantized_weight(), method[name].dequantized_weight())
             assert errors["method_error"] <= errors["rtn_error"]
     # judged on the inputs through the layers quantized before it (layer 1 sees layer 0's choices; within a layer
-    # the float layer runs, as for GPTQ's Hessians): layer 1's q_proj sees exactly that in the guarded model
-    name = "lm.model.layers.1.self_attn.q_proj"
+    # the float layer runs, as for GPTQ's Hessians): layer 1's v_proj sees exactly that in the guarded model
+    name = "lm.model.layers.1.self_attn.v_proj"
     xs = _inputs(guarded, name, windows)
     assert held_out_error(fp.get_submodule(name), got[name], xs, xs) == pytest.approx(
-        min(stats[name]["guard"].values()), rel=1e-5)
+        min(stats[name]["guard"]["method_error"], stats[name]["guard"]["rtn_error"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("settings", [dict(bits=4, group_size=16, symmetric=True),
+                                      dict(bits=3, group_size=16, symmetric=False)])
+def test_q_and_k_are_chosen_as_a_pair_on_the_attention_output(settings):
+    """q_proj / k_proj: the four (method, RTN) combinations scored by the float attention's output error on the
+    guard's windows (v / o float), the lowest kept; each one's record is its two errors at the other's choice."""
+    fp, windows = tiny_llama(layers=2, seed=5), tiny_batches(n=3, length=64, seed=4)
+    plain = lowbit.quantize(copy.deepcopy(fp), HQQConfig(**settings))
+    guarded = lowbit.quantize(copy.deepcopy(fp), HQQConfig(**settings, guard=True, guard_windows=3), windows)
+    stats, method, got = guarded.lowbit_report.extra["hqq"]["layers"], _modules(plain), _modules(guarded)
+    prefix = "lm.model.layers.1.self_attn"
+    calls = []  # the attention's inputs in the guarded model: layer 0 as the guard chose it, the same norm
+    h = guarded.get_submodule(prefix).register_forward_hook(lambda m, a, kw, out: calls.append((a, kw)),
+                                                             with_kwargs=True)
+    with torch.no_grad():
+        for b in windows:
+            guarded(b)
+    h.remove()
+    attn = copy.deepcopy(fp.get_submodule(prefix))
+    with torch.no_grad():
+        ref = [attn(*a, **kw)[0] for a, kw in calls]
+    cands = {n: (method[f"{prefix}.{n}"], WeightOnlyQLinear.from_float(fp.get_submodule(f"{prefix}.{n}"),
+                                                                       settings["bits"], 16, settings["symmetric"]))
+             for n in ("q_proj", "k_proj")}
+    err = {}
+    for a in (0, 1):
+        for b in (0, 1):
+            attn.q_proj, attn.k_proj = cands["q_proj"][a], cands["k_proj"][b]
+            with torch.no_grad():
+                err[a, b] = sum(float(((r - attn(*x, **kw)[0]) ** 2).sum()) for r, (x, kw) in zip(ref, calls))
+    best = min(err, key=lambda ab: (err[ab], ab))
+    for n, choice in zip(("q_proj", "k_proj"), best):
+        kept = got[f"{prefix}.{n}"]
+        assert torch.equal(kept.dequantized_weight(), cands[n][choice].dequantized_weight()), n
+        g = stats[f"{prefix}.{n}"]["guard"]
+        assert g["measure"].startswith("attention output")
+        other = best[1] if n == "q_proj" else best[0]
+        mine = [err[(c, other) if n == "q_proj" else (other, c)] for c in (0, 1)]
+        assert [g["method_error"], g["rtn_error"]] == pytest.approx(mine, rel=1e-4)
+    assert err[best] <= min(err.values())
 
 
 def test_sinq_guard_reverts_where_the_weight_objective_misleads():
