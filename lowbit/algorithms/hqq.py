@@ -328,7 +328,8 @@ class HQQConfig(BaseConfig):
     sinkhorn: bool = False
     sinkhorn_iters: int = DEFAULT_SINKHORN_ITERS
     # RTN-fallback guard (lowbit.algorithms.rtn_guard): a decoder linear whose output error on guard_windows
-    # calibration windows is above RTN's keeps RTN's codes; reads calibration text (causal LMs only)
+    # calibration windows is above RTN's keeps RTN's codes (q_proj / k_proj as a pair, on the attention's output);
+    # reads calibration text (causal LMs only)
     guard: bool = False
     guard_windows: int = DEFAULT_GUARD_WINDOWS
 
@@ -439,7 +440,8 @@ def _guarded(model: nn.Module, config: HQQConfig, calibration_data, report: Quan
 
 @register_scheme("hqq", "HQQ weight-only, calibration-free (half-quadratic fit of fp16 zero-points to the weights; "
                  "affine by default): --bits {2,3,4,8} --group-size N (0 = per channel) --symmetric/--affine; --guard: "
-                 "RTN's codes for any decoder linear that errs more than RTN on 4 calibration windows",
+                 "RTN's codes for any decoder linear (q_proj / k_proj: pair) that errs more than RTN on 4 calibration "
+                 "windows",
                  options=("bits", "group_size", "symmetric", "kernel", "guard"))
 def _hqq_scheme(options: dict) -> HQQConfig:
     return _scheme_config(options, DEFAULT_ITERS, sinkhorn=False)
@@ -464,7 +466,8 @@ def _advice(config: HQQConfig) -> str | None:
     if config.guard and config.symmetric and config.iters:
         # bench/results/hqq_defaults_part_guard.md, W4 g128 sym, held-out calibration KL: hqq 0.676 with the guard
         # against 0.549 without (RTN 0.578), hqq-sinq 0.457 against 0.420: the per-linear choice mixes RTN's and
-        # HQQ's fitted scales (mostly q_proj / k_proj reverted) and the model loses more than any linear gains
+        # HQQ's fitted scales (mostly q_proj / k_proj reverted) and the model loses more than any linear gains;
+        # judging q / k as a pair (stop 38, hqq_defaults_part_guardpair.md) gives 0.658 / 0.451: still worse
         return (f"{method} --symmetric --guard: the guard measured worse than no guard on symmetric HQQ fits (and "
                 "than RTN for hqq); `--scheme sinq --symmetric --guard` is the choice for symmetric grids")
     if config.symmetric and config.iters:

@@ -185,7 +185,8 @@ def register(app: typer.Typer) -> None:
         kernel: Optional[str] = typer.Option(None, "--kernel", help="auto | fast | reference"),
         guard: bool = typer.Option(False, "--guard", help="hqq / sinq / hqq-sinq on causal LMs: a decoder linear "
                                                           "whose output error on 4 calibration windows is above "
-                                                          "RTN's keeps RTN's codes (reads calibration text)"),
+                                                          "RTN's keeps RTN's codes; q_proj / k_proj as a pair, judged "
+                                                          "on the attention output (reads calibration text)"),
         attention_hessian: Optional[bool] = typer.Option(
             None, "--attention-hessian/--plain-hessian",
             help="GPTQ-family schemes and awq-gptq / awq-gptaq: v_proj's GPTQ Hessian from its inputs mixed by the "
