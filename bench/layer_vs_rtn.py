@@ -24,7 +24,8 @@ residual weighs as one token):
 A scheme is *worse than RTN at a block* when its error there exceeds RTN's (same bits, group size and
 symmetry; decoder linears only). GPTAQ-style rounding (``gptaq``, ``awq-gptaq``, ``gptaq-rot``) fits each
 linear to the fp32 outputs from the *quantized* inputs, so it may trade local error for stream error by
-design: the stream column is its judge. Schemes are built by ``lowbit.config.build_config`` exactly as
+design: the stream column is its judge. The RTN-fallback guard (``--guard``) keeps q_proj / k_proj by their pair's
+attention output (stop 38), so a single q or k may err more than RTN's by design: the attention block is its judge. Schemes are built by ``lowbit.config.build_config`` exactly as
 ``lowbit quantize --scheme NAME`` builds them (built-in calibration mix, each scheme's defaults).
 Writes bench/results/layer_vs_rtn.{md,json}.
 """
