@@ -5,6 +5,8 @@ SmoothQuant factor sharing the graph relies on."""
 from __future__ import annotations
 
 import copy
+import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +37,23 @@ VS_LOWBIT_COS_MEAN_MIN, VS_LOWBIT_COS_MIN = 0.999, 0.995
 # (per tensor vs per token); measured min 0.99999 in all four variants (shared or per-linear factors,
 # rownorm or per-tensor FFN-down input).
 TINY_COS_MIN = 0.999
+def _cpu_flags() -> set[str]:
+    try:
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+# On x86 CPUs without VNNI, ORT's u8s8 GEMM adds pairs of uint8 x int8 products in int16 with saturation
+# (vpmaddubsw; ORT's own quantize_dynamic models share it, docs/export.md), so its run of the fused graph drifts from
+# the exact integer product. Measured on such a CPU (AMD EPYC, AVX2 only): vs lowbit 0.99607 / 0.99020, vs fp32
+# 0.99574 / 0.98935 (mean / min), tiny 0.99821 (min); the floors there keep ~0.004 of margin below that.
+NO_VNNI = platform.machine() in ("x86_64", "AMD64") and not {"avx512_vnni", "avx_vnni"} & _cpu_flags()
+if NO_VNNI:
+    VS_LOWBIT_COS_MEAN_MIN, VS_LOWBIT_COS_MIN = 0.992, 0.985
+    FP32_COS_MEAN_MIN, FP32_COS_MIN = 0.992, 0.985
+    TINY_COS_MIN = 0.994
 SENTENCES = ["the python documentation", "a module of the standard library and the module of the language",
              "library", "the documentation of a standard module"]
 

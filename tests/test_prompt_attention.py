@@ -12,9 +12,9 @@ ATTN_TOL = 2e-6
 @pytest.mark.parametrize("bsz,nh,nkv,t,pos,hd", [(1, 9, 3, 128, 0, 64), (2, 4, 2, 7, 13, 32), (2, 6, 6, 1, 30, 16),
                                                  (1, 8, 2, 33, 0, 48)])
 def test_matches_sdpa(bsz, nh, nkv, t, pos, hd):
-    lib, why = prompt_attention.library()
-    if lib is None:
-        pytest.skip(f"no C kernel: {why}")
+    runs, why = prompt_attention.runs_here()
+    if not runs:
+        pytest.skip(why)
     g = torch.Generator().manual_seed(t)
     q = torch.randn(bsz, t, nh + nkv, hd, generator=g).transpose(1, 2)[:, :nh] * 3  # (B, nh, T, hd) strided as in the decoder
     k, v = torch.randn(bsz, nkv, 80, hd, generator=g), torch.randn(bsz, nkv, 80, hd, generator=g)
@@ -30,8 +30,9 @@ def test_the_decoder_runs_it_on_prompts(monkeypatch):
     from tests._tiny_llama import tiny_batches
     from tests.test_decode import _model
 
-    if prompt_attention.library()[0] is None:
-        pytest.skip("no C kernel")
+    runs, why = prompt_attention.runs_here()
+    if not runs:
+        pytest.skip(why)
     m = _model("int4-g32-sym")
     ids = tiny_batches(1, length=19)[0]
     ref = Decoder(m, max_len=32, kernel="reference").logits(ids)

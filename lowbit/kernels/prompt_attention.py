@@ -140,6 +140,18 @@ def library():
     return lib, why
 
 
+def runs_here() -> tuple[bool, str]:
+    """Whether the C kernel runs on this CPU (it needs AVX-512; elsewhere :func:`causal_attention` is its SDPA
+    twin), with the reason when not."""
+    lib, why = library()
+    if lib is None:
+        return False, f"no C kernel: {why}"
+    q, kv, out = torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), torch.empty(1, 1, 16)
+    rc = lib.lowbit_causal_attention(q.data_ptr(), 16, 16, kv.data_ptr(), kv.data_ptr(), 16, out.data_ptr(),
+                                     1, 1, 1, 0, 16, 0.25, 1)
+    return (True, "") if rc == 0 else (False, "this CPU has no AVX-512: the kernel is SDPA's twin here")
+
+
 def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
     """q (B, nh, T, hd) at positions pos.., k / v (B, nkv, pos + T, hd) -> (B, T, nh * hd), by SDPA."""
     bsz, nh, t, hd = q.shape
