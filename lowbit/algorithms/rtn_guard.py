@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # Four 512-token windows (2048 tokens) as GPTQ's guard: more than the widest input (1536) of SmolLM2.
 DEFAULT_GUARD_WINDOWS = 4
+QK_PAIR = ("self_attn.q_proj", "self_attn.k_proj")  # judged together, on the attention's output (module doc)
 
 Build = Callable[[str, nn.Linear], "tuple[nn.Module, dict]"]
 
@@ -110,9 +111,6 @@ def guarded_decoder(model: nn.Module, windows: list[torch.Tensor], source: str, 
     record = guard_record(stats, "windows", calibration_info(windows, source))
     log.info("%s guard: %d of %d decoder linears kept RTN's codes", desc, len(record["reverted"]), record["judged"])
     return record
-
-
-QK_PAIR = ("self_attn.q_proj", "self_attn.k_proj")
 
 
 def _first(out):
