@@ -74,10 +74,10 @@ def guarded_decoder(model: nn.Module, windows: list[torch.Tensor], source: str, 
 
     def process(i: int, layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> None:
         linears = {n: m for n, m in layer_linears(layer).items() if selected(f"{prefix}.{i}.{n}")}
-        inputs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0].detach()))
-                 for n, m in linears.items()]
         pair = all(n in linears for n in QK_PAIR) and isinstance(getattr(layer, "self_attn", None), nn.Module)
+        inputs: dict[str, list[torch.Tensor]] = {n: [] for n in linears if not (pair and n in QK_PAIR)}
+        hooks = [linears[n].register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0].detach()))
+                 for n in inputs]
         calls: list[tuple[tuple, dict, torch.Tensor]] = []  # the attention's (args, kwargs, float output) per window
         if pair:
             hooks.append(layer.self_attn.register_forward_hook(
