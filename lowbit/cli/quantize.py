@@ -142,6 +142,28 @@ def _builtin_eval(model) -> list[str]:
     return eval_sentences(256)
 
 
+def _measure_vs_rtn(fp32, qmodel, config, rows: list[dict], quick: bool, eval_samples, log) -> dict | None:
+    """``--vs-rtn``: measure RTN on ``qmodel``'s own grid (:mod:`lowbit.analysis.rtn_baseline`) beside it,
+    append its row to ``rows`` and return the comparison, or None where it does not apply (not a causal
+    LM, RTN itself, or a model whose quantized linears RTN cannot mirror)."""
+    from lowbit.algorithms.rtn import WeightOnlyConfig
+    from lowbit.analysis.evaluate import evaluate
+    from lowbit.analysis.rtn_baseline import compare_to_rtn, rtn_twin
+
+    if getattr(qmodel, "task", None) != "causal-lm" or isinstance(config, WeightOnlyConfig):
+        return None
+    twin = rtn_twin(fp32, qmodel, getattr(config, "gguf", None))
+    if twin is None:
+        log.info("--vs-rtn: %s has no RTN twin on its grid (see -v)", config.scheme)
+        return None
+    with step("measuring RTN on the same grid (use --no-vs-rtn to skip)") as st:
+        row = evaluate(twin, fp32, quick=quick, eval_data=eval_samples)
+        st.summary = "measured RTN on the same grid"
+    del twin
+    rows.insert(len(rows) - 1, row)  # fp32, RTN, the scheme
+    return compare_to_rtn(rows[0], row, rows[-1])
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @clean_errors
@@ -209,6 +231,9 @@ def register(app: typer.Typer) -> None:
                                             help="rtn on a tied LM: the token embedding reads the quantized head's "
                                                  "table (stored once, at the head's width)"),
         no_eval: bool = typer.Option(False, "--no-eval", help="skip the fp32-vs-quantized measurement"),
+        vs_rtn: bool = typer.Option(True, "--vs-rtn/--no-vs-rtn",
+                                    help="weight-only schemes on causal LMs: also measure RTN on the same grid and "
+                                         "warn on any text where the scheme is worse than RTN"),
         low_memory: bool = typer.Option(False, "--low-memory",
                                         help="gptq/awq on smollm2: read one decoder layer at a time from the fp32 "
                                              "safetensors cache, never holding the float model (implies --no-eval)"),
@@ -313,6 +338,10 @@ def register(app: typer.Typer) -> None:
                 st.summary = f"measured {config.scheme} ({how})"
             rows[-1]["compiled"] = bool(use_compile)
             fidelity = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float, str))}
+            if vs_rtn:
+                comparison = _measure_vs_rtn(fp32, qmodel, config, rows, quick, eval_samples, log)
+                if comparison is not None:
+                    fidelity["vs_rtn"] = comparison
         if out is not None:
             with step(f"saving {out}") as st:
                 meta = lowbit.save(qmodel, out, fidelity=fidelity, overwrite=force)
@@ -322,3 +351,11 @@ def register(app: typer.Typer) -> None:
                 typer.echo(_json.dumps(rows, indent=2))
             else:
                 print_comparison(rows)
+            if "vs_rtn" in fidelity:
+                from lowbit.analysis.rtn_baseline import describe
+
+                lines, warnings = describe(config.scheme, fidelity["vs_rtn"], bool(getattr(qmodel, "lowbit_calibration", None)))
+                if not as_json:
+                    typer.echo("\n".join(lines))
+                for w in warnings:
+                    log.warning(w)

@@ -1,0 +1,126 @@
+"""Round-to-nearest on a quantized model's own grid: the baseline a weight-only method must beat.
+
+A calibrated method (GPTQ, AWQ) fits its rounding to its calibration text and can lose to plain RTN
+on text unlike it (issue 18: GPTQ W4 calibrated on CPython's docs was worse than RTN on the licence
+text, -30 % of RTN's perplexity increase); a calibration-free one (HQQ, SINQ) fits a weight-only
+objective and can lose too. Neither is visible from the fp32 comparison alone. :func:`rtn_twin` builds
+RTN on exactly the linears the method quantized, each with the bits, group size (the one the method
+used for that linear, e.g. 64 on SmolLM2's 576-wide inputs at g128) and symmetry of its module, or
+with ggml's reference rounding on a ``gguf`` grid; everything else (norms, embeddings, the LM head
+where the method left it float) stays the fp32 model's. :func:`compare_to_rtn` then reports, per
+evaluation text, the share of RTN's perplexity increase the method removes,
+
+    removed = (ppl_RTN - ppl_method) / (ppl_RTN - ppl_fp32),
+
+negative where the method is worse than RTN, and the texts where it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from torch import nn
+
+from lowbit.core import get_format
+from lowbit.nn import WeightOnlyQLinear
+from lowbit.nn.base import QMODULES
+from lowbit.nn.gguf_linear import BlockMinQLinear, linear_on_ggml_grid
+
+log = logging.getLogger(__name__)
+
+# The causal-LM texts lowbit.analysis.evaluate reports, by key suffix (ppl{suffix}, kl{suffix}).
+TEXT_NAMES = {"": "licence", "_heldout": "held-out docs", "_science": "science"}
+
+
+def rtn_twin(fp32: nn.Module, quantized: nn.Module, gguf: str | None = None) -> nn.Module | None:
+    """A copy of ``fp32`` with RTN on every linear that ``quantized`` stores weight-only (same name,
+    bits, group size and symmetry; ggml's rounding of type ``gguf`` where given), or None where the
+    two cannot be matched: no weight-only module, a quantized module with no float linear of that
+    name in ``fp32`` (a rotated or restructured model), a codebook format (NF4) or a module that
+    quantizes activations too."""
+    float_linears = {n: m for n, m in fp32.named_modules() if isinstance(m, nn.Linear)}
+    plan: dict[str, tuple] = {}
+    for name, m in quantized.named_modules():
+        if isinstance(m, (WeightOnlyQLinear, BlockMinQLinear)):
+            if name not in float_linears:
+                log.info("no RTN baseline: %s has no float linear of that name in the fp32 model", name)
+                return None
+            if gguf is not None:
+                plan[name] = ("gguf", gguf)
+                continue
+            fmt = get_format(getattr(m, "fmt", "int4"))
+            if fmt.kind.value != "uniform" or isinstance(m, BlockMinQLinear):
+                log.info("no RTN baseline: %s is stored as %s", name, type(m).__name__ if isinstance(m, BlockMinQLinear)
+                         else fmt.name)
+                return None
+            plan[name] = ("rtn", fmt.bits, m.group_size, m.symmetric)
+        elif type(m) in QMODULES.values() and any(k in type(m).__name__ for k in ("Linear", "Conv")):
+            # a quantized linear or conv of another kind (W/A, static, binary, mixed): RTN is not its twin
+            log.info("no RTN baseline: %s is a %s", name, type(m).__name__)
+            return None
+    if not plan:
+        return None
+    twin = copy.deepcopy(fp32)
+    for name, how in plan.items():
+        linear = twin.get_submodule(name)
+        if how[0] == "gguf":
+            module = linear_on_ggml_grid(linear, how[1])
+        else:
+            _, bits, group, symmetric = how
+            module = WeightOnlyQLinear.from_float(linear, bits, group, symmetric)
+        twin.set_submodule(name, module)
+    twin.lowbit_scheme = "rtn (same grid)"
+    twin.lowbit_fp32_numel = getattr(quantized, "lowbit_fp32_numel", None) or sum(p.numel() for p in fp32.parameters())
+    return twin
+
+
+def compare_to_rtn(fp32_row: dict, rtn_row: dict, row: dict) -> dict:
+    """Per evaluation text of ``evaluate()``'s causal-LM rows: RTN's perplexity and KL, the share of RTN's
+    perplexity increase over fp32 that ``row`` removes (None where RTN is not above fp32), and
+    ``worse_on``: the texts where ``row``'s perplexity is above RTN's, each with whether it is
+    nevertheless closer to fp32 in KL (rounding noise can flatten predictions in RTN's favour on text
+    that fp32 itself mispredicts, docs/llm.md)."""
+    out: dict = {"scheme": rtn_row.get("scheme"), "texts": {}, "worse_on": []}
+    for suffix, default_name in TEXT_NAMES.items():
+        key = f"ppl{suffix}"
+        if key not in row or key not in rtn_row or key not in fp32_row:
+            continue
+        name = "your text" if row.get("eval_data") == "user" and not suffix else default_name
+        p_fp, p_rtn, p = fp32_row[key], rtn_row[key], row[key]
+        increase = p_rtn - p_fp
+        removed = (p_rtn - p) / increase if increase > 0 else None
+        text = {"ppl_rtn": p_rtn, "kl_rtn": rtn_row.get(f"kl{suffix}"), "ppl": p, "kl": row.get(f"kl{suffix}"),
+                "removed": removed}
+        out["texts"][name] = text
+        if p > p_rtn:
+            closer = text["kl"] is not None and text["kl_rtn"] is not None and text["kl"] < text["kl_rtn"]
+            out["worse_on"].append({"text": name, "closer_in_kl": closer})
+    return out
+
+
+def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str], list[str]]:
+    """Report lines and warning lines for :func:`compare_to_rtn`'s result; ``calibrated``: whether the scheme
+    fitted anything to calibration text (what a warning then suggests)."""
+    lines, warnings = [], []
+    for name, t in comparison["texts"].items():
+        share = ("RTN is not above fp32 here" if t["removed"] is None
+                 else f"removes {100 * t['removed']:.0f} % of RTN's increase over fp32")
+        lines.append(f"{scheme} vs RTN on the same grid, {name}: perplexity {t['ppl']:.3f} vs {t['ppl_rtn']:.3f}; {share}")
+    remedy = ("the calibration data may not represent this text: calibrate on text like it (--calib-data) or try a "
+              "calibration-free scheme (hqq-sinq, sinq)" if calibrated else
+              "a weight-only fit cannot see which inputs are large: try --guard (hqq, sinq, hqq-sinq) or a calibrated "
+              "scheme (gptq, awq)")
+    for w in comparison["worse_on"]:
+        t = comparison["texts"][w["text"]]
+        head = (f"{scheme} is worse than RTN on the same grid on the {w['text']} text (perplexity {t['ppl']:.3f} vs "
+                f"{t['ppl_rtn']:.3f})")
+        if t["kl"] is None or t["kl_rtn"] is None:
+            warnings.append(head)
+        elif w["closer_in_kl"]:
+            warnings.append(f"{head}, although closer to fp32 there (KL {t['kl']:.4f} vs RTN's {t['kl_rtn']:.4f}): "
+                            "RTN's rounding noise flattens predictions, which tokens that fp32 itself mispredicts "
+                            "reward (docs/llm.md)")
+        else:
+            warnings.append(f"{head} and further from fp32 (KL {t['kl']:.4f} vs RTN's {t['kl_rtn']:.4f}); {remedy}")
+    return lines, warnings

@@ -1,0 +1,105 @@
+"""RTN on a quantized model's own grid (lowbit.analysis.rtn_baseline) and `lowbit quantize --vs-rtn`.
+
+Tiny random-weight models: pipeline checks only, never a quality result."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.algorithms.gptq import GPTQConfig
+from lowbit.algorithms.hqq import HQQConfig
+from lowbit.analysis.rtn_baseline import compare_to_rtn, describe, rtn_twin
+from lowbit.config import build_config
+from lowbit.nn import WeightOnlyQLinear
+from tests._tiny_llama import tiny_batches, tiny_llama
+
+
+def _float_linears(model) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=64, symmetric=True),
+                                    HQQConfig(bits=3, group_size=64, symmetric=False)], ids=["gptq-sym", "hqq-affine"])
+def test_twin_rounds_each_quantized_linear_on_its_own_grid(config):
+    # hidden 96 is no multiple of 64: q/k/v/gate/up fall back to groups of 32, down_proj (128 inputs) keeps 64
+    fp32 = tiny_llama(hidden=96, inter=128)
+    q = copy.deepcopy(fp32)
+    lowbit.quantize(q, config, tiny_batches(4, 32) if isinstance(config, GPTQConfig) else None)
+    twin = rtn_twin(fp32, q)
+    quantized = {n: m for n, m in q.named_modules() if isinstance(m, WeightOnlyQLinear)}
+    assert len(quantized) == 14  # 2 layers x 7 decoder linears
+    floats = _float_linears(fp32)
+    groups = set()
+    for name, m in quantized.items():
+        t = twin.get_submodule(name)
+        assert isinstance(t, WeightOnlyQLinear)
+        assert (t.fmt, t.group_size, t.symmetric) == (m.fmt, m.group_size, m.symmetric)
+        groups.add(t.group_size)
+        rtn = WeightOnlyQLinear.from_float(floats[name], int(m.fmt[3:]), m.group_size, m.symmetric)
+        assert torch.equal(t.codes(), rtn.codes()) and torch.equal(t.scale, rtn.scale)
+    assert groups == {32, 64}
+    # everything the method did not quantize is the fp32 model's, untouched (norms, embeddings, head)
+    for name, p in twin.named_parameters():
+        assert torch.equal(p, fp32.get_parameter(name)), name
+    assert twin.lowbit_scheme == "rtn (same grid)"
+
+
+def test_no_twin_where_rtn_cannot_mirror_the_model():
+    fp32 = tiny_llama()
+    wa = copy.deepcopy(fp32)
+    lowbit.quantize(wa, build_config("w8a8-dynamic"), tiny_batches(2, 32))  # activations quantized too: RTN is not its twin
+    assert rtn_twin(fp32, wa) is None
+    assert rtn_twin(fp32, copy.deepcopy(fp32)) is None  # nothing quantized
+    renamed = copy.deepcopy(fp32)
+    lowbit.quantize(renamed, HQQConfig(bits=4, group_size=32))
+    other = tiny_llama(layers=1)  # the quantized model's layer 1 has no float linear of that name here
+    assert rtn_twin(other, renamed) is None
+
+
+def test_compare_to_rtn_shares_and_the_texts_where_the_method_loses():
+    fp32 = {"ppl": 10.0, "kl": 0.0, "ppl_heldout": 20.0, "kl_heldout": 0.0, "ppl_science": 30.0, "kl_science": 0.0}
+    rtn = {"scheme": "rtn (same grid)", "ppl": 14.0, "kl": 0.5, "ppl_heldout": 30.0, "kl_heldout": 0.4,
+           "ppl_science": 29.0, "kl_science": 0.1}
+    row = {"ppl": 11.0, "kl": 0.2, "ppl_heldout": 32.0, "kl_heldout": 0.3, "ppl_science": 31.0, "kl_science": 0.2}
+    c = compare_to_rtn(fp32, rtn, row)
+    assert c["texts"]["licence"]["removed"] == pytest.approx(0.75)  # (14 - 11) / (14 - 10)
+    assert c["texts"]["held-out docs"]["removed"] == pytest.approx(-0.2)  # (30 - 32) / (30 - 20)
+    assert c["texts"]["science"]["removed"] is None  # RTN below fp32: no increase to remove
+    assert c["worse_on"] == [{"text": "held-out docs", "closer_in_kl": True},
+                             {"text": "science", "closer_in_kl": False}]
+    lines, warnings = describe("m", c, calibrated=True)
+    assert len(lines) == 3 and "removes 75 %" in lines[0] and "not above fp32" in lines[2]
+    assert len(warnings) == 2
+    assert "closer to fp32" in warnings[0] and "flattens" in warnings[0]
+    assert "further from fp32" in warnings[1] and "--calib-data" in warnings[1]
+    assert "--guard" in describe("m", c, calibrated=False)[1][1]
+    user = compare_to_rtn({"ppl": 5.0}, {"ppl": 6.0}, {"ppl": 7.0, "eval_data": "user"})
+    assert list(user["texts"]) == ["your text"] and user["worse_on"][0]["text"] == "your text"
+
+
+def test_cli_measures_rtn_beside_the_scheme_and_records_it(tmp_path, caplog):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from tests._tiny_hf import tiny_folder
+
+    folder = tiny_folder("llama", tmp_path / "llama")
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(folder), "--scheme", "hqq", "--group-size", "16", "--quick", "--json"]
+    res = CliRunner().invoke(app, args + ["--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("["):])
+    assert [r["scheme"] for r in rows] == ["fp32", "rtn (same grid)", "hqq-w4-g16-asym"]
+    vs = json.loads((out / "metadata.json").read_text())["fidelity"]["vs_rtn"]
+    assert set(vs["texts"]) == {"licence", "held-out docs", "science"}
+    assert vs["texts"]["licence"]["ppl_rtn"] == pytest.approx(rows[1]["ppl"])
+    assert vs["texts"]["licence"]["ppl"] == pytest.approx(rows[2]["ppl"])
+    res = CliRunner().invoke(app, args + ["--no-vs-rtn"])
+    assert res.exit_code == 0, res.output
+    assert [r["scheme"] for r in json.loads(res.stdout[res.stdout.index("["):])] == ["fp32", "hqq-w4-g16-asym"]
