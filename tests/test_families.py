@@ -113,6 +113,15 @@ def test_family_without_an_adapter_gets_generic_schemes_and_a_clear_llm_error(tm
     assert len(model.lowbit_report.layers) == 13  # 2 x (q, k, v, out, fc1, fc2) + lm_head
 
 
+@pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=16), AWQConfig(bits=4, group_size=16),
+                                    build_config("hqq", {"group_size": 16, "guard": True})], ids=["gptq", "awq", "guard"])
+def test_calibrated_llm_methods_refuse_an_encoder_by_name(folders, config):
+    # an encoder's calibration is sentences, not token windows: once a bare ValueError from torch.as_tensor
+    model = open_model(str(folders["bert"]))
+    with pytest.raises(ConfigError, match="causal LMs only.*'bert' is an encoder.*rtn, nf4, hqq"):
+        lowbit.quantize(model, config)
+
+
 def test_users_own_module_saves_and_loads_given_its_constructor(tmp_path):
     class Net(nn.Module):
         def __init__(self):

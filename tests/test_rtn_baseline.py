@@ -74,13 +74,19 @@ def test_compare_to_rtn_shares_and_the_texts_where_the_method_loses():
     assert c["worse_on"] == [{"text": "held-out docs", "closer_in_kl": True},
                              {"text": "science", "closer_in_kl": False}]
     lines, warnings = describe("m", c, calibrated=True)
-    assert len(lines) == 3 and "removes 75 %" in lines[0] and "not above fp32" in lines[2]
+    assert len(lines) == 3 and "removes 75 %" in lines[0] and "loses nothing" in lines[2]
     assert len(warnings) == 2
     assert "closer to fp32" in warnings[0] and "flattens" in warnings[0]
     assert "further from fp32" in warnings[1] and "--calib-data" in warnings[1]
     assert "--guard" in describe("m", c, calibrated=False)[1][1]
     user = compare_to_rtn({"ppl": 5.0}, {"ppl": 6.0}, {"ppl": 7.0, "eval_data": "user"})
-    assert list(user["texts"]) == ["your text"] and user["worse_on"][0]["text"] == "your text"
+    assert list(user["texts"]) == ["your text"] and user["worse_on"] == [{"text": "your text", "closer_in_kl": None}]
+    # higher-is-better measures: an encoder's cosine to fp32 (fp32 itself: 1)
+    enc = compare_to_rtn({"cos_mean": 1.0}, {"cos_mean": 0.96}, {"cos_mean": 0.99})
+    assert enc["texts"]["evaluation sentences"]["removed"] == pytest.approx(0.75) and enc["worse_on"] == []
+    enc = compare_to_rtn({"cos_mean": 1.0}, {"cos_mean": 0.96}, {"cos_mean": 0.95})
+    assert enc["worse_on"] == [{"text": "evaluation sentences", "closer_in_kl": None}]
+    assert "--calib-data" in describe("m", enc, calibrated=True)[1][0]
 
 
 def test_cli_measures_rtn_beside_the_scheme_and_records_it(tmp_path, caplog):
@@ -98,8 +104,8 @@ def test_cli_measures_rtn_beside_the_scheme_and_records_it(tmp_path, caplog):
     assert [r["scheme"] for r in rows] == ["fp32", "rtn (same grid)", "hqq-w4-g16-asym"]
     vs = json.loads((out / "metadata.json").read_text())["fidelity"]["vs_rtn"]
     assert set(vs["texts"]) == {"licence", "held-out docs", "science"}
-    assert vs["texts"]["licence"]["ppl_rtn"] == pytest.approx(rows[1]["ppl"])
-    assert vs["texts"]["licence"]["ppl"] == pytest.approx(rows[2]["ppl"])
+    assert vs["texts"]["licence"]["rtn"] == pytest.approx(rows[1]["ppl"])
+    assert vs["texts"]["licence"]["value"] == pytest.approx(rows[2]["ppl"])
     res = CliRunner().invoke(app, args + ["--no-vs-rtn"])
     assert res.exit_code == 0, res.output
     assert [r["scheme"] for r in json.loads(res.stdout[res.stdout.index("["):])] == ["fp32", "hqq-w4-g16-asym"]

@@ -88,6 +88,7 @@ def lm_calibration(model: nn.Module, calibration_data, n: int | None = None) -> 
     from lowbit.algorithms._calib import default_calibration
     from lowbit.data import lm_calib_default
 
+    adapters.require_causal_lm(model, "GPTQ, AWQ, SmoothQuant and the RTN guard calibrate on token windows")
     if calibration_data is None:
         batches = default_calibration(model, n)
         source = f"lowbit.data.lm_calib_text('{lm_calib_default()}') ({getattr(model, 'model_name', 'model')})"

@@ -8,11 +8,12 @@ RTN on exactly the linears the method quantized, each with the bits, group size 
 used for that linear, e.g. 64 on SmolLM2's 576-wide inputs at g128) and symmetry of its module, or
 with ggml's reference rounding on a ``gguf`` grid; everything else (norms, embeddings, the LM head
 where the method left it float) stays the fp32 model's. :func:`compare_to_rtn` then reports, per
-evaluation text, the share of RTN's perplexity increase the method removes,
+measure of :func:`lowbit.analysis.evaluate.evaluate` (perplexity on each causal-LM text, an encoder's
+mean cosine, a classifier's accuracy), the share of RTN's loss against fp32 the method removes,
 
-    removed = (ppl_RTN - ppl_method) / (ppl_RTN - ppl_fp32),
+    removed = (ppl_RTN - ppl_method) / (ppl_RTN - ppl_fp32)     (likewise for cosine, accuracy),
 
-negative where the method is worse than RTN, and the texts where it is.
+negative where the method is worse than RTN, and the measures where it is.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from lowbit.nn.gguf_linear import BlockMinQLinear, linear_on_ggml_grid
 
 log = logging.getLogger(__name__)
 
-# The causal-LM texts lowbit.analysis.evaluate reports, by key suffix (ppl{suffix}, kl{suffix}).
-TEXT_NAMES = {"": "licence", "_heldout": "held-out docs", "_science": "science"}
+# What evaluate() reports and how each is judged: (key, label, higher is better, what it is measured on).
+MEASURES = (("ppl", "perplexity", False, "licence"), ("ppl_heldout", "perplexity", False, "held-out docs"),
+            ("ppl_science", "perplexity", False, "science"), ("cos_mean", "cosine to fp32", True, "evaluation sentences"),
+            ("accuracy", "accuracy", True, "digits test split"))
 
 
 def rtn_twin(fp32: nn.Module, quantized: nn.Module, gguf: str | None = None) -> nn.Module | None:
@@ -76,47 +79,49 @@ def rtn_twin(fp32: nn.Module, quantized: nn.Module, gguf: str | None = None) -> 
 
 
 def compare_to_rtn(fp32_row: dict, rtn_row: dict, row: dict) -> dict:
-    """Per evaluation text of ``evaluate()``'s causal-LM rows: RTN's perplexity and KL, the share of RTN's
-    perplexity increase over fp32 that ``row`` removes (None where RTN is not above fp32), and
-    ``worse_on``: the texts where ``row``'s perplexity is above RTN's, each with whether it is
-    nevertheless closer to fp32 in KL (rounding noise can flatten predictions in RTN's favour on text
-    that fp32 itself mispredicts, docs/llm.md)."""
+    """Per measure of ``evaluate()``'s rows (perplexity on each causal-LM text, an encoder's mean cosine, a
+    classifier's accuracy): RTN's value, the share of RTN's loss against fp32 that ``row`` removes (None
+    where RTN lost nothing), and ``worse_on``: where ``row`` is worse than RTN, each with whether it is
+    nevertheless closer to fp32 in KL (causal LMs: rounding noise can flatten predictions in RTN's favour
+    on text that fp32 itself mispredicts, docs/llm.md; None where no KL is measured)."""
     out: dict = {"scheme": rtn_row.get("scheme"), "texts": {}, "worse_on": []}
-    for suffix, default_name in TEXT_NAMES.items():
-        key = f"ppl{suffix}"
-        if key not in row or key not in rtn_row or key not in fp32_row:
+    for key, label, higher, default_name in MEASURES:
+        if not all(key in r for r in (fp32_row, rtn_row, row)):
             continue
-        name = "your text" if row.get("eval_data") == "user" and not suffix else default_name
-        p_fp, p_rtn, p = fp32_row[key], rtn_row[key], row[key]
-        increase = p_rtn - p_fp
-        removed = (p_rtn - p) / increase if increase > 0 else None
-        text = {"ppl_rtn": p_rtn, "kl_rtn": rtn_row.get(f"kl{suffix}"), "ppl": p, "kl": row.get(f"kl{suffix}"),
-                "removed": removed}
-        out["texts"][name] = text
-        if p > p_rtn:
-            closer = text["kl"] is not None and text["kl_rtn"] is not None and text["kl"] < text["kl_rtn"]
+        name = "your text" if row.get("eval_data") == "user" and key in ("ppl", "cos_mean") else default_name
+        sign = -1.0 if higher else 1.0
+        v_fp, v_rtn, v = fp32_row[key], rtn_row[key], row[key]
+        rtn_loss = sign * (v_rtn - v_fp)
+        kl_key = "kl" + key[3:] if key.startswith("ppl") else None
+        entry = {"measure": label, "rtn": v_rtn, "value": v,
+                 "removed": (rtn_loss - sign * (v - v_fp)) / rtn_loss if rtn_loss > 0 else None,
+                 "kl_rtn": rtn_row.get(kl_key) if kl_key else None, "kl": row.get(kl_key) if kl_key else None}
+        out["texts"][name] = entry
+        if sign * (v - v_rtn) > 0:
+            closer = None if entry["kl"] is None or entry["kl_rtn"] is None else entry["kl"] < entry["kl_rtn"]
             out["worse_on"].append({"text": name, "closer_in_kl": closer})
     return out
 
 
 def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str], list[str]]:
     """Report lines and warning lines for :func:`compare_to_rtn`'s result; ``calibrated``: whether the scheme
-    fitted anything to calibration text (what a warning then suggests)."""
+    fitted anything to calibration data (what a warning then suggests)."""
     lines, warnings = [], []
     for name, t in comparison["texts"].items():
-        share = ("RTN is not above fp32 here" if t["removed"] is None
-                 else f"removes {100 * t['removed']:.0f} % of RTN's increase over fp32")
-        lines.append(f"{scheme} vs RTN on the same grid, {name}: perplexity {t['ppl']:.3f} vs {t['ppl_rtn']:.3f}; {share}")
-    remedy = ("the calibration data may not represent this text: calibrate on text like it (--calib-data) or try a "
+        share = ("RTN loses nothing to fp32 here" if t["removed"] is None
+                 else f"removes {100 * t['removed']:.0f} % of RTN's loss against fp32")
+        lines.append(f"{scheme} vs RTN on the same grid, {name}: {t['measure']} {t['value']:.4g} vs {t['rtn']:.4g}; "
+                     f"{share}")
+    remedy = ("the calibration data may not represent this text: calibrate on data like it (--calib-data) or try a "
               "calibration-free scheme (hqq-sinq, sinq)" if calibrated else
               "a weight-only fit cannot see which inputs are large: try --guard (hqq, sinq, hqq-sinq) or a calibrated "
               "scheme (gptq, awq)")
     for w in comparison["worse_on"]:
         t = comparison["texts"][w["text"]]
-        head = (f"{scheme} is worse than RTN on the same grid on the {w['text']} text (perplexity {t['ppl']:.3f} vs "
-                f"{t['ppl_rtn']:.3f})")
-        if t["kl"] is None or t["kl_rtn"] is None:
-            warnings.append(head)
+        head = (f"{scheme} is worse than RTN on the same grid on the {w['text']} ({t['measure']} {t['value']:.4g} vs "
+                f"{t['rtn']:.4g})")
+        if w["closer_in_kl"] is None:
+            warnings.append(f"{head}; {remedy}")
         elif w["closer_in_kl"]:
             warnings.append(f"{head}, although closer to fp32 there (KL {t['kl']:.4f} vs RTN's {t['kl_rtn']:.4f}): "
                             "RTN's rounding noise flattens predictions, which tokens that fp32 itself mispredicts "

@@ -144,13 +144,13 @@ def _builtin_eval(model) -> list[str]:
 
 def _measure_vs_rtn(fp32, qmodel, config, rows: list[dict], quick: bool, eval_samples, log) -> dict | None:
     """``--vs-rtn``: measure RTN on ``qmodel``'s own grid (:mod:`lowbit.analysis.rtn_baseline`) beside it,
-    append its row to ``rows`` and return the comparison, or None where it does not apply (not a causal
-    LM, RTN itself, or a model whose quantized linears RTN cannot mirror)."""
+    insert its row before the scheme's and return the comparison, or None where it does not apply (RTN
+    itself, or a model whose quantized layers RTN cannot mirror: W/A, static, binary, rotated names)."""
     from lowbit.algorithms.rtn import WeightOnlyConfig
     from lowbit.analysis.evaluate import evaluate
     from lowbit.analysis.rtn_baseline import compare_to_rtn, rtn_twin
 
-    if getattr(qmodel, "task", None) != "causal-lm" or isinstance(config, WeightOnlyConfig):
+    if isinstance(config, WeightOnlyConfig):
         return None
     twin = rtn_twin(fp32, qmodel, getattr(config, "gguf", None))
     if twin is None:
@@ -232,8 +232,8 @@ def register(app: typer.Typer) -> None:
                                                  "table (stored once, at the head's width)"),
         no_eval: bool = typer.Option(False, "--no-eval", help="skip the fp32-vs-quantized measurement"),
         vs_rtn: bool = typer.Option(True, "--vs-rtn/--no-vs-rtn",
-                                    help="weight-only schemes on causal LMs: also measure RTN on the same grid and "
-                                         "warn on any text where the scheme is worse than RTN"),
+                                    help="weight-only schemes: also measure RTN on the same grid and warn on any "
+                                         "text where the scheme is worse than RTN"),
         low_memory: bool = typer.Option(False, "--low-memory",
                                         help="gptq/awq on smollm2: read one decoder layer at a time from the fp32 "
                                              "safetensors cache, never holding the float model (implies --no-eval)"),

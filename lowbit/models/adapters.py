@@ -141,6 +141,17 @@ def adapter_for(model: nn.Module, need: str = "") -> Adapter:
     return row
 
 
+def require_causal_lm(model: nn.Module, need: str) -> Adapter:
+    """The adapter row of ``model``, which must be a causal LM's: ``need`` (a method that calibrates on token
+    windows through decoder layers) cannot run on an encoder's sentences; ``ConfigError`` otherwise."""
+    row = adapter_for(model, need)
+    if row.task != "causal-lm":
+        raise ConfigError(f"{need}: causal LMs only (token windows through decoder layers); {row.family!r} is an "
+                          f"{row.task}. Schemes for any model's nn.Linear layers: rtn, nf4, hqq, sinq, hqq-sinq, "
+                          "w8a8-dynamic, static")
+    return row
+
+
 def decoder_layers(model: nn.Module, need: str = "") -> nn.ModuleList:
     """The block list of ``model`` (a task wrapper or a bare HF model) per its adapter row."""
     row = adapter_for(model, need)
