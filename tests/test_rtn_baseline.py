@@ -109,3 +109,22 @@ def test_cli_measures_rtn_beside_the_scheme_and_records_it(tmp_path, caplog):
     res = CliRunner().invoke(app, args + ["--no-vs-rtn"])
     assert res.exit_code == 0, res.output
     assert [r["scheme"] for r in json.loads(res.stdout[res.stdout.index("["):])] == ["fp32", "hqq-w4-g16-asym"]
+
+
+def test_service_quantize_job_records_the_comparison(tmp_path):
+    from lowbit.io.open import open_model
+    from lowbit.service.quantize_job import compare_with_rtn, measure_fidelity
+    from tests._tiny_hf import tiny_folder
+
+    source = open_model(str(tiny_folder("bert", tmp_path / "bert")))
+    q = copy.deepcopy(source)
+    config = build_config("hqq", {"group_size": 16})
+    lowbit.quantize(q, config)
+    fidelity = measure_fidelity(q, source)
+    vs = compare_with_rtn(q, source, config, fidelity)
+    t = vs["texts"]["evaluation sentences"]  # the job's encoder measure: cosine to the source on 64 sentences
+    assert t["value"] == fidelity["cos_mean"] and t["rtn"] < 1.0
+    assert vs["worse_on"] == ([] if t["value"] >= t["rtn"] else [{"text": "evaluation sentences", "closer_in_kl": None}])
+    rtn = copy.deepcopy(source)
+    lowbit.quantize(rtn, build_config("rtn", {"bits": 4, "group_size": 16}))
+    assert compare_with_rtn(rtn, source, build_config("rtn", {"bits": 4, "group_size": 16}), {}) is None

@@ -101,6 +101,25 @@ def measure_fidelity(model: nn.Module, reference: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
 
 
+def compare_with_rtn(model: nn.Module, source: nn.Module, config: Any, fidelity: dict) -> dict[str, Any] | None:
+    """RTN on ``model``'s own grid measured as :func:`measure_fidelity` measured ``model`` (``fidelity``)
+    (:mod:`lowbit.analysis.rtn_baseline`); logs a warning per measure where ``model`` is worse than RTN. None
+    for RTN itself or a model RTN cannot mirror (W/A, static, binary)."""
+    from lowbit.algorithms.rtn import WeightOnlyConfig
+    from lowbit.analysis.rtn_baseline import compare_to_rtn, describe, rtn_twin
+
+    if isinstance(config, WeightOnlyConfig):
+        return None
+    twin = rtn_twin(source, model, getattr(config, "gguf", None))
+    if twin is None:
+        return None
+    comparison = compare_to_rtn(measure_fidelity(source, source), measure_fidelity(twin, source), fidelity)
+    for warning in describe(getattr(model, "lowbit_scheme", "the scheme"), comparison,
+                            bool(getattr(model, "lowbit_calibration", None)))[1]:
+        log.warning(warning)
+    return comparison
+
+
 def quantize_task(store: ModelStore, source_id: str, target_id: str, config: Any, *, calib: int | None,
                   calibration_data: list | None, overwrite: bool, progress: Progress,
                   before_save: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -122,6 +141,10 @@ def quantize_task(store: ModelStore, source_id: str, target_id: str, config: Any
     lowbit.quantize(model, config, calibration_data)
     progress("measuring fidelity", 0.7)
     fidelity = measure_fidelity(model, source)
+    progress("comparing with RTN on the same grid", 0.78)
+    vs_rtn = compare_with_rtn(model, source, config, fidelity)
+    if vs_rtn is not None:
+        fidelity["vs_rtn"] = vs_rtn
     progress("per-layer error", 0.85)
     layers = layer_errors(model, source)
     if layers:  # JSON has no infinity: an exact layer is reported as null
