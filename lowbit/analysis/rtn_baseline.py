@@ -19,6 +19,7 @@ negative where the method is worse than RTN, and the measures where it is.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 from torch import nn
@@ -37,7 +38,7 @@ MEASURES = (("ppl", "perplexity", False, "licence"), ("ppl_heldout", "perplexity
 
 
 def rtn_twin(fp32: nn.Module, quantized: nn.Module, gguf: str | None = None) -> nn.Module | None:
-    """A copy of ``fp32`` with RTN on every linear that ``quantized`` stores weight-only (same name,
+    """A copy of ``fp32`` (sharing its tensors) with RTN on every linear that ``quantized`` stores weight-only (same name,
     bits, group size and symmetry; ggml's rounding of type ``gguf`` where given), or None where the
     two cannot be matched: no weight-only module, a quantized module with no float linear of that
     name in ``fp32`` (a rotated or restructured model), a codebook format (NF4) or a module that
@@ -64,7 +65,8 @@ def rtn_twin(fp32: nn.Module, quantized: nn.Module, gguf: str | None = None) -> 
             return None
     if not plan:
         return None
-    twin = copy.deepcopy(fp32)
+    # the twin shares fp32's tensors (read only here): it costs only its packed weights, not another float model
+    twin = copy.deepcopy(fp32, {id(t): t for t in itertools.chain(fp32.parameters(), fp32.buffers())})
     for name, how in plan.items():
         linear = twin.get_submodule(name)
         if how[0] == "gguf":
