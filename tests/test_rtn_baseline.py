@@ -130,3 +130,24 @@ def test_service_quantize_job_records_the_comparison(tmp_path):
     rtn = copy.deepcopy(source)
     lowbit.quantize(rtn, build_config("rtn", {"bits": 4, "group_size": 16}))
     assert compare_with_rtn(rtn, source, build_config("rtn", {"bits": 4, "group_size": 16}), {}) is None
+
+
+def test_eval_vs_rtn_on_a_saved_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from tests._tiny_hf import tiny_folder
+
+    folder = tiny_folder("llama", tmp_path / "llama")
+    run = CliRunner().invoke
+    for scheme in ("hqq", "rtn"):
+        res = run(app, ["quantize", "--model", str(folder), "--scheme", scheme, "--group-size", "16", "--no-eval",
+                        "--out", str(tmp_path / scheme)])
+        assert res.exit_code == 0, res.output
+    res = run(app, ["eval", str(tmp_path / "hqq"), "--quick", "--vs-rtn", "--json"])  # reference: the source folder
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout[res.stdout.index("{"):])
+    assert set(result["vs_rtn"]["texts"]) == {"licence", "held-out docs", "science"}
+    assert result["vs_rtn"]["texts"]["licence"]["value"] == result["ppl"]
+    res = run(app, ["eval", str(tmp_path / "rtn"), "--quick", "--vs-rtn"])
+    assert res.exit_code == 2 and "is RTN itself" in res.output

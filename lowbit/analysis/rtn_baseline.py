@@ -112,7 +112,7 @@ def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str]
     for name, t in comparison["texts"].items():
         share = ("RTN loses nothing to fp32 here" if t["removed"] is None
                  else f"removes {100 * t['removed']:.0f} % of RTN's loss against fp32")
-        lines.append(f"{scheme} vs RTN on the same grid, {name}: {t['measure']} {t['value']:.4g} vs {t['rtn']:.4g}; "
+        lines.append(f"{scheme} vs RTN on the same grid, {name}: {t['measure']} {t['value']:.5g} vs {t['rtn']:.5g}; "
                      f"{share}")
     remedy = ("the calibration data may not represent this text: calibrate on data like it (--calib-data) or try a "
               "calibration-free scheme (hqq-sinq, sinq)" if calibrated else
@@ -120,8 +120,8 @@ def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str]
               "scheme (gptq, awq)")
     for w in comparison["worse_on"]:
         t = comparison["texts"][w["text"]]
-        head = (f"{scheme} is worse than RTN on the same grid on the {w['text']} ({t['measure']} {t['value']:.4g} vs "
-                f"{t['rtn']:.4g})")
+        head = (f"{scheme} is worse than RTN on the same grid on the {w['text']} ({t['measure']} {t['value']:.5g} vs "
+                f"{t['rtn']:.5g})")
         if w["closer_in_kl"] is None:
             warnings.append(f"{head}; {remedy}")
         elif w["closer_in_kl"]:

@@ -49,6 +49,38 @@ def _source_reference(model):
     return None
 
 
+def _compare_with_rtn(model, ref, result: dict, quick: bool, texts) -> tuple[dict, list[str]]:
+    """``--vs-rtn``: fp32 and RTN on ``model``'s own grid measured like ``model`` (:mod:`lowbit.analysis.rtn_baseline`);
+    the comparison and its report lines (its warnings are logged)."""
+    import logging
+
+    from lowbit.analysis.evaluate import evaluate
+    from lowbit.analysis.rtn_baseline import compare_to_rtn, describe, rtn_twin
+    from lowbit.errors import ConfigError
+    from lowbit.models import MODELS
+
+    meta = getattr(model, "lowbit_metadata", None)
+    config = getattr(model, "lowbit_config", None)
+    if meta is None or not meta.is_quantized:
+        raise ConfigError("--vs-rtn compares a quantized model with RTN on its grid; this one is not quantized")
+    if type(config).__name__ == "WeightOnlyConfig":
+        raise ConfigError(f"--vs-rtn: {meta.scheme} is RTN itself")
+    if ref is None and meta.model in MODELS:
+        ref = _load_target(meta.model)
+    if ref is None:
+        raise ConfigError("--vs-rtn needs the fp32 model the folder was quantized from: pass --reference")
+    twin = rtn_twin(ref, model, getattr(config, "gguf", None))
+    if twin is None:
+        raise ConfigError(f"--vs-rtn: {meta.scheme} has no RTN twin (its quantized layers are not weight-only linears "
+                          "with float twins of the same name in the reference)")
+    comparison = compare_to_rtn(evaluate(ref, ref, quick=quick, eval_data=texts),
+                                evaluate(twin, ref, quick=quick, eval_data=texts), result)
+    lines, warnings = describe(meta.scheme, comparison, meta.calibration is not None)
+    for w in warnings:
+        logging.getLogger("lowbit.cli").warning(w)
+    return comparison, lines
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     @clean_errors
@@ -66,6 +98,9 @@ def register(app: typer.Typer) -> None:
         reference: str = typer.Option(None, "--reference", help="the fp32 model to compare with (default: the "
                                                                 "bundled model, or the folder the model was "
                                                                 "quantized from when it still exists)"),
+        vs_rtn: bool = typer.Option(False, "--vs-rtn", help="a weight-only quantized model: also measure fp32 and "
+                                                            "RTN on the same grid, and warn where the model is worse "
+                                                            "than RTN"),
     ) -> None:
         """Evaluate a model: fidelity vs fp32 (cosine / perplexity+KL / accuracy), exact size, throughput."""
         from lowbit.analysis.evaluate import evaluate
@@ -91,8 +126,15 @@ def register(app: typer.Typer) -> None:
 
             sink = DEFAULT_SINK if kv_sink is None else kv_sink
             model = KVCacheLM(model, kv_cache, sink=sink)  # chunked forward through the quantized cache
+        if vs_rtn and kv_cache is not None:
+            raise ConfigError("--vs-rtn compares weights: drop --kv-cache for it")
         result = evaluate(model, ref, quick=quick, eval_data=texts)
+        lines: list[str] = []
+        if vs_rtn:
+            result["vs_rtn"], lines = _compare_with_rtn(model, ref, result, quick, texts)
         if as_json:
             typer.echo(json.dumps(result))
         else:
-            _print_table(result)
+            _print_table({k: v for k, v in result.items() if k != "vs_rtn"})
+            if lines:
+                typer.echo("\n".join(lines))
