@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 # What evaluate() reports and how each is judged: (key, label, higher is better, what it is measured on).
 MEASURES = (("ppl", "perplexity", False, "licence"), ("ppl_heldout", "perplexity", False, "held-out docs"),
             ("ppl_science", "perplexity", False, "science"), ("cos_mean", "cosine to fp32", True, "evaluation sentences"),
-            ("accuracy", "accuracy", True, "digits test split"))
+            ("accuracy", "accuracy %", True, "digits test split"))
+DIGITS = {"perplexity": 3, "cosine to fp32": 5, "accuracy %": 2}  # decimals each measure is printed with
 
 
 def rtn_twin(fp32: nn.Module, quantized: nn.Module, gguf: str | None = None) -> nn.Module | None:
@@ -112,7 +113,8 @@ def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str]
     for name, t in comparison["texts"].items():
         share = ("RTN loses nothing to fp32 here" if t["removed"] is None
                  else f"removes {100 * t['removed']:.0f} % of RTN's loss against fp32")
-        lines.append(f"{scheme} vs RTN on the same grid, {name}: {t['measure']} {t['value']:.5g} vs {t['rtn']:.5g}; "
+        d = DIGITS[t["measure"]]
+        lines.append(f"{scheme} vs RTN on the same grid, {name}: {t['measure']} {t['value']:.{d}f} vs {t['rtn']:.{d}f}; "
                      f"{share}")
     remedy = ("the calibration data may not represent this text: calibrate on data like it (--calib-data) or try a "
               "calibration-free scheme (hqq-sinq, sinq)" if calibrated else
@@ -120,8 +122,9 @@ def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str]
               "scheme (gptq, awq)")
     for w in comparison["worse_on"]:
         t = comparison["texts"][w["text"]]
-        head = (f"{scheme} is worse than RTN on the same grid on the {w['text']} ({t['measure']} {t['value']:.5g} vs "
-                f"{t['rtn']:.5g})")
+        d = DIGITS[t["measure"]]
+        head = (f"{scheme} is worse than RTN on the same grid on the {w['text']} ({t['measure']} {t['value']:.{d}f} vs "
+                f"{t['rtn']:.{d}f})")
         if w["closer_in_kl"] is None:
             warnings.append(f"{head}; {remedy}")
         elif w["closer_in_kl"]:
