@@ -78,7 +78,7 @@ def test_compare_to_rtn_shares_and_the_texts_where_the_method_loses():
     lines, warnings = describe("m", c, calibrated=True)
     assert len(lines) == 3 and "removes 75 %" in lines[0] and "loses nothing" in lines[2]
     assert len(warnings) == 2
-    assert "closer to fp32" in warnings[0] and "flattens" in warnings[0]
+    assert "closer to fp32" in warnings[0] and "flattening" in warnings[0] and "--calib-data" in warnings[0]
     assert "further from fp32" in warnings[1] and "--calib-data" in warnings[1]
     assert "--guard" in describe("m", c, calibrated=False)[1][1]
     user = compare_to_rtn({"ppl": 5.0}, {"ppl": 6.0}, {"ppl": 7.0, "eval_data": "user"})

@@ -120,6 +120,8 @@ def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str]
               "calibration-free scheme (hqq-sinq, sinq)" if calibrated else
               "a weight-only fit cannot see which inputs are large: try --guard (hqq, sinq, hqq-sinq) or a calibrated "
               "scheme (gptq, awq)")
+    remedy_short = ("calibrate on data like it (--calib-data)" if calibrated else
+                    "try --guard (hqq, sinq, hqq-sinq) or a calibrated scheme (gptq, awq)")
     for w in comparison["worse_on"]:
         t = comparison["texts"][w["text"]]
         d = DIGITS[t["measure"]]
@@ -129,8 +131,8 @@ def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str]
             warnings.append(f"{head}; {remedy}")
         elif w["closer_in_kl"]:
             warnings.append(f"{head}, although closer to fp32 there (KL {t['kl']:.4f} vs RTN's {t['kl_rtn']:.4f}): "
-                            "RTN's rounding noise flattens predictions, which tokens that fp32 itself mispredicts "
-                            "reward (docs/llm.md)")
+                            "part of RTN's edge can be its rounding noise flattening predictions, which tokens that "
+                            f"fp32 itself mispredicts reward (docs/llm.md); if this text matters, {remedy_short}")
         else:
             warnings.append(f"{head} and further from fp32 (KL {t['kl']:.4f} vs RTN's {t['kl_rtn']:.4f}); {remedy}")
     return lines, warnings
