@@ -33,14 +33,15 @@ log = logging.getLogger(__name__)
 
 # What evaluate() reports and how each is judged: (key, label, higher is better, what it is measured on).
 MEASURES = (("ppl", "perplexity", False, "licence"), ("ppl_heldout", "perplexity", False, "held-out docs"),
-            ("ppl_science", "perplexity", False, "science"), ("cos_mean", "cosine to fp32", True, "evaluation sentences"),
+            ("ppl_science", "perplexity", False, "science"),
+            ("cos_mean", "cosine to fp32", True, "evaluation sentences"),
             ("accuracy", "accuracy %", True, "digits test split"))
 DIGITS = {"perplexity": 3, "cosine to fp32": 5, "accuracy %": 2}  # decimals each measure is printed with
 
 
 def rtn_twin(fp32: nn.Module, quantized: nn.Module, gguf: str | None = None) -> nn.Module | None:
-    """A copy of ``fp32`` (sharing its tensors) with RTN on every linear that ``quantized`` stores weight-only (same name,
-    bits, group size and symmetry; ggml's rounding of type ``gguf`` where given), or None where the
+    """A copy of ``fp32`` (sharing its tensors) with RTN on every linear that ``quantized`` stores weight-only
+    (same name, bits, group size and symmetry; ggml's rounding of type ``gguf`` where given), or None where the
     two cannot be matched: no weight-only module, a quantized module with no float linear of that
     name in ``fp32`` (a rotated or restructured model), a codebook format (NF4) or a module that
     quantizes activations too."""
@@ -54,10 +55,12 @@ def rtn_twin(fp32: nn.Module, quantized: nn.Module, gguf: str | None = None) -> 
             if gguf is not None:
                 plan[name] = ("gguf", gguf)
                 continue
-            fmt = get_format(getattr(m, "fmt", "int4"))
-            if fmt.kind.value != "uniform" or isinstance(m, BlockMinQLinear):
-                log.info("no RTN baseline: %s is stored as %s", name, type(m).__name__ if isinstance(m, BlockMinQLinear)
-                         else fmt.name)
+            if isinstance(m, BlockMinQLinear):  # ggml's Q4_1 grid, but no gguf type named
+                log.info("no RTN baseline: %s is a BlockMinQLinear and no gguf type was given", name)
+                return None
+            fmt = get_format(m.fmt)
+            if fmt.kind.value != "uniform":
+                log.info("no RTN baseline: %s is stored as %s", name, fmt.name)
                 return None
             plan[name] = ("rtn", fmt.bits, m.group_size, m.symmetric)
         elif type(m) in QMODULES.values() and any(k in type(m).__name__ for k in ("Linear", "Conv")):
@@ -79,6 +82,16 @@ def rtn_twin(fp32: nn.Module, quantized: nn.Module, gguf: str | None = None) -> 
     twin.lowbit_scheme = "rtn (same grid)"
     twin.lowbit_fp32_numel = getattr(quantized, "lowbit_fp32_numel", None) or sum(p.numel() for p in fp32.parameters())
     return twin
+
+
+def baseline_for(fp32: nn.Module, quantized: nn.Module, config) -> nn.Module | None:
+    """:func:`rtn_twin` of ``quantized`` made with ``config`` (its ``gguf`` grid, if any), or None where RTN is the
+    scheme itself (``WeightOnlyConfig``: RTN, NF4) or has no twin."""
+    from lowbit.algorithms.rtn import WeightOnlyConfig
+
+    if config is None or isinstance(config, WeightOnlyConfig):
+        return None
+    return rtn_twin(fp32, quantized, getattr(config, "gguf", None))
 
 
 def compare_to_rtn(fp32_row: dict, rtn_row: dict, row: dict) -> dict:
@@ -114,8 +127,8 @@ def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str]
         share = ("RTN loses nothing to fp32 here" if t["removed"] is None
                  else f"removes {100 * t['removed']:.0f} % of RTN's loss against fp32")
         d = DIGITS[t["measure"]]
-        lines.append(f"{scheme} vs RTN on the same grid, {name}: {t['measure']} {t['value']:.{d}f} vs {t['rtn']:.{d}f}; "
-                     f"{share}")
+        lines.append(f"{scheme} vs RTN on the same grid, {name}: {t['measure']} {t['value']:.{d}f} vs "
+                     f"{t['rtn']:.{d}f}; {share}")
     remedy = ("the calibration data may not represent this text: calibrate on data like it (--calib-data) or try a "
               "calibration-free scheme (hqq-sinq, sinq)" if calibrated else
               "a weight-only fit cannot see which inputs are large: try --guard (hqq, sinq, hqq-sinq) or a calibrated "

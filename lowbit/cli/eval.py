@@ -55,7 +55,7 @@ def _compare_with_rtn(model, ref, result: dict, quick: bool, texts) -> tuple[dic
     import logging
 
     from lowbit.analysis.evaluate import evaluate
-    from lowbit.analysis.rtn_baseline import compare_to_rtn, describe, rtn_twin
+    from lowbit.analysis.rtn_baseline import baseline_for, compare_to_rtn, describe
     from lowbit.errors import ConfigError
     from lowbit.models import MODELS
 
@@ -63,16 +63,14 @@ def _compare_with_rtn(model, ref, result: dict, quick: bool, texts) -> tuple[dic
     config = getattr(model, "lowbit_config", None)
     if meta is None or not meta.is_quantized:
         raise ConfigError("--vs-rtn compares a quantized model with RTN on its grid; this one is not quantized")
-    if type(config).__name__ == "WeightOnlyConfig":
-        raise ConfigError(f"--vs-rtn: {meta.scheme} is RTN itself")
     if ref is None and meta.model in MODELS:
         ref = _load_target(meta.model)
     if ref is None:
         raise ConfigError("--vs-rtn needs the fp32 model the folder was quantized from: pass --reference")
-    twin = rtn_twin(ref, model, getattr(config, "gguf", None))
+    twin = baseline_for(ref, model, config)
     if twin is None:
-        raise ConfigError(f"--vs-rtn: {meta.scheme} has no RTN twin (its quantized layers are not weight-only linears "
-                          "with float twins of the same name in the reference)")
+        raise ConfigError(f"--vs-rtn: {meta.scheme} has no RTN twin (it is RTN itself, or its quantized layers are not "
+                          "weight-only linears with float twins of the same name in the reference)")
     comparison = compare_to_rtn(evaluate(ref, ref, quick=quick, eval_data=texts),
                                 evaluate(twin, ref, quick=quick, eval_data=texts), result)
     lines, warnings = describe(meta.scheme, comparison, meta.calibration is not None)

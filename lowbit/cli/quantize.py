@@ -146,13 +146,10 @@ def _measure_vs_rtn(fp32, qmodel, config, rows: list[dict], quick: bool, eval_sa
     """``--vs-rtn``: measure RTN on ``qmodel``'s own grid (:mod:`lowbit.analysis.rtn_baseline`) beside it,
     insert its row before the scheme's and return the comparison, or None where it does not apply (RTN
     itself, or a model whose quantized layers RTN cannot mirror: W/A, static, binary, rotated names)."""
-    from lowbit.algorithms.rtn import WeightOnlyConfig
     from lowbit.analysis.evaluate import evaluate
-    from lowbit.analysis.rtn_baseline import compare_to_rtn, rtn_twin
+    from lowbit.analysis.rtn_baseline import baseline_for, compare_to_rtn
 
-    if isinstance(config, WeightOnlyConfig):
-        return None
-    twin = rtn_twin(fp32, qmodel, getattr(config, "gguf", None))
+    twin = baseline_for(fp32, qmodel, config)
     if twin is None:
         log.info("--vs-rtn: %s has no RTN twin on its grid (see -v)", config.scheme)
         return None
@@ -354,7 +351,8 @@ def register(app: typer.Typer) -> None:
             if "vs_rtn" in fidelity:
                 from lowbit.analysis.rtn_baseline import describe
 
-                lines, warnings = describe(config.scheme, fidelity["vs_rtn"], bool(getattr(qmodel, "lowbit_calibration", None)))
+                calibrated = bool(getattr(qmodel, "lowbit_calibration", None))
+                lines, warnings = describe(config.scheme, fidelity["vs_rtn"], calibrated)
                 if not as_json:
                     typer.echo("\n".join(lines))
                 for w in warnings:

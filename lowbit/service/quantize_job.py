@@ -105,12 +105,9 @@ def compare_with_rtn(model: nn.Module, source: nn.Module, config: Any, fidelity:
     """RTN on ``model``'s own grid measured as :func:`measure_fidelity` measured ``model`` (``fidelity``)
     (:mod:`lowbit.analysis.rtn_baseline`); logs a warning per measure where ``model`` is worse than RTN. None
     for RTN itself or a model RTN cannot mirror (W/A, static, binary)."""
-    from lowbit.algorithms.rtn import WeightOnlyConfig
-    from lowbit.analysis.rtn_baseline import compare_to_rtn, describe, rtn_twin
+    from lowbit.analysis.rtn_baseline import baseline_for, compare_to_rtn, describe
 
-    if isinstance(config, WeightOnlyConfig):
-        return None
-    twin = rtn_twin(source, model, getattr(config, "gguf", None))
+    twin = baseline_for(source, model, config)
     if twin is None:
         return None
     comparison = compare_to_rtn(measure_fidelity(source, source), measure_fidelity(twin, source), fidelity)
