@@ -64,32 +64,94 @@ def default_calibration(model: nn.Module, n: int | None = None, lm_text: str | N
     raise CalibrationError(f"{type(model).__name__} has no built-in calibration data; pass calibration_data")
 
 
+# The most samples taken from a user's file when ``n`` is not given, spread evenly over it: 8x the built-in
+# defaults (a GPTQ run on 128 windows of SmolLM2 takes ~15 min here), so that a corpus passed whole gives a run
+# that ends rather than one window per 512 tokens of it.
+USER_LM_WINDOWS = 128
+USER_ENCODER_SENTENCES = 8 * ENCODER_CALIB_SENTENCES
+USER_CLASSIFIER_IMAGES = 8 * CLASSIFIER_CALIB_IMAGES
+SPAN_CHARS_PER_TOKEN = 16  # characters cut per wanted token when a long text is sampled by spans (~4 in prose)
+
+
+def spread(total: int, k: int) -> list[int]:
+    """``k`` indices of ``range(total)`` spread evenly from the first to the last (``k >= total``: all)."""
+    if k >= total:
+        return list(range(total))
+    if k == 1:
+        return [0]
+    return [(i * (total - 1)) // (k - 1) for i in range(k)]
+
+
 def calibration_from_samples(model: nn.Module, samples, n: int | None = None) -> list:
     """Calibration batches from the user's samples (:func:`lowbit.data.user.read_samples`).
 
     Sentences in batches of 32 (encoders); the texts joined and cut into windows of 512 tokens
     (causal LMs; one shorter window when the text is short); images in batches of 64 (classifiers).
-    ``n`` caps the samples as for the built-in sets (sentences / windows / images)."""
+    ``n`` samples (sentences / windows / images), else at most ``USER_*`` of them, are taken spread
+    evenly over the file (not its first ones: a file ordered by topic is covered), and logged."""
     task = getattr(model, "task", None)
+    if n is not None and n < 1:
+        raise CalibrationError(f"calibration size must be at least 1, got {n}")
     if isinstance(samples, torch.Tensor):
         if task not in (None, "classifier"):
             raise CalibrationError(f"image calibration data (.npy) given for a {task} model; use a .txt or .jsonl file")
-        return list(samples[:n].split(64))
+        idx = spread(len(samples), n or USER_CLASSIFIER_IMAGES)
+        _log_taken(len(idx), len(samples), "images", n)
+        return list(samples[idx].split(64))
     samples = list(samples)
     if task == "encoder":
-        samples = samples[:n] if n else samples
-        return [samples[i:i + 32] for i in range(0, len(samples), 32)]
+        idx = spread(len(samples), n or USER_ENCODER_SENTENCES)
+        _log_taken(len(idx), len(samples), "sentences", n)
+        taken = [samples[i] for i in idx]
+        return [taken[i:i + 32] for i in range(0, len(taken), 32)]
     if task == "causal-lm":
-        ids = model.tokenizer("\n\n".join(samples), return_tensors="pt").input_ids[0]
-        k = ids.numel() // LM_CALIB_WINDOW
-        if k == 0:
-            if ids.numel() < 2:
-                raise CalibrationError("the calibration text has fewer than 2 tokens")
-            log.warning("calibration text has %d tokens, less than one %d-token window", ids.numel(), LM_CALIB_WINDOW)
-            return [ids[None]]
-        k = min(k, n) if n else k
-        return list(ids[: k * LM_CALIB_WINDOW].reshape(k, 1, LM_CALIB_WINDOW))  # k batches of (1, T)
+        return lm_windows_from_text(model.tokenizer, "\n\n".join(samples), n)
     raise CalibrationError(f"text calibration data given for a model of task {task!r}")
+
+
+def lm_windows_from_text(tokenizer, text: str, n: int | None = None) -> list[torch.Tensor]:
+    """``n`` (else at most ``USER_LM_WINDOWS``) windows of ``LM_CALIB_WINDOW`` token ids, (1, T) each, spread
+    evenly over ``text``. A text much longer than that needs is not tokenized whole: the windows are the first
+    ``T`` tokens of evenly spaced character spans, each starting after a line break or space."""
+    want = n or USER_LM_WINDOWS
+    span = LM_CALIB_WINDOW * SPAN_CHARS_PER_TOKEN
+    if len(text) > 4 * want * span:
+        windows = []
+        for start in spread(len(text) - span, want):
+            back = max(0, start - span // 8)
+            cut = max(text.rfind("\n", back, start), text.rfind(" ", back, start))
+            start = cut + 1 if cut >= 0 else start
+            ids = tokenizer(text[start:start + span], return_tensors="pt").input_ids[0]
+            if ids.numel() < LM_CALIB_WINDOW:  # > 16 characters per token: whitespace runs, long numbers
+                ids = tokenizer(text[start:start + 8 * span], return_tensors="pt").input_ids[0]
+            if ids.numel() >= LM_CALIB_WINDOW:
+                windows.append(ids[None, :LM_CALIB_WINDOW])
+        if not windows:
+            raise CalibrationError("no 512-token window found in the calibration text")
+        (log.info if n else log.warning)(
+            "calibration: %d windows of %d tokens spread evenly over %.1f MB of text (%s)", len(windows),
+            LM_CALIB_WINDOW, len(text) / 1e6, f"--calib {n}" if n else f"at most {USER_LM_WINDOWS} unless --calib N "
+            "says otherwise")
+        return windows
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    k = ids.numel() // LM_CALIB_WINDOW
+    if k == 0:
+        if ids.numel() < 2:
+            raise CalibrationError("the calibration text has fewer than 2 tokens")
+        log.warning("calibration text has %d tokens, less than one %d-token window", ids.numel(), LM_CALIB_WINDOW)
+        return [ids[None]]
+    all_windows = ids[: k * LM_CALIB_WINDOW].reshape(k, 1, LM_CALIB_WINDOW)  # k batches of (1, T)
+    idx = spread(k, want)
+    _log_taken(len(idx), k, f"windows of {LM_CALIB_WINDOW} tokens", n)
+    return list(all_windows[idx])
+
+
+def _log_taken(taken: int, total: int, what: str, n: int | None) -> None:
+    if taken < total:
+        (log.info if n else log.warning)("calibration: %d of the file's %d %s, spread evenly over it (%s)", taken, total, what,
+                 f"--calib {n}" if n else f"at most {taken} unless --calib N says otherwise")
+    elif n and n > total:
+        log.warning("calibration: --calib %d asked for more than the file's %d %s; using all of them", n, total, what)
 
 
 def run_batch(model: nn.Module, batch) -> None:

@@ -133,6 +133,13 @@ def _leave_ranks() -> None:
     dist.destroy_process_group()
 
 
+def _calibration_texts(model, batches: list) -> list[str]:
+    """The text of calibration batches: sentence lists as they are, token-id windows decoded."""
+    if getattr(model, "task", None) == "causal-lm":
+        return [model.tokenizer.decode(b.reshape(-1).tolist()) for b in batches]
+    return [s for b in batches for s in b]
+
+
 def _builtin_eval(model) -> list[str]:
     """lowbit's own evaluation texts for ``model``'s task (what --calib-data is checked against)."""
     from lowbit.data import eval_sentences, lm_eval_text, lm_heldout_text, lm_science_text
@@ -310,8 +317,9 @@ def register(app: typer.Typer) -> None:
             if calib_record is not None and getattr(qmodel, "lowbit_calibration", None):
                 record = dict(qmodel.lowbit_calibration, source=calib_record["source"],
                               file_sha256=calib_record["sha256"])
-                if isinstance(calib_samples, list):
-                    record["overlap_with_eval"] = check_disjoint(calib_samples, eval_samples or _builtin_eval(qmodel))
+                if isinstance(calib_samples, list):  # the text the windows / sentences taken hold, not the whole file
+                    record["overlap_with_eval"] = check_disjoint(_calibration_texts(qmodel, calibration),
+                                                                 eval_samples or _builtin_eval(qmodel))
                 qmodel.lowbit_calibration = record
         rows = []
         fidelity = {}
