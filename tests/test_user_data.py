@@ -126,3 +126,31 @@ def test_cli_calib_data_records_the_windows_taken(tmp_path):
     record = json.loads((out / "metadata.json").read_text())["calibration"]
     assert record["source"] == str(calib) and record["n_samples"] == 3 and record["n_tokens"] == 3 * LM_CALIB_WINDOW
     assert record["overlap_with_eval"] == 0.0  # measured on the windows taken
+
+
+def test_cli_low_memory_takes_calib_data_as_in_memory(tmp_path):
+    """--low-memory with --calib-data: the same windows (sha256) and codes as the in-memory run."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from tests._tiny_hf import tiny_folder
+
+    folder = tiny_folder("llama", tmp_path / "llama")
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": f"record {i}: the user's own text, part {i % 7}"})
+                               for i in range(500)))
+    records, states = [], []
+    for name, extra in (("mem", []), ("disk", ["--low-memory"])):
+        out = tmp_path / name
+        res = CliRunner().invoke(app, ["quantize", "--model", str(folder), "--scheme", "gptq", "--group-size", "16",
+                                       "--calib-data", str(calib), "--calib", "4", "--no-eval", "--out", str(out)]
+                                 + extra)
+        assert res.exit_code == 0, res.output
+        records.append(json.loads((out / "metadata.json").read_text())["calibration"])
+        from safetensors.torch import load_file
+
+        states.append(load_file(out / "model.safetensors"))
+    assert records[0]["sha256"] == records[1]["sha256"] and records[1]["n_samples"] == 4
+    assert records[1]["source"] == str(calib) and records[1]["overlap_with_eval"] == 0.0
+    codes = [k for k in states[0] if k.endswith("qweight")]
+    assert codes and all(torch.equal(states[0][k], states[1][k]) for k in codes)

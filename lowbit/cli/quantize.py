@@ -56,9 +56,10 @@ def print_comparison(rows: list[dict]) -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(t)  # no truncated columns in logs
 
 
-def _quantize_low_memory(model: str, config, calib: int | None, log):
+def _quantize_low_memory(model: str, config, calib: int | None, log, texts: list[str] | None = None):
     """``--low-memory``: GPTQ/AWQ a decoder layer at a time from fp32 safetensors (SmolLM2's cache or
-    a Hugging Face folder)."""
+    a Hugging Face folder), calibrated on ``texts`` (--calib-data) or the built-in text. Returns the model
+    and the calibration windows it used."""
     from lowbit.algorithms.from_disk import quantize_from_disk
     from lowbit.errors import ConfigError
     from lowbit.models.smollm2 import _cache_path, load_smollm2, smollm2_gguf
@@ -79,7 +80,8 @@ def _quantize_low_memory(model: str, config, calib: int | None, log):
     else:
         raise ConfigError(f"--low-memory applies to causal LMs (smollm2 or a Hugging Face folder), not {model}")
     log.info("low memory: layers read one at a time from %s; evaluate afterwards with `lowbit eval DIR`", folder)
-    return quantize_from_disk(folder, config, n_calib=calib)
+    qmodel = quantize_from_disk(folder, config, n_calib=calib, calibration_texts=texts, keep_batches=True)
+    return qmodel, qmodel.__dict__.pop("lowbit_calibration_batches")
 
 
 def _join_ranks(config, low_memory: bool, log) -> int | None:
@@ -291,11 +293,11 @@ def register(app: typer.Typer) -> None:
             if not isinstance(eval_samples, list):
                 raise ConfigError("--eval-data takes texts (.txt / .jsonl); image accuracy needs labels, which a "
                                   ".npy file does not carry")
-        if low_memory and calib_samples is not None:
-            raise ConfigError("--calib-data is not supported with --low-memory yet; drop one of them")
+        if low_memory and calib_samples is not None and not isinstance(calib_samples, list):
+            raise ConfigError("--low-memory quantizes causal LMs: --calib-data takes a text (.txt / .jsonl) there")
         if low_memory:
             with step(f"quantizing {model} with {config.scheme}, one decoder layer at a time") as st:
-                qmodel = _quantize_low_memory(model, config, calib, log)
+                qmodel, calibration = _quantize_low_memory(model, config, calib, log, calib_samples)
                 st.summary = f"{config.scheme}: {qmodel.lowbit_report.summary(qmodel)}"
             no_eval = True
         else:
@@ -314,13 +316,13 @@ def register(app: typer.Typer) -> None:
                     calibration = default_calibration(qmodel, calib) if calib else None
                 lowbit.quantize(qmodel, config, calibration)
                 st.summary = f"{config.scheme}: {qmodel.lowbit_report.summary(qmodel)}"
-            if calib_record is not None and getattr(qmodel, "lowbit_calibration", None):
-                record = dict(qmodel.lowbit_calibration, source=calib_record["source"],
-                              file_sha256=calib_record["sha256"])
-                if isinstance(calib_samples, list):  # the text the windows / sentences taken hold, not the whole file
-                    record["overlap_with_eval"] = check_disjoint(_calibration_texts(qmodel, calibration),
-                                                                 eval_samples or _builtin_eval(qmodel))
-                qmodel.lowbit_calibration = record
+        if calib_record is not None and getattr(qmodel, "lowbit_calibration", None):
+            record = dict(qmodel.lowbit_calibration, source=calib_record["source"],
+                          file_sha256=calib_record["sha256"])
+            if isinstance(calib_samples, list):  # the text the windows / sentences taken hold, not the whole file
+                record["overlap_with_eval"] = check_disjoint(_calibration_texts(qmodel, calibration),
+                                                             eval_samples or _builtin_eval(qmodel))
+            qmodel.lowbit_calibration = record
         rows = []
         fidelity = {}
         if not no_eval:
