@@ -92,7 +92,7 @@ def test_samples_are_spread_over_the_file_and_capped(minilm, caplog):
 def test_a_long_text_is_sampled_by_spans_not_tokenized_whole(caplog):
     import logging
 
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="lowbit.algorithms._calib")  # the CLI tests set "lowbit" to WARNING
     parts = [" ".join(f"p{i}w{j}" for j in range(2500)) for i in range(100)]  # ~2 MB: above 4 * n * 8192 chars
     windows = calibration_from_samples(FakeLM(), parts, n=8)
     assert len(windows) == 8 and all(w.shape == (1, LM_CALIB_WINDOW) for w in windows)

@@ -147,9 +147,11 @@ def lm_windows_from_text(tokenizer, text: str, n: int | None = None) -> list[tor
 
 
 def _log_taken(taken: int, total: int, what: str, n: int | None) -> None:
+    """Say how many of the file's samples were taken: a warning when the cap, not ``--calib``, cut them."""
     if taken < total:
-        (log.info if n else log.warning)("calibration: %d of the file's %d %s, spread evenly over it (%s)", taken, total, what,
-                 f"--calib {n}" if n else f"at most {taken} unless --calib N says otherwise")
+        why = f"--calib {n}" if n else f"at most {taken} unless --calib N says otherwise"
+        (log.info if n else log.warning)("calibration: %d of the file's %d %s, spread evenly over it (%s)",
+                                         taken, total, what, why)
     elif n and n > total:
         log.warning("calibration: --calib %d asked for more than the file's %d %s; using all of them", n, total, what)
 
