@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.algorithms._calib import calibration_from_samples, calibration_info
+from lowbit.algorithms._calib import calibration_info
 from lowbit.algorithms._llm import group_norms, input_groups, lm_calibration, n_tokens, require_llama_layout, widest_input
 from lowbit.algorithms.awq import AWQConfig, make_awq_process
 from lowbit.algorithms.gptq import DEFAULT_CALIB_WINDOWS, GPTQConfig, check_enough_tokens, make_gptq_process
@@ -32,14 +32,11 @@ log = logging.getLogger(__name__)
 SUPPORTED = (GPTQConfig, AWQConfig)
 
 
-def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_calib: int | None = None,
-                       calibration_texts: list[str] | None = None, keep_batches: bool = False) -> nn.Module:
+def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_calib: int | None = None) -> nn.Module:
     """Quantize the causal LM saved in ``folder`` (HF layout: config, tokenizer, ``model.safetensors``)
     with a GPTQ or AWQ ``config``, one decoder layer in memory at a time; returns the quantized model.
 
-    Calibration: ``calibration_data`` (token-id batches), else ``calibration_texts`` (the user's texts, cut
-    by the folder's tokenizer as ``--calib-data`` is: :func:`calibration_from_samples`), else the built-in
-    text; ``n_calib`` windows. ``keep_batches``: the windows used stay in ``lowbit_calibration_batches``."""
+    Calibration: ``calibration_data`` (token-id batches) or the built-in text, ``n_calib`` windows."""
     from lowbit.algorithms.gptq_ranks import make_gptq_ranks_process, ranks_active
 
     if not isinstance(config, SUPPORTED):
@@ -55,10 +52,6 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
         n = n_calib or config.n_calib or DEFAULT_CALIB_WINDOWS
     else:
         n = n_calib or config.calibration_windows()
-    if calibration_data is None and calibration_texts is not None:
-        if model.tokenizer is None:
-            raise ConfigError(f"{folder}: no tokenizer files to cut the calibration text with")
-        calibration_data = calibration_from_samples(model, calibration_texts, n_calib)
     batches, source = lm_calibration(model, calibration_data, n)
     report = QuantizeReport()
     stats: dict = {}
@@ -97,6 +90,4 @@ def quantize_from_disk(folder: str | Path, config, calibration_data=None, n_cali
     model.lowbit_config = config
     model.lowbit_scheme = config.scheme
     model.lowbit_report = report
-    if keep_batches:
-        model.lowbit_calibration_batches = batches
     return model

@@ -80,8 +80,16 @@ def _quantize_low_memory(model: str, config, calib: int | None, log, texts: list
     else:
         raise ConfigError(f"--low-memory applies to causal LMs (smollm2 or a Hugging Face folder), not {model}")
     log.info("low memory: layers read one at a time from %s; evaluate afterwards with `lowbit eval DIR`", folder)
-    qmodel = quantize_from_disk(folder, config, n_calib=calib, calibration_texts=texts, keep_batches=True)
-    return qmodel, qmodel.__dict__.pop("lowbit_calibration_batches")
+    calibration = None
+    if texts is not None:  # cut as in memory, with the folder's tokenizer (the skeleton holds no weights)
+        from lowbit.algorithms._calib import calibration_from_samples
+        from lowbit.algorithms.sequential import causal_lm_skeleton
+
+        skeleton = causal_lm_skeleton(folder)
+        if skeleton.tokenizer is None:
+            raise ConfigError(f"{folder}: no tokenizer files to cut the --calib-data text with")
+        calibration = calibration_from_samples(skeleton, texts, calib)
+    return quantize_from_disk(folder, config, calibration_data=calibration, n_calib=calib), calibration
 
 
 def _join_ranks(config, low_memory: bool, log) -> int | None:
