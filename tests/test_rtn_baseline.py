@@ -153,3 +153,46 @@ def test_eval_vs_rtn_on_a_saved_folder(tmp_path):
     assert result["vs_rtn"]["texts"]["licence"]["value"] == result["ppl"]
     res = run(app, ["eval", str(tmp_path / "rtn"), "--quick", "--vs-rtn"])
     assert res.exit_code == 2 and "it is RTN itself" in res.output
+
+
+def test_losses_are_explained_token_by_token(tmp_path):
+    """explain_losses: where a scheme's perplexity is above RTN's, its tokens bucketed by fp32's confidence say
+    whether RTN's flattening or the scheme's own error made the difference (docs/llm.md)."""
+    from lowbit.analysis.evaluate import confidence_buckets, lm_eval_windows
+    from lowbit.analysis.rtn_baseline import BUCKETS, explain_losses
+    from lowbit.io.open import open_model
+    from tests._tiny_hf import tiny_folder
+
+    fp32 = open_model(str(tiny_folder("llama", tmp_path / "llama")))
+    q = copy.deepcopy(fp32)
+    lowbit.quantize(q, build_config("hqq", {"group_size": 16}))
+    twin = rtn_twin(fp32, q)
+    texts = [f"sentence {i} of a text the tiny model has never seen, with numbers {i * 7}" for i in range(80)]
+    windows = lm_eval_windows(fp32, "", eval_data=texts)
+    same, rtn = confidence_buckets([fp32, twin], fp32, windows)
+    assert [b["kl"] for b in same] == [0.0, 0.0, 0.0]  # fp32 against itself
+    assert sum(b["tokens"] for b in rtn) == windows.shape[0] * (windows.shape[1] - 1)
+    c = compare_to_rtn({"ppl": 5.0, "kl": 0.0}, {"ppl": 6.0, "kl": 0.5}, {"ppl": 7.0, "kl": 0.4, "eval_data": "user"})
+    explain_losses(c, fp32, twin, q, eval_data=texts)
+    w = c["worse_on"][0]
+    assert list(w["buckets"]) == list(BUCKETS) and [b["tokens"] for b in w["buckets"].values()] == [
+        b["tokens"] for b in rtn]
+    assert [b["nll_rtn"] for b in w["buckets"].values()] == pytest.approx([b["nll"] for b in rtn])
+    confident = list(w["buckets"].values())[1:]
+    assert w["flattening"] == (all(b["kl"] < b["kl_rtn"] for b in w["buckets"].values() if b["tokens"])
+                               and sum(b["nll"] for b in confident) < sum(b["nll_rtn"] for b in confident))
+    assert "token by token" in describe("hqq", c, calibrated=False)[1][0]
+    # the two verdicts in words, on SmolLM2-like buckets (bench/results/licence_windows_part_sym.md)
+    flat = {"text": "licence", "closer_in_kl": True, "flattening": True, "buckets": dict(zip(BUCKETS, [
+        {"tokens": 1397, "nll_rtn": 7755.0, "nll": 8310.0, "kl_rtn": 0.87, "kl": 0.57},
+        {"tokens": 1545, "nll_rtn": 2550.0, "nll": 2157.0, "kl_rtn": 0.69, "kl": 0.49},
+        {"tokens": 635, "nll_rtn": 174.0, "nll": 82.0, "kl_rtn": 0.226, "kl": 0.095}]))}
+    mixed = dict(flat, flattening=False, buckets=dict(flat["buckets"], **{BUCKETS[2]: {
+        "tokens": 635, "nll_rtn": 174.0, "nll": 199.0, "kl_rtn": 0.226, "kl": 0.268}}))
+    c = {"texts": {"licence": {"measure": "perplexity", "key": "ppl", "rtn": 18.72, "value": 19.2, "removed": -0.08,
+                               "kl_rtn": 0.68, "kl": 0.66}}, "worse_on": [flat]}
+    said = describe("s", c, calibrated=False)[1][0]
+    assert "RTN's flattening, not the scheme's error" in said and "-485 nats" in said and "--guard" not in said
+    c["worse_on"] = [mixed]
+    said = describe("s", c, calibrated=False)[1][0]
+    assert "a loss of its own" in said and "p >= 0.9 (KL 0.268 vs RTN's 0.226)" in said and "--guard" in said

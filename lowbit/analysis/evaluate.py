@@ -40,6 +40,7 @@ LM_SCIENCE_WINDOWS = None  # every window of the science text (23 x 512 with Smo
 # The causal-LM texts evaluate() reports: (key suffix, lowbit.data function, windows, quick windows).
 LM_TEXTS = (("", "lm_eval_text", None, 2), ("_heldout", "lm_heldout_text", LM_HELDOUT_WINDOWS, 1),
             ("_science", "lm_science_text", LM_SCIENCE_WINDOWS, 1))
+CONFIDENCE_EDGES = (0.1, 0.9)  # fp32's probability of the true token: mispredicted < 0.1 <= middle < 0.9 <= sure
 ENCODER_SENTENCES = 256  # the fixed evaluation corpus size
 TOPK = 10
 
@@ -174,6 +175,48 @@ def _user_lm_windows(tokenizer, texts: list[str], context: int) -> torch.Tensor:
     return lm_windows(tokenizer, "\n\n".join(texts), context)
 
 
+def lm_eval_windows(model: nn.Module, suffix: str = "", quick: bool = False,
+                    eval_data: list[str] | None = None) -> torch.Tensor:
+    """The windows (W, T) :func:`evaluate_causal_lm` scores for ``ppl{suffix}``: the user's texts when given
+    (``suffix`` ""), else the built-in text of ``LM_TEXTS`` with that suffix."""
+    import lowbit.data
+
+    ctx = lm_context(model)
+    if eval_data is not None:
+        return _user_lm_windows(model.tokenizer, eval_data, ctx)
+    for s, fn, windows, quick_windows in LM_TEXTS:
+        if s == suffix:
+            return lm_windows(model.tokenizer, getattr(lowbit.data, fn)(), ctx,
+                              max_windows=quick_windows if quick else windows)
+    raise ConfigError(f"no evaluation text for ppl{suffix}")
+
+
+def confidence_buckets(models: list[nn.Module], reference: nn.Module, windows: torch.Tensor) -> list[list[dict]]:
+    """Every predicted token of ``windows`` (W, T) bucketed by the probability ``reference`` gives the true
+    next token (``CONFIDENCE_EDGES``: mispredicted, middle, sure); per model and bucket the tokens, their
+    summed NLL and mean KL(p_ref || p_model). Shows where a model's perplexity is won or lost (docs/llm.md,
+    "Where plain AWQ loses on the licence")."""
+    edges = torch.tensor(CONFIDENCE_EDGES)
+    sums = [[{"tokens": 0, "nll": 0.0, "kl": 0.0} for _ in range(len(CONFIDENCE_EDGES) + 1)] for _ in models]
+    with torch.inference_mode():
+        for window in windows:
+            ids, target = window.unsqueeze(0), window[1:, None]  # (1, T), (T-1, 1): the true next tokens
+            ref = torch.log_softmax(reference(ids)[0, :-1].float(), dim=-1)  # (T-1, V)
+            bucket = torch.bucketize(ref.gather(1, target)[:, 0].exp(), edges, right=True)  # (T-1,): 0 .. len(edges)
+            for per, m in zip(sums, models):
+                logp = torch.log_softmax(m(ids)[0, :-1].float(), dim=-1)  # (T-1, V)
+                nll, kl = -logp.gather(1, target)[:, 0], (ref.exp() * (ref - logp)).sum(-1)  # (T-1,) each
+                for b, entry in enumerate(per):
+                    sel = bucket == b
+                    entry["tokens"] += int(sel.sum())
+                    entry["nll"] += float(nll[sel].sum())
+                    entry["kl"] += float(kl[sel].sum())
+    for per in sums:
+        for entry in per:
+            entry["kl"] = entry["kl"] / entry["tokens"] if entry["tokens"] else 0.0
+    return sums
+
+
 def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: bool,
                        eval_data: list[str] | None = None) -> dict:
     """ppl and mean next-token KL at context 512 on the licence text (``ppl``, ``kl``), the held-out
@@ -181,20 +224,16 @@ def evaluate_causal_lm(model: nn.Module, reference: nn.Module | None, quick: boo
     ``kl_science``), window counts ``n_windows*``, and prefill tokens/s (licence windows); with
     ``eval_data`` (the user's texts) ``ppl`` / ``kl`` are measured on those instead and the built-in
     texts skipped."""
-    import lowbit.data
-
     if reference is None and not (_is_fp32(model) and getattr(model, "model_name", None) == "smollm2"):
         reference = _fp32_smollm2() if getattr(model, "model_name", None) == "smollm2" else None
     ctx = lm_context(model)
     if eval_data is not None:
-        user = lm_scores(model, reference, _user_lm_windows(model.tokenizer, eval_data, ctx))
+        user = lm_scores(model, reference, lm_eval_windows(model, "", quick, eval_data))
         return {"n_windows": user["n_windows"], "context": ctx, "ppl": user["ppl"], "kl": user["kl"],
                 "prefill_tps": ctx / user["seconds_per_window"], "eval_data": "user"}
     out: dict = {"context": ctx}
-    for suffix, fn, windows, quick_windows in LM_TEXTS:
-        text = getattr(lowbit.data, fn)()
-        r = lm_scores(model, reference, lm_windows(model.tokenizer, text, ctx,
-                                                   max_windows=quick_windows if quick else windows))
+    for suffix, *_ in LM_TEXTS:
+        r = lm_scores(model, reference, lm_eval_windows(model, suffix, quick))
         out.update({f"n_windows{suffix}": r["n_windows"], f"ppl{suffix}": r["ppl"], f"kl{suffix}": r["kl"]})
         if not suffix:
             out["prefill_tps"] = ctx / r["seconds_per_window"]

@@ -24,6 +24,7 @@ import logging
 
 from torch import nn
 
+from lowbit.analysis.evaluate import CONFIDENCE_EDGES, confidence_buckets, lm_eval_windows
 from lowbit.core import get_format
 from lowbit.nn import WeightOnlyQLinear
 from lowbit.nn.base import QMODULES
@@ -37,6 +38,9 @@ MEASURES = (("ppl", "perplexity", False, "licence"), ("ppl_heldout", "perplexity
             ("cos_mean", "cosine to fp32", True, "evaluation sentences"),
             ("accuracy", "accuracy %", True, "digits test split"))
 DIGITS = {"perplexity": 3, "cosine to fp32": 5, "accuracy %": 2}  # decimals each measure is printed with
+# the buckets of fp32's probability p of the true next token that explain_losses reports (mispredicted, middle, sure)
+BUCKETS = (f"p < {CONFIDENCE_EDGES[0]}", f"{CONFIDENCE_EDGES[0]} <= p < {CONFIDENCE_EDGES[1]}",
+           f"p >= {CONFIDENCE_EDGES[1]}")
 
 
 def rtn_twin(fp32: nn.Module, quantized: nn.Module, gguf: str | None = None) -> nn.Module | None:
@@ -109,7 +113,7 @@ def compare_to_rtn(fp32_row: dict, rtn_row: dict, row: dict) -> dict:
         v_fp, v_rtn, v = fp32_row[key], rtn_row[key], row[key]
         rtn_loss = sign * (v_rtn - v_fp)
         kl_key = "kl" + key[3:] if key.startswith("ppl") else None
-        entry = {"measure": label, "rtn": v_rtn, "value": v,
+        entry = {"measure": label, "key": key, "rtn": v_rtn, "value": v,
                  "removed": (rtn_loss - sign * (v - v_fp)) / rtn_loss if rtn_loss > 0 else None,
                  "kl_rtn": rtn_row.get(kl_key) if kl_key else None, "kl": row.get(kl_key) if kl_key else None}
         out["texts"][name] = entry
@@ -117,6 +121,49 @@ def compare_to_rtn(fp32_row: dict, rtn_row: dict, row: dict) -> dict:
             closer = None if entry["kl"] is None or entry["kl_rtn"] is None else entry["kl"] < entry["kl_rtn"]
             out["worse_on"].append({"text": name, "closer_in_kl": closer})
     return out
+
+
+def perplexity_losses(comparison: dict) -> list[dict]:
+    """The entries of ``comparison["worse_on"]`` measured by perplexity (causal-LM texts)."""
+    return [w for w in comparison["worse_on"] if comparison["texts"][w["text"]]["key"].startswith("ppl")]
+
+
+def explain_losses(comparison: dict, fp32: nn.Module, rtn: nn.Module, model: nn.Module, *, quick: bool = False,
+                   eval_data: list[str] | None = None) -> None:
+    """For every text where ``model`` has a higher perplexity than RTN (``comparison["worse_on"]``), score the
+    text again token by token (:func:`lowbit.analysis.evaluate.confidence_buckets`) and add to its entry
+    ``buckets`` (per bucket of fp32's confidence: tokens, RTN's and the model's summed NLL and mean KL) and
+    ``flattening``: True where the model is closer to fp32 than RTN in every bucket and better on the tokens
+    fp32 gives >= 10 % (``CONFIDENCE_EDGES``), i.e. RTN wins only on tokens fp32 itself mispredicts, where its
+    rounding noise flattens predictions in its favour (docs/llm.md); False where the loss is the model's own.
+    Costs one more pass of fp32, RTN and the model over each such text."""
+    for w in perplexity_losses(comparison):
+        key = comparison["texts"][w["text"]]["key"]
+        windows = lm_eval_windows(model, key[3:], quick, eval_data)
+        per_rtn, per_model = confidence_buckets([rtn, model], fp32, windows)
+        w["buckets"] = {name: {"tokens": r["tokens"], "nll_rtn": r["nll"], "nll": m["nll"], "kl_rtn": r["kl"],
+                               "kl": m["kl"]} for name, r, m in zip(BUCKETS, per_rtn, per_model)}
+        filled = [b for b in w["buckets"].values() if b["tokens"]]
+        confident = [w["buckets"][name] for name in BUCKETS[1:]]
+        w["flattening"] = (all(b["kl"] < b["kl_rtn"] for b in filled)
+                           and sum(b["nll"] for b in confident) < sum(b["nll_rtn"] for b in confident))
+
+
+def _token_detail(w: dict) -> str:
+    """What the buckets of :func:`explain_losses` say, in words."""
+    b = w["buckets"]
+    hard = b[BUCKETS[0]]["nll"] - b[BUCKETS[0]]["nll_rtn"]
+    p_min = f"{CONFIDENCE_EDGES[0]:.0%}"
+    confident = sum(b[n]["nll"] - b[n]["nll_rtn"] for n in BUCKETS[1:])
+    if w["flattening"]:
+        return (f"token by token this is RTN's flattening, not the scheme's error: closer to fp32 than RTN for every "
+                f"confidence of fp32, {confident:+.0f} nats on the tokens fp32 gives >= {p_min}, {hard:+.0f} on those it "
+                "mispredicts, where RTN's noisier, flatter predictions are rewarded (docs/llm.md)")
+    further = [f"{n} (KL {b[n]['kl']:.3f} vs RTN's {b[n]['kl_rtn']:.3f})" for n in BUCKETS
+               if b[n]["tokens"] and b[n]["kl"] >= b[n]["kl_rtn"]]
+    return ("token by token a loss of its own: " + (f"further from fp32 than RTN where fp32's p is {', '.join(further)}"
+            if further else "closer to fp32 than RTN for every confidence of fp32")
+            + f"; {confident:+.0f} nats on the tokens fp32 gives >= {p_min}, {hard:+.0f} on those it mispredicts")
 
 
 def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str], list[str]]:
@@ -140,7 +187,9 @@ def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str]
         d = DIGITS[t["measure"]]
         head = (f"{scheme} is worse than RTN on the same grid on the {w['text']} ({t['measure']} {t['value']:.{d}f} vs "
                 f"{t['rtn']:.{d}f})")
-        if w["closer_in_kl"] is None:
+        if w.get("flattening") is not None:
+            warnings.append(f"{head}; {_token_detail(w)}" + ("" if w["flattening"] else f"; {remedy}"))
+        elif w["closer_in_kl"] is None:
             warnings.append(f"{head}; {remedy}")
         elif w["closer_in_kl"]:
             warnings.append(f"{head}, although closer to fp32 there (KL {t['kl']:.4f} vs RTN's {t['kl_rtn']:.4f}): "

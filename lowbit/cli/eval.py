@@ -55,7 +55,7 @@ def _compare_with_rtn(model, ref, result: dict, quick: bool, texts) -> tuple[dic
     import logging
 
     from lowbit.analysis.evaluate import evaluate
-    from lowbit.analysis.rtn_baseline import baseline_for, compare_to_rtn, describe
+    from lowbit.analysis.rtn_baseline import baseline_for, compare_to_rtn, describe, explain_losses
     from lowbit.errors import ConfigError
     from lowbit.models import MODELS
 
@@ -73,6 +73,7 @@ def _compare_with_rtn(model, ref, result: dict, quick: bool, texts) -> tuple[dic
                           "weight-only linears with float twins of the same name in the reference)")
     comparison = compare_to_rtn(evaluate(ref, ref, quick=quick, eval_data=texts),
                                 evaluate(twin, ref, quick=quick, eval_data=texts), result)
+    explain_losses(comparison, ref, twin, model, quick=quick, eval_data=texts)
     lines, warnings = describe(meta.scheme, comparison, meta.calibration is not None)
     for w in warnings:
         logging.getLogger("lowbit.cli").warning(w)

@@ -164,7 +164,7 @@ def _measure_vs_rtn(fp32, qmodel, config, rows: list[dict], quick: bool, eval_sa
     insert its row before the scheme's and return the comparison, or None where it does not apply (RTN
     itself, or a model whose quantized layers RTN cannot mirror: W/A, static, binary, rotated names)."""
     from lowbit.analysis.evaluate import evaluate
-    from lowbit.analysis.rtn_baseline import baseline_for, compare_to_rtn
+    from lowbit.analysis.rtn_baseline import baseline_for, compare_to_rtn, explain_losses, perplexity_losses
 
     twin = baseline_for(fp32, qmodel, config)
     if twin is None:
@@ -173,9 +173,13 @@ def _measure_vs_rtn(fp32, qmodel, config, rows: list[dict], quick: bool, eval_sa
     with step("measuring RTN on the same grid (use --no-vs-rtn to skip)") as st:
         row = evaluate(twin, fp32, quick=quick, eval_data=eval_samples)
         st.summary = "measured RTN on the same grid"
-    del twin
     rows.insert(len(rows) - 1, row)  # fp32, RTN, the scheme
-    return compare_to_rtn(rows[0], row, rows[-1])
+    comparison = compare_to_rtn(rows[0], row, rows[-1])
+    if perplexity_losses(comparison):
+        with step(f"{config.scheme} is worse than RTN on a text: scoring it token by token") as st:
+            explain_losses(comparison, fp32, twin, qmodel, quick=quick, eval_data=eval_samples)
+            st.summary = "scored token by token"
+    return comparison
 
 
 def register(app: typer.Typer) -> None:

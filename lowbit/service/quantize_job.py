@@ -105,12 +105,13 @@ def compare_with_rtn(model: nn.Module, source: nn.Module, config: Any, fidelity:
     """RTN on ``model``'s own grid measured as :func:`measure_fidelity` measured ``model`` (``fidelity``)
     (:mod:`lowbit.analysis.rtn_baseline`); logs a warning per measure where ``model`` is worse than RTN. None
     for RTN itself or a model RTN cannot mirror (W/A, static, binary)."""
-    from lowbit.analysis.rtn_baseline import baseline_for, compare_to_rtn, describe
+    from lowbit.analysis.rtn_baseline import baseline_for, compare_to_rtn, describe, explain_losses
 
     twin = baseline_for(source, model, config)
     if twin is None:
         return None
     comparison = compare_to_rtn(measure_fidelity(source, source), measure_fidelity(twin, source), fidelity)
+    explain_losses(comparison, source, twin, model, quick=True)  # measure_fidelity's windows
     for warning in describe(getattr(model, "lowbit_scheme", "the scheme"), comparison,
                             bool(getattr(model, "lowbit_calibration", None)))[1]:
         log.warning(warning)
