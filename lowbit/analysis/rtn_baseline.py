@@ -161,7 +161,8 @@ def _token_detail(w: dict) -> str:
                 "mispredicts, where RTN's noisier, flatter predictions are rewarded (docs/llm.md)")
     further = [f"{n} (KL {b[n]['kl']:.3f} vs RTN's {b[n]['kl_rtn']:.3f})" for n in BUCKETS
                if b[n]["tokens"] and b[n]["kl"] >= b[n]["kl_rtn"]]
-    return ("token by token a loss of its own: " + (f"further from fp32 than RTN where fp32's p is {', '.join(further)}"
+    return ("token by token a loss of its own: " + ("further from fp32 than RTN on the tokens where fp32's "
+                                                    f"probability of the truth is {', '.join(further)}"
             if further else "closer to fp32 than RTN for every confidence of fp32")
             + f"; {confident:+.0f} nats on the tokens fp32 gives >= {p_min}, {hard:+.0f} on those it mispredicts")
 
@@ -178,10 +179,11 @@ def describe(scheme: str, comparison: dict, calibrated: bool) -> tuple[list[str]
                      f"{t['rtn']:.{d}f}; {share}")
     remedy = ("the calibration data may not represent this text: calibrate on data like it (--calib-data) or try a "
               "calibration-free scheme (hqq-sinq, sinq)" if calibrated else
-              "a weight-only fit cannot see which inputs are large: try --guard (hqq, sinq, hqq-sinq) or a calibrated "
-              "scheme (gptq, awq)")
+              "a weight-only fit cannot see which inputs are large: try SINQ's column scales (sinq --symmetric, "
+              "hqq-sinq), --guard on an affine grid, or a calibrated scheme (gptq, awq)")
     remedy_short = ("calibrate on data like it (--calib-data)" if calibrated else
-                    "try --guard (hqq, sinq, hqq-sinq) or a calibrated scheme (gptq, awq)")
+                    "try SINQ's column scales (sinq --symmetric, hqq-sinq), --guard on an affine grid, or a "
+                    "calibrated scheme (gptq, awq)")
     for w in comparison["worse_on"]:
         t = comparison["texts"][w["text"]]
         d = DIGITS[t["measure"]]
