@@ -157,8 +157,8 @@ def _token_detail(w: dict) -> str:
     confident = sum(b[n]["nll"] - b[n]["nll_rtn"] for n in BUCKETS[1:])
     if w["flattening"]:
         return (f"token by token this is RTN's flattening, not the scheme's error: closer to fp32 than RTN for every "
-                f"confidence of fp32, {confident:+.0f} nats on the tokens fp32 gives >= {p_min}, {hard:+.0f} on those it "
-                "mispredicts, where RTN's noisier, flatter predictions are rewarded (docs/llm.md)")
+                f"confidence of fp32, {confident:+.0f} nats on the tokens fp32 gives >= {p_min}, {hard:+.0f} on those "
+                "it mispredicts, where RTN's noisier, flatter predictions are rewarded (docs/llm.md)")
     further = [f"{n} (KL {b[n]['kl']:.3f} vs RTN's {b[n]['kl_rtn']:.3f})" for n in BUCKETS
                if b[n]["tokens"] and b[n]["kl"] >= b[n]["kl_rtn"]]
     return ("token by token a loss of its own: " + ("further from fp32 than RTN on the tokens where fp32's "
