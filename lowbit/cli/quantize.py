@@ -198,7 +198,8 @@ def register(app: typer.Typer) -> None:
         symmetric: Optional[bool] = typer.Option(None, "--symmetric/--affine", help="symmetric (absmax) or affine (min/max + zero-point)"),
         observer: Optional[str] = typer.Option(None, "--observer", help="static PTQ range observer: minmax|ema|percentile|mse|kl|output"),
         granularity: Optional[str] = typer.Option(None, "--granularity", help="per_tensor | per_channel"),
-        calib: Optional[int] = typer.Option(None, "--calib", help="calibration samples (sentences / 512-token windows / images)"),
+        calib: Optional[int] = typer.Option(None, "--calib", help="calibration samples (sentences / 512-token windows / images); from "
+                                          "--calib-data spread over the file, at most 1024 / 128 / 2048 by default"),
         calib_data: Optional[Path] = typer.Option(None, "--calib-data",
                                                   help="calibrate on your data: .txt (a sample per line), .jsonl "
                                                        "(a \"text\" field per line) or .npy images"),
