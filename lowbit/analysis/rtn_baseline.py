@@ -13,7 +13,10 @@ mean cosine, a classifier's accuracy), the share of RTN's loss against fp32 the 
 
     removed = (ppl_RTN - ppl_method) / (ppl_RTN - ppl_fp32)     (likewise for cosine, accuracy),
 
-negative where the method is worse than RTN, and the measures where it is.
+negative where the method is worse than RTN, and the measures where it is. :func:`explain_losses` scores each
+causal-LM text where the method lost once more token by token, bucketed by fp32's probability of the true token,
+and :func:`describe` words the verdict: RTN's flattening (the method closer to fp32 in every bucket) or a loss of
+the method's own.
 """
 
 from __future__ import annotations
