@@ -13,7 +13,7 @@ gptq, gptaq (GPTAQ, alpha 0.25, no guard), awq, awq-gptq, awq-gptaq, gptq-rot / 
 folded in first, online Hadamard before down_proj); --init mse for the GPTQ step's group
 scales, --init hqq for HQQ's rounding (rtn --init hqq: plain HQQ; awq --init hqq: AWQ's searches and codes with
 HQQ instead of RTN; awq --init sinq: with RTN on SINQ's Sinkhorn-normalised weights); --affine for affine groups;
---no-clip drops AWQ's clipping search, --attn-hessian gives GPTQ / GPTAQ (and AWQ's GPTQ / GPTAQ step) v_proj's attention-mixed Hessian, --resid-weights weighs the residual writers' tokens by 1 / rms of
+--no-clip drops AWQ's clipping search, --value-scales adds AWQ's v -> o scales (shared per KV head), --attn-hessian gives GPTQ / GPTAQ (and AWQ's GPTQ / GPTAQ step) v_proj's attention-mixed Hessian, --resid-weights weighs the residual writers' tokens by 1 / rms of
 the residual after their add, --duo uses AWQ's duo scaling; --tune-windows N then tunes the
 group scales end to end on the first N windows (N <= 96: the held-out windows stay unseen).
 
@@ -41,7 +41,7 @@ METHODS = ("rtn", "rtn-mse", "gptq", "gptaq", "awq", "awq-gptq", "awq-gptaq", "g
 def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | None, percdamp: float | None,
              search_tokens: int | None = None, tune_windows: int = 0, tune_lr: float | None = None,
              duo: bool = False, affine: bool = False, sink_tokens: int = 0, attn_hessian: bool = False, resid_weights: bool = False,
-             attn_scales: bool = True):
+             attn_scales: bool = True, value_scales: bool = False):
     import lowbit
     from lowbit.algorithms.awq import AWQConfig
     from lowbit.algorithms.gptq import GPTQConfig
@@ -73,7 +73,8 @@ def quantize(fp, method: str, bits: int, init: str, clip: bool, n_calib: int | N
         search = {} if search_tokens is None else {"search_tokens": search_tokens}
         lowbit.quantize(model, AWQConfig(**w, rounding=rounding, init=init, clip=clip, n_calib=n_calib, duo_scaling=duo,
                                          sink_tokens=sink_tokens, attention_hessian=attn_hessian,
-                                         residual_weights=resid_weights, attention_scales=attn_scales, **search))
+                                         residual_weights=resid_weights, attention_scales=attn_scales,
+                                         value_scales=value_scales, **search))
     return model
 
 
@@ -85,7 +86,8 @@ def _name(row: dict) -> str:
 
 def _sink(row: dict) -> str:
     return (f" sink {row['sink']}" if row.get("sink") else "") + (" + attention Hessian" if row.get("attnh") else "") \
-        + (" + residual weights" if row.get("resw") else "") + (" - attention scales" if row.get("noattn") else "")
+        + (" + residual weights" if row.get("resw") else "") + (" - attention scales" if row.get("noattn") else "") \
+        + (" + v->o scales" if row.get("voscales") else "")
 
 
 def _tuned(row: dict) -> str:
@@ -116,6 +118,8 @@ def main() -> None:
                     "inputs (GPTQConfig.attention_hessian)")
     ap.add_argument("--no-attn-scales", action="store_true", help="AWQ: no scale search for q/k/v "
                     "(AWQConfig.attention_scales=False)")
+    ap.add_argument("--value-scales", action="store_true", help="AWQ: o_proj's input scales folded into v_proj's "
+                    "rows, shared per KV head (AWQConfig.value_scales)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -135,7 +139,8 @@ def main() -> None:
         with Timer() as t:
             model = quantize(fp, args.method, args.bits, args.init, not args.no_clip, args.calib, args.percdamp,
                              args.search_tokens, args.tune_windows, args.tune_lr, args.duo, args.affine,
-                             args.sink_tokens, args.attn_hessian, args.resid_weights, not args.no_attn_scales)
+                             args.sink_tokens, args.attn_hessian, args.resid_weights, not args.no_attn_scales,
+                             args.value_scales)
         s = lm_scores(model, fp, held)
         from lowbit.data import lm_calib_composition
 
@@ -143,7 +148,8 @@ def main() -> None:
                    percdamp=args.percdamp, search_tokens=args.search_tokens, tune_windows=args.tune_windows or None,
                    tune_lr=args.tune_lr, duo=args.duo or None, affine=args.affine or None,
                    sink=args.sink_tokens or None, attnh=args.attn_hessian or None,
-                   resw=args.resid_weights or None, noattn=args.no_attn_scales or None)
+                   resw=args.resid_weights or None, noattn=args.no_attn_scales or None,
+                   voscales=args.value_scales or None)
         rows = [r for r in rows if {k: r.get(k) for k in key} != key]  # rows without "mix": an earlier environment
         rows.append({**key, "ppl": s["ppl"], "kl": s["kl"], "fp32_ppl": lm_scores(fp, None, held)["ppl"],
                      "quant_cpu_s": t.cpu, "quant_wall_s": t.wall, "loadavg": machine()["loadavg_1_5_15"]})

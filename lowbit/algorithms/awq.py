@@ -11,8 +11,10 @@ and picks ``alpha`` on a grid in [0, 1) to minimise ``||block(x) - block_q(x)||^
 is what follows (sec. 3.2: the attention for q/k/v, the MLP for gate/up, the linear itself for
 down_proj). ``1 / s`` is folded into the op that produces ``x``: the RMSNorm weight before q/k/v and
 before gate/up (exact with pre-norm), the rows of up_proj before down_proj (exact: the SiLU gate
-multiplies up's output elementwise). o_proj has no foldable predecessor under grouped-query attention
-(v_proj has fewer rows than o_proj has inputs), so it gets only the clipping search.
+multiplies up's output elementwise). Under grouped-query attention v_proj has fewer rows than o_proj has
+inputs, so o_proj gets only the clipping search by default; ``value_scales=True`` folds o_proj's input scales
+into v_proj's rows, one scale per v row shared by the query heads that read it (:class:`KVTie`; our extension, not
+the paper's: on SmolLM2's held-out calibration windows it does not pay, bench/results/w4_heldout.md).
 Then a clipping search per linear and group: ``max|W|`` is shrunk by a ratio in [0.5, 1] chosen to
 minimise the group's output error on a token sample (q/k are skipped, as in the paper: their
 errors are squashed by the softmax). The result is stored by RTN in ``WeightOnlyQLinear`` (or with
@@ -121,6 +123,7 @@ class AWQConfig(BaseConfig):
     attention_hessian: bool = False  # the GPTQ / GPTAQ step's v_proj Hessian of attention-mixed inputs (GPTQConfig)
     residual_weights: bool = False  # the GPTQ / GPTAQ step's o_proj / down_proj tokens weighted by 1 / ms(residual)
     attention_scales: bool = True  # False: no scale search for q/k/v (input_layernorm untouched); the MLP's stay
+    value_scales: bool = False  # o_proj's input scales folded into v_proj's rows, shared per KV head (KVTie)
 
     def __post_init__(self):
         check_weight_fields(self.bits, self.group_size, self.fmt, self.double_quant)
@@ -199,7 +202,7 @@ class AWQConfig(BaseConfig):
         return f"{name}{'-ggml' if self.gguf else ''}{init}" \
                f"{'-duo' if self.duo_scaling else ''}{f'-sink{self.sink_tokens}' if self.sink_tokens else ''}" \
                f"{'-attnh' if self.attention_hessian else ''}{'-resw' if self.residual_weights else ''}" \
-               f"{'' if self.attention_scales else '-noattnscales'}"
+               f"{'' if self.attention_scales else '-noattnscales'}{'-voscales' if self.value_scales else ''}"
 
 
 # ------------------------------------------------------------------------------- the math
@@ -254,15 +257,53 @@ def weight_magnitude(weights: list[torch.Tensor], groups: list[int]) -> torch.Te
     return torch.cat(rel).mean(0)
 
 
+class KVTie:
+    """Scales of o_proj's input channels that v_proj's rows can absorb under grouped-query attention.
+
+    o_proj's input is ``H`` query heads of ``d`` channels; query head ``h`` reads KV head ``h // r`` (``r = H /
+    n_kv`` query heads per KV head), so channel ``(h, j)`` carries v's output row ``(h // r, j)``. A scale folded
+    into that row divides all ``r`` channels at once: the ``K = H d`` statistics are averaged over each KV head's
+    query heads and broadcast back (``__call__``), and :meth:`to_kv` reads the ``n_kv d`` row scales off."""
+
+    def __init__(self, kv_features: int, in_features: int, head_dim: int):
+        if in_features % kv_features or kv_features % head_dim:
+            raise ConfigError(f"awq value_scales: o_proj's {in_features} inputs are not whole copies of v_proj's "
+                              f"{kv_features} outputs in heads of {head_dim}")
+        self.n_kv, self.r, self.d = kv_features // head_dim, in_features // kv_features, head_dim
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """(H d,) -> (H d,): each channel replaced by its mean over the query heads of its KV head."""
+        m = t.reshape(self.n_kv, self.r, self.d).mean(1, keepdim=True)  # (n_kv, 1, d)
+        return m.expand(self.n_kv, self.r, self.d).reshape(-1)
+
+    def to_kv(self, s: torch.Tensor) -> torch.Tensor:
+        """(H d,) tied scales -> (n_kv d,): one per v row."""
+        return s.reshape(self.n_kv, self.r, self.d)[:, 0].reshape(-1)
+
+
+def _head_dim(attn: nn.Module) -> int:
+    """The attention's head dimension (transformers' ``head_dim``, else hidden / heads from its config)."""
+    d = getattr(attn, "head_dim", None)
+    if d is None:
+        cfg = attn.config
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return int(d)
+
+
 def search_scale(x_mean: torch.Tensor, linears: list[nn.Linear], block, ref, config: AWQConfig,
-                 groups: list[int], reduce=None) -> tuple[torch.Tensor, float, float]:
+                 groups: list[int], reduce=None, tie=None) -> tuple[torch.Tensor, float, float]:
     """Grid search of alpha: the (K,) scales minimising the block's output MSE, the alpha and its loss.
+
+    ``tie`` (K,) -> (K,): makes the statistics equal where the scales must be equal (:class:`KVTie`); the
+    scales of equal statistics are equal, since :func:`awq_scales` is elementwise up to a common factor.
 
     ``reduce`` (across ranks): ``block()`` and ``ref`` are lists of this rank's per-window outputs, and
     ``reduce(sse)`` turns the per-window sums of squared errors of every alpha, ``sse`` (n_grid, windows
     here), into the n_grid losses over every rank's windows (:meth:`_Spread.losses`)."""
     originals = [m.weight.detach().clone() for m in linears]
     w_mean = weight_magnitude(originals, groups) if config.duo_scaling else None
+    if tie is not None:
+        x_mean, w_mean = tie(x_mean), None if w_mean is None else tie(w_mean)
     losses: list = []
     try:
         for k in range(config.n_grid):
@@ -420,6 +461,21 @@ def make_awq_process(config: AWQConfig, prefix: str, report: QuantizeReport, sta
                 _fold(layer.post_attention_layernorm.weight, gu, s, norm_offset)
                 s_gu = s
                 info["gate_up_alpha"] = alpha
+            # 2b. v -> o, judged on o_proj's output. o_proj's input channel (query head h, dim j) is v's output row
+            # (kv head of h, j): under grouped-query attention the query heads sharing a KV head share its scales.
+            if config.value_scales and "self_attn.v_proj" in linears and "self_attn.o_proj" in linears:
+                o, v = attn.o_proj, attn.v_proj
+                tie = KVTie(v.out_features, o.in_features, _head_dim(attn))
+                ref = apply(o, x_o)
+                s, alpha, loss = search_scale(spread.mean_abs(x_o, o.in_features), [o], lambda: apply(o, x_o), ref,
+                                              config, [g(o)], reducer(scored * o.out_features), tie=tie)
+                s_kv = tie.to_kv(s)  # (n_kv * d,)
+                v.weight.data /= s_kv[:, None]  # rows of v = channels of o's input, once per KV head
+                if v.bias is not None:
+                    v.bias.data /= s_kv
+                o.weight.data *= s[None, :]
+                x_o = apply(lambda x: x / s, x_o)
+                info["o_alpha"] = alpha
             # 3. up -> down, judged on down_proj's output (the input seen by down is act(gate) * up / s).
             if "mlp.down_proj" in linears and "mlp.up_proj" in linears:
                 dn = mlp.down_proj
