@@ -13,6 +13,8 @@ the scheme's defaults; ``--symmetric`` / ``--guard`` as the CLI flags) and compa
 (``lowbit.analysis.rtn_baseline.rtn_twin``: RTN on exactly the linears it quantized, at each one's grid).
 Stops <= 39 built AWQ with ``AWQConfig(bits=4, group_size=128, symmetric=True)`` and RTN with the bench's
 ``rtn_decoder``: the same models (decoder linears, g64 on the 576-wide inputs).
+Last, every model's perplexity with its logits divided by a temperature T (``TEMPERATURES``): a gap to RTN that
+closes at each model's best T is the sharpness of the distributions, not the ranking (stop 41).
 Writes bench/results/licence_windows[_part_NAME].{md,json}.
 """
 
@@ -31,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._llm_common import machine, quiet, write_results  # noqa: E402
 
 BUCKETS = (0.0, 0.01, 0.1, 0.5, 0.9, 1.01)  # edges of fp32's probability of the true token
+# logits / T: how much of a perplexity gap is only the sharpness of the predicted distributions (analysis only:
+# a temperature chosen on an evaluation text is no method)
+TEMPERATURES = (0.9, 0.95, 0.975, 1.0, 1.025, 1.05, 1.075, 1.1, 1.15, 1.2, 1.3, 1.5)
 TEXTS = {"licence": ("lm_eval_text", None), "held-out docs": ("lm_heldout_text", 16),
          "science": ("lm_science_text", None)}  # evaluate.py's window counts
 FLAGS = {"--symmetric": ("symmetric", True), "--affine": ("symmetric", False), "--guard": ("guard", True)}
@@ -50,20 +55,25 @@ def parse_row(spec: str) -> tuple[str, dict]:
 
 def token_stats(models: dict, windows: torch.Tensor, tokenizer) -> tuple[list[dict], dict]:
     """Per-window perplexity / KL and every predicted token's NLL, entropy and KL(fp32 || model), per model;
-    the first model is the reference."""
-    rows, tokens = [], {n: {"nll": [], "entropy": [], "kl": []} for n in models}
+    the first model is the reference. ``nll_t``: per window, the summed NLL with the logits divided by each of
+    ``TEMPERATURES`` (T,)."""
+    rows, tokens = [], {n: {"nll": [], "entropy": [], "kl": [], "nll_t": []} for n in models}
+    temps = torch.tensor(TEMPERATURES)
     with torch.inference_mode():
         for i in range(windows.shape[0]):
             row = {"window": i, "first_tokens": tokenizer.decode(windows[i, :12])}
             target = windows[i, 1:, None]  # (T-1, 1): the true next tokens
             ref = None
             for name, m in models.items():
-                logp = torch.log_softmax(m(windows[i:i + 1])[0, :-1].float(), dim=-1)  # (T-1, V)
+                logits = m(windows[i:i + 1])[0, :-1].float()  # (T-1, V)
+                logp = torch.log_softmax(logits, dim=-1)
                 ref = logp if ref is None else ref
                 per = tokens[name]
                 per["nll"].append(-logp.gather(1, target)[:, 0])
                 per["entropy"].append(-(logp.exp() * logp).sum(-1))
                 per["kl"].append((ref.exp() * (ref - logp)).sum(-1))
+                per["nll_t"].append(torch.stack([-torch.log_softmax(logits / t, dim=-1).gather(1, target).sum()
+                                                 for t in temps])[None])  # (1, len(TEMPERATURES))
                 row[name] = {"ppl": math.exp(float(per["nll"][-1].mean())), "kl": float(per["kl"][-1].mean())}
             rows.append(row)
     return rows, {n: {k: torch.cat(v) for k, v in per.items()} for n, per in tokens.items()}
@@ -105,11 +115,13 @@ def main() -> None:
     for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:]):
         sel = (p_true >= lo) & (p_true < hi)
         buckets.append({"p_fp32": [lo, min(hi, 1.0)], "tokens": int(sel.sum()),
-                        **{n: {k: float(v[sel].sum() if k == "nll" else v[sel].mean()) for k, v in per.items()}
-                           for n, per in tokens.items()}})
+                        **{n: {k: float(v[sel].sum() if k == "nll" else v[sel].mean()) for k, v in per.items()
+                               if k != "nll_t"} for n, per in tokens.items()}})
     total = {n: math.exp(sum(math.log(r[n]["ppl"]) for r in rows) / len(rows)) for n in models}
     kl = {n: float(tokens[n]["kl"].mean()) for n in models}
     entropy = {n: float(tokens[n]["entropy"].mean()) for n in models}
+    n_tok = tokens["fp32"]["nll"].numel()
+    by_t = {n: [math.exp(float(v) / n_tok) for v in tokens[n]["nll_t"].sum(0)] for n in models}  # ppl per T
     cmd = "flock /tmp/lowbit-heavy.lock nice -n 10 .venv/bin/python bench/licence_windows.py " \
           f"--text \"{args.text}\" --rows \"{args.rows}\"" + (f" --part {args.part}" if args.part else "")
     md = [f"# {args.text}, window by window: fp32, RTN twins and schemes at W4 g128 (SmolLM2)", "",
@@ -138,10 +150,21 @@ def main() -> None:
                       + " | ".join(f"{b[n]['entropy']:.3f}" for n in names) + " | "
                       + " | ".join(f"{b[n]['kl']:.3f}" for n in names[1:]) + " |")
         md.append("")
+    md += ["## Perplexity with the logits divided by T (each model's lowest in bold)", "",
+           "Analysis only: T is read off the evaluation text. Where a scheme at its best T scores below RTN at RTN's "
+           "best T, its loss at T = 1 is the sharpness of its distributions (closer to fp32's), not what it "
+           "ranks first.", "",
+           "| model | " + " | ".join(f"T {t}" for t in TEMPERATURES) + " | best T |",
+           "|---|" + "---|" * (len(TEMPERATURES) + 1)]
+    for n in models:
+        best = min(range(len(TEMPERATURES)), key=lambda k: by_t[n][k])
+        md.append(f"| {n} | " + " | ".join((f"**{v:.3f}**" if k == best else f"{v:.3f}")
+                                           for k, v in enumerate(by_t[n])) + f" | {TEMPERATURES[best]} |")
+    md.append("")
     name = "licence_windows" + (f"_part_{args.part}" if args.part else "")
     write_results(name, rows, "\n".join(md),
                   {"machine": start, "command": cmd, "total_ppl": total, "mean_kl": kl, "mean_entropy": entropy,
-                   "buckets": buckets})
+                   "buckets": buckets, "temperatures": list(TEMPERATURES), "ppl_by_temperature": by_t})
     print("\n".join(md))
 
 
