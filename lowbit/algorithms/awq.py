@@ -609,7 +609,8 @@ def _awq_options(options: dict, symmetric: bool) -> AWQConfig:
                  "as AutoAWQ); --gguf q4_0|q4_1|q8_0 fits llama.cpp's grid; causal LMs only",
                  options=("bits", "group_size", "symmetric", "kernel", "gguf"), models=("smollm2",))
 def _awq_scheme(options: dict) -> AWQConfig:
-    # affine by default (stop 33): SmolLM2 W4 g128 held-out calibration KL 0.278 affine vs 0.382 symmetric
+    # affine by default (stop 33): SmolLM2 W4 g128 held-out calibration KL 0.278 affine vs 0.382 symmetric (Zen 5;
+    # 0.2835 vs 0.4070 on stop 41's AVX2 CPU)
     # (bench/results/w4_heldout.md); on the three texts affine AWQ is below symmetric AWQ's perplexity on every one
     # (bench/results/hqq_full.md). AWQConfig itself keeps symmetric=True, the issue-18 tables' grid.
     return _awq_options(options, symmetric=False)
